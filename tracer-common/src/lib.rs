@@ -1,0 +1,304 @@
+//! Wire types shared by the kernel programs (`tracer-ebpf`) and the collector
+//! (`tracer-user`).
+//!
+//! Every record in the ring buffer starts with an [`EventHeader`] whose `kind`
+//! says which payload struct follows. Kinds have explicit, stable numbers; the
+//! collector decodes them with `TryFrom` after checking the record length.
+//! All structs are `#[repr(C)]` with explicit padding and fixed-width fields so
+//! both sides agree on the layout; sizes are asserted at compile time.
+#![no_std]
+
+/// Ring buffer carrying every event to the collector.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU `u64` counters, indexed by [`counter`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Socket address (`struct sock *`) -> [`SocketOwner`]: who holds each socket.
+pub const SOCKETS_MAP: &str = "SOCKETS";
+/// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
+pub const PID_FILTER_MAP: &str = "PID_FILTER";
+/// Load-time configuration global, see [`Config`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+/// Default ring buffer size: 8 MiB holds ~100k events, about 10 ms of a
+/// saturated loopback connect/close storm even if the collector stalls.
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+/// Default capacity of the socket ownership map.
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+/// Size of the pid filter map (`-p` may be given this many times).
+pub const MAX_PID_FILTER: u32 = 64;
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Indexes into the per-CPU [`COUNTERS_MAP`].
+pub mod counter {
+    /// A ring buffer reserve failed: an event was lost.
+    pub const LOST_EVENTS: u32 = 0;
+    /// The socket map was full: a socket's owner could not be recorded.
+    pub const SOCKET_MAP_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Event kinds. Numbers are part of the wire format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TCP state transition, [`StateChangeEvent`].
+    StateChange = 1,
+    /// A process took a socket in process context (accept), [`OwnerEvent`].
+    Owner = 2,
+    /// A process forked, [`ForkEvent`].
+    Fork = 3,
+    /// A thread-group leader exited, [`ExitEvent`].
+    Exit = 4,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::StateChange),
+            2 => Ok(Self::Owner),
+            3 => Ok(Self::Fork),
+            4 => Ok(Self::Exit),
+            other => Err(other),
+        }
+    }
+}
+
+/// How a socket's owner was learned. Stable numbers, carried on the wire.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OwnerSource {
+    /// Never seen in process context.
+    Unknown = 0,
+    /// The process called connect() (CLOSE -> SYN_SENT runs in its context).
+    Connect = 1,
+    /// The process accept()ed the socket.
+    Accept = 2,
+    /// The process called listen().
+    Listen = 3,
+    /// The process closed or shut the socket down (FIN_WAIT1 / LAST_ACK).
+    Close = 4,
+    /// Found in the process's /proc fd table (sockets that predate socktrace,
+    /// or re-homed after their owner exited).
+    ProcFd = 5,
+}
+
+impl TryFrom<u8> for OwnerSource {
+    type Error = u8;
+    fn try_from(value: u8) -> Result<Self, u8> {
+        match value {
+            0 => Ok(Self::Unknown),
+            1 => Ok(Self::Connect),
+            2 => Ok(Self::Accept),
+            3 => Ok(Self::Listen),
+            4 => Ok(Self::Close),
+            5 => Ok(Self::ProcFd),
+            other => Err(other),
+        }
+    }
+}
+
+/// TCP states as numbered by the kernel (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Which process, if any, a transition running in the caller's context
+/// proves to be the socket's owner. Only transitions that the kernel performs
+/// inside a system call of the process holding the file descriptor qualify:
+/// connect() moves CLOSE -> SYN_SENT, listen() moves CLOSE -> LISTEN, and
+/// close()/shutdown() move to FIN_WAIT1 or LAST_ACK (tcp_close_state).
+/// Everything else may run in softirq context on behalf of any task.
+pub const fn owner_claim(new_state: u8) -> OwnerSource {
+    match new_state {
+        tcp_state::SYN_SENT => OwnerSource::Connect,
+        tcp_state::LISTEN => OwnerSource::Listen,
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => OwnerSource::Close,
+        _ => OwnerSource::Unknown,
+    }
+}
+
+/// Common prefix of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] number.
+    pub kind: u32,
+    /// Thread id of the task on the CPU (not necessarily the owner).
+    pub current_tid: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the event happened.
+    pub ktime_ns: u64,
+    /// Thread-group id of the task on the CPU (not necessarily the owner).
+    pub current_tgid: u32,
+    pub _pad: u32,
+    /// Kernel address of the `struct sock`, used as the socket's identity
+    /// while it lives. 0 for process events.
+    pub sock_id: u64,
+}
+
+/// The process holding a socket, as recorded in the kernel's socket map and
+/// repeated in each event about that socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// Owner's thread-group id; 0 when unknown.
+    pub tgid: u32,
+    /// An [`OwnerSource`] number.
+    pub source: u8,
+    /// Current TCP state, to compute dwell times in the kernel.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// When the socket entered `state` (bpf_ktime_get_ns); 0 when unknown.
+    pub state_since_ns: u64,
+    /// Owner's command name when it was learned.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Addresses of one TCP connection. IPv4 addresses fill the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub family: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// A TCP state transition (`sock:inet_sock_set_state`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateChangeEvent {
+    pub header: EventHeader,
+    /// The socket's owner after this transition was applied.
+    pub owner: SocketOwner,
+    pub endpoints: Endpoints,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub _pad: [u8; 6],
+    /// Time spent in `old_state`; [`DWELL_UNKNOWN`] when the socket was not
+    /// seen entering it.
+    pub dwell_ns: u64,
+}
+
+pub const DWELL_UNKNOWN: u64 = u64::MAX;
+
+/// A process took ownership of a socket outside a state transition
+/// (accept() returned it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerEvent {
+    pub header: EventHeader,
+    pub owner: SocketOwner,
+}
+
+/// sched_process_fork: `header.current_tgid` forked `child_pid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// The new task's id; equals its tgid only when it is a new process.
+    pub child_pid: u32,
+    pub _pad: u32,
+}
+
+/// sched_process_exit of a thread-group leader (`header.current_tgid`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+}
+
+/// Byte offsets of the fields the kernel programs read, taken from the running
+/// kernel (tracefs `format` files and BTF) and written into [`CONFIG_GLOBAL`]
+/// before load, so nothing here depends on one kernel build's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    // sock:inet_sock_set_state record.
+    pub set_state_skaddr: u16,
+    pub set_state_oldstate: u16,
+    pub set_state_newstate: u16,
+    pub set_state_sport: u16,
+    pub set_state_dport: u16,
+    pub set_state_family: u16,
+    pub set_state_protocol: u16,
+    pub set_state_saddr: u16,
+    pub set_state_daddr: u16,
+    pub set_state_saddr_v6: u16,
+    pub set_state_daddr_v6: u16,
+    // tcp:tcp_destroy_sock record.
+    pub destroy_skaddr: u16,
+    // syscalls:sys_exit_accept{,4} record.
+    pub accept_ret: u16,
+    // sched:sched_process_fork record.
+    pub fork_child_pid: u16,
+    pub _pad: [u16; 2],
+    // Kernel structs (BTF), walked to find the socket behind an accepted fd:
+    // current->files->fdt->fd[n]->private_data (struct socket)->sk.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+}
+
+/// Load-time configuration of the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub layout: Layout,
+    /// The collector's own tgid: its sockets are never reported.
+    pub self_tgid: u32,
+    /// Non-zero: only report sockets whose owner is in [`PID_FILTER_MAP`]
+    /// (sockets with an unknown owner still pass, for the collector to decide).
+    pub filter_pids: u32,
+    /// Non-zero: only report sockets with this local or remote port.
+    pub filter_port: u16,
+    /// 0 for both, or [`AF_INET`] / [`AF_INET6`].
+    pub filter_family: u16,
+    pub _pad: u32,
+}
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+assert_size!(EventHeader, 32);
+assert_size!(SocketOwner, 32);
+assert_size!(Endpoints, 40);
+assert_size!(StateChangeEvent, 32 + 32 + 40 + 8 + 8);
+assert_size!(OwnerEvent, 64);
+assert_size!(ForkEvent, 40);
+assert_size!(ExitEvent, 32);
+assert_size!(Layout, 56);
+assert_size!(Config, 56 + 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte
+    // arrays with explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::SocketOwner {}
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,413 @@
+//! Kernel programs of socktrace.
+//!
+//! The spine is `sock:inet_sock_set_state`: every TCP state change. Its
+//! context is the task on the CPU, which for packet-driven transitions is
+//! whatever process softirq interrupted, often the *peer*. So the owner of a
+//! socket is learned only in process context (connect, listen, close,
+//! accept) and kept in the `SOCKETS` map; every event carries that owner, never
+//! the current task of a softirq transition.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{fentry, kprobe, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{FEntryContext, ProbeContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use tracer_common::{
+    AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, DWELL_UNKNOWN, Endpoints,
+    EventHeader, EventKind, ExitEvent, ForkEvent, IPPROTO_TCP, Layout, MAX_PID_FILTER, OwnerEvent,
+    OwnerSource, SocketOwner, StateChangeEvent, TASK_COMM_LEN, counter, owner_claim, tcp_state,
+};
+
+/// Overwritten by the collector before load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config {
+    layout: Layout {
+        set_state_skaddr: 0,
+        set_state_oldstate: 0,
+        set_state_newstate: 0,
+        set_state_sport: 0,
+        set_state_dport: 0,
+        set_state_family: 0,
+        set_state_protocol: 0,
+        set_state_saddr: 0,
+        set_state_daddr: 0,
+        set_state_saddr_v6: 0,
+        set_state_daddr_v6: 0,
+        destroy_skaddr: 0,
+        accept_ret: 0,
+        fork_child_pid: 0,
+        _pad: [0; 2],
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+    },
+    self_tgid: 0,
+    filter_pids: 0,
+    filter_port: 0,
+    filter_family: 0,
+    _pad: 0,
+});
+
+/// Sized at load time by the collector (`--ring-buffer-kib`).
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Not preallocated: most hosts hold far fewer sockets than the capacity.
+#[map(name = "SOCKETS")]
+static SOCKETS: HashMap<u64, SocketOwner> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+#[map(name = "PID_FILTER")]
+static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PID_FILTER, 0);
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(count) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *count += 1 };
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, sock_id: u64) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u32,
+        current_tid: pid_tgid as u32,
+        // SAFETY: a plain helper call with no arguments.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        current_tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        sock_id,
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn current_comm() -> [u8; TASK_COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN])
+}
+
+/// Whether events about a socket owned by `owner_tgid` are reported.
+#[inline(always)]
+fn owner_wanted(config: &Config, owner_tgid: u32) -> bool {
+    if owner_tgid == 0 {
+        // Unknown owner: let the collector resolve it (seeded sockets).
+        return true;
+    }
+    if owner_tgid == config.self_tgid {
+        return false;
+    }
+    // SAFETY: the map value is a plain byte we only test for presence.
+    config.filter_pids == 0 || unsafe { PID_FILTER.get(owner_tgid) }.is_some()
+}
+
+/// Reserve-fill-submit; a failed reserve is counted, never silent.
+#[inline(always)]
+fn emit<T: 'static>(event: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(0);
+        }
+        None => bump(counter::LOST_EVENTS),
+    }
+}
+
+#[inline(always)]
+fn read_field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read of the tracepoint record; a bad offset faults
+    // safely and returns an error.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let layout = &config.layout;
+    if read_field::<u16>(ctx, layout.set_state_protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family = read_field::<u16>(ctx, layout.set_state_family)?;
+    if config.filter_family != 0 && family != config.filter_family {
+        return Ok(());
+    }
+    let sock_id = read_field::<u64>(ctx, layout.set_state_skaddr)?;
+    let old_state = read_field::<i32>(ctx, layout.set_state_oldstate)? as u8;
+    let new_state = read_field::<i32>(ctx, layout.set_state_newstate)? as u8;
+    let now = {
+        // SAFETY: a plain helper call with no arguments.
+        unsafe { bpf_ktime_get_ns() }
+    };
+
+    let (owner, dwell_ns) = record_transition(sock_id, old_state, new_state, now);
+    if !owner_wanted(&config, owner.tgid) {
+        return Ok(());
+    }
+
+    let mut endpoints = Endpoints {
+        family,
+        local_port: read_field::<u16>(ctx, layout.set_state_sport)?,
+        remote_port: read_field::<u16>(ctx, layout.set_state_dport)?,
+        ..Endpoints::default()
+    };
+    if config.filter_port != 0
+        && endpoints.local_port != config.filter_port
+        && endpoints.remote_port != config.filter_port
+    {
+        return Ok(());
+    }
+    if family == AF_INET {
+        let saddr = read_field::<[u8; 4]>(ctx, layout.set_state_saddr)?;
+        let daddr = read_field::<[u8; 4]>(ctx, layout.set_state_daddr)?;
+        endpoints.local_addr[..4].copy_from_slice(&saddr);
+        endpoints.remote_addr[..4].copy_from_slice(&daddr);
+    } else if family == AF_INET6 {
+        endpoints.local_addr = read_field::<[u8; 16]>(ctx, layout.set_state_saddr_v6)?;
+        endpoints.remote_addr = read_field::<[u8; 16]>(ctx, layout.set_state_daddr_v6)?;
+    }
+
+    let mut header = header(EventKind::StateChange, sock_id);
+    header.ktime_ns = now;
+    emit(StateChangeEvent {
+        header,
+        owner,
+        endpoints,
+        old_state,
+        new_state,
+        _pad: [0; 6],
+        dwell_ns,
+    });
+    Ok(())
+}
+
+/// Applies a transition to the socket map and returns the socket's owner and
+/// the time spent in the old state.
+#[inline(always)]
+fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (SocketOwner, u64) {
+    let claim = owner_claim(new_state);
+    // LISTEN -> SYN_RECV is the birth of a child socket cloned from a
+    // listener (inet_csk_clone_lock): whatever the map holds for this address
+    // belongs to a dead socket.
+    let newborn = old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV;
+    if !newborn && let Some(known) = SOCKETS.get_ptr_mut(sock_id) {
+        // SAFETY: the pointer comes from a successful lookup in a hash map
+        // and stays valid for this program run (RCU).
+        let known = unsafe { &mut *known };
+        let dwell = if known.state_since_ns != 0 && known.state == old_state {
+            now.saturating_sub(known.state_since_ns)
+        } else {
+            DWELL_UNKNOWN
+        };
+        if claim != OwnerSource::Unknown {
+            let tgid = current_tgid();
+            if tgid != known.tgid {
+                known.tgid = tgid;
+                known.comm = current_comm();
+            }
+            known.source = claim as u8;
+        }
+        known.state = new_state;
+        known.state_since_ns = now;
+        return (*known, dwell);
+    }
+
+    let mut owner = SocketOwner {
+        state: new_state,
+        state_since_ns: now,
+        ..SocketOwner::default()
+    };
+    if claim != OwnerSource::Unknown {
+        owner.tgid = current_tgid();
+        owner.source = claim as u8;
+        owner.comm = current_comm();
+    }
+    // A socket first seen closing has nothing left to track.
+    if new_state != tcp_state::CLOSE && SOCKETS.insert(sock_id, owner, 0).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+    }
+    (owner, DWELL_UNKNOWN)
+}
+
+/// Records `current` as the owner of `sock_id` (only for sockets already
+/// tracked) and tells the collector when the owner changed.
+#[inline(always)]
+fn claim_socket(sock_id: u64, source: OwnerSource) {
+    let Some(known) = SOCKETS.get_ptr_mut(sock_id) else {
+        return;
+    };
+    // SAFETY: see record_transition.
+    let known = unsafe { &mut *known };
+    let tgid = current_tgid();
+    if known.tgid == tgid {
+        return;
+    }
+    known.tgid = tgid;
+    known.source = source as u8;
+    known.comm = current_comm();
+    let owner = *known;
+    if owner_wanted(&CONFIG.load(), tgid) {
+        emit(OwnerEvent {
+            header: header(EventKind::Owner, sock_id),
+            owner,
+        });
+    }
+}
+
+#[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    if let Ok(sock_id) = read_field::<u64>(&ctx, CONFIG.load().layout.destroy_skaddr) {
+        let _ = SOCKETS.remove(sock_id);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+/// accept() returned a new fd in the caller's context: find the socket behind
+/// it and record the caller as its owner.
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    let layout = CONFIG.load().layout;
+    let Ok(fd) = read_field::<i64>(ctx, layout.accept_ret) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    match socket_of_fd(&layout, fd as u64) {
+        Ok(sock_id) => claim_socket(sock_id, OwnerSource::Accept),
+        Err(_) => warn!(ctx, "accept: could not read the socket behind fd {}", fd),
+    }
+}
+
+/// current->files->fdt->fd[fd]->private_data->sk, with offsets from BTF.
+#[inline(always)]
+fn socket_of_fd(layout: &Layout, fd: u64) -> Result<u64, i64> {
+    // SAFETY: every step is a bpf_probe_read_kernel of a kernel pointer; a
+    // stale or bad pointer makes the helper fail, it cannot fault.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let files: *const u8 = read_ptr(task, layout.task_files)?;
+        let fdt: *const u8 = read_ptr(files, layout.files_fdt)?;
+        let max_fds: u32 = bpf_probe_read_kernel(fdt.add(layout.fdtable_max_fds as usize).cast())?;
+        if fd >= max_fds as u64 {
+            return Err(-1);
+        }
+        let fd_array: *const u8 = read_ptr(fdt, layout.fdtable_fd)?;
+        let file: *const u8 = read_ptr(fd_array, (fd * 8) as u32)?;
+        let socket: *const u8 = read_ptr(file, layout.file_private_data)?;
+        let sk: *const u8 = read_ptr(socket, layout.socket_sk)?;
+        Ok(sk as u64)
+    }
+}
+
+/// Reads the pointer stored `offset` bytes into `base`.
+#[inline(always)]
+unsafe fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
+    if base.is_null() {
+        return Err(-1);
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }.map_err(i64::from)
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if let Ok(child_pid) = read_field::<i32>(&ctx, CONFIG.load().layout.fork_child_pid) {
+        emit(ForkEvent {
+            header: header(EventKind::Fork, 0),
+            child_pid: child_pid as u32,
+            _pad: 0,
+        });
+    }
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Only the thread-group leader's exit ends a process.
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
+        emit(ExitEvent {
+            header: header(EventKind::Exit, 0),
+        });
+    }
+    0
+}
+
+// Optional layer, attached where the kernel allows it: tcp_connect and
+// tcp_close always run in the owner's context, including closes of sockets
+// already reset by the peer, which no state transition reveals.
+
+#[fentry(function = "tcp_connect")]
+pub fn tcp_connect_fentry(ctx: FEntryContext) -> u32 {
+    claim_socket(ctx.arg::<u64>(0), OwnerSource::Connect);
+    0
+}
+
+#[fentry(function = "tcp_close")]
+pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
+    claim_socket(ctx.arg::<u64>(0), OwnerSource::Close);
+    0
+}
+
+#[kprobe]
+pub fn tcp_connect_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        claim_socket(sk, OwnerSource::Connect);
+    }
+    0
+}
+
+#[kprobe]
+pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        claim_socket(sk, OwnerSource::Close);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,152 @@
+//! The event loop: drain the ring buffer, decode, hand off to the socket
+//! stage, and pass its output to a sink. Slow work (/proc reads, formatting,
+//! I/O) happens in the sink or on ticks, never per ring buffer record.
+
+use std::{io, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    time::{Instant, MissedTickBehavior},
+};
+
+use crate::{
+    clock::monotonic_ns,
+    decode::{Event, decode},
+    probes::{Counters, Probes},
+    sockets::{HolderLookup, Output, SocketTable},
+};
+
+/// Where the attributed output goes (trace lines, the watch view, ...).
+pub trait Sink {
+    /// An error of kind `BrokenPipe` ends the run quietly.
+    fn output(&mut self, output: Output) -> io::Result<()>;
+    /// Called every `tick` with the loss counters.
+    fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()>;
+    /// Called once at the end.
+    fn finish(&mut self, counters: Counters) -> io::Result<()>;
+}
+
+pub struct RunOptions {
+    pub tick: Duration,
+    pub duration: Option<Duration>,
+}
+
+/// Runs until SIGINT/SIGTERM, `duration`, or a closed output pipe; returns the
+/// final loss counters.
+pub async fn run(
+    mut probes: Probes,
+    mut table: SocketTable,
+    lookup: &mut dyn HolderLookup,
+    sink: &mut dyn Sink,
+    options: RunOptions,
+) -> anyhow::Result<Counters> {
+    // SAFETY (both): the map fds are owned by the RingBuf and the logger,
+    // which the AsyncFd owns in turn, so they stay open and unchanged.
+    let mut ring = unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("polling the ring buffer")?;
+    let mut logger = match probes.logger.take() {
+        Some(logger) => Some(
+            unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+                .map_err(io::Error::from)
+                .context("polling the aya-log buffer")?,
+        ),
+        None => None,
+    };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut ticker = tokio::time::interval(options.tick);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let deadline = options.duration.map(|d| Instant::now() + d);
+    let mut batch: Vec<Event> = Vec::with_capacity(4096);
+
+    let result: io::Result<()> = async {
+        pass_on(&mut table, &mut probes, sink)?;
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), &mut batch);
+                    guard.clear_ready();
+                    for event in batch.drain(..) {
+                        table.on_event(event);
+                    }
+                    pass_on(&mut table, &mut probes, sink)?;
+                }
+                guard = async { logger.as_mut()?.readable_mut().await.ok() }, if logger.is_some() => {
+                    if let Some(mut guard) = guard {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                }
+                _ = ticker.tick() => {
+                    let now = monotonic_ns();
+                    table.tick(now, lookup);
+                    pass_on(&mut table, &mut probes, sink)?;
+                    sink.tick(now, counters(&probes))?;
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = sleep_until(deadline) => break,
+            }
+        }
+        // Whatever is still in the ring when we stop is reported, not lost.
+        drain(ring.get_mut(), &mut batch);
+        for event in batch.drain(..) {
+            table.on_event(event);
+        }
+        pass_on(&mut table, &mut probes, sink)
+    }
+    .await;
+
+    let counters = counters(&probes);
+    match result.and_then(|()| sink.finish(counters)) {
+        Ok(()) => Ok(counters),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(counters),
+        Err(e) => Err(e).context("writing output"),
+    }
+}
+
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) {
+    while let Some(record) = ring.next() {
+        match decode(&record) {
+            Ok(event) => batch.push(event),
+            Err(e) => log::warn!("dropping an undecodable event: {e}"),
+        }
+    }
+}
+
+fn pass_on(table: &mut SocketTable, probes: &mut Probes, sink: &mut dyn Sink) -> io::Result<()> {
+    for output in table.drain_output() {
+        if let Output::LearnedOwner {
+            kernel_sock_id,
+            pid,
+            comm,
+            state,
+        } = &output
+        {
+            if let Err(e) = probes.set_owner(*kernel_sock_id, *pid, comm, state.raw()) {
+                log::warn!("recording the owner of a socket in the kernel map: {e:#}");
+            }
+            continue;
+        }
+        sink.output(output)?;
+    }
+    Ok(())
+}
+
+fn counters(probes: &Probes) -> Counters {
+    probes.counters().unwrap_or_else(|e| {
+        log::warn!("reading the loss counters: {e:#}");
+        Counters::default()
+    })
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,293 @@
+//! Stage 2: ring buffer records -> typed events.
+//!
+//! Records are checked for length before they are read and their kind is
+//! decoded with `TryFrom`; nothing is transmuted blindly.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+use tracer_common::{
+    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, ForkEvent,
+    OwnerEvent, OwnerSource, SocketOwner, StateChangeEvent,
+};
+
+use crate::tcp::TcpState;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is too short for a {what} ({need} bytes)")]
+    TooShort {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown owner source {0}")]
+    UnknownOwnerSource(u8),
+    #[error("unknown address family {0}")]
+    UnknownFamily(u16),
+}
+
+/// The process recorded as a socket's owner by the kernel programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelOwner {
+    /// 0 when the kernel has not seen the owner.
+    pub tgid: u32,
+    pub source: OwnerSource,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    StateChange {
+        ktime_ns: u64,
+        sock_id: u64,
+        owner: KernelOwner,
+        local: SocketAddr,
+        remote: SocketAddr,
+        old: TcpState,
+        new: TcpState,
+        dwell_ns: Option<u64>,
+    },
+    Owner {
+        ktime_ns: u64,
+        sock_id: u64,
+        owner: KernelOwner,
+    },
+    Fork {
+        ktime_ns: u64,
+        parent_tgid: u32,
+        child_pid: u32,
+    },
+    Exit {
+        ktime_ns: u64,
+        tgid: u32,
+    },
+}
+
+/// Copies a `#[repr(C)]` wire struct out of a record after checking its length.
+fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::TooShort {
+            what,
+            len: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: the length was checked above, read_unaligned tolerates any
+    // alignment, and T is one of the plain-integer wire structs of
+    // tracer-common, for which every bit pattern is valid.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes, "event header")?;
+    let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
+    Ok(match kind {
+        EventKind::StateChange => {
+            let e: StateChangeEvent = read(bytes, "state change")?;
+            let (local, remote) = socket_addrs(&e.endpoints)?;
+            Event::StateChange {
+                ktime_ns: header.ktime_ns,
+                sock_id: header.sock_id,
+                owner: owner(&e.owner)?,
+                local,
+                remote,
+                old: TcpState::from(e.old_state),
+                new: TcpState::from(e.new_state),
+                dwell_ns: (e.dwell_ns != DWELL_UNKNOWN).then_some(e.dwell_ns),
+            }
+        }
+        EventKind::Owner => {
+            let e: OwnerEvent = read(bytes, "owner event")?;
+            Event::Owner {
+                ktime_ns: header.ktime_ns,
+                sock_id: header.sock_id,
+                owner: owner(&e.owner)?,
+            }
+        }
+        EventKind::Fork => {
+            let e: ForkEvent = read(bytes, "fork event")?;
+            Event::Fork {
+                ktime_ns: header.ktime_ns,
+                parent_tgid: header.current_tgid,
+                child_pid: e.child_pid,
+            }
+        }
+        EventKind::Exit => {
+            let _: ExitEvent = read(bytes, "exit event")?;
+            Event::Exit {
+                ktime_ns: header.ktime_ns,
+                tgid: header.current_tgid,
+            }
+        }
+    })
+}
+
+fn owner(raw: &SocketOwner) -> Result<KernelOwner, DecodeError> {
+    Ok(KernelOwner {
+        tgid: raw.tgid,
+        source: OwnerSource::try_from(raw.source).map_err(DecodeError::UnknownOwnerSource)?,
+        comm: comm_to_string(&raw.comm),
+    })
+}
+
+/// A NUL-padded kernel `comm` as text.
+pub fn comm_to_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn socket_addrs(e: &Endpoints) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+    let ip = |raw: &[u8; 16]| -> Result<IpAddr, DecodeError> {
+        match e.family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw))),
+            other => Err(DecodeError::UnknownFamily(other)),
+        }
+    };
+    Ok((
+        SocketAddr::new(ip(&e.local_addr)?, e.local_port),
+        SocketAddr::new(ip(&e.remote_addr)?, e.remote_port),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::tcp_state;
+
+    use super::*;
+
+    fn as_bytes<T>(value: &T) -> Vec<u8> {
+        // SAFETY: test-only view of a plain repr(C) struct as bytes.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn comm(name: &str) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..name.len()].copy_from_slice(name.as_bytes());
+        out
+    }
+
+    #[test]
+    fn state_change_round_trip() {
+        let mut local_addr = [0; 16];
+        local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let raw = StateChangeEvent {
+            header: EventHeader {
+                kind: EventKind::StateChange as u32,
+                current_tid: 77,
+                ktime_ns: 5_000,
+                current_tgid: 77,
+                _pad: 0,
+                sock_id: 0xffff_8880_1234_5678,
+            },
+            owner: SocketOwner {
+                tgid: 4242,
+                source: OwnerSource::Connect as u8,
+                state: tcp_state::CLOSE_WAIT,
+                _pad: [0; 2],
+                state_since_ns: 5_000,
+                comm: comm("ruler"),
+            },
+            endpoints: Endpoints {
+                family: AF_INET,
+                local_port: 40274,
+                remote_port: 18080,
+                _pad: 0,
+                local_addr,
+                remote_addr: local_addr,
+            },
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::CLOSE_WAIT,
+            _pad: [0; 6],
+            dwell_ns: 1_500,
+        };
+        let event = decode(&as_bytes(&raw)).unwrap();
+        assert_eq!(
+            event,
+            Event::StateChange {
+                ktime_ns: 5_000,
+                sock_id: 0xffff_8880_1234_5678,
+                owner: KernelOwner {
+                    tgid: 4242,
+                    source: OwnerSource::Connect,
+                    comm: "ruler".into()
+                },
+                local: "127.0.0.1:40274".parse().unwrap(),
+                remote: "127.0.0.1:18080".parse().unwrap(),
+                old: TcpState::Established,
+                new: TcpState::CloseWait,
+                dwell_ns: Some(1_500),
+            }
+        );
+    }
+
+    #[test]
+    fn ipv6_and_unknown_dwell() {
+        let mut raw = StateChangeEvent::default();
+        raw.header.kind = EventKind::StateChange as u32;
+        raw.endpoints.family = AF_INET6;
+        raw.endpoints.local_addr = Ipv6Addr::LOCALHOST.octets();
+        raw.endpoints.remote_addr = Ipv6Addr::LOCALHOST.octets();
+        raw.dwell_ns = DWELL_UNKNOWN;
+        let Event::StateChange {
+            local, dwell_ns, ..
+        } = decode(&as_bytes(&raw)).unwrap()
+        else {
+            panic!("not a state change");
+        };
+        assert_eq!(local, "[::1]:0".parse().unwrap());
+        assert_eq!(dwell_ns, None);
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let raw = StateChangeEvent {
+            header: EventHeader {
+                kind: EventKind::StateChange as u32,
+                ..EventHeader::default()
+            },
+            ..StateChangeEvent::default()
+        };
+        let bytes = as_bytes(&raw);
+        assert!(matches!(
+            decode(&bytes[..40]),
+            Err(DecodeError::TooShort { need: 120, .. })
+        ));
+        assert!(matches!(
+            decode(&bytes[..8]),
+            Err(DecodeError::TooShort { need: 32, .. })
+        ));
+        let mut unknown = EventHeader::default();
+        unknown.kind = 99;
+        assert_eq!(
+            decode(&as_bytes(&unknown)),
+            Err(DecodeError::UnknownKind(99))
+        );
+    }
+
+    #[test]
+    fn process_events() {
+        let raw = ForkEvent {
+            header: EventHeader {
+                kind: EventKind::Fork as u32,
+                current_tgid: 10,
+                ..EventHeader::default()
+            },
+            child_pid: 11,
+            _pad: 0,
+        };
+        assert_eq!(
+            decode(&as_bytes(&raw)).unwrap(),
+            Event::Fork {
+                ktime_ns: 0,
+                parent_tgid: 10,
+                child_pid: 11
+            }
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Owners found in userspace, from the kernel socket table (sock_diag) and
+//! the /proc fd tables: for sockets that predate socktrace, and for sockets
+//! whose owner exited while another process still holds them.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path};
+
+use anyhow::Context as _;
+use tracer_common::OwnerSource;
+
+use crate::{
+    procfs, seed,
+    sockets::{ExistingSocket, HolderLookup, Owner},
+    tcp::TcpState,
+};
+
+/// Every TCP socket that a process holds, with its owner. When several
+/// processes share one (after fork), the lowest pid is named.
+pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSocket>> {
+    let seeded = seed::seed(netns).context("reading the existing sockets (sock_diag)")?;
+    Ok(seeded
+        .into_iter()
+        .filter_map(|s| {
+            let pid = *s.owners.first()?;
+            Some(ExistingSocket {
+                sock_id: s.inode,
+                owner: Owner {
+                    pid: Some(pid),
+                    comm: procfs::comm(pid).unwrap_or_default(),
+                    source: OwnerSource::ProcFd,
+                },
+                local: s.local,
+                remote: s.remote,
+                state: TcpState::from(s.state),
+            })
+        })
+        .collect())
+}
+
+#[derive(Default)]
+pub struct ProcHolderLookup;
+
+impl HolderLookup for ProcHolderLookup {
+    fn holders(
+        &mut self,
+        sockets: &[(SocketAddr, SocketAddr)],
+        candidates: &[u32],
+    ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)> {
+        let table = match seed::dump_tcp_sockets() {
+            Ok(table) => table,
+            Err(e) => {
+                log::warn!("looking up socket holders: {e}");
+                return HashMap::new();
+            }
+        };
+        let mut inode_of: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
+        for s in table.iter().filter(|s| s.inode != 0) {
+            inode_of.insert((s.local, s.remote), s.inode);
+        }
+        let wanted: HashMap<u64, (SocketAddr, SocketAddr)> = sockets
+            .iter()
+            .filter_map(|pair| inode_of.get(pair).map(|&inode| (inode, *pair)))
+            .collect();
+        let mut found = HashMap::new();
+        // The likely holders first; the whole process table only if needed.
+        let mut owners = seed::socket_owners(candidates, wanted.keys().copied());
+        if owners.values().any(Vec::is_empty) {
+            let missing: Vec<u64> = owners
+                .iter()
+                .filter(|(_, pids)| pids.is_empty())
+                .map(|(&inode, _)| inode)
+                .collect();
+            owners.extend(seed::socket_owners(&procfs::all_pids(), missing));
+        }
+        for (inode, pids) in owners {
+            if let (Some(&pid), Some(pair)) = (pids.first(), wanted.get(&inode)) {
+                found.insert(*pair, (pid, procfs::comm(pid).unwrap_or_default()));
+            }
+        }
+        found
+    }
+}

@@ -1,0 +1,156 @@
+//! socktrace: TCP socket lifecycles per owning process.
+//!
+//! Data flows through one module per stage: `probes` (kernel programs) →
+//! `decode` (ring buffer records) → `sockets` (per-socket state and owners) →
+//! outputs (`output::trace`, ...). `collector` runs the loop between them.
+
+mod cli;
+mod clock;
+mod collector;
+mod decode;
+mod holders;
+mod output;
+mod privileges;
+mod procfs;
+mod probes;
+mod seed;
+mod sockets;
+mod tcp;
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::bail;
+use clap::Parser as _;
+use tracer_common::{AF_INET, AF_INET6};
+
+use crate::{
+    cli::{Cli, Command, FilterArgs, ProbeArgs},
+    clock::Clock,
+    collector::RunOptions,
+    output::{Filter, trace::TraceSink},
+    probes::{ProbeOptions, Probes},
+    sockets::SocketTable,
+};
+
+/// Transitions wait this long for their owner (accept) before being shown
+/// as unknown.
+const OWNER_GRACE: Duration = Duration::from_secs(1);
+/// After an owner exits, look for the socket's new holder this much later.
+const REHOME_DELAY: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("socktrace: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp(None)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    privileges::check()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Trace(args) => runtime.block_on(trace(args.filter)),
+        Command::Doctor(args) => doctor(&args),
+    }
+}
+
+fn probe_options(filter: &FilterArgs) -> anyhow::Result<ProbeOptions> {
+    for &pid in &filter.pids {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("pid {pid} does not exist");
+        }
+    }
+    Ok(ProbeOptions {
+        pids: filter.pids.clone(),
+        port: filter.port,
+        family: match (filter.ipv4, filter.ipv6) {
+            (true, _) => Some(AF_INET),
+            (_, true) => Some(AF_INET6),
+            _ => None,
+        },
+        ..base_probe_options(&filter.probe)
+    })
+}
+
+fn base_probe_options(probe: &ProbeArgs) -> ProbeOptions {
+    ProbeOptions {
+        pids: Vec::new(),
+        port: None,
+        family: None,
+        ring_bytes: probe.ring_buffer_kib * 1024,
+        max_sockets: probe.max_sockets,
+        mode: probe.probe_mode,
+    }
+}
+
+fn user_filter(filter: &FilterArgs) -> Filter {
+    Filter {
+        pids: filter.pids.clone(),
+        port: filter.port,
+        ipv4_only: filter.ipv4,
+        ipv6_only: filter.ipv6,
+    }
+}
+
+async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
+    let probes = Probes::load(&probe_options(&filter)?)?;
+    log::info!("probe mode: {}", probes.mode);
+    let mut table = SocketTable::new(
+        OWNER_GRACE.as_nanos() as u64,
+        REHOME_DELAY.as_nanos() as u64,
+    );
+    // Seeded after attaching, so no socket falls between the two.
+    table.seed(holders::existing_sockets(None)?);
+    let mut lookup = holders::ProcHolderLookup;
+    let mut sink = TraceSink::new(
+        std::io::stdout().lock(),
+        filter.json,
+        Clock::now(),
+        user_filter(&filter),
+    );
+    collector::run(
+        probes,
+        table,
+        &mut lookup,
+        &mut sink,
+        RunOptions {
+            tick: Duration::from_millis(100),
+            duration: filter.duration,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+fn doctor(args: &ProbeArgs) -> anyhow::Result<()> {
+    let (checks, mode) = probes::features::doctor(&base_probe_options(args));
+    for check in &checks {
+        let mark = if check.ok { "ok  " } else { "FAIL" };
+        println!("{mark} {:<12} {}", check.name, check.detail);
+    }
+    match mode {
+        Some(mode) => {
+            println!("mode: {mode}");
+            Ok(())
+        }
+        None => bail!("socktrace cannot run on this kernel (see the failures above)"),
+    }
+}

@@ -1,0 +1,244 @@
+//! `socktrace trace`: one line per lifecycle event, human or JSON Lines.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use super::{Filter, human_duration, owner_source_name};
+use crate::{
+    clock::Clock,
+    collector::Sink,
+    probes::Counters,
+    sockets::{ExistingSocket, Output, Owner, Transition},
+};
+
+/// One JSON line; the schema is documented in the README.
+#[derive(Debug, Serialize)]
+pub struct TraceRecord<'a> {
+    pub ts: String,
+    /// Owner's host pid; null when unknown.
+    pub pid: Option<u32>,
+    pub comm: &'a str,
+    pub local: String,
+    pub remote: String,
+    /// Null for a socket that existed before socktrace started.
+    pub old: Option<&'static str>,
+    pub new: &'static str,
+    /// Time spent in `old`; null when unknown.
+    pub dwell_ns: Option<u64>,
+    pub owner_source: &'static str,
+    /// True for sockets found at start (their age is unknown).
+    pub existing: bool,
+    /// Socket identity (kernel address, or inode for pre-existing sockets).
+    pub sock: String,
+}
+
+pub struct TraceSink<W: Write> {
+    out: W,
+    json: bool,
+    clock: Clock,
+    filter: Filter,
+    header_done: bool,
+}
+
+impl<W: Write> TraceSink<W> {
+    pub fn new(out: W, json: bool, clock: Clock, filter: Filter) -> Self {
+        Self {
+            out,
+            json,
+            clock,
+            filter,
+            header_done: false,
+        }
+    }
+
+    fn record<'a>(&self, owner: &'a Owner, t: &Transition) -> TraceRecord<'a> {
+        TraceRecord {
+            ts: self.clock.rfc3339(t.ktime_ns),
+            pid: owner.pid,
+            comm: comm_or_unknown(owner),
+            local: t.local.to_string(),
+            remote: t.remote.to_string(),
+            old: Some(t.old.name()),
+            new: t.new.name(),
+            dwell_ns: t.dwell_ns,
+            owner_source: owner_source_name(owner.source),
+            existing: false,
+            sock: format!("{:#x}", t.sock_id),
+        }
+    }
+
+    fn existing_record<'a>(&self, s: &'a ExistingSocket, now_ns: u64) -> TraceRecord<'a> {
+        TraceRecord {
+            ts: self.clock.rfc3339(now_ns),
+            pid: s.owner.pid,
+            comm: comm_or_unknown(&s.owner),
+            local: s.local.to_string(),
+            remote: s.remote.to_string(),
+            old: None,
+            new: s.state.name(),
+            dwell_ns: None,
+            owner_source: owner_source_name(s.owner.source),
+            existing: true,
+            sock: format!("{:#x}", s.sock_id),
+        }
+    }
+
+    fn write(&mut self, record: &TraceRecord<'_>) -> io::Result<()> {
+        if self.json {
+            serde_json::to_writer(&mut self.out, record)?;
+            return writeln!(self.out);
+        }
+        if !self.header_done {
+            self.header_done = true;
+            writeln!(
+                self.out,
+                "{:<15} {:>7} {:<15} {:<22} {:<22} {:<27} {:>9}",
+                "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "OLD -> NEW", "DWELL"
+            )?;
+        }
+        writeln!(self.out, "{}", human_line(record))
+    }
+}
+
+fn comm_or_unknown(owner: &Owner) -> &str {
+    if owner.pid.is_none() {
+        "unknown"
+    } else {
+        &owner.comm
+    }
+}
+
+/// `03:32:22.123456 4242 ruler 127.0.0.1:40274 127.0.0.1:18080 ESTABLISHED -> CLOSE_WAIT 10.002s`
+pub fn human_line(r: &TraceRecord<'_>) -> String {
+    let time = r.ts.get(11..26).unwrap_or(&r.ts);
+    let pid = r.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    let change = format!("{} -> {}", r.old.unwrap_or("EXISTING"), r.new);
+    let dwell = r.dwell_ns.map_or_else(|| "-".to_string(), human_duration);
+    format!(
+        "{time:<15} {pid:>7} {:<15} {:<22} {:<22} {change:<27} {dwell:>9}",
+        r.comm, r.local, r.remote
+    )
+}
+
+impl<W: Write> Sink for TraceSink<W> {
+    fn output(&mut self, output: Output) -> io::Result<()> {
+        match output {
+            Output::Transition(t) => {
+                if self.filter.accepts(t.owner.pid, t.local, t.remote) {
+                    let record = self.record(&t.owner, &t);
+                    self.write(&record)?;
+                }
+            }
+            Output::Existing(s) => {
+                if self.filter.accepts(s.owner.pid, s.local, s.remote) {
+                    let record = self.existing_record(&s, crate::clock::monotonic_ns());
+                    self.write(&record)?;
+                }
+            }
+            Output::ProcessExit { .. } | Output::LearnedOwner { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, _now_ns: u64, _counters: Counters) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    fn finish(&mut self, counters: Counters) -> io::Result<()> {
+        self.out.flush()?;
+        report_losses(counters);
+        Ok(())
+    }
+}
+
+/// Loss is never silent: say it on stderr at exit.
+pub fn report_losses(counters: Counters) {
+    if counters.lost_events > 0 {
+        eprintln!(
+            "socktrace: {} events lost (ring buffer full); raise --ring-buffer-kib",
+            counters.lost_events
+        );
+    }
+    if counters.socket_map_full > 0 {
+        eprintln!(
+            "socktrace: {} sockets untracked (socket map full); raise --max-sockets",
+            counters.socket_map_full
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use tracer_common::OwnerSource;
+
+    use super::*;
+    use crate::tcp::TcpState;
+
+    fn sink(json: bool) -> TraceSink<Vec<u8>> {
+        let clock = Clock::fixed(0, UNIX_EPOCH + Duration::from_secs(1_795_000_000));
+        TraceSink::new(Vec::new(), json, clock, Filter::default())
+    }
+
+    fn transition() -> Transition {
+        Transition {
+            ktime_ns: 1_500_000,
+            sock_id: 0xffff_8880_0000_1000,
+            owner: Owner {
+                pid: Some(4242),
+                comm: "ruler".into(),
+                source: OwnerSource::Connect,
+            },
+            local: "127.0.0.1:40274".parse().unwrap(),
+            remote: "127.0.0.1:18080".parse().unwrap(),
+            old: TcpState::Established,
+            new: TcpState::CloseWait,
+            dwell_ns: Some(10_002_000_000),
+        }
+    }
+
+    #[test]
+    fn json_line_has_the_documented_fields() {
+        let mut s = sink(true);
+        s.output(Output::Transition(transition())).unwrap();
+        let line = String::from_utf8(s.out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["comm"], "ruler");
+        assert_eq!(v["local"], "127.0.0.1:40274");
+        assert_eq!(v["remote"], "127.0.0.1:18080");
+        assert_eq!(v["old"], "ESTABLISHED");
+        assert_eq!(v["new"], "CLOSE_WAIT");
+        assert_eq!(v["dwell_ns"], 10_002_000_000u64);
+        assert_eq!(v["owner_source"], "connect");
+        assert_eq!(v["existing"], false);
+        assert_eq!(v["ts"], "2026-11-18T20:26:40.001500Z");
+    }
+
+    #[test]
+    fn human_line_reads_like_tcpstates() {
+        let mut s = sink(false);
+        let mut unknown = transition();
+        unknown.owner = Owner::unknown();
+        unknown.dwell_ns = None;
+        s.output(Output::Transition(transition())).unwrap();
+        s.output(Output::Transition(unknown)).unwrap();
+        let text = String::from_utf8(s.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("TIME(UTC)"));
+        assert!(lines[1].contains("4242 ruler"), "{}", lines[1]);
+        assert!(lines[1].contains("ESTABLISHED -> CLOSE_WAIT"));
+        assert!(lines[1].trim_end().ends_with("10.002s"));
+        assert!(lines[2].contains("      - unknown"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn filtered_out_events_are_not_printed() {
+        let mut s = sink(true);
+        s.filter.pids = vec![1];
+        s.output(Output::Transition(transition())).unwrap();
+        assert!(s.out.is_empty());
+    }
+}

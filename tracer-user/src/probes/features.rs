@@ -1,0 +1,135 @@
+//! Probe modes and `socktrace doctor`: what this kernel supports, found by
+//! trying it rather than by comparing version numbers.
+
+use std::{fmt, fs, path::Path};
+
+use aya::{maps::MapType, sys::is_map_supported};
+
+use super::{ProbeOptions, Probes, layout};
+
+/// How socket owners are learned besides the tracepoints every mode uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// fentry on tcp_connect/tcp_close (BTF trampolines, cheapest).
+    Fentry,
+    /// kprobes on tcp_connect/tcp_close.
+    Kprobe,
+    /// Tracepoints only: owners from connect/listen/close transitions and accept().
+    Tracepoint,
+}
+
+impl fmt::Display for ProbeMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeRequest {
+    /// The richest mode the kernel allows: fentry, then kprobe, then tracepoint.
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl ModeRequest {
+    pub fn candidates(self) -> &'static [ProbeMode] {
+        match self {
+            Self::Auto => &[ProbeMode::Fentry, ProbeMode::Kprobe, ProbeMode::Tracepoint],
+            Self::Fentry => &[ProbeMode::Fentry],
+            Self::Kprobe => &[ProbeMode::Kprobe],
+            Self::Tracepoint => &[ProbeMode::Tracepoint],
+        }
+    }
+}
+
+/// One line of the doctor's report.
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Probes the kernel feature by feature, then the mode `auto` would choose.
+pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
+    let mut checks = Vec::new();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    checks.push(Check {
+        name: "kernel",
+        ok: true,
+        detail: release.trim().to_string(),
+    });
+    checks.push(Check {
+        name: "BTF",
+        ok: Path::new(layout::BTF_PATH).exists(),
+        detail: layout::BTF_PATH.to_string(),
+    });
+    checks.push(Check {
+        name: "lockdown",
+        ok: true,
+        detail: fs::read_to_string("/sys/kernel/security/lockdown")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown (securityfs not mounted)".into()),
+    });
+    let tracefs = layout::tracefs();
+    checks.push(Check {
+        name: "tracefs",
+        ok: tracefs.is_ok(),
+        detail: match &tracefs {
+            Ok(path) => path.display().to_string(),
+            Err(e) => format!("{e:#}"),
+        },
+    });
+    if let Ok(tracefs) = &tracefs {
+        for (category, name, _) in super::TRACEPOINTS {
+            let found = tracefs.join("events").join(category).join(name).is_dir();
+            checks.push(Check {
+                name: "tracepoint",
+                ok: found,
+                detail: format!("{category}:{name}"),
+            });
+        }
+    }
+    let ring = is_map_supported(MapType::RingBuf);
+    checks.push(Check {
+        name: "ring buffer",
+        ok: matches!(ring, Ok(true)),
+        detail: match ring {
+            Ok(true) => "BPF_MAP_TYPE_RINGBUF".into(),
+            Ok(false) => "not supported (needs Linux 5.8)".into(),
+            Err(e) => format!("probe failed: {e}"),
+        },
+    });
+    for (name, request) in [("fentry", ModeRequest::Fentry), ("kprobe", ModeRequest::Kprobe)] {
+        let attempt = Probes::load(&ProbeOptions {
+            mode: request,
+            ..options.clone()
+        });
+        checks.push(Check {
+            name,
+            ok: attempt.is_ok(),
+            detail: match attempt {
+                Ok(_) => "tcp_connect, tcp_close attach".into(),
+                Err(e) => format!("{:#}", e.root_cause()),
+            },
+        });
+    }
+    let chosen = Probes::load(&ProbeOptions {
+        mode: ModeRequest::Auto,
+        ..options.clone()
+    })
+    .map(|p| p.mode);
+    if let Err(e) = &chosen {
+        checks.push(Check {
+            name: "load",
+            ok: false,
+            detail: format!("{e:#}"),
+        });
+    }
+    (checks, chosen.ok())
+}

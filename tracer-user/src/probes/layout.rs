@@ -1,0 +1,182 @@
+//! Field offsets of the running kernel, for the kernel programs' [`Layout`].
+//!
+//! Tracepoint record offsets come from tracefs `format` files; kernel struct
+//! member offsets come from BTF. Nothing is compiled in, so one binary runs on
+//! kernels whose layouts differ.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use btf_rs::{Btf, Type};
+use tracer_common::Layout;
+
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Returns the tracefs mount, mounting it at /sys/kernel/tracing when no
+/// tracefs is mounted (it is not mounted at boot on some hosts).
+pub fn tracefs() -> anyhow::Result<PathBuf> {
+    if let Some(found) = TRACEFS_CANDIDATES
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir())
+    {
+        return Ok(found.to_path_buf());
+    }
+    let target = Path::new(TRACEFS_CANDIDATES[0]);
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev"])
+        .arg(target)
+        .status()
+        .context("running mount -t tracefs")?;
+    if !status.success() || !target.join("events").is_dir() {
+        bail!("tracefs is not mounted and mounting it at {} failed", target.display());
+    }
+    log::info!("mounted tracefs at {}", target.display());
+    Ok(target.to_path_buf())
+}
+
+/// Offsets of the named fields of one tracepoint's record.
+pub fn tracepoint_fields(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+) -> anyhow::Result<HashMap<String, u16>> {
+    let path = tracefs.join("events").join(category).join(name).join("format");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("tracepoint {category}:{name} is missing ({})", path.display()))?;
+    Ok(parse_format(&text))
+}
+
+/// Parses lines like `field:const void * skaddr;	offset:8;	size:8;	signed:0;`.
+fn parse_format(text: &str) -> HashMap<String, u16> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let mut decl = None;
+        let mut offset = None;
+        for part in line.split(';').map(str::trim) {
+            if let Some(d) = part.strip_prefix("field:") {
+                decl = Some(d);
+            } else if let Some(o) = part.strip_prefix("offset:") {
+                offset = o.parse::<u16>().ok();
+            }
+        }
+        if let (Some(decl), Some(offset)) = (decl, offset) {
+            // The name is the last word, without any array suffix.
+            let name = decl.rsplit([' ', '*']).next().unwrap_or(decl);
+            let name = name.split('[').next().unwrap_or(name);
+            fields.insert(name.to_string(), offset);
+        }
+    }
+    fields
+}
+
+fn field(fields: &HashMap<String, u16>, tracepoint: &str, name: &str) -> anyhow::Result<u16> {
+    fields
+        .get(name)
+        .copied()
+        .ok_or_else(|| anyhow!("tracepoint {tracepoint} has no field {name}"))
+}
+
+/// Byte offset of `member` in `struct name`, looking inside anonymous
+/// structs and unions (the kernel nests many members in them).
+pub fn member_offset(btf: &Btf, name: &str, member: &str) -> anyhow::Result<u32> {
+    let types = btf
+        .resolve_types_by_name(name)
+        .with_context(|| format!("BTF has no type {name}"))?;
+    for ty in types {
+        if let Type::Struct(s) = ty
+            && let Some(bits) = find_member(btf, &s, member)?
+        {
+            return Ok(bits / 8);
+        }
+    }
+    bail!("BTF struct {name} has no member {member}")
+}
+
+fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Option<u32>> {
+    for m in &s.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name == member {
+            return Ok(Some(m.bit_offset()));
+        }
+        if name.is_empty() {
+            let inner = btf.resolve_chained_type(m)?;
+            if let Type::Struct(inner) | Type::Union(inner) = inner
+                && let Some(bits) = find_member(btf, &inner, member)?
+            {
+                return Ok(Some(m.bit_offset() + bits));
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub fn load_btf() -> anyhow::Result<Btf> {
+    Btf::from_file(BTF_PATH).with_context(|| {
+        format!("kernel BTF is not available at {BTF_PATH} (socktrace needs CONFIG_DEBUG_INFO_BTF=y)")
+    })
+}
+
+/// Reads every offset the kernel programs need from this kernel.
+pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
+    let tp = "sock:inet_sock_set_state";
+    let set_state = tracepoint_fields(tracefs, "sock", "inet_sock_set_state")?;
+    let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
+    let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
+    let fork = tracepoint_fields(tracefs, "sched", "sched_process_fork")?;
+    Ok(Layout {
+        set_state_skaddr: field(&set_state, tp, "skaddr")?,
+        set_state_oldstate: field(&set_state, tp, "oldstate")?,
+        set_state_newstate: field(&set_state, tp, "newstate")?,
+        set_state_sport: field(&set_state, tp, "sport")?,
+        set_state_dport: field(&set_state, tp, "dport")?,
+        set_state_family: field(&set_state, tp, "family")?,
+        set_state_protocol: field(&set_state, tp, "protocol")?,
+        set_state_saddr: field(&set_state, tp, "saddr")?,
+        set_state_daddr: field(&set_state, tp, "daddr")?,
+        set_state_saddr_v6: field(&set_state, tp, "saddr_v6")?,
+        set_state_daddr_v6: field(&set_state, tp, "daddr_v6")?,
+        destroy_skaddr: field(&destroy, "tcp:tcp_destroy_sock", "skaddr")?,
+        accept_ret: field(&accept, "syscalls:sys_exit_accept4", "ret")?,
+        fork_child_pid: field(&fork, "sched:sched_process_fork", "child_pid")?,
+        _pad: [0; 2],
+        task_files: member_offset(btf, "task_struct", "files")?,
+        files_fdt: member_offset(btf, "files_struct", "fdt")?,
+        fdtable_max_fds: member_offset(btf, "fdtable", "max_fds")?,
+        fdtable_fd: member_offset(btf, "fdtable", "fd")?,
+        file_private_data: member_offset(btf, "file", "private_data")?,
+        socket_sk: member_offset(btf, "socket", "sk")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;
+
+print fmt: \"family=%s\"";
+
+    #[test]
+    fn parses_tracefs_format() {
+        let fields = parse_format(FORMAT);
+        assert_eq!(fields["skaddr"], 8);
+        assert_eq!(fields["oldstate"], 16);
+        assert_eq!(fields["saddr_v6"], 40);
+        assert_eq!(fields["common_type"], 0);
+        assert_eq!(fields["parent_comm"], 8);
+        assert!(!fields.contains_key("print"));
+    }
+}

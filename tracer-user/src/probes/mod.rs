@@ -1,0 +1,240 @@
+//! Stage 1: the kernel programs. Loads them with this kernel's offsets and the
+//! user's filters, picks the richest probe mode the kernel allows, attaches,
+//! and exposes the event ring buffer and the loss counters.
+
+pub mod features;
+pub mod layout;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{FEntry, KProbe, TracePoint},
+};
+use tracer_common::{
+    COUNTERS_MAP, CONFIG_GLOBAL, Config, EVENTS_MAP, OwnerSource, PID_FILTER_MAP, SOCKETS_MAP,
+    SocketOwner, TASK_COMM_LEN, counter,
+};
+
+pub use features::{ModeRequest, ProbeMode};
+
+/// The kernel programs, compiled by build.rs and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
+
+/// Tracepoints every mode needs: (category, name, program).
+const TRACEPOINTS: [(&str, &str, &str); 6] = [
+    ("sock", "inet_sock_set_state", "inet_sock_set_state"),
+    ("tcp", "tcp_destroy_sock", "tcp_destroy_sock"),
+    ("syscalls", "sys_exit_accept4", "sys_exit_accept4"),
+    ("syscalls", "sys_exit_accept", "sys_exit_accept"),
+    ("sched", "sched_process_fork", "sched_process_fork"),
+    ("sched", "sched_process_exit", "sched_process_exit"),
+];
+
+/// Kernel functions whose entry is probed in the fentry and kprobe modes.
+const OWNER_FUNCTIONS: [&str; 2] = ["tcp_connect", "tcp_close"];
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Only report sockets owned by these processes (empty: all).
+    pub pids: Vec<u32>,
+    pub port: Option<u16>,
+    /// `AF_INET` or `AF_INET6`; `None` for both.
+    pub family: Option<u16>,
+    pub ring_bytes: u32,
+    pub max_sockets: u32,
+    pub mode: ModeRequest,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub mode: ProbeMode,
+    /// Owns the aya-log map: it must live as long as the programs.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Loss counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub lost_events: u64,
+    pub socket_map_full: u64,
+}
+
+impl Probes {
+    pub fn load(options: &ProbeOptions) -> anyhow::Result<Self> {
+        let tracefs: PathBuf = layout::tracefs()?;
+        let btf = layout::load_btf()?;
+        let config = Config {
+            layout: layout::discover(&tracefs, &btf)?,
+            self_tgid: std::process::id(),
+            filter_pids: u32::from(!options.pids.is_empty()),
+            filter_port: options.port.unwrap_or(0),
+            filter_family: options.family.unwrap_or(0),
+            _pad: 0,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &config, true)
+            .map_max_entries(EVENTS_MAP, options.ring_bytes)
+            .map_max_entries(SOCKETS_MAP, options.max_sockets)
+            .load(EBPF_OBJECT)
+            .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))?;
+        // Before any program loads: programs that log need the log map.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::debug!("kernel-side logging unavailable: {e}");
+                None
+            }
+        };
+
+        if !options.pids.is_empty() {
+            let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+                ebpf.map_mut(PID_FILTER_MAP)
+                    .context("map PID_FILTER missing")?,
+            )?;
+            for &pid in &options.pids {
+                filter
+                    .insert(pid, 1, 0)
+                    .with_context(|| format!("adding pid {pid} to the kernel filter"))?;
+            }
+        }
+
+        for (category, name, program) in TRACEPOINTS {
+            attach_tracepoint(&mut ebpf, category, name, program)?;
+        }
+        let mode = attach_owner_probes(&mut ebpf, &btf_for_aya()?, options.mode)?;
+        Ok(Self { ebpf, mode, logger })
+    }
+
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .context("map EVENTS missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(COUNTERS_MAP)
+                .context("map COUNTERS missing")?,
+        )?;
+        let sum = |index: u32| -> anyhow::Result<u64> {
+            Ok(map.get(&index, 0)?.iter().sum())
+        };
+        Ok(Counters {
+            lost_events: sum(counter::LOST_EVENTS)?,
+            socket_map_full: sum(counter::SOCKET_MAP_FULL)?,
+        })
+    }
+
+    /// Records an owner learned in userspace (from /proc) in the kernel's
+    /// socket map, so later events carry it and the pid filter applies.
+    pub fn set_owner(
+        &mut self,
+        sock_id: u64,
+        tgid: u32,
+        comm: &str,
+        state: u8,
+    ) -> anyhow::Result<()> {
+        let mut sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(
+            self.ebpf
+                .map_mut(SOCKETS_MAP)
+                .context("map SOCKETS missing")?,
+        )?;
+        let mut owner = sockets.get(&sock_id, 0).unwrap_or(SocketOwner {
+            state,
+            ..SocketOwner::default()
+        });
+        owner.tgid = tgid;
+        owner.source = OwnerSource::ProcFd as u8;
+        owner.comm = [0; TASK_COMM_LEN];
+        let len = comm.len().min(TASK_COMM_LEN - 1);
+        owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
+        sockets.insert(sock_id, owner, 0)?;
+        Ok(())
+    }
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    category: &str,
+    name: &str,
+    program: &str,
+) -> anyhow::Result<()> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from the eBPF object"))?
+        .try_into()?;
+    tp.load()
+        .map_err(|e| anyhow!("loading the {category}:{name} program failed: {e:#}"))?;
+    tp.attach(category, name)
+        .map_err(|e| anyhow!("attaching to tracepoint {category}:{name} failed: {e:#}"))?;
+    Ok(())
+}
+
+fn btf_for_aya() -> anyhow::Result<aya::Btf> {
+    aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))
+}
+
+/// Attaches the optional owner probes in the richest mode the kernel allows.
+/// Every failure here is expected on some kernels (no kprobes, fentry refused
+/// under lockdown), so it only lowers the mode.
+fn attach_owner_probes(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    request: ModeRequest,
+) -> anyhow::Result<ProbeMode> {
+    for &mode in request.candidates() {
+        let attempt = match mode {
+            ProbeMode::Fentry => try_fentry(ebpf, btf),
+            ProbeMode::Kprobe => try_kprobe(ebpf),
+            ProbeMode::Tracepoint => return Ok(ProbeMode::Tracepoint),
+        };
+        match attempt {
+            Ok(()) => return Ok(mode),
+            Err(e) if request == ModeRequest::Auto => {
+                log::debug!("{mode} probes unavailable: {e:#}");
+            }
+            Err(e) => return Err(e.context(format!("--probe-mode {mode} is not usable here"))),
+        }
+    }
+    Err(anyhow!("no probe mode is usable"))
+}
+
+fn try_fentry(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    for function in OWNER_FUNCTIONS {
+        let program = format!("{function}_fentry");
+        let fentry: &mut FEntry = ebpf
+            .program_mut(&program)
+            .with_context(|| format!("program {program} missing"))?
+            .try_into()?;
+        fentry
+            .load(function, btf)
+            .with_context(|| format!("loading fentry/{function}"))?;
+        fentry
+            .attach()
+            .with_context(|| format!("attaching fentry/{function}"))?;
+    }
+    Ok(())
+}
+
+fn try_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for function in OWNER_FUNCTIONS {
+        let program = format!("{function}_kprobe");
+        let kprobe: &mut KProbe = ebpf
+            .program_mut(&program)
+            .with_context(|| format!("program {program} missing"))?
+            .try_into()?;
+        kprobe
+            .load()
+            .with_context(|| format!("loading kprobe/{function}"))?;
+        kprobe
+            .attach(function, 0)
+            .with_context(|| format!("attaching kprobe/{function}"))?;
+    }
+    Ok(())
+}

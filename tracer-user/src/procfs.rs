@@ -1,0 +1,227 @@
+//! Cheap per-process facts from /proc.
+//!
+//! Called once per tick per process (or once at start-up), never per event.
+//! A process that exits between two reads is normal: such errors keep their
+//! `io::Error` kind (`NotFound`, or raw `ESRCH` from syscalls), and
+//! [`is_vanished`] tells them apart from real failures.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+
+/// True when `err` means the process (or one of its fds) no longer exists.
+pub fn is_vanished(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::NotFound || err.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Number of open file descriptors of `pid`.
+pub fn fd_count(pid: u32) -> io::Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    // Since Linux 6.2 ("proc: report open files as size in stat() for
+    // /proc/pid/fd") the directory's size is its number of open fds, read from
+    // the fd bitmap; older kernels report 0, so count the entries then.
+    let size = fs::metadata(&dir)?.len();
+    if size > 0 {
+        return Ok(size);
+    }
+    let mut count = 0;
+    for entry in fs::read_dir(&dir)? {
+        entry?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// RLIMIT_NOFILE of `pid` as (soft, hard); `u64::MAX` means unlimited.
+pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a null new-limit pointer only reads the limit, and `limit` is a
+    // valid, writable rlimit for the kernel to fill.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let widen = |value: libc::rlim_t| {
+        if value == libc::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            u64::from(value)
+        }
+    };
+    Ok((widen(limit.rlim_cur), widen(limit.rlim_max)))
+}
+
+/// The command name (`/proc/PID/comm`), without the trailing newline.
+pub fn comm(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
+/// True while `pid` (a process or a thread) exists, zombies included.
+pub fn exists(pid: u32) -> bool {
+    fs::symlink_metadata(format!("/proc/{pid}")).is_ok()
+}
+
+/// The thread-group id of `pid`: equal to `pid` for a process, the owning
+/// process for a thread.
+pub fn tgid_of(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_tgid(&status)
+}
+
+fn parse_status_tgid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Inodes of the sockets (any family) that `pid` holds open, one per fd, so a
+/// socket shared by two fds appears twice.
+pub fn socket_inodes(pid: u32) -> io::Result<Vec<u64>> {
+    let path = format!("/proc/{pid}/fd");
+    // A second handle on the directory lets readlinkat resolve each fd by name
+    // without building and walking a full path per fd.
+    let dir = File::open(&path)?;
+    let mut inodes = Vec::new();
+    let mut link = [0u8; 64];
+    for entry in fs::read_dir(&path)? {
+        // Fails only when the process itself went away under us.
+        let entry = entry?;
+        // An fd closed between readdir and readlink is not an error.
+        let Ok(text) = read_link_at(&dir, &entry.file_name(), &mut link) else {
+            continue;
+        };
+        if let Some(inode) = parse_socket_link(text) {
+            inodes.push(inode);
+        }
+    }
+    Ok(inodes)
+}
+
+/// Reads the symlink `name` inside `dir` into `buf`; a link longer than `buf`
+/// comes back truncated, which is fine since socket links are short.
+fn read_link_at<'b>(dir: &File, name: &OsStr, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
+    // fd names are decimal numbers, so a small stack buffer holds them.
+    let mut c_name = [0u8; 24];
+    let name = name.as_bytes();
+    if name.len() >= c_name.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    c_name[..name.len()].copy_from_slice(name);
+    // SAFETY: `c_name` is NUL-terminated (zeroed, and `name` is shorter than
+    // it), `dir` is an open directory fd, and the kernel writes at most
+    // `buf.len()` bytes into `buf`.
+    let len = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c_name.as_ptr().cast(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+    Ok(&buf[..len.min(buf.len())])
+}
+
+/// Parses the target of a /proc/PID/fd link, `socket:[12345]`, into the inode.
+pub fn parse_socket_link(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Every process id in /proc (thread-group leaders; threads are not listed).
+pub fn all_pids() -> Vec<u32> {
+    let entries = match fs::read_dir("/proc") {
+        Ok(entries) => entries,
+        Err(err) => {
+            log::warn!("cannot list /proc: {err}");
+            return Vec::new();
+        }
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_links_parse() {
+        assert_eq!(parse_socket_link(b"socket:[12345]"), Some(12345));
+        assert_eq!(parse_socket_link(b"socket:[0]"), Some(0));
+        assert_eq!(parse_socket_link(b"socket:[]"), None);
+        assert_eq!(parse_socket_link(b"socket:[12"), None);
+        assert_eq!(parse_socket_link(b"pipe:[12345]"), None);
+        assert_eq!(parse_socket_link(b"anon_inode:[eventfd]"), None);
+        assert_eq!(parse_socket_link(b"/tmp/socket:[1]"), None);
+        assert_eq!(parse_socket_link(b"socket:[-1]"), None);
+    }
+
+    #[test]
+    fn status_tgid_parses() {
+        let status = "Name:\tpython3\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nNgid:\t0\nPid:\t4243\n";
+        assert_eq!(parse_status_tgid(status), Some(4242));
+        assert_eq!(parse_status_tgid("Name:\tx\n"), None);
+    }
+
+    // These read our own process, which needs no privileges.
+    fn own_pid() -> u32 {
+        std::process::id()
+    }
+
+    #[test]
+    fn own_process_facts() {
+        let pid = own_pid();
+        assert!(exists(pid));
+        assert_eq!(tgid_of(pid), Some(pid));
+        assert!(comm(pid).is_some_and(|name| !name.is_empty() && !name.ends_with('\n')));
+        let (soft, hard) = nofile_limits(pid).expect("prlimit on self");
+        assert!(soft <= hard);
+        assert!(all_pids().contains(&pid));
+    }
+
+    #[test]
+    fn fd_count_matches_directory() {
+        let pid = own_pid();
+        // Hold a few extra fds so the count is not trivially small.
+        let _files: Vec<File> = (0..3).map(|_| File::open("/proc/self/stat").unwrap()).collect();
+        let counted = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+        // read_dir itself holds one fd while counting.
+        let reported = fd_count(pid).unwrap();
+        assert!(reported.abs_diff(counted) <= 1, "{reported} vs {counted}");
+    }
+
+    #[test]
+    fn own_socket_is_listed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let own_inode = {
+            use std::os::unix::fs::MetadataExt;
+            let fd = listener.as_raw_fd();
+            fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino()
+        };
+        let inodes = socket_inodes(own_pid()).unwrap();
+        assert!(inodes.contains(&own_inode), "{own_inode} not in {inodes:?}");
+    }
+
+    #[test]
+    fn vanished_process_is_recognised() {
+        // Pid numbers stop below 2^22 (PID_MAX_LIMIT), so this one never exists.
+        let pid = 1 << 23;
+        assert!(!exists(pid));
+        assert_eq!(comm(pid), None);
+        assert_eq!(tgid_of(pid), None);
+        assert!(is_vanished(&fd_count(pid).unwrap_err()));
+        assert!(is_vanished(&socket_inodes(pid).unwrap_err()));
+        assert!(is_vanished(&nofile_limits(pid).unwrap_err()));
+    }
+}

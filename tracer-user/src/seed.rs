@@ -1,0 +1,680 @@
+//! The TCP sockets that existed before socktrace started.
+//!
+//! The probes only see state changes that happen after they attach, so the
+//! socket table is seeded once from the kernel's own view: a sock_diag dump
+//! (what `ss -tan` reads) gives every TCP socket with its inode, and one scan
+//! of the /proc fd tables maps inodes to the processes holding them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use netlink_packet_core::{
+    ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, Parseable,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
+
+use crate::procfs;
+
+/// Kernel dump datagrams are at most 32 KiB (netlink caps its dump skbs
+/// there); twice that leaves room, and MSG_TRUNC still catches a longer one.
+const RECV_BUFFER_LEN: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("cannot open a NETLINK_SOCK_DIAG socket")]
+    Socket(#[source] io::Error),
+    #[error("cannot send the sock_diag dump request")]
+    Send(#[source] io::Error),
+    #[error("cannot receive the sock_diag dump")]
+    Recv(#[source] io::Error),
+    #[error("the kernel refused the sock_diag TCP dump (is inet_diag/tcp_diag available?)")]
+    Kernel(#[source] io::Error),
+    #[error("malformed sock_diag message: {0}")]
+    Malformed(String),
+    #[error("cannot open network namespace {}", .path.display())]
+    OpenNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {} (setns needs CAP_SYS_ADMIN)", .path.display())]
+    EnterNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the thread that dumps another network namespace")]
+    Thread(#[source] io::Error),
+    #[error("the thread that dumps another network namespace panicked")]
+    ThreadPanicked,
+}
+
+/// One TCP socket as the kernel's socket table reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// `AF_INET` or `AF_INET6`; IPv4-mapped addresses stay `AF_INET6`, as the
+    /// `sock:inet_sock_set_state` tracepoint reports them.
+    pub family: u16,
+    /// Kernel TCP state number (`TCP_ESTABLISHED` = 1 ... `TCP_CLOSING` = 11).
+    pub state: u8,
+    /// Ports are in host byte order.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// 0 for sockets no file refers to: TIME_WAIT, request and orphaned sockets.
+    pub inode: u64,
+    pub uid: u32,
+    /// The socket cookie, the value `bpf_get_socket_cookie` returns.
+    pub cookie: u64,
+}
+
+/// A pre-existing TCP socket with the processes that hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeededSocket {
+    pub family: u16,
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub inode: u64,
+    /// Tgids holding an fd on the socket, sorted; empty when `inode` is 0.
+    pub owners: Vec<u32>,
+}
+
+/// Every TCP socket (IPv4 and IPv6, all states) in the caller's network
+/// namespace.
+pub fn dump_tcp_sockets() -> Result<Vec<DiagSocket>, SeedError> {
+    // A netlink socket answers for the namespace it was created in.
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SeedError::Socket)?;
+    socket.bind_auto().map_err(SeedError::Socket)?;
+    // Connected to the kernel (port 0), so no other sender can inject replies.
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(SeedError::Socket)?;
+
+    let mut buffer = vec![0u8; RECV_BUFFER_LEN];
+    let mut sockets = Vec::new();
+    for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
+        send_dump_request(&socket, family, sequence)?;
+        receive_dump(&socket, &mut buffer, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+/// Every TCP socket in the network namespace of `netns_path` (for example
+/// `/proc/PID/ns/net`), leaving the caller's namespace untouched.
+pub fn dump_tcp_sockets_in_netns(netns_path: &Path) -> Result<Vec<DiagSocket>, SeedError> {
+    let netns = File::open(netns_path).map_err(|source| SeedError::OpenNetns {
+        path: netns_path.to_owned(),
+        source,
+    })?;
+    let path = netns_path.to_owned();
+    // setns(CLONE_NEWNET) moves only the calling thread, so a short-lived
+    // thread enters the namespace, creates the netlink socket there and exits.
+    let worker = std::thread::Builder::new()
+        .name("socktrace-seed-netns".into())
+        .spawn(move || {
+            // SAFETY: `netns` is an open file owned by this closure; setns only
+            // reads the fd and changes this thread's network namespace.
+            let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(SeedError::EnterNetns {
+                    path,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            dump_tcp_sockets()
+        })
+        .map_err(SeedError::Thread)?;
+    worker.join().map_err(|_| SeedError::ThreadPanicked)?
+}
+
+/// The TCP sockets of the caller's network namespace, or of the namespace
+/// of `netns` (a path such as `/proc/PID/ns/net`), with their owners.
+///
+/// The socket table is read before the fd tables, so a socket closed in
+/// between keeps no owner and a socket opened in between is left to the
+/// probes, which are expected to be attached already.
+pub fn seed(netns: Option<&Path>) -> Result<Vec<SeededSocket>, SeedError> {
+    let sockets = match netns {
+        Some(path) => dump_tcp_sockets_in_netns(path)?,
+        None => dump_tcp_sockets()?,
+    };
+    // Socket inodes are global, so scanning every process (of any
+    // namespace) finds the holders of this namespace's sockets.
+    let inodes = sockets.iter().map(|socket| socket.inode);
+    let owners = socket_owners(&procfs::all_pids(), inodes);
+    Ok(attach_owners(sockets, owners))
+}
+
+/// For each socket inode in `inodes` (0 is skipped), the sorted tgids among
+/// `pids` that hold an fd on it. Processes that vanish or cannot be read
+/// during the scan are skipped.
+pub fn socket_owners(
+    pids: &[u32],
+    inodes: impl IntoIterator<Item = u64>,
+) -> HashMap<u64, Vec<u32>> {
+    let mut owners: HashMap<u64, Vec<u32>> = inodes
+        .into_iter()
+        .filter(|&inode| inode != 0)
+        .map(|inode| (inode, Vec::new()))
+        .collect();
+    for &pid in pids {
+        let held = match procfs::socket_inodes(pid) {
+            Ok(held) => held,
+            Err(err) => {
+                if !procfs::is_vanished(&err) {
+                    log::debug!("cannot read the fds of pid {pid}: {err}");
+                }
+                continue;
+            }
+        };
+        for inode in held {
+            if let Some(holders) = owners.get_mut(&inode) {
+                holders.push(pid);
+            }
+        }
+    }
+    for holders in owners.values_mut() {
+        // One process may hold a socket through several fds.
+        holders.sort_unstable();
+        holders.dedup();
+    }
+    owners
+}
+
+fn attach_owners(
+    sockets: Vec<DiagSocket>,
+    mut owners: HashMap<u64, Vec<u32>>,
+) -> Vec<SeededSocket> {
+    sockets
+        .into_iter()
+        .map(|socket| SeededSocket {
+            family: socket.family,
+            state: socket.state,
+            local: socket.local,
+            remote: socket.remote,
+            inode: socket.inode,
+            owners: owners.remove(&socket.inode).unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn send_dump_request(socket: &Socket, family: u8, sequence: u32) -> Result<(), SeedError> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = sequence;
+    let request = InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        // Every state bit, including ones newer than this crate's flags
+        // (TCP_NEW_SYN_RECV, TCP_BOUND_INACTIVE); the kernel ignores the rest.
+        states: StateFlags::from_bits_retain(u32::MAX),
+        socket_id: if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    };
+    let mut message = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+    message.finalize();
+    let mut bytes = vec![0u8; message.buffer_len()];
+    message.serialize(&mut bytes);
+    socket.send(&bytes, 0).map_err(SeedError::Send)?;
+    Ok(())
+}
+
+fn receive_dump(
+    socket: &Socket,
+    buffer: &mut [u8],
+    sockets: &mut Vec<DiagSocket>,
+) -> Result<(), SeedError> {
+    loop {
+        // MSG_TRUNC makes recv return the real datagram length, so a datagram
+        // larger than the buffer is detected instead of silently cut.
+        let len = match socket.recv(&mut &mut buffer[..], libc::MSG_TRUNC) {
+            Ok(len) => len,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(SeedError::Recv(err)),
+        };
+        if len > buffer.len() {
+            return Err(SeedError::Malformed(format!(
+                "a {len}-byte datagram exceeds the {}-byte receive buffer",
+                buffer.len()
+            )));
+        }
+        if parse_datagram(&buffer[..len], sockets)? == DumpProgress::Done {
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum DumpProgress {
+    More,
+    Done,
+}
+
+/// Parses one datagram of a multipart dump reply into `sockets`.
+fn parse_datagram(
+    mut datagram: &[u8],
+    sockets: &mut Vec<DiagSocket>,
+) -> Result<DumpProgress, SeedError> {
+    while !datagram.is_empty() {
+        let message =
+            NetlinkBuffer::new_checked(datagram).map_err(|err| malformed("netlink header", err))?;
+        let payload = message.payload();
+        match message.message_type() {
+            SOCK_DIAG_BY_FAMILY => sockets.push(parse_inet_diag_msg(payload)?),
+            NLMSG_DONE => {
+                // The payload carries the dump's final status: 0, or -errno
+                // when the dump failed part-way.
+                return match payload.first_chunk::<4>().map(|b| i32::from_ne_bytes(*b)) {
+                    Some(status) if status < 0 => {
+                        Err(SeedError::Kernel(io::Error::from_raw_os_error(-status)))
+                    }
+                    _ => Ok(DumpProgress::Done),
+                };
+            }
+            NLMSG_ERROR => {
+                let error =
+                    ErrorBuffer::new_checked(payload).map_err(|err| malformed("error", err))?;
+                // A zero code is an acknowledgement, which a dump never sends,
+                // but it is harmless.
+                if let Some(code) = error.code() {
+                    return Err(SeedError::Kernel(io::Error::from_raw_os_error(
+                        code.get().saturating_neg(),
+                    )));
+                }
+            }
+            // NLMSG_NOOP and anything else carry no sockets.
+            _ => {}
+        }
+        // Messages start at 4-byte (NLMSG_ALIGNTO) boundaries.
+        let next = (message.length() as usize).next_multiple_of(4);
+        datagram = datagram.get(next..).unwrap_or_default();
+    }
+    Ok(DumpProgress::More)
+}
+
+/// Decodes the fixed `struct inet_diag_msg` at the start of a reply; the
+/// attributes that may follow it are not needed here.
+fn parse_inet_diag_msg(payload: &[u8]) -> Result<DiagSocket, SeedError> {
+    let header = InetResponseHeader::parse(payload).map_err(|err| malformed("inet_diag_msg", err))?;
+    let id = header.socket_id;
+    // The kernel stores the cookie as two native-endian u32, low half first
+    // (sock_diag_save_cookie).
+    let low = u32::from_ne_bytes([id.cookie[0], id.cookie[1], id.cookie[2], id.cookie[3]]);
+    let high = u32::from_ne_bytes([id.cookie[4], id.cookie[5], id.cookie[6], id.cookie[7]]);
+    Ok(DiagSocket {
+        family: u16::from(header.family),
+        state: header.state,
+        local: socket_addr(id.source_address, id.source_port),
+        remote: socket_addr(id.destination_address, id.destination_port),
+        inode: u64::from(header.inode),
+        uid: header.uid,
+        cookie: u64::from(low) | (u64::from(high) << 32),
+    })
+}
+
+fn socket_addr(ip: IpAddr, port: u16) -> SocketAddr {
+    // Plain constructor: no flow info or scope id, matching what the
+    // tracepoints report.
+    SocketAddr::new(ip, port)
+}
+
+fn malformed(what: &str, err: impl std::fmt::Display) -> SeedError {
+    SeedError::Malformed(format!("{what}: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const TCP_CLOSE_WAIT: u8 = 8;
+
+    /// A `struct nlmsghdr` followed by `payload`, padded to 4 bytes.
+    fn netlink_message(message_type: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(16 + payload.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(&message_type.to_ne_bytes());
+        bytes.extend_from_slice(&flags.to_ne_bytes());
+        bytes.extend_from_slice(&7u32.to_ne_bytes()); // sequence
+        bytes.extend_from_slice(&0u32.to_ne_bytes()); // port id
+        bytes.extend_from_slice(payload);
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        bytes
+    }
+
+    /// A `struct inet_diag_msg` laid out by hand (include/uapi/linux/inet_diag.h)
+    /// plus one INET_DIAG_SHUTDOWN attribute, as the kernel appends.
+    #[allow(clippy::too_many_arguments)]
+    fn inet_diag_msg(
+        family: u8,
+        state: u8,
+        local: ([u8; 16], u16),
+        remote: ([u8; 16], u16),
+        uid: u32,
+        inode: u32,
+        cookie: u64,
+    ) -> Vec<u8> {
+        let mut bytes = vec![family, state, 0, 0];
+        bytes.extend_from_slice(&local.1.to_be_bytes());
+        bytes.extend_from_slice(&remote.1.to_be_bytes());
+        bytes.extend_from_slice(&local.0);
+        bytes.extend_from_slice(&remote.0);
+        bytes.extend_from_slice(&0u32.to_ne_bytes()); // interface
+        bytes.extend_from_slice(&(cookie as u32).to_ne_bytes());
+        bytes.extend_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+        for value in [0u32, 0, 0, uid, inode] {
+            // expires, rqueue, wqueue, uid, inode
+            bytes.extend_from_slice(&value.to_ne_bytes());
+        }
+        assert_eq!(bytes.len(), 72);
+        // nlattr { len 5, type INET_DIAG_SHUTDOWN (8) } + 1 byte, padded.
+        bytes.extend_from_slice(&[5, 0, 8, 0, 0, 0, 0, 0]);
+        bytes
+    }
+
+    fn v4(octets: [u8; 4]) -> [u8; 16] {
+        let mut address = [0u8; 16];
+        address[..4].copy_from_slice(&octets);
+        address
+    }
+
+    #[test]
+    fn parses_ipv4_message() {
+        let payload = inet_diag_msg(
+            AF_INET,
+            TCP_CLOSE_WAIT,
+            (v4([127, 0, 0, 1]), 40274),
+            (v4([10, 1, 2, 3]), 8080),
+            1000,
+            123_456,
+            0x1122_3344_5566_7788,
+        );
+        let socket = parse_inet_diag_msg(&payload).unwrap();
+        assert_eq!(
+            socket,
+            DiagSocket {
+                family: libc::AF_INET as u16,
+                state: TCP_CLOSE_WAIT,
+                local: "127.0.0.1:40274".parse().unwrap(),
+                remote: "10.1.2.3:8080".parse().unwrap(),
+                inode: 123_456,
+                uid: 1000,
+                cookie: 0x1122_3344_5566_7788,
+            }
+        );
+    }
+
+    #[test]
+    fn keeps_ipv4_mapped_addresses_as_ipv6() {
+        let mapped = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
+        let payload = inet_diag_msg(AF_INET6, 1, (mapped, 1), (Ipv6Addr::LOCALHOST.octets(), 2), 0, 9, 0);
+        let socket = parse_inet_diag_msg(&payload).unwrap();
+        assert_eq!(socket.family, libc::AF_INET6 as u16);
+        assert_eq!(socket.local, "[::ffff:127.0.0.1]:1".parse().unwrap());
+        assert_eq!(socket.remote, "[::1]:2".parse().unwrap());
+    }
+
+    #[test]
+    fn rejects_short_message() {
+        let payload = inet_diag_msg(AF_INET, 1, (v4([1, 2, 3, 4]), 1), (v4([5, 6, 7, 8]), 2), 0, 1, 0);
+        assert!(matches!(
+            parse_inet_diag_msg(&payload[..40]),
+            Err(SeedError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn parses_multipart_datagram_until_done() {
+        let first = inet_diag_msg(AF_INET, 10, (v4([0, 0, 0, 0]), 22), (v4([0; 4]), 0), 0, 11, 1);
+        // A TIME_WAIT socket: no inode, kept anyway.
+        let second = inet_diag_msg(AF_INET, 6, (v4([127, 0, 0, 1]), 5000), (v4([127, 0, 0, 1]), 22), 0, 0, 2);
+        let mut datagram = netlink_message(SOCK_DIAG_BY_FAMILY, 2, &first);
+        datagram.extend(netlink_message(SOCK_DIAG_BY_FAMILY, 2, &second));
+
+        let mut sockets = Vec::new();
+        assert_eq!(parse_datagram(&datagram, &mut sockets).unwrap(), DumpProgress::More);
+        assert_eq!(sockets.len(), 2);
+        assert_eq!(sockets[0].state, 10);
+        assert_eq!(sockets[1].inode, 0);
+
+        let done = netlink_message(NLMSG_DONE, 2, &0i32.to_ne_bytes());
+        assert_eq!(parse_datagram(&done, &mut sockets).unwrap(), DumpProgress::Done);
+        assert_eq!(sockets.len(), 2);
+    }
+
+    #[test]
+    fn reports_kernel_errors() {
+        let mut error = (-libc::EPERM).to_ne_bytes().to_vec();
+        error.extend_from_slice(&[0; 16]); // the offending request's header
+        let datagram = netlink_message(NLMSG_ERROR, 0, &error);
+        match parse_datagram(&datagram, &mut Vec::new()) {
+            Err(SeedError::Kernel(err)) => assert_eq!(err.raw_os_error(), Some(libc::EPERM)),
+            other => panic!("expected a kernel error, got {other:?}"),
+        }
+
+        let failed_done = netlink_message(NLMSG_DONE, 2, &(-libc::ENOBUFS).to_ne_bytes());
+        match parse_datagram(&failed_done, &mut Vec::new()) {
+            Err(SeedError::Kernel(err)) => assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS)),
+            other => panic!("expected a kernel error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_truncated_datagram() {
+        let payload = inet_diag_msg(AF_INET, 1, (v4([1, 2, 3, 4]), 1), (v4([5, 6, 7, 8]), 2), 0, 1, 0);
+        let datagram = netlink_message(SOCK_DIAG_BY_FAMILY, 2, &payload);
+        assert!(matches!(
+            parse_datagram(&datagram[..datagram.len() - 8], &mut Vec::new()),
+            Err(SeedError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn owners_are_attached_by_inode() {
+        let socket = |inode| DiagSocket {
+            family: libc::AF_INET as u16,
+            state: 1,
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            inode,
+            uid: 0,
+            cookie: 0,
+        };
+        let owners = HashMap::from([(5, vec![10, 20])]);
+        let seeded = attach_owners(vec![socket(5), socket(0), socket(6)], owners);
+        assert_eq!(seeded[0].owners, vec![10, 20]);
+        assert!(seeded[1].owners.is_empty());
+        assert!(seeded[2].owners.is_empty());
+    }
+
+    #[test]
+    fn own_socket_owner_is_found_without_root() {
+        use std::os::unix::fs::MetadataExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = listener.as_raw_fd();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let pid = std::process::id();
+        let owners = socket_owners(&[pid], [inode, 0]);
+        assert_eq!(owners.get(&inode), Some(&vec![pid]));
+        assert!(!owners.contains_key(&0));
+    }
+
+    #[test]
+    fn missing_netns_is_a_clear_error() {
+        let err = dump_tcp_sockets_in_netns(Path::new("/nonexistent/ns/net")).unwrap_err();
+        assert!(matches!(err, SeedError::OpenNetns { .. }), "{err:?}");
+    }
+}
+
+/// Root tests: they drive real sockets held by a python workload and read
+/// them back through sock_diag and /proc.
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+
+    const TCP_FIN_WAIT1: u8 = 4;
+    const TCP_FIN_WAIT2: u8 = 5;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LISTEN: u8 = 10;
+
+    const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/close_wait.py");
+
+    /// Returns false (after saying so) when the test cannot run unprivileged.
+    fn have_root() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        if std::env::var("SOCKTRACE_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+            panic!("root tests required (SOCKTRACE_REQUIRE_ROOT_TESTS=1) but not running as root");
+        }
+        println!("SKIPPED: not root");
+        false
+    }
+
+    /// Kills and reaps the workload however the test ends.
+    struct ChildGuard(Child);
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    struct Workload {
+        guard: ChildGuard,
+        /// The python process, which owns every socket of the workload.
+        pid: u32,
+        server: SocketAddr,
+        client: SocketAddr,
+    }
+
+    /// Starts `command` (which ends up exec'ing the workload) and waits for
+    /// its report: `<pid> <server port> <client port>` once the client
+    /// socket is in CLOSE_WAIT.
+    fn start(mut command: Command, loopback: IpAddr) -> Workload {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn workload");
+        let stdout = child.stdout.take().unwrap();
+        let mut guard = ChildGuard(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let fields: Vec<u32> = line.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        assert_eq!(fields.len(), 3, "workload said {line:?}, exit {:?}", guard.0.try_wait());
+        Workload {
+            pid: fields[0],
+            server: SocketAddr::new(loopback, fields[1] as u16),
+            client: SocketAddr::new(loopback, fields[2] as u16),
+            guard,
+        }
+    }
+
+    fn python(family: &str) -> Command {
+        let mut command = Command::new("python3");
+        command.arg(WORKLOAD).arg(family);
+        command
+    }
+
+    fn find<'a>(
+        sockets: &'a [SeededSocket],
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<&'a SeededSocket> {
+        sockets.iter().find(|s| s.local == local && s.remote == remote)
+    }
+
+    /// The workload's three sockets, as any correct seed must report them.
+    fn check_workload(sockets: &[SeededSocket], workload: &Workload, family: i32) {
+        let family = family as u16;
+        let client = find(sockets, workload.client, workload.server).expect("client socket seeded");
+        assert_eq!(client.family, family);
+        assert_eq!(client.state, TCP_CLOSE_WAIT);
+        assert_ne!(client.inode, 0);
+        assert_eq!(client.owners, vec![workload.pid]);
+
+        let unspecified = SocketAddr::new(
+            if family == libc::AF_INET as u16 {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u8; 16])
+            },
+            0,
+        );
+        let listener = find(sockets, workload.server, unspecified).expect("listener seeded");
+        assert_eq!(listener.state, TCP_LISTEN);
+        assert_eq!(listener.owners, vec![workload.pid]);
+
+        // The server closed its end: an orphan that no fd refers to.
+        let server = find(sockets, workload.server, workload.client).expect("server side seeded");
+        assert!([TCP_FIN_WAIT1, TCP_FIN_WAIT2].contains(&server.state), "{server:?}");
+        assert_eq!(server.inode, 0);
+        assert!(server.owners.is_empty());
+    }
+
+    #[test]
+    fn seeds_ipv4_close_wait() {
+        if !have_root() {
+            return;
+        }
+        let workload = start(python("4"), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(workload.pid, workload.guard.0.id());
+        let sockets = seed(None).unwrap();
+        check_workload(&sockets, &workload, libc::AF_INET);
+    }
+
+    #[test]
+    fn seeds_ipv6_close_wait() {
+        if !have_root() {
+            return;
+        }
+        let workload = start(python("6"), IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+        let sockets = seed(None).unwrap();
+        check_workload(&sockets, &workload, libc::AF_INET6);
+    }
+
+    #[test]
+    fn seeds_another_network_namespace() {
+        if !have_root() {
+            return;
+        }
+        // unshare and sh exec into python, so the child's pid is python's.
+        let mut command = Command::new("unshare");
+        command.args(["--net", "sh", "-c", "ip link set lo up && exec python3 \"$0\" 4", WORKLOAD]);
+        let workload = start(command, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(workload.pid, workload.guard.0.id());
+
+        let netns = PathBuf::from(format!("/proc/{}/ns/net", workload.pid));
+        let own_before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let inside = seed(Some(&netns)).unwrap();
+        check_workload(&inside, &workload, libc::AF_INET);
+        // The caller's namespace is untouched.
+        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), own_before);
+
+        let client = find(&inside, workload.client, workload.server).unwrap();
+        let host = dump_tcp_sockets().unwrap();
+        assert!(
+            !host.iter().any(|s| s.inode == client.inode),
+            "the namespaced socket leaked into the host dump"
+        );
+    }
+}

@@ -1,0 +1,617 @@
+//! Stage 3: per-socket state. Turns kernel events into transitions attributed
+//! to the process that holds the socket.
+//!
+//! The kernel already stamps each transition with the owner it learned in
+//! process context. This stage covers what the kernel cannot know:
+//! - sockets that predate socktrace (seeded from sock_diag and /proc fd tables),
+//! - transitions that happen before anyone owns the socket (a passive open
+//!   completes before accept()): they are held back until the owner is known,
+//! - sockets whose owner exited while another process (a forked child) still
+//!   holds them: re-homed from the /proc fd tables.
+//!
+//! Where no owner can be found the transition says so; it never names the task
+//! that merely happened to be on the CPU.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use tracer_common::OwnerSource;
+
+use crate::{
+    decode::{Event, KernelOwner},
+    tcp::TcpState,
+};
+
+/// The process a socket belongs to, or unknown. Never the task that merely
+/// happened to be on the CPU during a softirq transition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// Host pid (tgid); `None` when the owner is not known.
+    pub pid: Option<u32>,
+    pub comm: String,
+    pub source: OwnerSource,
+}
+
+impl Owner {
+    pub fn unknown() -> Self {
+        Self {
+            pid: None,
+            comm: String::new(),
+            source: OwnerSource::Unknown,
+        }
+    }
+
+    fn from_kernel(owner: &KernelOwner) -> Option<Self> {
+        (owner.tgid != 0).then(|| Self {
+            pid: Some(owner.tgid),
+            comm: owner.comm.clone(),
+            source: owner.source,
+        })
+    }
+
+    fn from_proc(pid: u32, comm: String) -> Self {
+        Self {
+            pid: Some(pid),
+            comm,
+            source: OwnerSource::ProcFd,
+        }
+    }
+}
+
+/// One lifecycle event of one socket, attributed to its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ktime_ns: u64,
+    /// Identity of the socket while it lives: the kernel address of its
+    /// `struct sock`, or for a socket that predates socktrace its inode.
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time spent in `old`; `None` when the socket was not seen entering it.
+    pub dwell_ns: Option<u64>,
+}
+
+/// A socket that existed before socktrace started (age unknown).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingSocket {
+    /// Its inode, which later transitions of the socket carry as `sock_id`.
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+}
+
+/// What this stage hands downstream, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Existing(ExistingSocket),
+    Transition(Transition),
+    ProcessExit { pid: u32, ktime_ns: u64 },
+    /// An owner found in userspace, to be written into the kernel's socket
+    /// map so that later events carry it (and `-p` filters by it).
+    LearnedOwner {
+        kernel_sock_id: u64,
+        pid: u32,
+        comm: String,
+        state: TcpState,
+    },
+}
+
+/// Finds which process holds a socket, from the kernel socket table and the
+/// /proc fd tables. Only called off the event path, batched per tick.
+pub trait HolderLookup {
+    /// For each (local, remote) pair, a process holding that socket; processes
+    /// in `candidates` are searched first.
+    fn holders(
+        &mut self,
+        sockets: &[(SocketAddr, SocketAddr)],
+        candidates: &[u32],
+    ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)>;
+}
+
+struct Tracked {
+    /// The id downstream sees (the kernel id, or the seeded socket's inode).
+    public_id: u64,
+    owner: Option<Owner>,
+    /// The owner was searched for and not found: stop holding events back.
+    owner_search_done: bool,
+    local: SocketAddr,
+    remote: SocketAddr,
+    state: TcpState,
+    /// Transitions waiting for an owner, oldest first.
+    pending: Vec<Transition>,
+}
+
+pub struct SocketTable {
+    sockets: HashMap<u64, Tracked>,
+    /// Pre-existing sockets not yet seen by the kernel programs.
+    existing: HashMap<(SocketAddr, SocketAddr), ExistingSocket>,
+    /// Live sockets per owner, to know whose forks and exits matter.
+    owned: HashMap<u32, u32>,
+    /// Processes forked by socket owners, for re-homing on the owner's exit.
+    children: HashMap<u32, Vec<u32>>,
+    /// Sockets whose owner exited, with the time to look for a new holder.
+    orphans: Vec<(u64, u64)>,
+    /// How long transitions may wait for their owner.
+    owner_grace_ns: u64,
+    /// How long after an owner's exit to look for the socket's new holder:
+    /// the exiting process closes its fds just after the exit event.
+    rehome_delay_ns: u64,
+    out: Vec<Output>,
+}
+
+impl SocketTable {
+    pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64) -> Self {
+        Self {
+            sockets: HashMap::new(),
+            existing: HashMap::new(),
+            owned: HashMap::new(),
+            children: HashMap::new(),
+            orphans: Vec::new(),
+            owner_grace_ns,
+            rehome_delay_ns,
+            out: Vec::new(),
+        }
+    }
+
+    /// Registers the sockets found at start.
+    pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
+        for socket in sockets {
+            self.out.push(Output::Existing(socket.clone()));
+            self.existing
+                .insert((socket.local, socket.remote), socket);
+        }
+    }
+
+    /// Everything produced since the last call.
+    pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
+        self.out.drain(..)
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::StateChange {
+                ktime_ns,
+                sock_id,
+                owner,
+                local,
+                remote,
+                old,
+                new,
+                dwell_ns,
+            } => {
+                let transition = Transition {
+                    ktime_ns,
+                    sock_id,
+                    owner: Owner::unknown(),
+                    local,
+                    remote,
+                    old,
+                    new,
+                    dwell_ns,
+                };
+                self.on_state_change(transition, Owner::from_kernel(&owner));
+            }
+            Event::Owner {
+                sock_id, owner, ..
+            } => {
+                if let Some(owner) = Owner::from_kernel(&owner) {
+                    self.set_owner(sock_id, owner);
+                }
+            }
+            Event::Fork {
+                parent_tgid,
+                child_pid,
+                ..
+            } => {
+                if self.owned.contains_key(&parent_tgid) {
+                    self.children.entry(parent_tgid).or_default().push(child_pid);
+                }
+            }
+            Event::Exit { ktime_ns, tgid } => self.on_exit(tgid, ktime_ns),
+        }
+    }
+
+    fn on_state_change(&mut self, mut t: Transition, kernel_owner: Option<Owner>) {
+        let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
+        if newborn || !self.sockets.contains_key(&t.sock_id) {
+            self.track(&t);
+        }
+        let Some(tracked) = self.sockets.get_mut(&t.sock_id) else {
+            return;
+        };
+        // The port is assigned after CLOSE -> SYN_SENT: keep the latest.
+        if t.local.port() != 0 {
+            tracked.local = t.local;
+            tracked.remote = t.remote;
+        }
+        tracked.state = t.new;
+        let kernel_sock_id = t.sock_id;
+        t.sock_id = tracked.public_id;
+        let ended = t.new == TcpState::Close;
+        if let Some(owner) = kernel_owner {
+            if tracked.owner.as_ref() != Some(&owner) {
+                let previous = tracked.owner.replace(owner.clone());
+                Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
+            }
+        }
+        let release_as = match &tracked.owner {
+            Some(owner) => Some(owner.clone()),
+            None if tracked.owner_search_done || ended => Some(Owner::unknown()),
+            None => None,
+        };
+        match release_as {
+            Some(owner) => {
+                let pending = std::mem::take(&mut tracked.pending);
+                self.emit_released(pending, owner.clone());
+                t.owner = owner;
+                self.out.push(Output::Transition(t));
+            }
+            None => tracked.pending.push(t),
+        }
+        if ended {
+            self.untrack(kernel_sock_id);
+        }
+    }
+
+    /// Starts tracking a socket seen for the first time, linking it to a
+    /// pre-existing socket with the same addresses if there is one.
+    fn track(&mut self, t: &Transition) {
+        let mut tracked = Tracked {
+            public_id: t.sock_id,
+            owner: None,
+            owner_search_done: false,
+            local: t.local,
+            remote: t.remote,
+            state: t.new,
+            pending: Vec::new(),
+        };
+        if let Some(existing) = self.existing.remove(&(t.local, t.remote)) {
+            tracked.public_id = existing.sock_id;
+            if let Some(pid) = existing.owner.pid {
+                self.out.push(Output::LearnedOwner {
+                    kernel_sock_id: t.sock_id,
+                    pid,
+                    comm: existing.owner.comm.clone(),
+                    state: t.new,
+                });
+                Self::move_ownership(&mut self.owned, None, Some(&existing.owner));
+                tracked.owner = Some(existing.owner);
+            }
+        }
+        if let Some(old) = self.sockets.insert(t.sock_id, tracked) {
+            Self::move_ownership(&mut self.owned, old.owner.as_ref(), None);
+        }
+    }
+
+    fn untrack(&mut self, sock_id: u64) {
+        if let Some(gone) = self.sockets.remove(&sock_id) {
+            Self::move_ownership(&mut self.owned, gone.owner.as_ref(), None);
+        }
+    }
+
+    fn set_owner(&mut self, sock_id: u64, owner: Owner) {
+        let Some(tracked) = self.sockets.get_mut(&sock_id) else {
+            return;
+        };
+        let previous = tracked.owner.replace(owner.clone());
+        Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
+        let pending = std::mem::take(&mut tracked.pending);
+        self.emit_released(pending, owner);
+    }
+
+    fn emit_released(&mut self, pending: Vec<Transition>, owner: Owner) {
+        for mut t in pending {
+            t.owner = owner.clone();
+            self.out.push(Output::Transition(t));
+        }
+    }
+
+    fn move_ownership(owned: &mut HashMap<u32, u32>, from: Option<&Owner>, to: Option<&Owner>) {
+        if let Some(pid) = from.and_then(|o| o.pid)
+            && let Some(count) = owned.get_mut(&pid)
+        {
+            *count -= 1;
+            if *count == 0 {
+                owned.remove(&pid);
+            }
+        }
+        if let Some(pid) = to.and_then(|o| o.pid) {
+            *owned.entry(pid).or_default() += 1;
+        }
+    }
+
+    fn on_exit(&mut self, tgid: u32, ktime_ns: u64) {
+        self.out.push(Output::ProcessExit {
+            pid: tgid,
+            ktime_ns,
+        });
+        if !self.owned.contains_key(&tgid) {
+            self.children.remove(&tgid);
+            return;
+        }
+        let deadline = ktime_ns + self.rehome_delay_ns;
+        for (&sock_id, tracked) in &self.sockets {
+            if tracked.owner.as_ref().and_then(|o| o.pid) == Some(tgid) {
+                self.orphans.push((sock_id, deadline));
+            }
+        }
+    }
+
+    /// Periodic work off the event path: owners for sockets that waited too
+    /// long, and new holders for sockets whose owner exited.
+    pub fn tick(&mut self, now_ns: u64, lookup: &mut dyn HolderLookup) {
+        let mut wanted: Vec<u64> = Vec::new();
+        let mut candidates: HashSet<u32> = HashSet::new();
+        self.orphans.retain(|&(sock_id, deadline)| {
+            if deadline > now_ns {
+                return true;
+            }
+            wanted.push(sock_id);
+            false
+        });
+        for &sock_id in &wanted {
+            if let Some(pid) = self.sockets.get(&sock_id).and_then(|t| t.owner.as_ref()?.pid) {
+                self.collect_descendants(pid, &mut candidates);
+            }
+        }
+        for (&sock_id, tracked) in &self.sockets {
+            let waited = tracked
+                .pending
+                .first()
+                .is_some_and(|t| now_ns.saturating_sub(t.ktime_ns) >= self.owner_grace_ns);
+            if waited {
+                wanted.push(sock_id);
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let pairs: Vec<_> = wanted
+            .iter()
+            .filter_map(|id| self.sockets.get(id).map(|t| (t.local, t.remote)))
+            .collect();
+        let candidates: Vec<u32> = candidates.into_iter().collect();
+        let found = lookup.holders(&pairs, &candidates);
+        for sock_id in wanted {
+            let Some(tracked) = self.sockets.get_mut(&sock_id) else {
+                continue;
+            };
+            tracked.owner_search_done = true;
+            let holder = found.get(&(tracked.local, tracked.remote)).cloned();
+            let state = tracked.state;
+            match holder {
+                Some((pid, comm)) => {
+                    self.out.push(Output::LearnedOwner {
+                        kernel_sock_id: sock_id,
+                        pid,
+                        comm: comm.clone(),
+                        state,
+                    });
+                    self.set_owner(sock_id, Owner::from_proc(pid, comm));
+                }
+                None => {
+                    let previous = tracked.owner.take();
+                    Self::move_ownership(&mut self.owned, previous.as_ref(), None);
+                    let pending = std::mem::take(&mut tracked.pending);
+                    self.emit_released(pending, Owner::unknown());
+                }
+            }
+        }
+        self.children.retain(|parent, _| self.owned.contains_key(parent));
+    }
+
+    fn collect_descendants(&self, pid: u32, into: &mut HashSet<u32>) {
+        for &child in self.children.get(&pid).into_iter().flatten() {
+            if into.insert(child) {
+                self.collect_descendants(child, into);
+            }
+        }
+    }
+
+    /// Number of sockets currently tracked (for memory accounting).
+    pub fn len(&self) -> usize {
+        self.sockets.len() + self.existing.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: u32 = 100;
+    const CLIENT: u32 = 200;
+    const MS: u64 = 1_000_000;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn kernel_owner(tgid: u32, comm: &str, source: OwnerSource) -> KernelOwner {
+        KernelOwner {
+            tgid,
+            source,
+            comm: comm.into(),
+        }
+    }
+
+    fn change(
+        ktime_ns: u64,
+        sock_id: u64,
+        owner: KernelOwner,
+        local: &str,
+        remote: &str,
+        old: TcpState,
+        new: TcpState,
+    ) -> Event {
+        Event::StateChange {
+            ktime_ns,
+            sock_id,
+            owner,
+            local: addr(local),
+            remote: addr(remote),
+            old,
+            new,
+            dwell_ns: None,
+        }
+    }
+
+    fn unknown() -> KernelOwner {
+        kernel_owner(0, "", OwnerSource::Unknown)
+    }
+
+    fn transitions(table: &mut SocketTable) -> Vec<Transition> {
+        table
+            .drain_output()
+            .filter_map(|o| match o {
+                Output::Transition(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    struct FakeLookup(HashMap<(SocketAddr, SocketAddr), (u32, String)>, Vec<Vec<u32>>);
+
+    impl HolderLookup for FakeLookup {
+        fn holders(
+            &mut self,
+            sockets: &[(SocketAddr, SocketAddr)],
+            candidates: &[u32],
+        ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)> {
+            self.1.push(candidates.to_vec());
+            sockets
+                .iter()
+                .filter_map(|k| self.0.get(k).map(|v| (*k, v.clone())))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn passive_open_waits_for_accept_then_carries_the_acceptor() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
+        // The handshake completes in softirq, in the client's context: the
+        // kernel knows no owner yet.
+        table.on_event(change(1, 7, unknown(), local, remote, TcpState::Listen, TcpState::SynRecv));
+        table.on_event(change(2, 7, unknown(), local, remote, TcpState::SynRecv, TcpState::Established));
+        assert!(transitions(&mut table).is_empty(), "held back until the owner is known");
+        table.on_event(Event::Owner {
+            ktime_ns: 3,
+            sock_id: 7,
+            owner: kernel_owner(SERVER, "server", OwnerSource::Accept),
+        });
+        let out = transitions(&mut table);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|t| t.owner.pid == Some(SERVER)));
+        assert_eq!(out[1].new, TcpState::Established);
+    }
+
+    #[test]
+    fn unaccepted_socket_is_released_as_unknown_after_the_grace_period() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
+        table.on_event(change(0, 7, unknown(), local, remote, TcpState::Listen, TcpState::SynRecv));
+        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
+        table.tick(500 * MS, &mut lookup);
+        assert!(transitions(&mut table).is_empty());
+        table.tick(1_000 * MS, &mut lookup);
+        let out = transitions(&mut table);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].owner, Owner::unknown());
+        // Once searched, later transitions are not held back again.
+        table.on_event(change(2_000 * MS, 7, unknown(), local, remote, TcpState::SynRecv, TcpState::Established));
+        assert_eq!(transitions(&mut table).len(), 1);
+    }
+
+    #[test]
+    fn kernel_owner_is_kept_for_softirq_transitions() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
+        table.on_event(change(1, 9, client.clone(), "0.0.0.0:0", remote, TcpState::Close, TcpState::SynSent));
+        table.on_event(change(2, 9, client.clone(), local, remote, TcpState::SynSent, TcpState::Established));
+        table.on_event(change(3, 9, client, local, remote, TcpState::Established, TcpState::CloseWait));
+        let out = transitions(&mut table);
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
+    }
+
+    #[test]
+    fn seeded_socket_keeps_its_owner_and_identity() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
+        table.seed([ExistingSocket {
+            sock_id: 4242,
+            owner: Owner::from_proc(CLIENT, "client".into()),
+            local: addr(local),
+            remote: addr(remote),
+            state: TcpState::CloseWait,
+        }]);
+        let first = table.drain_output().collect::<Vec<_>>();
+        assert!(matches!(first[0], Output::Existing(_)));
+        table.on_event(change(5, 0xffff_0001, unknown(), local, remote, TcpState::CloseWait, TcpState::LastAck));
+        let out: Vec<_> = table.drain_output().collect();
+        assert!(out.iter().any(|o| matches!(o, Output::LearnedOwner { kernel_sock_id: 0xffff_0001, pid: CLIENT, .. })));
+        let t = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Transition(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(t.sock_id, 4242);
+        assert_eq!(t.owner.pid, Some(CLIENT));
+    }
+
+    #[test]
+    fn socket_of_an_exited_owner_is_rehomed_to_the_child_holding_it() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
+        let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
+        table.on_event(change(1, 9, parent.clone(), local, remote, TcpState::Close, TcpState::SynSent));
+        table.on_event(change(2, 9, parent, local, remote, TcpState::SynSent, TcpState::Established));
+        table.on_event(Event::Fork {
+            ktime_ns: 3,
+            parent_tgid: SERVER,
+            child_pid: CLIENT,
+        });
+        table.on_event(Event::Exit {
+            ktime_ns: 4 * MS,
+            tgid: SERVER,
+        });
+        let mut holders = HashMap::new();
+        holders.insert((addr(local), addr(remote)), (CLIENT, "child".to_string()));
+        let mut lookup = FakeLookup(holders, Vec::new());
+        table.tick(50 * MS, &mut lookup);
+        assert!(lookup.1.is_empty(), "waits for the exiting process to close its fds");
+        table.tick(200 * MS, &mut lookup);
+        assert_eq!(lookup.1, vec![vec![CLIENT]], "the child is searched first");
+        let learned: Vec<_> = table
+            .drain_output()
+            .filter(|o| matches!(o, Output::LearnedOwner { pid: CLIENT, .. }))
+            .collect();
+        assert_eq!(learned.len(), 1);
+        table.on_event(change(300 * MS, 9, kernel_owner(CLIENT, "child", OwnerSource::ProcFd), local, remote, TcpState::Established, TcpState::CloseWait));
+        assert_eq!(transitions(&mut table)[0].owner.pid, Some(CLIENT));
+    }
+
+    #[test]
+    fn closed_socket_is_forgotten_and_address_reuse_starts_fresh() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
+        table.on_event(change(1, 9, client.clone(), local, remote, TcpState::Close, TcpState::SynSent));
+        table.on_event(change(2, 9, client, local, remote, TcpState::SynSent, TcpState::Close));
+        assert_eq!(table.len(), 0);
+        // Same kernel address, new socket born from a listener: no owner yet.
+        table.on_event(change(3, 9, unknown(), "127.0.0.1:8080", "127.0.0.1:5", TcpState::Listen, TcpState::SynRecv));
+        assert!(transitions(&mut table).iter().all(|t| t.new != TcpState::SynRecv));
+    }
+}
