@@ -343,7 +343,8 @@ unsafe fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
         return Err(-1);
     }
     // SAFETY: bpf_probe_read_kernel tolerates any address.
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }.map_err(i64::from)
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }
+        .map_err(i64::from)
 }
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]

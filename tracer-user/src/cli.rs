@@ -88,7 +88,9 @@ fn parse_ring_kib(text: &str) -> Result<u32, String> {
         .map_err(|_| format!("'{text}' is not a size in KiB"))?;
     // The kernel wants a power-of-two multiple of the page size.
     if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
-        return Err(format!("'{text}' must be a power of two between 4 and 1048576"));
+        return Err(format!(
+            "'{text}' must be a power of two between 4 and 1048576"
+        ));
     }
     Ok(kib)
 }
@@ -100,7 +102,17 @@ mod tests {
     #[test]
     fn parses_trace_filters() {
         let cli = Cli::try_parse_from([
-            "socktrace", "trace", "-p", "1", "-p", "2", "--port", "80", "-4", "--duration", "1.5",
+            "socktrace",
+            "trace",
+            "-p",
+            "1",
+            "-p",
+            "2",
+            "--port",
+            "80",
+            "-4",
+            "--duration",
+            "1.5",
             "--json",
         ])
         .unwrap();

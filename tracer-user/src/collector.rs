@@ -44,9 +44,10 @@ pub async fn run(
 ) -> anyhow::Result<Counters> {
     // SAFETY (both): the map fds are owned by the RingBuf and the logger,
     // which the AsyncFd owns in turn, so they stay open and unchanged.
-    let mut ring = unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
-        .map_err(io::Error::from)
-        .context("polling the ring buffer")?;
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
+            .map_err(io::Error::from)
+            .context("polling the ring buffer")?;
     let mut logger = match probes.logger.take() {
         Some(logger) => Some(
             unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
@@ -97,6 +98,9 @@ pub async fn run(
         for event in batch.drain(..) {
             table.on_event(event);
         }
+        // Transitions still waiting for their owner are resolved now or
+        // shown as unknown: nothing is dropped at exit.
+        table.tick(u64::MAX, lookup);
         pass_on(&mut table, &mut probes, sink)
     }
     .await;

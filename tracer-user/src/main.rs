@@ -11,8 +11,8 @@ mod decode;
 mod holders;
 mod output;
 mod privileges;
-mod procfs;
 mod probes;
+mod procfs;
 mod seed;
 mod sockets;
 mod tcp;
@@ -112,13 +112,16 @@ fn user_filter(filter: &FilterArgs) -> Filter {
 
 async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
     let probes = Probes::load(&probe_options(&filter)?)?;
-    log::info!("probe mode: {}", probes.mode);
     let mut table = SocketTable::new(
         OWNER_GRACE.as_nanos() as u64,
         REHOME_DELAY.as_nanos() as u64,
     );
     // Seeded after attaching, so no socket falls between the two.
     table.seed(holders::existing_sockets(None)?);
+    eprintln!(
+        "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
+        probes.mode
+    );
     let mut lookup = holders::ProcHolderLookup;
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),

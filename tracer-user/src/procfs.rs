@@ -48,11 +48,13 @@ pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // rlim_t is 32 bits wide on some 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
     let widen = |value: libc::rlim_t| {
         if value == libc::RLIM_INFINITY {
             u64::MAX
         } else {
-            u64::from(value)
+            value as u64
         }
     };
     Ok((widen(limit.rlim_cur), widen(limit.rlim_max)))
@@ -194,7 +196,9 @@ mod tests {
     fn fd_count_matches_directory() {
         let pid = own_pid();
         // Hold a few extra fds so the count is not trivially small.
-        let _files: Vec<File> = (0..3).map(|_| File::open("/proc/self/stat").unwrap()).collect();
+        let _files: Vec<File> = (0..3)
+            .map(|_| File::open("/proc/self/stat").unwrap())
+            .collect();
         let counted = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
         // read_dir itself holds one fd while counting.
         let reported = fd_count(pid).unwrap();

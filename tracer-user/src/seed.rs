@@ -8,9 +8,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
 
 use netlink_packet_core::{
     ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
@@ -29,6 +31,10 @@ use crate::procfs;
 /// there); twice that leaves room, and MSG_TRUNC still catches a longer one.
 const RECV_BUFFER_LEN: usize = 64 * 1024;
 
+/// Upper bound on the threads that scan /proc fd tables.
+const MAX_SCAN_THREADS: usize = 4;
+
+/// Why the socket table could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("cannot open a NETLINK_SOCK_DIAG socket")]
@@ -55,7 +61,7 @@ pub enum SeedError {
     },
     #[error("cannot start the thread that dumps another network namespace")]
     Thread(#[source] io::Error),
-    #[error("the thread that dumps another network namespace panicked")]
+    #[error("a socket seeding thread panicked")]
     ThreadPanicked,
 }
 
@@ -66,6 +72,9 @@ pub struct DiagSocket {
     /// `sock:inet_sock_set_state` tracepoint reports them.
     pub family: u16,
     /// Kernel TCP state number (`TCP_ESTABLISHED` = 1 ... `TCP_CLOSING` = 11).
+    /// Pending connections (request sockets) report `TCP_SYN_RECV`; kernels
+    /// that dump bound-only sockets (the `TCP_BOUND_INACTIVE` filter bit)
+    /// report those as `TCP_CLOSE` (7).
     pub state: u8,
     /// Ports are in host byte order.
     pub local: SocketAddr,
@@ -119,7 +128,7 @@ pub fn dump_tcp_sockets_in_netns(netns_path: &Path) -> Result<Vec<DiagSocket>, S
     let path = netns_path.to_owned();
     // setns(CLONE_NEWNET) moves only the calling thread, so a short-lived
     // thread enters the namespace, creates the netlink socket there and exits.
-    let worker = std::thread::Builder::new()
+    let worker = thread::Builder::new()
         .name("socktrace-seed-netns".into())
         .spawn(move || {
             // SAFETY: `netns` is an open file owned by this closure; setns only
@@ -140,26 +149,46 @@ pub fn dump_tcp_sockets_in_netns(netns_path: &Path) -> Result<Vec<DiagSocket>, S
 /// The TCP sockets of the caller's network namespace, or of the namespace
 /// of `netns` (a path such as `/proc/PID/ns/net`), with their owners.
 ///
-/// The socket table is read before the fd tables, so a socket closed in
-/// between keeps no owner and a socket opened in between is left to the
-/// probes, which are expected to be attached already.
+/// The socket table and the fd tables are read side by side, not as one
+/// snapshot: a socket opened or closed meanwhile may lack its owner, which
+/// the probes, attached beforehand, make up for.
 pub fn seed(netns: Option<&Path>) -> Result<Vec<SeededSocket>, SeedError> {
-    let sockets = match netns {
-        Some(path) => dump_tcp_sockets_in_netns(path)?,
-        None => dump_tcp_sockets()?,
-    };
     // Socket inodes are global, so scanning every process (of any
     // namespace) finds the holders of this namespace's sockets.
-    let inodes = sockets.iter().map(|socket| socket.inode);
-    let owners = socket_owners(&procfs::all_pids(), inodes);
+    let pids = procfs::all_pids();
+    // Both reads wait on the kernel and need nothing from each other.
+    let (sockets, held) = thread::scope(|scope| {
+        let scan = thread::Builder::new()
+            .name("socktrace-seed-scan".into())
+            .spawn_scoped(scope, || scan_socket_fds(&pids));
+        let sockets = match netns {
+            Some(path) => dump_tcp_sockets_in_netns(path),
+            None => dump_tcp_sockets(),
+        };
+        let held = match scan {
+            Ok(scan) => scan.join().map_err(|_| SeedError::ThreadPanicked),
+            Err(_) => Ok(scan_socket_fds(&pids)),
+        };
+        (sockets, held)
+    });
+    let sockets = sockets?;
+    let owners = collect_owners(held?, sockets.iter().map(|socket| socket.inode));
     Ok(attach_owners(sockets, owners))
 }
 
 /// For each socket inode in `inodes` (0 is skipped), the sorted tgids among
 /// `pids` that hold an fd on it. Processes that vanish or cannot be read
-/// during the scan are skipped.
+/// during the scan are skipped: without root (CAP_SYS_PTRACE), the sockets
+/// of other users' processes come back without owners.
 pub fn socket_owners(
     pids: &[u32],
+    inodes: impl IntoIterator<Item = u64>,
+) -> HashMap<u64, Vec<u32>> {
+    collect_owners(scan_socket_fds(pids), inodes)
+}
+
+fn collect_owners(
+    held: Vec<(u32, Vec<u64>)>,
     inodes: impl IntoIterator<Item = u64>,
 ) -> HashMap<u64, Vec<u32>> {
     let mut owners: HashMap<u64, Vec<u32>> = inodes
@@ -167,17 +196,8 @@ pub fn socket_owners(
         .filter(|&inode| inode != 0)
         .map(|inode| (inode, Vec::new()))
         .collect();
-    for &pid in pids {
-        let held = match procfs::socket_inodes(pid) {
-            Ok(held) => held,
-            Err(err) => {
-                if !procfs::is_vanished(&err) {
-                    log::debug!("cannot read the fds of pid {pid}: {err}");
-                }
-                continue;
-            }
-        };
-        for inode in held {
+    for (pid, inodes) in held {
+        for inode in inodes {
             if let Some(holders) = owners.get_mut(&inode) {
                 holders.push(pid);
             }
@@ -189,6 +209,39 @@ pub fn socket_owners(
         holders.dedup();
     }
     owners
+}
+
+/// The socket inodes held by each process of `pids`.
+///
+/// Every fd costs a readlink of a few microseconds in the kernel, which
+/// dominates seeding on hosts with many sockets, so the processes are spread
+/// over a few threads.
+fn scan_socket_fds(pids: &[u32]) -> Vec<(u32, Vec<u64>)> {
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut found = Vec::new();
+        while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match procfs::socket_inodes(pid) {
+                Ok(held) => found.push((pid, held)),
+                Err(err) if procfs::is_vanished(&err) => {}
+                Err(err) => log::debug!("cannot read the fds of pid {pid}: {err}"),
+            }
+        }
+        found
+    };
+    let threads = thread::available_parallelism().map_or(1, usize::from);
+    thread::scope(|scope| {
+        // Helpers that fail to start only leave more work to this thread.
+        let helpers: Vec<_> = (1..threads.min(MAX_SCAN_THREADS))
+            .filter_map(|_| thread::Builder::new().spawn_scoped(scope, worker).ok())
+            .collect();
+        let mut found = worker();
+        for helper in helpers {
+            // socket_inodes does not panic; were it to, that share is lost.
+            found.extend(helper.join().unwrap_or_default());
+        }
+        found
+    })
 }
 
 fn attach_owners(
@@ -279,9 +332,9 @@ fn parse_datagram(
                 // The payload carries the dump's final status: 0, or -errno
                 // when the dump failed part-way.
                 return match payload.first_chunk::<4>().map(|b| i32::from_ne_bytes(*b)) {
-                    Some(status) if status < 0 => {
-                        Err(SeedError::Kernel(io::Error::from_raw_os_error(-status)))
-                    }
+                    Some(status) if status < 0 => Err(SeedError::Kernel(
+                        io::Error::from_raw_os_error(status.saturating_neg()),
+                    )),
                     _ => Ok(DumpProgress::Done),
                 };
             }
@@ -309,7 +362,8 @@ fn parse_datagram(
 /// Decodes the fixed `struct inet_diag_msg` at the start of a reply; the
 /// attributes that may follow it are not needed here.
 fn parse_inet_diag_msg(payload: &[u8]) -> Result<DiagSocket, SeedError> {
-    let header = InetResponseHeader::parse(payload).map_err(|err| malformed("inet_diag_msg", err))?;
+    let header =
+        InetResponseHeader::parse(payload).map_err(|err| malformed("inet_diag_msg", err))?;
     let id = header.socket_id;
     // The kernel stores the cookie as two native-endian u32, low half first
     // (sock_diag_save_cookie).
@@ -318,18 +372,13 @@ fn parse_inet_diag_msg(payload: &[u8]) -> Result<DiagSocket, SeedError> {
     Ok(DiagSocket {
         family: u16::from(header.family),
         state: header.state,
-        local: socket_addr(id.source_address, id.source_port),
-        remote: socket_addr(id.destination_address, id.destination_port),
+        // No flow info or scope id: the tracepoints report neither.
+        local: SocketAddr::new(id.source_address, id.source_port),
+        remote: SocketAddr::new(id.destination_address, id.destination_port),
         inode: u64::from(header.inode),
         uid: header.uid,
         cookie: u64::from(low) | (u64::from(high) << 32),
     })
-}
-
-fn socket_addr(ip: IpAddr, port: u16) -> SocketAddr {
-    // Plain constructor: no flow info or scope id, matching what the
-    // tracepoints report.
-    SocketAddr::new(ip, port)
 }
 
 fn malformed(what: &str, err: impl std::fmt::Display) -> SeedError {
@@ -339,98 +388,117 @@ fn malformed(what: &str, err: impl std::fmt::Display) -> SeedError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::IpAddr;
 
+    const TCP_ESTABLISHED: u8 = 1;
+    const TCP_TIME_WAIT: u8 = 6;
     const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LISTEN: u8 = 10;
+
+    fn socket(state: u8, local: &str, remote: &str, inode: u64) -> DiagSocket {
+        let local: SocketAddr = local.parse().unwrap();
+        DiagSocket {
+            family: if local.is_ipv4() { AF_INET } else { AF_INET6 }.into(),
+            state,
+            local,
+            remote: remote.parse().unwrap(),
+            inode,
+            uid: 1000,
+            cookie: 0x1122_3344_5566_7788,
+        }
+    }
+
+    /// `socket` as the kernel lays out a `struct inet_diag_msg`
+    /// (include/uapi/linux/inet_diag.h), written by hand rather than with the
+    /// crate that parses it, plus an INET_DIAG_SHUTDOWN attribute.
+    fn inet_diag_msg(socket: &DiagSocket) -> Vec<u8> {
+        let octets = |address: SocketAddr| match address.ip() {
+            IpAddr::V4(ip) => {
+                let mut padded = [0u8; 16];
+                padded[..4].copy_from_slice(&ip.octets());
+                padded
+            }
+            IpAddr::V6(ip) => ip.octets(),
+        };
+        let mut bytes = vec![socket.family as u8, socket.state, 0, 0];
+        bytes.extend_from_slice(&socket.local.port().to_be_bytes());
+        bytes.extend_from_slice(&socket.remote.port().to_be_bytes());
+        bytes.extend_from_slice(&octets(socket.local));
+        bytes.extend_from_slice(&octets(socket.remote));
+        let interface = 0;
+        let (cookie_low, cookie_high) = (socket.cookie as u32, (socket.cookie >> 32) as u32);
+        let (expires, rqueue, wqueue) = (0, 0, 0);
+        let inode = socket.inode as u32;
+        for field in [
+            interface,
+            cookie_low,
+            cookie_high,
+            expires,
+            rqueue,
+            wqueue,
+            socket.uid,
+            inode,
+        ] {
+            bytes.extend_from_slice(&field.to_ne_bytes());
+        }
+        assert_eq!(bytes.len(), 72);
+        // struct nlattr { len 5, type 8 } and one byte of value, padded to 4.
+        bytes.extend_from_slice(&[5, 0, 8, 0, 0, 0, 0, 0]);
+        bytes
+    }
 
     /// A `struct nlmsghdr` followed by `payload`, padded to 4 bytes.
-    fn netlink_message(message_type: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+    fn netlink_message(message_type: u16, payload: &[u8]) -> Vec<u8> {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&(16 + payload.len() as u32).to_ne_bytes());
         bytes.extend_from_slice(&message_type.to_ne_bytes());
-        bytes.extend_from_slice(&flags.to_ne_bytes());
-        bytes.extend_from_slice(&7u32.to_ne_bytes()); // sequence
+        bytes.extend_from_slice(&netlink_packet_core::NLM_F_MULTIPART.to_ne_bytes());
+        bytes.extend_from_slice(&1u32.to_ne_bytes()); // sequence
         bytes.extend_from_slice(&0u32.to_ne_bytes()); // port id
         bytes.extend_from_slice(payload);
         bytes.resize(bytes.len().next_multiple_of(4), 0);
         bytes
     }
 
-    /// A `struct inet_diag_msg` laid out by hand (include/uapi/linux/inet_diag.h)
-    /// plus one INET_DIAG_SHUTDOWN attribute, as the kernel appends.
-    #[allow(clippy::too_many_arguments)]
-    fn inet_diag_msg(
-        family: u8,
-        state: u8,
-        local: ([u8; 16], u16),
-        remote: ([u8; 16], u16),
-        uid: u32,
-        inode: u32,
-        cookie: u64,
-    ) -> Vec<u8> {
-        let mut bytes = vec![family, state, 0, 0];
-        bytes.extend_from_slice(&local.1.to_be_bytes());
-        bytes.extend_from_slice(&remote.1.to_be_bytes());
-        bytes.extend_from_slice(&local.0);
-        bytes.extend_from_slice(&remote.0);
-        bytes.extend_from_slice(&0u32.to_ne_bytes()); // interface
-        bytes.extend_from_slice(&(cookie as u32).to_ne_bytes());
-        bytes.extend_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
-        for value in [0u32, 0, 0, uid, inode] {
-            // expires, rqueue, wqueue, uid, inode
-            bytes.extend_from_slice(&value.to_ne_bytes());
-        }
-        assert_eq!(bytes.len(), 72);
-        // nlattr { len 5, type INET_DIAG_SHUTDOWN (8) } + 1 byte, padded.
-        bytes.extend_from_slice(&[5, 0, 8, 0, 0, 0, 0, 0]);
-        bytes
-    }
-
-    fn v4(octets: [u8; 4]) -> [u8; 16] {
-        let mut address = [0u8; 16];
-        address[..4].copy_from_slice(&octets);
-        address
+    #[test]
+    fn parses_ipv4_message() {
+        let expected = socket(TCP_CLOSE_WAIT, "127.0.0.1:40274", "10.1.2.3:8080", 123_456);
+        let payload = inet_diag_msg(&expected);
+        // Network byte order on the wire: port 40274 is 0x9d52.
+        assert_eq!(payload[4..6], [0x9d, 0x52]);
+        assert_eq!(parse_inet_diag_msg(&payload).unwrap(), expected);
     }
 
     #[test]
-    fn parses_ipv4_message() {
-        let payload = inet_diag_msg(
-            AF_INET,
-            TCP_CLOSE_WAIT,
-            (v4([127, 0, 0, 1]), 40274),
-            (v4([10, 1, 2, 3]), 8080),
-            1000,
-            123_456,
-            0x1122_3344_5566_7788,
+    fn parses_ipv6_message() {
+        let expected = socket(
+            TCP_ESTABLISHED,
+            "[2001:db8::1]:443",
+            "[2001:db8::2]:50000",
+            7,
         );
-        let socket = parse_inet_diag_msg(&payload).unwrap();
         assert_eq!(
-            socket,
-            DiagSocket {
-                family: libc::AF_INET as u16,
-                state: TCP_CLOSE_WAIT,
-                local: "127.0.0.1:40274".parse().unwrap(),
-                remote: "10.1.2.3:8080".parse().unwrap(),
-                inode: 123_456,
-                uid: 1000,
-                cookie: 0x1122_3344_5566_7788,
-            }
+            parse_inet_diag_msg(&inet_diag_msg(&expected)).unwrap(),
+            expected
         );
     }
 
     #[test]
     fn keeps_ipv4_mapped_addresses_as_ipv6() {
-        let mapped = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
-        let payload = inet_diag_msg(AF_INET6, 1, (mapped, 1), (Ipv6Addr::LOCALHOST.octets(), 2), 0, 9, 0);
-        let socket = parse_inet_diag_msg(&payload).unwrap();
-        assert_eq!(socket.family, libc::AF_INET6 as u16);
-        assert_eq!(socket.local, "[::ffff:127.0.0.1]:1".parse().unwrap());
-        assert_eq!(socket.remote, "[::1]:2".parse().unwrap());
+        let expected = socket(
+            TCP_ESTABLISHED,
+            "[::ffff:127.0.0.1]:1",
+            "[::ffff:127.0.0.1]:2",
+            9,
+        );
+        let parsed = parse_inet_diag_msg(&inet_diag_msg(&expected)).unwrap();
+        assert_eq!(parsed.family, libc::AF_INET6 as u16);
+        assert_eq!(parsed, expected);
     }
 
     #[test]
     fn rejects_short_message() {
-        let payload = inet_diag_msg(AF_INET, 1, (v4([1, 2, 3, 4]), 1), (v4([5, 6, 7, 8]), 2), 0, 1, 0);
+        let payload = inet_diag_msg(&socket(TCP_ESTABLISHED, "1.2.3.4:1", "5.6.7.8:2", 1));
         assert!(matches!(
             parse_inet_diag_msg(&payload[..40]),
             Err(SeedError::Malformed(_))
@@ -439,34 +507,39 @@ mod tests {
 
     #[test]
     fn parses_multipart_datagram_until_done() {
-        let first = inet_diag_msg(AF_INET, 10, (v4([0, 0, 0, 0]), 22), (v4([0; 4]), 0), 0, 11, 1);
-        // A TIME_WAIT socket: no inode, kept anyway.
-        let second = inet_diag_msg(AF_INET, 6, (v4([127, 0, 0, 1]), 5000), (v4([127, 0, 0, 1]), 22), 0, 0, 2);
-        let mut datagram = netlink_message(SOCK_DIAG_BY_FAMILY, 2, &first);
-        datagram.extend(netlink_message(SOCK_DIAG_BY_FAMILY, 2, &second));
+        let listener = socket(TCP_LISTEN, "0.0.0.0:22", "0.0.0.0:0", 11);
+        // TIME_WAIT sockets have no inode and are kept anyway.
+        let time_wait = socket(TCP_TIME_WAIT, "127.0.0.1:5000", "127.0.0.1:22", 0);
+        let mut datagram = netlink_message(SOCK_DIAG_BY_FAMILY, &inet_diag_msg(&listener));
+        datagram.extend(netlink_message(
+            SOCK_DIAG_BY_FAMILY,
+            &inet_diag_msg(&time_wait),
+        ));
 
         let mut sockets = Vec::new();
-        assert_eq!(parse_datagram(&datagram, &mut sockets).unwrap(), DumpProgress::More);
-        assert_eq!(sockets.len(), 2);
-        assert_eq!(sockets[0].state, 10);
-        assert_eq!(sockets[1].inode, 0);
+        let progress = parse_datagram(&datagram, &mut sockets).unwrap();
+        assert_eq!(progress, DumpProgress::More);
+        assert_eq!(sockets, [listener.clone(), time_wait.clone()]);
 
-        let done = netlink_message(NLMSG_DONE, 2, &0i32.to_ne_bytes());
-        assert_eq!(parse_datagram(&done, &mut sockets).unwrap(), DumpProgress::Done);
-        assert_eq!(sockets.len(), 2);
+        let done = netlink_message(NLMSG_DONE, &0i32.to_ne_bytes());
+        assert_eq!(
+            parse_datagram(&done, &mut sockets).unwrap(),
+            DumpProgress::Done
+        );
+        assert_eq!(sockets, [listener, time_wait]);
     }
 
     #[test]
     fn reports_kernel_errors() {
         let mut error = (-libc::EPERM).to_ne_bytes().to_vec();
         error.extend_from_slice(&[0; 16]); // the offending request's header
-        let datagram = netlink_message(NLMSG_ERROR, 0, &error);
+        let datagram = netlink_message(NLMSG_ERROR, &error);
         match parse_datagram(&datagram, &mut Vec::new()) {
             Err(SeedError::Kernel(err)) => assert_eq!(err.raw_os_error(), Some(libc::EPERM)),
             other => panic!("expected a kernel error, got {other:?}"),
         }
 
-        let failed_done = netlink_message(NLMSG_DONE, 2, &(-libc::ENOBUFS).to_ne_bytes());
+        let failed_done = netlink_message(NLMSG_DONE, &(-libc::ENOBUFS).to_ne_bytes());
         match parse_datagram(&failed_done, &mut Vec::new()) {
             Err(SeedError::Kernel(err)) => assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS)),
             other => panic!("expected a kernel error, got {other:?}"),
@@ -475,8 +548,8 @@ mod tests {
 
     #[test]
     fn rejects_truncated_datagram() {
-        let payload = inet_diag_msg(AF_INET, 1, (v4([1, 2, 3, 4]), 1), (v4([5, 6, 7, 8]), 2), 0, 1, 0);
-        let datagram = netlink_message(SOCK_DIAG_BY_FAMILY, 2, &payload);
+        let payload = inet_diag_msg(&socket(TCP_ESTABLISHED, "1.2.3.4:1", "5.6.7.8:2", 1));
+        let datagram = netlink_message(SOCK_DIAG_BY_FAMILY, &payload);
         assert!(matches!(
             parse_datagram(&datagram[..datagram.len() - 8], &mut Vec::new()),
             Err(SeedError::Malformed(_))
@@ -484,21 +557,20 @@ mod tests {
     }
 
     #[test]
-    fn owners_are_attached_by_inode() {
-        let socket = |inode| DiagSocket {
-            family: libc::AF_INET as u16,
-            state: 1,
-            local: "127.0.0.1:1".parse().unwrap(),
-            remote: "127.0.0.1:2".parse().unwrap(),
-            inode,
-            uid: 0,
-            cookie: 0,
-        };
-        let owners = HashMap::from([(5, vec![10, 20])]);
-        let seeded = attach_owners(vec![socket(5), socket(0), socket(6)], owners);
-        assert_eq!(seeded[0].owners, vec![10, 20]);
-        assert!(seeded[1].owners.is_empty());
-        assert!(seeded[2].owners.is_empty());
+    fn owners_are_collected_and_attached_by_inode() {
+        let held = vec![(20, vec![5, 5, 99]), (10, vec![5]), (30, vec![6])];
+        let owners = collect_owners(held, [5, 0, 6, 7]);
+        assert_eq!(owners.get(&5), Some(&vec![10, 20]));
+        assert_eq!(owners.get(&6), Some(&vec![30]));
+        assert_eq!(owners.get(&7), Some(&vec![]));
+        // Only the inodes asked for, and never 0.
+        assert!(!owners.contains_key(&99) && !owners.contains_key(&0));
+
+        let sockets =
+            [5, 0, 7].map(|inode| socket(TCP_ESTABLISHED, "127.0.0.1:1", "127.0.0.1:2", inode));
+        let seeded = attach_owners(sockets.to_vec(), owners);
+        let seeded_owners: Vec<_> = seeded.iter().map(|s| s.owners.clone()).collect();
+        assert_eq!(seeded_owners, [vec![10, 20], vec![], vec![]]);
     }
 
     #[test]
@@ -506,11 +578,12 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fd = listener.as_raw_fd();
-        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .ino();
         let pid = std::process::id();
-        let owners = socket_owners(&[pid], [inode, 0]);
+        let owners = socket_owners(&[pid], [inode]);
         assert_eq!(owners.get(&inode), Some(&vec![pid]));
-        assert!(!owners.contains_key(&0));
     }
 
     #[test]
@@ -526,6 +599,7 @@ mod tests {
 mod root_tests {
     use super::*;
     use std::io::{BufRead, BufReader};
+    use std::net::IpAddr;
     use std::process::{Child, Command, Stdio};
 
     const TCP_FIN_WAIT1: u8 = 4;
@@ -579,8 +653,16 @@ mod root_tests {
         let mut guard = ChildGuard(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        let fields: Vec<u32> = line.split_whitespace().map(|f| f.parse().unwrap()).collect();
-        assert_eq!(fields.len(), 3, "workload said {line:?}, exit {:?}", guard.0.try_wait());
+        let fields: Vec<u32> = line
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert_eq!(
+            fields.len(),
+            3,
+            "workload said {line:?}, exit {:?}",
+            guard.0.try_wait()
+        );
         Workload {
             pid: fields[0],
             server: SocketAddr::new(loopback, fields[1] as u16),
@@ -595,12 +677,14 @@ mod root_tests {
         command
     }
 
-    fn find<'a>(
-        sockets: &'a [SeededSocket],
+    fn find(
+        sockets: &[SeededSocket],
         local: SocketAddr,
         remote: SocketAddr,
-    ) -> Option<&'a SeededSocket> {
-        sockets.iter().find(|s| s.local == local && s.remote == remote)
+    ) -> Option<&SeededSocket> {
+        sockets
+            .iter()
+            .find(|s| s.local == local && s.remote == remote)
     }
 
     /// The workload's three sockets, as any correct seed must report them.
@@ -626,7 +710,10 @@ mod root_tests {
 
         // The server closed its end: an orphan that no fd refers to.
         let server = find(sockets, workload.server, workload.client).expect("server side seeded");
-        assert!([TCP_FIN_WAIT1, TCP_FIN_WAIT2].contains(&server.state), "{server:?}");
+        assert!(
+            [TCP_FIN_WAIT1, TCP_FIN_WAIT2].contains(&server.state),
+            "{server:?}"
+        );
         assert_eq!(server.inode, 0);
         assert!(server.owners.is_empty());
     }
@@ -659,7 +746,13 @@ mod root_tests {
         }
         // unshare and sh exec into python, so the child's pid is python's.
         let mut command = Command::new("unshare");
-        command.args(["--net", "sh", "-c", "ip link set lo up && exec python3 \"$0\" 4", WORKLOAD]);
+        command.args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec python3 \"$0\" 4",
+            WORKLOAD,
+        ]);
         let workload = start(command, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(workload.pid, workload.guard.0.id());
 
@@ -668,7 +761,10 @@ mod root_tests {
         let inside = seed(Some(&netns)).unwrap();
         check_workload(&inside, &workload, libc::AF_INET);
         // The caller's namespace is untouched.
-        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), own_before);
+        assert_eq!(
+            std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+            own_before
+        );
 
         let client = find(&inside, workload.client, workload.server).unwrap();
         let host = dump_tcp_sockets().unwrap();

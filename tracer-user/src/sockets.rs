@@ -93,7 +93,10 @@ pub struct ExistingSocket {
 pub enum Output {
     Existing(ExistingSocket),
     Transition(Transition),
-    ProcessExit { pid: u32, ktime_ns: u64 },
+    ProcessExit {
+        pid: u32,
+        ktime_ns: u64,
+    },
     /// An owner found in userspace, to be written into the kernel's socket
     /// map so that later events carry it (and `-p` filters by it).
     LearnedOwner {
@@ -165,8 +168,7 @@ impl SocketTable {
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
         for socket in sockets {
             self.out.push(Output::Existing(socket.clone()));
-            self.existing
-                .insert((socket.local, socket.remote), socket);
+            self.existing.insert((socket.local, socket.remote), socket);
         }
     }
 
@@ -199,9 +201,7 @@ impl SocketTable {
                 };
                 self.on_state_change(transition, Owner::from_kernel(&owner));
             }
-            Event::Owner {
-                sock_id, owner, ..
-            } => {
+            Event::Owner { sock_id, owner, .. } => {
                 if let Some(owner) = Owner::from_kernel(&owner) {
                     self.set_owner(sock_id, owner);
                 }
@@ -212,7 +212,10 @@ impl SocketTable {
                 ..
             } => {
                 if self.owned.contains_key(&parent_tgid) {
-                    self.children.entry(parent_tgid).or_default().push(child_pid);
+                    self.children
+                        .entry(parent_tgid)
+                        .or_default()
+                        .push(child_pid);
                 }
             }
             Event::Exit { ktime_ns, tgid } => self.on_exit(tgid, ktime_ns),
@@ -358,7 +361,11 @@ impl SocketTable {
             false
         });
         for &sock_id in &wanted {
-            if let Some(pid) = self.sockets.get(&sock_id).and_then(|t| t.owner.as_ref()?.pid) {
+            if let Some(pid) = self
+                .sockets
+                .get(&sock_id)
+                .and_then(|t| t.owner.as_ref()?.pid)
+            {
                 self.collect_descendants(pid, &mut candidates);
             }
         }
@@ -405,7 +412,8 @@ impl SocketTable {
                 }
             }
         }
-        self.children.retain(|parent, _| self.owned.contains_key(parent));
+        self.children
+            .retain(|parent, _| self.owned.contains_key(parent));
     }
 
     fn collect_descendants(&self, pid: u32, into: &mut HashSet<u32>) {
@@ -477,7 +485,10 @@ mod tests {
             .collect()
     }
 
-    struct FakeLookup(HashMap<(SocketAddr, SocketAddr), (u32, String)>, Vec<Vec<u32>>);
+    struct FakeLookup(
+        HashMap<(SocketAddr, SocketAddr), (u32, String)>,
+        Vec<Vec<u32>>,
+    );
 
     impl HolderLookup for FakeLookup {
         fn holders(
@@ -499,9 +510,28 @@ mod tests {
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         // The handshake completes in softirq, in the client's context: the
         // kernel knows no owner yet.
-        table.on_event(change(1, 7, unknown(), local, remote, TcpState::Listen, TcpState::SynRecv));
-        table.on_event(change(2, 7, unknown(), local, remote, TcpState::SynRecv, TcpState::Established));
-        assert!(transitions(&mut table).is_empty(), "held back until the owner is known");
+        table.on_event(change(
+            1,
+            7,
+            unknown(),
+            local,
+            remote,
+            TcpState::Listen,
+            TcpState::SynRecv,
+        ));
+        table.on_event(change(
+            2,
+            7,
+            unknown(),
+            local,
+            remote,
+            TcpState::SynRecv,
+            TcpState::Established,
+        ));
+        assert!(
+            transitions(&mut table).is_empty(),
+            "held back until the owner is known"
+        );
         table.on_event(Event::Owner {
             ktime_ns: 3,
             sock_id: 7,
@@ -517,7 +547,15 @@ mod tests {
     fn unaccepted_socket_is_released_as_unknown_after_the_grace_period() {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
-        table.on_event(change(0, 7, unknown(), local, remote, TcpState::Listen, TcpState::SynRecv));
+        table.on_event(change(
+            0,
+            7,
+            unknown(),
+            local,
+            remote,
+            TcpState::Listen,
+            TcpState::SynRecv,
+        ));
         let mut lookup = FakeLookup(HashMap::new(), Vec::new());
         table.tick(500 * MS, &mut lookup);
         assert!(transitions(&mut table).is_empty());
@@ -526,7 +564,15 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].owner, Owner::unknown());
         // Once searched, later transitions are not held back again.
-        table.on_event(change(2_000 * MS, 7, unknown(), local, remote, TcpState::SynRecv, TcpState::Established));
+        table.on_event(change(
+            2_000 * MS,
+            7,
+            unknown(),
+            local,
+            remote,
+            TcpState::SynRecv,
+            TcpState::Established,
+        ));
         assert_eq!(transitions(&mut table).len(), 1);
     }
 
@@ -535,9 +581,33 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(1, 9, client.clone(), "0.0.0.0:0", remote, TcpState::Close, TcpState::SynSent));
-        table.on_event(change(2, 9, client.clone(), local, remote, TcpState::SynSent, TcpState::Established));
-        table.on_event(change(3, 9, client, local, remote, TcpState::Established, TcpState::CloseWait));
+        table.on_event(change(
+            1,
+            9,
+            client.clone(),
+            "0.0.0.0:0",
+            remote,
+            TcpState::Close,
+            TcpState::SynSent,
+        ));
+        table.on_event(change(
+            2,
+            9,
+            client.clone(),
+            local,
+            remote,
+            TcpState::SynSent,
+            TcpState::Established,
+        ));
+        table.on_event(change(
+            3,
+            9,
+            client,
+            local,
+            remote,
+            TcpState::Established,
+            TcpState::CloseWait,
+        ));
         let out = transitions(&mut table);
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
@@ -556,9 +626,24 @@ mod tests {
         }]);
         let first = table.drain_output().collect::<Vec<_>>();
         assert!(matches!(first[0], Output::Existing(_)));
-        table.on_event(change(5, 0xffff_0001, unknown(), local, remote, TcpState::CloseWait, TcpState::LastAck));
+        table.on_event(change(
+            5,
+            0xffff_0001,
+            unknown(),
+            local,
+            remote,
+            TcpState::CloseWait,
+            TcpState::LastAck,
+        ));
         let out: Vec<_> = table.drain_output().collect();
-        assert!(out.iter().any(|o| matches!(o, Output::LearnedOwner { kernel_sock_id: 0xffff_0001, pid: CLIENT, .. })));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::LearnedOwner {
+                kernel_sock_id: 0xffff_0001,
+                pid: CLIENT,
+                ..
+            }
+        )));
         let t = out
             .iter()
             .find_map(|o| match o {
@@ -575,8 +660,24 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS);
         let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(1, 9, parent.clone(), local, remote, TcpState::Close, TcpState::SynSent));
-        table.on_event(change(2, 9, parent, local, remote, TcpState::SynSent, TcpState::Established));
+        table.on_event(change(
+            1,
+            9,
+            parent.clone(),
+            local,
+            remote,
+            TcpState::Close,
+            TcpState::SynSent,
+        ));
+        table.on_event(change(
+            2,
+            9,
+            parent,
+            local,
+            remote,
+            TcpState::SynSent,
+            TcpState::Established,
+        ));
         table.on_event(Event::Fork {
             ktime_ns: 3,
             parent_tgid: SERVER,
@@ -590,7 +691,10 @@ mod tests {
         holders.insert((addr(local), addr(remote)), (CLIENT, "child".to_string()));
         let mut lookup = FakeLookup(holders, Vec::new());
         table.tick(50 * MS, &mut lookup);
-        assert!(lookup.1.is_empty(), "waits for the exiting process to close its fds");
+        assert!(
+            lookup.1.is_empty(),
+            "waits for the exiting process to close its fds"
+        );
         table.tick(200 * MS, &mut lookup);
         assert_eq!(lookup.1, vec![vec![CLIENT]], "the child is searched first");
         let learned: Vec<_> = table
@@ -598,7 +702,15 @@ mod tests {
             .filter(|o| matches!(o, Output::LearnedOwner { pid: CLIENT, .. }))
             .collect();
         assert_eq!(learned.len(), 1);
-        table.on_event(change(300 * MS, 9, kernel_owner(CLIENT, "child", OwnerSource::ProcFd), local, remote, TcpState::Established, TcpState::CloseWait));
+        table.on_event(change(
+            300 * MS,
+            9,
+            kernel_owner(CLIENT, "child", OwnerSource::ProcFd),
+            local,
+            remote,
+            TcpState::Established,
+            TcpState::CloseWait,
+        ));
         assert_eq!(transitions(&mut table)[0].owner.pid, Some(CLIENT));
     }
 
@@ -607,11 +719,39 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(1, 9, client.clone(), local, remote, TcpState::Close, TcpState::SynSent));
-        table.on_event(change(2, 9, client, local, remote, TcpState::SynSent, TcpState::Close));
+        table.on_event(change(
+            1,
+            9,
+            client.clone(),
+            local,
+            remote,
+            TcpState::Close,
+            TcpState::SynSent,
+        ));
+        table.on_event(change(
+            2,
+            9,
+            client,
+            local,
+            remote,
+            TcpState::SynSent,
+            TcpState::Close,
+        ));
         assert_eq!(table.len(), 0);
         // Same kernel address, new socket born from a listener: no owner yet.
-        table.on_event(change(3, 9, unknown(), "127.0.0.1:8080", "127.0.0.1:5", TcpState::Listen, TcpState::SynRecv));
-        assert!(transitions(&mut table).iter().all(|t| t.new != TcpState::SynRecv));
+        table.on_event(change(
+            3,
+            9,
+            unknown(),
+            "127.0.0.1:8080",
+            "127.0.0.1:5",
+            TcpState::Listen,
+            TcpState::SynRecv,
+        ));
+        assert!(
+            transitions(&mut table)
+                .iter()
+                .all(|t| t.new != TcpState::SynRecv)
+        );
     }
 }

@@ -85,7 +85,10 @@ mod tests {
         };
         assert!(pid.accepts(Some(7), local, remote));
         assert!(!pid.accepts(Some(8), local, remote));
-        assert!(!pid.accepts(None, local, remote), "unknown owners are not the pid asked for");
+        assert!(
+            !pid.accepts(None, local, remote),
+            "unknown owners are not the pid asked for"
+        );
         let port = Filter {
             port: Some(80),
             ..Filter::default()

@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(v["dwell_ns"], 10_002_000_000u64);
         assert_eq!(v["owner_source"], "connect");
         assert_eq!(v["existing"], false);
-        assert_eq!(v["ts"], "2026-11-18T20:26:40.001500Z");
+        assert_eq!(v["ts"], "2026-11-18T11:06:40.001500Z");
     }
 
     #[test]

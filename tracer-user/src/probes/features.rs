@@ -105,7 +105,10 @@ pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
             Err(e) => format!("probe failed: {e}"),
         },
     });
-    for (name, request) in [("fentry", ModeRequest::Fentry), ("kprobe", ModeRequest::Kprobe)] {
+    for (name, request) in [
+        ("fentry", ModeRequest::Fentry),
+        ("kprobe", ModeRequest::Kprobe),
+    ] {
         let attempt = Probes::load(&ProbeOptions {
             mode: request,
             ..options.clone()

@@ -34,7 +34,10 @@ pub fn tracefs() -> anyhow::Result<PathBuf> {
         .status()
         .context("running mount -t tracefs")?;
     if !status.success() || !target.join("events").is_dir() {
-        bail!("tracefs is not mounted and mounting it at {} failed", target.display());
+        bail!(
+            "tracefs is not mounted and mounting it at {} failed",
+            target.display()
+        );
     }
     log::info!("mounted tracefs at {}", target.display());
     Ok(target.to_path_buf())
@@ -46,9 +49,17 @@ pub fn tracepoint_fields(
     category: &str,
     name: &str,
 ) -> anyhow::Result<HashMap<String, u16>> {
-    let path = tracefs.join("events").join(category).join(name).join("format");
-    let text = fs::read_to_string(&path)
-        .with_context(|| format!("tracepoint {category}:{name} is missing ({})", path.display()))?;
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "tracepoint {category}:{name} is missing ({})",
+            path.display()
+        )
+    })?;
     Ok(parse_format(&text))
 }
 
@@ -118,7 +129,9 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Op
 
 pub fn load_btf() -> anyhow::Result<Btf> {
     Btf::from_file(BTF_PATH).with_context(|| {
-        format!("kernel BTF is not available at {BTF_PATH} (socktrace needs CONFIG_DEBUG_INFO_BTF=y)")
+        format!(
+            "kernel BTF is not available at {BTF_PATH} (socktrace needs CONFIG_DEBUG_INFO_BTF=y)"
+        )
     })
 }
 

@@ -14,7 +14,7 @@ use aya::{
     programs::{FEntry, KProbe, TracePoint},
 };
 use tracer_common::{
-    COUNTERS_MAP, CONFIG_GLOBAL, Config, EVENTS_MAP, OwnerSource, PID_FILTER_MAP, SOCKETS_MAP,
+    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, OwnerSource, PID_FILTER_MAP, SOCKETS_MAP,
     SocketOwner, TASK_COMM_LEN, counter,
 };
 
@@ -122,9 +122,7 @@ impl Probes {
                 .map(COUNTERS_MAP)
                 .context("map COUNTERS missing")?,
         )?;
-        let sum = |index: u32| -> anyhow::Result<u64> {
-            Ok(map.get(&index, 0)?.iter().sum())
-        };
+        let sum = |index: u32| -> anyhow::Result<u64> { Ok(map.get(&index, 0)?.iter().sum()) };
         Ok(Counters {
             lost_events: sum(counter::LOST_EVENTS)?,
             socket_map_full: sum(counter::SOCKET_MAP_FULL)?,
