@@ -56,7 +56,7 @@ pub fn tracepoint_fields(
         .join("format");
     let text = fs::read_to_string(&path).with_context(|| {
         format!(
-            "tracepoint {category}:{name} is missing ({})",
+            "this kernel has no tracepoint {category}:{name} ({} is missing); socktrace needs Linux 4.16 or later with tracepoints enabled",
             path.display()
         )
     })?;
@@ -127,12 +127,14 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Op
     Ok(None)
 }
 
-pub fn load_btf() -> anyhow::Result<Btf> {
-    Btf::from_file(BTF_PATH).with_context(|| {
-        format!(
-            "kernel BTF is not available at {BTF_PATH} (socktrace needs CONFIG_DEBUG_INFO_BTF=y)"
-        )
-    })
+pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
+    if !path.exists() {
+        bail!(
+            "this kernel has no BTF ({} is missing); socktrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            path.display()
+        );
+    }
+    Btf::from_file(path).with_context(|| format!("reading kernel BTF from {}", path.display()))
 }
 
 /// Reads every offset the kernel programs need from this kernel.
@@ -181,6 +183,36 @@ format:
 \tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;
 
 print fmt: \"family=%s\"";
+
+    #[test]
+    fn missing_btf_and_tracepoint_say_what_is_needed() {
+        let Err(err) = load_btf(Path::new("/nonexistent/vmlinux")) else {
+            panic!("a missing BTF file must be an error");
+        };
+        assert!(
+            format!("{err:#}").contains("CONFIG_DEBUG_INFO_BTF=y"),
+            "{err:#}"
+        );
+        let empty = std::env::temp_dir();
+        let err = tracepoint_fields(&empty, "sock", "no_such_tracepoint").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no tracepoint sock:no_such_tracepoint"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn struct_member_offsets_come_from_btf() {
+        let Ok(btf) = load_btf(Path::new(BTF_PATH)) else {
+            println!("SKIPPED: this kernel has no BTF at {BTF_PATH}");
+            return;
+        };
+        let sk = member_offset(&btf, "socket", "sk").unwrap();
+        assert!(sk > 0 && sk < 64, "{sk}");
+        // Members nested in anonymous unions are found too.
+        assert!(member_offset(&btf, "file", "private_data").is_ok());
+        assert!(member_offset(&btf, "socket", "no_such_member").is_err());
+    }
 
     #[test]
     fn parses_tracefs_format() {

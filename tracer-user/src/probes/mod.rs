@@ -65,7 +65,7 @@ pub struct Counters {
 impl Probes {
     pub fn load(options: &ProbeOptions) -> anyhow::Result<Self> {
         let tracefs: PathBuf = layout::tracefs()?;
-        let btf = layout::load_btf()?;
+        let btf = layout::load_btf(std::path::Path::new(layout::BTF_PATH))?;
         let config = Config {
             layout: layout::discover(&tracefs, &btf)?,
             self_tgid: std::process::id(),
