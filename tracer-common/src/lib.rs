@@ -16,6 +16,9 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
+/// One [`NamespaceFilter`]: restricts reports to one container. A map, not a
+/// load-time constant, so the collector can lift it when the container stops.
+pub const NS_FILTER_MAP: &str = "NS_FILTER";
 /// Load-time configuration global, see [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
@@ -163,7 +166,9 @@ pub struct SocketOwner {
     pub source: u8,
     /// Current TCP state, to compute dwell times in the kernel.
     pub state: u8,
-    pub _pad: [u8; 2],
+    /// 1 when the owner is in the PID namespace of [`NamespaceFilter`].
+    pub in_pidns: u8,
+    pub _pad: u8,
     /// When the socket entered `state` (bpf_ktime_get_ns); 0 when unknown.
     pub state_since_ns: u64,
     /// Owner's command name when it was learned.
@@ -194,7 +199,9 @@ pub struct StateChangeEvent {
     pub endpoints: Endpoints,
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Inode of the socket's network namespace; 0 if it could not be read.
+    pub netns: u32,
     /// Time spent in `old_state`; [`DWELL_UNKNOWN`] when the socket was not
     /// seen entering it.
     pub dwell_ns: u64,
@@ -261,6 +268,24 @@ pub struct Layout {
     pub fdtable_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    // sk->__sk_common.skc_net.net->ns.inum: the socket's network namespace.
+    pub sock_common_net: u32,
+    pub net_ns_inum: u32,
+}
+
+/// Restricts reports to sockets of one container: owned by a process in one
+/// PID namespace and, when `netns_ino` is set, living in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceFilter {
+    /// 0: no filter.
+    pub enabled: u32,
+    /// 0: any network namespace.
+    pub netns_ino: u32,
+    /// Device and inode of the PID namespace (as `stat` reports them on
+    /// /proc/PID/ns/pid), for `bpf_get_ns_current_pid_tgid`.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }
 
 /// Load-time configuration of the kernel programs.
@@ -292,8 +317,9 @@ assert_size!(StateChangeEvent, 32 + 32 + 40 + 8 + 8);
 assert_size!(OwnerEvent, 64);
 assert_size!(ForkEvent, 40);
 assert_size!(ExitEvent, 32);
-assert_size!(Layout, 56);
-assert_size!(Config, 56 + 16);
+assert_size!(Layout, 64);
+assert_size!(Config, 64 + 16);
+assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -301,4 +327,5 @@ mod pod {
     // arrays with explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::SocketOwner {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::NamespaceFilter {}
 }

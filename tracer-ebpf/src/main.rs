@@ -11,20 +11,21 @@
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, bpf_pidns_info},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{fentry, kprobe, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
     AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, DWELL_UNKNOWN, Endpoints,
-    EventHeader, EventKind, ExitEvent, ForkEvent, IPPROTO_TCP, Layout, MAX_PID_FILTER, OwnerEvent,
-    OwnerSource, SocketOwner, StateChangeEvent, TASK_COMM_LEN, counter, owner_claim, tcp_state,
+    EventHeader, EventKind, ExitEvent, ForkEvent, IPPROTO_TCP, Layout, MAX_PID_FILTER,
+    NamespaceFilter, OwnerEvent, OwnerSource, SocketOwner, StateChangeEvent, TASK_COMM_LEN,
+    counter, owner_claim, tcp_state,
 };
 
 /// Overwritten by the collector before load (`EbpfLoader::override_global`).
@@ -52,6 +53,8 @@ static CONFIG: Global<Config> = Global::new(Config {
         fdtable_fd: 0,
         file_private_data: 0,
         socket_sk: 0,
+        sock_common_net: 0,
+        net_ns_inum: 0,
     },
     self_tgid: 0,
     filter_pids: 0,
@@ -74,6 +77,35 @@ static SOCKETS: HashMap<u64, SocketOwner> =
 
 #[map(name = "PID_FILTER")]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PID_FILTER, 0);
+
+#[map(name = "NS_FILTER")]
+static NS_FILTER: Array<NamespaceFilter> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn ns_filter() -> Option<NamespaceFilter> {
+    NS_FILTER.get(0).copied().filter(|f| f.enabled != 0)
+}
+
+/// 1 when the current task is in the filtered PID namespace (or there is no
+/// filter), else 0.
+#[inline(always)]
+fn current_in_pidns() -> u8 {
+    let Some(filter) = ns_filter() else {
+        return 1;
+    };
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes at most size_of::<bpf_pidns_info>() bytes
+    // into `info`; it fails (non-zero) when current is in another namespace.
+    let rc = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            filter.pidns_dev,
+            filter.pidns_ino,
+            &mut info,
+            size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    u8::from(rc == 0)
+}
 
 #[inline(always)]
 fn bump(index: u32) {
@@ -107,14 +139,18 @@ fn current_comm() -> [u8; TASK_COMM_LEN] {
     bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN])
 }
 
-/// Whether events about a socket owned by `owner_tgid` are reported.
+/// Whether events about a socket owned by `owner` are reported.
 #[inline(always)]
-fn owner_wanted(config: &Config, owner_tgid: u32) -> bool {
+fn owner_wanted(config: &Config, owner: &SocketOwner) -> bool {
+    let owner_tgid = owner.tgid;
     if owner_tgid == 0 {
         // Unknown owner: let the collector resolve it (seeded sockets).
         return true;
     }
     if owner_tgid == config.self_tgid {
+        return false;
+    }
+    if owner.in_pidns == 0 && ns_filter().is_some() {
         return false;
     }
     // SAFETY: the map value is a plain byte we only test for presence.
@@ -165,7 +201,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     };
 
     let (owner, dwell_ns) = record_transition(sock_id, old_state, new_state, now);
-    if !owner_wanted(&config, owner.tgid) {
+    if !owner_wanted(&config, &owner) {
+        return Ok(());
+    }
+    let netns = socket_netns(layout, sock_id);
+    if let Some(filter) = ns_filter()
+        && filter.netns_ino != 0
+        && netns != 0
+        && netns != filter.netns_ino
+    {
         return Ok(());
     }
 
@@ -199,10 +243,26 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         endpoints,
         old_state,
         new_state,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        netns,
         dwell_ns,
     });
     Ok(())
+}
+
+/// sk->__sk_common.skc_net.net->ns.inum; 0 when unreadable.
+#[inline(always)]
+fn socket_netns(layout: &Layout, sock_id: u64) -> u32 {
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe {
+        let Ok(net) = read_ptr(sock_id as *const u8, layout.sock_common_net) else {
+            return 0;
+        };
+        if net.is_null() {
+            return 0;
+        }
+        bpf_probe_read_kernel(net.add(layout.net_ns_inum as usize).cast::<u32>()).unwrap_or(0)
+    }
 }
 
 /// Applies a transition to the socket map and returns the socket's owner and
@@ -228,6 +288,7 @@ fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (S
             if tgid != known.tgid {
                 known.tgid = tgid;
                 known.comm = current_comm();
+                known.in_pidns = current_in_pidns();
             }
             known.source = claim as u8;
         }
@@ -245,6 +306,7 @@ fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (S
         owner.tgid = current_tgid();
         owner.source = claim as u8;
         owner.comm = current_comm();
+        owner.in_pidns = current_in_pidns();
     }
     // A socket first seen closing has nothing left to track.
     if new_state != tcp_state::CLOSE && SOCKETS.insert(sock_id, owner, 0).is_err() {
@@ -269,8 +331,9 @@ fn claim_socket(sock_id: u64, source: OwnerSource) {
     known.tgid = tgid;
     known.source = source as u8;
     known.comm = current_comm();
+    known.in_pidns = current_in_pidns();
     let owner = *known;
-    if owner_wanted(&CONFIG.load(), tgid) {
+    if owner_wanted(&CONFIG.load(), &owner) {
         emit(OwnerEvent {
             header: header(EventKind::Owner, sock_id),
             owner,
@@ -349,6 +412,9 @@ unsafe fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if current_in_pidns() == 0 {
+        return 0;
+    }
     if let Ok(child_pid) = read_field::<i32>(&ctx, CONFIG.load().layout.fork_child_pid) {
         emit(ForkEvent {
             header: header(EventKind::Fork, 0),
@@ -363,7 +429,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Only the thread-group leader's exit ends a process.
-    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 && current_in_pidns() == 1 {
         emit(ExitEvent {
             header: header(EventKind::Exit, 0),
         });

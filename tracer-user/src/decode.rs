@@ -49,6 +49,8 @@ pub enum Event {
         old: TcpState,
         new: TcpState,
         dwell_ns: Option<u64>,
+        /// Inode of the socket's network namespace (0: unknown).
+        netns: u32,
     },
     Owner {
         ktime_ns: u64,
@@ -98,6 +100,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 old: TcpState::from(e.old_state),
                 new: TcpState::from(e.new_state),
                 dwell_ns: (e.dwell_ns != DWELL_UNKNOWN).then_some(e.dwell_ns),
+                netns: e.netns,
             }
         }
         EventKind::Owner => {
@@ -189,7 +192,8 @@ mod tests {
                 tgid: 4242,
                 source: OwnerSource::Connect as u8,
                 state: tcp_state::CLOSE_WAIT,
-                _pad: [0; 2],
+                in_pidns: 1,
+                _pad: 0,
                 state_since_ns: 5_000,
                 comm: comm("ruler"),
             },
@@ -203,7 +207,8 @@ mod tests {
             },
             old_state: tcp_state::ESTABLISHED,
             new_state: tcp_state::CLOSE_WAIT,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            netns: 4026531840,
             dwell_ns: 1_500,
         };
         let event = decode(&as_bytes(&raw)).unwrap();
@@ -222,6 +227,7 @@ mod tests {
                 old: TcpState::Established,
                 new: TcpState::CloseWait,
                 dwell_ns: Some(1_500),
+                netns: 4026531840,
             }
         );
     }

@@ -2,7 +2,7 @@
 //! the /proc fd tables: for sockets that predate socktrace, and for sockets
 //! whose owner exited while another process still holds them.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path};
+use std::{collections::HashMap, net::SocketAddr, os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::Context as _;
 use tracer_common::OwnerSource;
@@ -16,6 +16,11 @@ use crate::{
 /// Every TCP socket that a process holds, with its owner. When several
 /// processes share one (after fork), the lowest pid is named.
 pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSocket>> {
+    let netns_path = netns.unwrap_or(Path::new("/proc/self/ns/net"));
+    // stat() on a namespace file gives the namespace's inode number.
+    let netns_ino = std::fs::metadata(netns_path)
+        .with_context(|| format!("reading network namespace {}", netns_path.display()))?
+        .ino() as u32;
     let seeded = seed::seed(netns).context("reading the existing sockets (sock_diag)")?;
     Ok(seeded
         .into_iter()
@@ -31,6 +36,7 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
                 local: s.local,
                 remote: s.remote,
                 state: TcpState::from(s.state),
+                netns: netns_ino,
             })
         })
         .collect())

@@ -86,7 +86,13 @@ pub struct ExistingSocket {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: TcpState,
+    /// Inode of its network namespace.
+    pub netns: u32,
 }
+
+/// Sockets are told apart by their addresses only within one network
+/// namespace.
+type AddressKey = (u32, SocketAddr, SocketAddr);
 
 /// What this stage hands downstream, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,7 +141,7 @@ struct Tracked {
 pub struct SocketTable {
     sockets: HashMap<u64, Tracked>,
     /// Pre-existing sockets not yet seen by the kernel programs.
-    existing: HashMap<(SocketAddr, SocketAddr), ExistingSocket>,
+    existing: HashMap<AddressKey, ExistingSocket>,
     /// Live sockets per owner, to know whose forks and exits matter.
     owned: HashMap<u32, u32>,
     /// Processes forked by socket owners, for re-homing on the owner's exit.
@@ -168,7 +174,8 @@ impl SocketTable {
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
         for socket in sockets {
             self.out.push(Output::Existing(socket.clone()));
-            self.existing.insert((socket.local, socket.remote), socket);
+            self.existing
+                .insert((socket.netns, socket.local, socket.remote), socket);
         }
     }
 
@@ -188,6 +195,7 @@ impl SocketTable {
                 old,
                 new,
                 dwell_ns,
+                netns,
             } => {
                 let transition = Transition {
                     ktime_ns,
@@ -199,7 +207,7 @@ impl SocketTable {
                     new,
                     dwell_ns,
                 };
-                self.on_state_change(transition, Owner::from_kernel(&owner));
+                self.on_state_change(transition, netns, Owner::from_kernel(&owner));
             }
             Event::Owner { sock_id, owner, .. } => {
                 if let Some(owner) = Owner::from_kernel(&owner) {
@@ -222,10 +230,10 @@ impl SocketTable {
         }
     }
 
-    fn on_state_change(&mut self, mut t: Transition, kernel_owner: Option<Owner>) {
+    fn on_state_change(&mut self, mut t: Transition, netns: u32, kernel_owner: Option<Owner>) {
         let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
         if newborn || !self.sockets.contains_key(&t.sock_id) {
-            self.track(&t);
+            self.track(&t, netns);
         }
         let Some(tracked) = self.sockets.get_mut(&t.sock_id) else {
             return;
@@ -266,7 +274,7 @@ impl SocketTable {
 
     /// Starts tracking a socket seen for the first time, linking it to a
     /// pre-existing socket with the same addresses if there is one.
-    fn track(&mut self, t: &Transition) {
+    fn track(&mut self, t: &Transition, netns: u32) {
         let mut tracked = Tracked {
             public_id: t.sock_id,
             owner: None,
@@ -276,7 +284,7 @@ impl SocketTable {
             state: t.new,
             pending: Vec::new(),
         };
-        if let Some(existing) = self.existing.remove(&(t.local, t.remote)) {
+        if let Some(existing) = self.existing.remove(&(netns, t.local, t.remote)) {
             tracked.public_id = existing.sock_id;
             if let Some(pid) = existing.owner.pid {
                 self.out.push(Output::LearnedOwner {
@@ -437,6 +445,7 @@ mod tests {
     const SERVER: u32 = 100;
     const CLIENT: u32 = 200;
     const MS: u64 = 1_000_000;
+    const NETNS: u32 = 4026531840;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -468,6 +477,7 @@ mod tests {
             old,
             new,
             dwell_ns: None,
+            netns: NETNS,
         }
     }
 
@@ -623,6 +633,7 @@ mod tests {
             local: addr(local),
             remote: addr(remote),
             state: TcpState::CloseWait,
+            netns: NETNS,
         }]);
         let first = table.drain_output().collect::<Vec<_>>();
         assert!(matches!(first[0], Output::Existing(_)));

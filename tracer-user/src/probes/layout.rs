@@ -166,6 +166,8 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         fdtable_fd: member_offset(btf, "fdtable", "fd")?,
         file_private_data: member_offset(btf, "file", "private_data")?,
         socket_sk: member_offset(btf, "socket", "sk")?,
+        sock_common_net: member_offset(btf, "sock_common", "skc_net")?,
+        net_ns_inum: member_offset(btf, "net", "ns")? + member_offset(btf, "ns_common", "inum")?,
     })
 }
 
