@@ -30,6 +30,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args, Clone)]
+#[group(id = "container_or_pidns", multiple = false, args = ["container", "pidns"])]
 pub struct FilterArgs {
     /// Only sockets owned by this process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
@@ -49,6 +50,15 @@ pub struct FilterArgs {
     /// Print JSON Lines instead of a human table.
     #[arg(long)]
     pub json: bool,
+    /// Only processes in the container (PID namespace) of this host pid.
+    #[arg(long, value_name = "PID", conflicts_with = "pidns")]
+    pub container: Option<u32>,
+    /// Only processes in this PID namespace (e.g. /proc/PID/ns/pid).
+    #[arg(long, value_name = "PATH")]
+    pub pidns: Option<std::path::PathBuf>,
+    /// When the container stops, go on host-wide instead of exiting.
+    #[arg(long, requires = "container_or_pidns")]
+    pub keep_running: bool,
     #[command(flatten)]
     pub probe: ProbeArgs,
 }

@@ -13,6 +13,7 @@ use tokio::{
 
 use crate::{
     clock::monotonic_ns,
+    containers::{Target, pidns_of},
     decode::{Event, decode},
     probes::{Counters, Probes},
     sockets::{HolderLookup, Output, SocketTable},
@@ -26,12 +27,21 @@ pub trait Sink {
     fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()>;
     /// Called once at the end.
     fn finish(&mut self, counters: Counters) -> io::Result<()>;
+    /// The container we were pointed at stopped and the run goes on host-wide.
+    fn container_stopped(&mut self);
 }
 
 pub struct RunOptions {
     pub tick: Duration,
     pub duration: Option<Duration>,
+    /// The container the run is restricted to, if any.
+    pub container: Option<Target>,
+    /// When that container stops: go on host-wide (true) or end the run.
+    pub keep_running: bool,
 }
+
+/// How often to check that the container still has processes.
+const CONTAINER_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT/SIGTERM, `duration`, or a closed output pipe; returns the
 /// final loss counters.
@@ -62,9 +72,11 @@ pub async fn run(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| Instant::now() + d);
     let mut batch: Vec<Event> = Vec::with_capacity(4096);
+    let mut container = options.container;
+    let mut next_container_check = Instant::now() + CONTAINER_CHECK;
 
     let result: io::Result<()> = async {
-        pass_on(&mut table, &mut probes, sink)?;
+        pass_on(&mut table, &mut probes, sink, container.as_ref())?;
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
@@ -74,7 +86,7 @@ pub async fn run(
                     for event in batch.drain(..) {
                         table.on_event(event);
                     }
-                    pass_on(&mut table, &mut probes, sink)?;
+                    pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                 }
                 guard = async { logger.as_mut()?.readable_mut().await.ok() }, if logger.is_some() => {
                     if let Some(mut guard) = guard {
@@ -85,8 +97,26 @@ pub async fn run(
                 _ = ticker.tick() => {
                     let now = monotonic_ns();
                     table.tick(now, lookup);
-                    pass_on(&mut table, &mut probes, sink)?;
+                    pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                     sink.tick(now, counters(&probes))?;
+                    if Instant::now() >= next_container_check {
+                        next_container_check = Instant::now() + CONTAINER_CHECK;
+                        if let Some(target) = container.as_ref().filter(|t| !t.is_alive()) {
+                            eprintln!(
+                                "socktrace: the container's PID namespace (inode {}) has no processes left",
+                                target.pidns_ino
+                            );
+                            if !options.keep_running {
+                                break;
+                            }
+                            if let Err(e) = probes.clear_namespace_filter() {
+                                log::warn!("{e:#}");
+                            }
+                            sink.container_stopped();
+                            container = None;
+                            eprintln!("socktrace: continuing host-wide (--keep-running)");
+                        }
+                    }
                 }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -101,7 +131,7 @@ pub async fn run(
         // Transitions still waiting for their owner are resolved now or
         // shown as unknown: nothing is dropped at exit.
         table.tick(u64::MAX, lookup);
-        pass_on(&mut table, &mut probes, sink)
+        pass_on(&mut table, &mut probes, sink, container.as_ref())
     }
     .await;
 
@@ -122,7 +152,12 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Even
     }
 }
 
-fn pass_on(table: &mut SocketTable, probes: &mut Probes, sink: &mut dyn Sink) -> io::Result<()> {
+fn pass_on(
+    table: &mut SocketTable,
+    probes: &mut Probes,
+    sink: &mut dyn Sink,
+    container: Option<&Target>,
+) -> io::Result<()> {
     for output in table.drain_output() {
         if let Output::LearnedOwner {
             kernel_sock_id,
@@ -131,7 +166,8 @@ fn pass_on(table: &mut SocketTable, probes: &mut Probes, sink: &mut dyn Sink) ->
             state,
         } = &output
         {
-            if let Err(e) = probes.set_owner(*kernel_sock_id, *pid, comm, state.raw()) {
+            let in_pidns = container.is_none_or(|t| pidns_of(*pid) == Some(t.pidns_ino));
+            if let Err(e) = probes.set_owner(*kernel_sock_id, *pid, comm, state.raw(), in_pidns) {
                 log::warn!("recording the owner of a socket in the kernel map: {e:#}");
             }
             continue;

@@ -42,8 +42,11 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
         .collect())
 }
 
+/// Looks holders up in one network namespace (the host's by default).
 #[derive(Default)]
-pub struct ProcHolderLookup;
+pub struct ProcHolderLookup {
+    pub netns: Option<std::path::PathBuf>,
+}
 
 impl HolderLookup for ProcHolderLookup {
     fn holders(
@@ -51,7 +54,11 @@ impl HolderLookup for ProcHolderLookup {
         sockets: &[(SocketAddr, SocketAddr)],
         candidates: &[u32],
     ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)> {
-        let table = match seed::dump_tcp_sockets() {
+        let dump = match &self.netns {
+            Some(path) => seed::dump_tcp_sockets_in_netns(path),
+            None => seed::dump_tcp_sockets(),
+        };
+        let table = match dump {
             Ok(table) => table,
             Err(e) => {
                 log::warn!("looking up socket holders: {e}");

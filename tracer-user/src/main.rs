@@ -7,6 +7,7 @@
 mod cli;
 mod clock;
 mod collector;
+mod containers;
 mod decode;
 mod holders;
 mod output;
@@ -21,12 +22,13 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::bail;
 use clap::Parser as _;
-use tracer_common::{AF_INET, AF_INET6};
+use tracer_common::{AF_INET, AF_INET6, NamespaceFilter};
 
 use crate::{
     cli::{Cli, Command, FilterArgs, ProbeArgs},
     clock::Clock,
     collector::RunOptions,
+    containers::Target,
     output::{Filter, trace::TraceSink},
     probes::{ProbeOptions, Probes},
     sockets::SocketTable,
@@ -72,13 +74,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn probe_options(filter: &FilterArgs) -> anyhow::Result<ProbeOptions> {
+/// The container named by `--container`/`--pidns`, if any.
+fn container_target(filter: &FilterArgs) -> anyhow::Result<Option<Target>> {
+    Ok(match (&filter.container, &filter.pidns) {
+        (Some(pid), _) => Some(Target::from_pid(*pid)?),
+        (_, Some(path)) => Some(Target::from_path(path)?),
+        _ => None,
+    })
+}
+
+fn probe_options(filter: &FilterArgs, target: Option<&Target>) -> anyhow::Result<ProbeOptions> {
     for &pid in &filter.pids {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if !procfs::exists(pid) {
             bail!("pid {pid} does not exist");
         }
     }
     Ok(ProbeOptions {
+        namespace: target.map(|t| NamespaceFilter {
+            enabled: 1,
+            netns_ino: t.netns_ino,
+            pidns_dev: t.pidns_dev,
+            pidns_ino: t.pidns_ino,
+        }),
         pids: filter.pids.clone(),
         port: filter.port,
         family: match (filter.ipv4, filter.ipv6) {
@@ -98,6 +115,7 @@ fn base_probe_options(probe: &ProbeArgs) -> ProbeOptions {
         ring_bytes: probe.ring_buffer_kib * 1024,
         max_sockets: probe.max_sockets,
         mode: probe.probe_mode,
+        namespace: None,
     }
 }
 
@@ -111,23 +129,27 @@ fn user_filter(filter: &FilterArgs) -> Filter {
 }
 
 async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
-    let probes = Probes::load(&probe_options(&filter)?)?;
+    let target = container_target(&filter)?;
+    let probes = Probes::load(&probe_options(&filter, target.as_ref())?)?;
     let mut table = SocketTable::new(
         OWNER_GRACE.as_nanos() as u64,
         REHOME_DELAY.as_nanos() as u64,
     );
-    // Seeded after attaching, so no socket falls between the two.
-    table.seed(holders::existing_sockets(None)?);
+    // Seeded after attaching, so no socket falls between the two; from the
+    // container's network namespace when pointed at one.
+    let netns = target.as_ref().map(|t| t.netns_path.clone());
+    table.seed(holders::existing_sockets(netns.as_deref())?);
     eprintln!(
         "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
         probes.mode
     );
-    let mut lookup = holders::ProcHolderLookup;
+    let mut lookup = holders::ProcHolderLookup { netns };
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),
         filter.json,
         Clock::now(),
         user_filter(&filter),
+        target.as_ref().map(|t| t.pidns_ino),
     );
     collector::run(
         probes,
@@ -137,6 +159,8 @@ async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
         RunOptions {
             tick: Duration::from_millis(100),
             duration: filter.duration,
+            container: target,
+            keep_running: filter.keep_running,
         },
     )
     .await?;

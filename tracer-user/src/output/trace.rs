@@ -1,6 +1,9 @@
 //! `socktrace trace`: one line per lifecycle event, human or JSON Lines.
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    net::SocketAddr,
+};
 
 use serde::Serialize;
 
@@ -8,6 +11,7 @@ use super::{Filter, human_duration, owner_source_name};
 use crate::{
     clock::Clock,
     collector::Sink,
+    containers::{Container, LabelCache},
     probes::Counters,
     sockets::{ExistingSocket, Output, Owner, Transition},
 };
@@ -31,6 +35,12 @@ pub struct TraceRecord<'a> {
     pub existing: bool,
     /// Socket identity (kernel address, or inode for pre-existing sockets).
     pub sock: String,
+    /// The owner's pid inside its own PID namespace.
+    pub nspid: Option<u32>,
+    /// Inode of the owner's PID namespace.
+    pub pidns: Option<u64>,
+    /// The owner's container, when it runs in one.
+    pub container: Option<Container>,
 }
 
 pub struct TraceSink<W: Write> {
@@ -38,18 +48,45 @@ pub struct TraceSink<W: Write> {
     json: bool,
     clock: Clock,
     filter: Filter,
+    /// Only owners in this PID namespace (`--container`/`--pidns`).
+    pidns: Option<u64>,
+    labels: LabelCache,
     header_done: bool,
 }
 
 impl<W: Write> TraceSink<W> {
-    pub fn new(out: W, json: bool, clock: Clock, filter: Filter) -> Self {
+    pub fn new(out: W, json: bool, clock: Clock, filter: Filter, pidns: Option<u64>) -> Self {
         Self {
             out,
             json,
             clock,
             filter,
+            pidns,
+            labels: LabelCache::new(),
             header_done: false,
         }
+    }
+
+    /// Whether the owner passes the user's filters (labels are read here,
+    /// once per process, not per event).
+    fn wanted(&mut self, owner: &Owner, local: SocketAddr, remote: SocketAddr) -> bool {
+        if !self.filter.accepts(owner.pid, local, remote) {
+            return false;
+        }
+        match (self.pidns, owner.pid) {
+            (Some(pidns), Some(pid)) => self.labels.get(pid).pidns == Some(pidns),
+            _ => true,
+        }
+    }
+
+    fn labelled<'a>(&mut self, mut record: TraceRecord<'a>) -> TraceRecord<'a> {
+        if let Some(pid) = record.pid {
+            let labels = self.labels.get(pid).clone();
+            record.nspid = labels.nspid;
+            record.pidns = labels.pidns;
+            record.container = labels.container;
+        }
+        record
     }
 
     fn record<'a>(&self, owner: &'a Owner, t: &Transition) -> TraceRecord<'a> {
@@ -65,6 +102,9 @@ impl<W: Write> TraceSink<W> {
             owner_source: owner_source_name(owner.source),
             existing: false,
             sock: format!("{:#x}", t.sock_id),
+            nspid: None,
+            pidns: None,
+            container: None,
         }
     }
 
@@ -81,6 +121,9 @@ impl<W: Write> TraceSink<W> {
             owner_source: owner_source_name(s.owner.source),
             existing: true,
             sock: format!("{:#x}", s.sock_id),
+            nspid: None,
+            pidns: None,
+            container: None,
         }
     }
 
@@ -125,18 +168,21 @@ impl<W: Write> Sink for TraceSink<W> {
     fn output(&mut self, output: Output) -> io::Result<()> {
         match output {
             Output::Transition(t) => {
-                if self.filter.accepts(t.owner.pid, t.local, t.remote) {
+                if self.wanted(&t.owner, t.local, t.remote) {
                     let record = self.record(&t.owner, &t);
+                    let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
             Output::Existing(s) => {
-                if self.filter.accepts(s.owner.pid, s.local, s.remote) {
+                if self.wanted(&s.owner, s.local, s.remote) {
                     let record = self.existing_record(&s, crate::clock::monotonic_ns());
+                    let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
-            Output::ProcessExit { .. } | Output::LearnedOwner { .. } => {}
+            Output::ProcessExit { pid, .. } => self.labels.forget(pid),
+            Output::LearnedOwner { .. } => {}
         }
         Ok(())
     }
@@ -149,6 +195,10 @@ impl<W: Write> Sink for TraceSink<W> {
         self.out.flush()?;
         report_losses(counters);
         Ok(())
+    }
+
+    fn container_stopped(&mut self) {
+        self.pidns = None;
     }
 }
 
@@ -179,7 +229,7 @@ mod tests {
 
     fn sink(json: bool) -> TraceSink<Vec<u8>> {
         let clock = Clock::fixed(0, UNIX_EPOCH + Duration::from_secs(1_795_000_000));
-        TraceSink::new(Vec::new(), json, clock, Filter::default())
+        TraceSink::new(Vec::new(), json, clock, Filter::default(), None)
     }
 
     fn transition() -> Transition {

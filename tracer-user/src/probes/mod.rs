@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{FEntry, KProbe, TracePoint},
 };
 use tracer_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, OwnerSource, PID_FILTER_MAP, SOCKETS_MAP,
-    SocketOwner, TASK_COMM_LEN, counter,
+    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
+    PID_FILTER_MAP, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN, counter,
 };
 
 pub use features::{ModeRequest, ProbeMode};
@@ -46,6 +46,8 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     pub max_sockets: u32,
     pub mode: ModeRequest,
+    /// Only sockets of one container.
+    pub namespace: Option<NamespaceFilter>,
 }
 
 pub struct Probes {
@@ -101,6 +103,11 @@ impl Probes {
             }
         }
 
+        if let Some(filter) = options.namespace {
+            // Set before attaching, so every owner is checked against it.
+            set_namespace_filter(&mut ebpf, filter)?;
+        }
+
         for (category, name, program) in TRACEPOINTS {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
@@ -129,14 +136,20 @@ impl Probes {
         })
     }
 
+    /// Stops restricting reports to one container (it has stopped).
+    pub fn clear_namespace_filter(&mut self) -> anyhow::Result<()> {
+        set_namespace_filter(&mut self.ebpf, NamespaceFilter::default())
+    }
+
     /// Records an owner learned in userspace (from /proc) in the kernel's
-    /// socket map, so later events carry it and the pid filter applies.
+    /// socket map, so later events carry it and the filters apply.
     pub fn set_owner(
         &mut self,
         sock_id: u64,
         tgid: u32,
         comm: &str,
         state: u8,
+        in_pidns: bool,
     ) -> anyhow::Result<()> {
         let mut sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(
             self.ebpf
@@ -149,12 +162,23 @@ impl Probes {
         });
         owner.tgid = tgid;
         owner.source = OwnerSource::ProcFd as u8;
+        owner.in_pidns = u8::from(in_pidns);
         owner.comm = [0; TASK_COMM_LEN];
         let len = comm.len().min(TASK_COMM_LEN - 1);
         owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
         sockets.insert(sock_id, owner, 0)?;
         Ok(())
     }
+}
+
+fn set_namespace_filter(ebpf: &mut Ebpf, filter: NamespaceFilter) -> anyhow::Result<()> {
+    let mut map: Array<_, NamespaceFilter> = Array::try_from(
+        ebpf.map_mut(NS_FILTER_MAP)
+            .context("map NS_FILTER missing")?,
+    )?;
+    map.set(0, filter, 0)
+        .context("setting the namespace filter")?;
+    Ok(())
 }
 
 fn attach_tracepoint(

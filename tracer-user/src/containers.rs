@@ -1,0 +1,320 @@
+//! Containers: which PID namespace, network namespace and container a process
+//! belongs to, and the namespace target of `--container` / `--pidns`.
+//!
+//! A "container" here is whatever the kernel says: a PID namespace, usually
+//! with its own network namespace, and a cgroup whose path carries the
+//! runtime's container id (docker, containerd, cri-o, podman).
+
+use std::{
+    collections::HashMap,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::procfs;
+
+#[derive(Debug, Error)]
+pub enum TargetError {
+    #[error("pid {0} does not exist")]
+    NoSuchPid(u32),
+    #[error("{path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{0} is not a PID namespace (expected a path like /proc/PID/ns/pid)")]
+    NotPidNamespace(PathBuf),
+    #[error("no process lives in the PID namespace {0} (the container has stopped?)")]
+    EmptyNamespace(PathBuf),
+}
+
+/// The container socktrace is pointed at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Device and inode of the PID namespace file, for the kernel filter.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
+    /// A process inside, whose network namespace is the container's.
+    pub member_pid: u32,
+    pub netns_ino: u32,
+    pub netns_path: PathBuf,
+}
+
+// From linux/nsfs.h: _IO(0xb7, 0x3).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Whether `file` is a namespace file of type `CLONE_NEWPID`.
+fn is_pid_namespace(file: &File) -> bool {
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd; on a
+    // file that is not a namespace it fails with ENOTTY.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWPID
+}
+
+impl Target {
+    /// `--container PID`: the PID namespace of any process in the container.
+    pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
+        if !procfs::exists(pid) {
+            return Err(TargetError::NoSuchPid(pid));
+        }
+        Self::resolve(&PathBuf::from(format!("/proc/{pid}/ns/pid")), Some(pid))
+    }
+
+    /// `--pidns PATH`: a PID namespace file (e.g. /proc/PID/ns/pid or a bind mount).
+    pub fn from_path(path: &Path) -> Result<Self, TargetError> {
+        Self::resolve(path, None)
+    }
+
+    fn resolve(path: &Path, member: Option<u32>) -> Result<Self, TargetError> {
+        let open_error = |source| TargetError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(open_error)?;
+        if !is_pid_namespace(&file) {
+            return Err(TargetError::NotPidNamespace(path.to_owned()));
+        }
+        let meta = file.metadata().map_err(open_error)?;
+        let member_pid = match member {
+            Some(pid) => pid,
+            None => procfs::all_pids()
+                .into_iter()
+                .find(|&pid| pidns_of(pid) == Some(meta.ino()))
+                .ok_or_else(|| TargetError::EmptyNamespace(path.to_owned()))?,
+        };
+        let netns_path = PathBuf::from(format!("/proc/{member_pid}/ns/net"));
+        let netns = fs::metadata(&netns_path).map_err(|source| TargetError::Open {
+            path: netns_path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            pidns_dev: meta.dev(),
+            pidns_ino: meta.ino(),
+            member_pid,
+            netns_ino: netns.ino() as u32,
+            netns_path,
+        })
+    }
+
+    /// Whether any process still lives in the namespace.
+    pub fn is_alive(&self) -> bool {
+        pidns_of(self.member_pid) == Some(self.pidns_ino)
+            || procfs::all_pids()
+                .into_iter()
+                .any(|pid| pidns_of(pid) == Some(self.pidns_ino))
+    }
+}
+
+/// Inode of the PID namespace of `pid`.
+pub fn pidns_of(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The container a process runs in, from its cgroup path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Container {
+    /// The runtime's container id, when the cgroup path carries one.
+    pub id: Option<String>,
+    /// `docker`, `containerd`, `cri-o` or `podman`, when recognised.
+    pub runtime: Option<&'static str>,
+    pub cgroup: String,
+}
+
+/// How a process is known inside and outside its container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Labels {
+    /// The pid as seen inside the process's own PID namespace.
+    pub nspid: Option<u32>,
+    /// Inode of the PID namespace.
+    pub pidns: Option<u64>,
+    pub container: Option<Container>,
+}
+
+/// Reads labels once per process; socket events only look them up.
+#[derive(Default)]
+pub struct LabelCache {
+    host_pidns: Option<u64>,
+    by_pid: HashMap<u32, Labels>,
+}
+
+impl LabelCache {
+    pub fn new() -> Self {
+        Self {
+            host_pidns: pidns_of(1),
+            by_pid: HashMap::new(),
+        }
+    }
+
+    pub fn get(&mut self, pid: u32) -> &Labels {
+        let host_pidns = self.host_pidns;
+        self.by_pid
+            .entry(pid)
+            .or_insert_with(|| read_labels(pid, host_pidns))
+    }
+
+    pub fn forget(&mut self, pid: u32) {
+        self.by_pid.remove(&pid);
+    }
+}
+
+fn read_labels(pid: u32, host_pidns: Option<u64>) -> Labels {
+    let pidns = pidns_of(pid);
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let in_container = pidns.is_some() && pidns != host_pidns;
+    Labels {
+        nspid: innermost_nspid(&status),
+        pidns,
+        container: cgroup_path(&cgroup)
+            .map(|path| {
+                let (runtime, id) = container_id(&path).unzip();
+                Container {
+                    id,
+                    runtime,
+                    cgroup: path,
+                }
+            })
+            // A host process in the root cgroup is not "in a container".
+            .filter(|c| c.id.is_some() || in_container),
+    }
+}
+
+/// The last field of `NSpid:` is the pid in the innermost namespace.
+fn innermost_nspid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+/// The unified (cgroup v2) path, or the first v1 hierarchy's.
+fn cgroup_path(text: &str) -> Option<String> {
+    let mut lines = text.lines().filter_map(|l| l.splitn(3, ':').nth(2));
+    let unified = text.lines().find_map(|l| l.strip_prefix("0::"));
+    unified
+        .or_else(|| lines.next())
+        .map(str::to_string)
+        .filter(|p| !p.is_empty())
+}
+
+/// Runtime and 64-hex-digit container id from a cgroup path such as
+/// `/system.slice/docker-<id>.scope`, `/docker/<id>`,
+/// `/kubepods.slice/.../cri-containerd-<id>.scope`, `/.../crio-<id>.scope`,
+/// `/machine.slice/libpod-<id>.scope`, `/kubepods/burstable/pod.../<id>`.
+fn container_id(path: &str) -> Option<(&'static str, String)> {
+    const PREFIXES: [(&str, &str); 5] = [
+        ("docker-", "docker"),
+        ("cri-containerd-", "containerd"),
+        ("crio-", "cri-o"),
+        ("libpod-", "podman"),
+        ("containerd-", "containerd"),
+    ];
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, segment) in segments.iter().enumerate().rev() {
+        let name = segment.strip_suffix(".scope").unwrap_or(segment);
+        for (prefix, runtime) in PREFIXES {
+            if let Some(id) = name.strip_prefix(prefix)
+                && is_id(id)
+            {
+                return Some((runtime, id.to_string()));
+            }
+        }
+        if is_id(name) {
+            let parent = i.checked_sub(1).map(|p| segments[p]).unwrap_or_default();
+            let runtime = if parent == "docker" {
+                "docker"
+            } else if path.contains("kubepods") {
+                "containerd"
+            } else {
+                "docker"
+            };
+            return Some((runtime, name.to_string()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "4f7c0d1b2a3e4f5061728394a5b6c7d8e9f00112233445566778899aabbccdd";
+
+    #[test]
+    fn container_ids_of_each_runtime() {
+        let cases = [
+            (format!("/system.slice/docker-{ID}.scope"), "docker"),
+            (format!("/docker/{ID}"), "docker"),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{ID}.scope"
+                ),
+                "containerd",
+            ),
+            (
+                format!("/kubepods.slice/kubepods-pod2.slice/crio-{ID}.scope"),
+                "cri-o",
+            ),
+            (
+                format!("/machine.slice/libpod-{ID}.scope/container"),
+                "podman",
+            ),
+            (format!("/kubepods/burstable/pod3/{ID}"), "containerd"),
+        ];
+        for (path, runtime) in cases {
+            assert_eq!(
+                container_id(&path),
+                Some((runtime, ID.to_string())),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            container_id("/user.slice/user-0.slice/session-1.scope"),
+            None
+        );
+        assert_eq!(container_id("/"), None);
+    }
+
+    #[test]
+    fn nspid_is_the_innermost() {
+        let status = "Name:\tpython3\nNSpid:\t48213\t2\nPPid:\t1\n";
+        assert_eq!(innermost_nspid(status), Some(2));
+        assert_eq!(innermost_nspid("NSpid:\t77\n"), Some(77));
+        assert_eq!(innermost_nspid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn cgroup_v2_path_is_preferred() {
+        assert_eq!(
+            cgroup_path("0::/system.slice/x.service\n"),
+            Some("/system.slice/x.service".into())
+        );
+        assert_eq!(
+            cgroup_path("12:pids:/docker/abc\n11:memory:/docker/abc\n"),
+            Some("/docker/abc".into())
+        );
+        assert_eq!(cgroup_path("0::/\n").as_deref(), Some("/"));
+        assert_eq!(cgroup_path(""), None);
+    }
+
+    #[test]
+    fn rejects_a_path_that_is_not_a_pid_namespace() {
+        assert!(matches!(
+            Target::from_path(Path::new("/proc/self/ns/net")),
+            Err(TargetError::NotPidNamespace(_))
+        ));
+        assert!(matches!(
+            Target::from_path(Path::new("/etc/hostname")),
+            Err(TargetError::NotPidNamespace(_)) | Err(TargetError::Open { .. })
+        ));
+        assert!(matches!(
+            Target::from_pid(999_999_999),
+            Err(TargetError::NoSuchPid(_))
+        ));
+        let own = Target::from_path(Path::new("/proc/self/ns/pid")).unwrap();
+        assert_eq!(Some(own.pidns_ino), pidns_of(std::process::id()));
+    }
+}
