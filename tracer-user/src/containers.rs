@@ -144,7 +144,8 @@ pub struct LabelCache {
 impl LabelCache {
     pub fn new() -> Self {
         Self {
-            host_pidns: pidns_of(1),
+            // socktrace runs on the host: its own namespace is the host's.
+            host_pidns: pidns_of(std::process::id()),
             by_pid: HashMap::new(),
         }
     }

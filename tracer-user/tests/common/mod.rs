@@ -185,6 +185,13 @@ impl Role {
         panic!("workload never reported {key:?}");
     }
 
+    /// The next line, whatever it is (for workloads that do not print JSON).
+    pub fn expect_line(&self) -> String {
+        self.stdout
+            .recv_timeout(Duration::from_secs(30))
+            .expect("workload printed nothing")
+    }
+
     pub fn send(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{command}").expect("writing to the workload");
@@ -231,4 +238,77 @@ pub fn find<'a>(events: &[&'a Value], local_port: u64, old: &str, new: &str) -> 
         .find(|e| port_of(&e["local"]) == local_port && e["old"] == old && e["new"] == new)
         .copied()
         .unwrap_or_else(|| panic!("no {old} -> {new} on local port {local_port} in {events:#?}"))
+}
+
+/// A "container": a process tree in its own PID, mount and network
+/// namespaces (loopback up), made with `unshare`. Its command runs as pid 1.
+pub struct Container {
+    unshare: Role,
+}
+
+impl Container {
+    /// Runs `python3 <workload> <args>` as the container's pid 1.
+    pub fn spawn(script: &str, args: &[&str]) -> Self {
+        let command = format!(
+            "ip link set lo up && exec python3 {} {}",
+            workload(script).display(),
+            args.join(" ")
+        );
+        let mut child = Command::new("unshare")
+            .args([
+                "--pid",
+                "--net",
+                "--mount",
+                "--fork",
+                "--mount-proc",
+                "sh",
+                "-c",
+            ])
+            .arg(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning unshare");
+        let stdin = child.stdin.take();
+        let stdout = line_reader(child.stdout.take().expect("stdout"));
+        Self {
+            unshare: Role {
+                child,
+                stdin,
+                stdout,
+            },
+        }
+    }
+
+    /// Host pid of the container's pid 1 (the child of `unshare`).
+    pub fn init_host_pid(&self) -> u32 {
+        let unshare = self.unshare.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let children =
+                std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                return pid;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the container's init never started");
+    }
+
+    pub fn role(&mut self) -> &mut Role {
+        &mut self.unshare
+    }
+}
+
+/// Inode of a process's PID namespace.
+pub fn pidns_of(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .expect("reading a PID namespace")
+        .ino()
 }

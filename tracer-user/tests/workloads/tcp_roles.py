@@ -5,8 +5,9 @@
         Listen on loopback. close-first: close each accepted connection at
         once (the peer is left in CLOSE_WAIT). hold: keep it until stdin says
         "close".
-    tcp_roles.py storm 4|6 COUNT
-        Open and close COUNT connections to itself, as fast as it can.
+    tcp_roles.py storm 4|6 COUNT [wait]
+        Open and close COUNT connections to itself, as fast as it can. With
+        "wait": only once stdin says "go", and then exit when it says "exit".
     tcp_roles.py client 4|6 PORT [fork]
         Connect to PORT. With "fork": hand the socket to a child and exit, so
         only the child holds it. Waits for the peer's FIN (CLOSE_WAIT), then
@@ -75,7 +76,10 @@ def client(version, port, fork):
     say(closed=True)
 
 
-def storm(version, count):
+def storm(version, count, wait):
+    if wait:
+        say(waiting=True)
+        wait_for("go")
     family, addr = address(version)
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.bind(addr)
@@ -87,7 +91,10 @@ def storm(version, count):
         conn.close()
         accepted.close()
     say(done=count)
-    sys.stdin.read()
+    if wait:
+        wait_for("exit")
+    else:
+        sys.stdin.read()
 
 
 def main():
@@ -95,7 +102,7 @@ def main():
     if role == "server":
         server(version, sys.argv[3])
     elif role == "storm":
-        storm(version, int(sys.argv[3]))
+        storm(version, int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "wait")
     elif role == "client":
         client(version, int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "fork")
     else:

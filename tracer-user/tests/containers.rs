@@ -1,0 +1,144 @@
+//! Root integration tests of container support: "containers" are process
+//! trees in their own PID, mount and network namespaces, made with unshare.
+
+mod common;
+
+use std::{thread, time::Duration};
+
+use common::{Container, Role, Tracer, pidns_of, require_root};
+use serde_json::Value;
+
+fn close_wait_lines(events: &[Value]) -> Vec<&Value> {
+    events.iter().filter(|e| e["new"] == "CLOSE_WAIT").collect()
+}
+
+/// Two containers run the same program as their pid 1, beside the same
+/// program on the host. Pointed at one container, socktrace sees only it,
+/// seeded from the container's own network namespace; host-wide it keeps the
+/// two pid 1s apart.
+#[test]
+fn container_filter_labels_and_seeding() {
+    if !require_root("container_filter_labels_and_seeding") {
+        return;
+    }
+    let mut a = Container::spawn("close_wait.py", &["4"]);
+    let mut b = Container::spawn("close_wait.py", &["4"]);
+    let host = Role::spawn("close_wait.py", &["4"]);
+    // close_wait.py prints "<pid> ..." once its socket is in CLOSE_WAIT.
+    for role in [a.role(), b.role()] {
+        role.expect_line();
+    }
+    let (a_pid, b_pid) = (a.init_host_pid(), b.init_host_pid());
+    thread::sleep(Duration::from_millis(100));
+
+    let only_a = Tracer::start(&[
+        "trace",
+        "--json",
+        "--duration",
+        "1",
+        "--container",
+        &a_pid.to_string(),
+    ])
+    .wait()
+    .json();
+    let cw = close_wait_lines(&only_a);
+    assert_eq!(cw.len(), 1, "{only_a:#?}");
+    assert_eq!(cw[0]["pid"], a_pid);
+    assert_eq!(cw[0]["nspid"], 1, "pid as seen inside the container");
+    assert_eq!(cw[0]["pidns"], pidns_of(a_pid));
+    assert!(cw[0]["container"].is_object());
+    assert!(
+        only_a.iter().all(|e| e["pid"] == a_pid),
+        "nothing from the other container or the host: {only_a:#?}"
+    );
+
+    let host_wide = Tracer::start(&["trace", "--json", "--duration", "1"])
+        .wait()
+        .json();
+    // The containers' sockets live in their own network namespaces, which a
+    // host-wide seed does not read; their later events still carry labels.
+    let host_cw: Vec<_> = close_wait_lines(&host_wide)
+        .into_iter()
+        .filter(|e| e["pid"] == host.pid())
+        .collect();
+    assert_eq!(host_cw.len(), 1);
+    assert!(
+        host_cw[0]["container"].is_null(),
+        "a host process is in no container"
+    );
+    assert_ne!(
+        pidns_of(a_pid),
+        pidns_of(b_pid),
+        "two containers, two namespaces"
+    );
+}
+
+/// Live events inside a container carry the in-container pid, and when the
+/// container stops socktrace says so and exits 0.
+#[test]
+fn live_events_in_a_container_and_its_end() {
+    if !require_root("live_events_in_a_container_and_its_end") {
+        return;
+    }
+    let mut c = Container::spawn("tcp_roles.py", &["storm", "4", "20", "wait"]);
+    let init = c.init_host_pid();
+    let tracer = Tracer::start(&["trace", "--json", "--container", &init.to_string()]);
+    let host_storm = Role::spawn("tcp_roles.py", &["storm", "4", "20"]);
+    host_storm.expect("done");
+    c.role().send("go");
+    c.role().expect("done");
+    // Stop the container: its pid 1 exits, the namespace empties.
+    c.role().send("exit");
+    let finished = tracer.wait();
+    assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
+    assert!(
+        finished
+            .stderr
+            .iter()
+            .any(|l| l.contains("has no processes left")),
+        "{:?}",
+        finished.stderr
+    );
+    let events = finished.json();
+    let live: Vec<_> = events.iter().filter(|e| e["existing"] == false).collect();
+    assert!(
+        live.len() >= 20 * 8,
+        "about ten events per connection: {}",
+        live.len()
+    );
+    for e in &live {
+        assert_eq!(e["pid"], init, "{e}");
+        assert_eq!(e["nspid"], 1, "{e}");
+    }
+}
+
+#[test]
+fn bad_container_arguments_are_one_clear_line() {
+    if !require_root("bad_container_arguments_are_one_clear_line") {
+        return;
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::SOCKTRACE)
+            .args(args)
+            .output()
+            .expect("running socktrace");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["trace", "--container", "999999999"]);
+    assert_eq!(
+        (code, err.trim()),
+        (Some(1), "socktrace: pid 999999999 does not exist")
+    );
+    let (code, err) = run(&["trace", "--pidns", "/proc/self/ns/net"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a PID namespace"), "{err}");
+    let (code, err) = run(&["trace", "--pidns", "/no/such/file"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("/no/such/file") && err.lines().count() == 1,
+        "{err}"
+    );
+}
