@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Print one line per TCP lifecycle event, attributed to the owning process.
     Trace(TraceArgs),
+    /// Live per-process view: connect/close imbalance, CLOSE_WAIT build-up, fd exhaustion ETA.
+    Watch(crate::watch_cmd::WatchArgs),
     /// Show what this kernel supports and which probe mode socktrace will use.
     Doctor(ProbeArgs),
 }

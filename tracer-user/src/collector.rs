@@ -29,6 +29,10 @@ pub trait Sink {
     fn finish(&mut self, counters: Counters) -> io::Result<()>;
     /// The container we were pointed at stopped and the run goes on host-wide.
     fn container_stopped(&mut self);
+    /// The sink has all it wants (`watch --once`): end the run.
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 pub struct RunOptions {
@@ -99,6 +103,9 @@ pub async fn run(
                     table.tick(now, lookup);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                     sink.tick(now, counters(&probes))?;
+                    if sink.done() {
+                        break;
+                    }
                     if Instant::now() >= next_container_check {
                         next_container_check = Instant::now() + CONTAINER_CHECK;
                         if let Some(target) = container.as_ref().filter(|t| !t.is_alive()) {

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::SocketAddr, os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::Context as _;
-use tracer_common::OwnerSource;
+use tracer_common::{OwnerSource, tcp_state};
 
 use crate::{
     procfs, seed,
@@ -21,7 +21,9 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
     let netns_ino = std::fs::metadata(netns_path)
         .with_context(|| format!("reading network namespace {}", netns_path.display()))?
         .ino() as u32;
-    let seeded = seed::seed(netns).context("reading the existing sockets (sock_diag)")?;
+    let mut seeded = seed::seed(netns).context("reading the existing sockets (sock_diag)")?;
+    // Listeners first, so connections accepted from them are known as inbound.
+    seeded.sort_by_key(|s| s.state != tcp_state::LISTEN);
     Ok(seeded
         .into_iter()
         .filter_map(|s| {
@@ -75,7 +77,14 @@ impl HolderLookup for ProcHolderLookup {
             .collect();
         let mut found = HashMap::new();
         // The likely holders first; the whole process table only if needed.
-        let mut owners = seed::socket_owners(candidates, wanted.keys().copied());
+        // Fork events also name new threads; only processes can hold fds of
+        // their own.
+        let candidates: Vec<u32> = candidates
+            .iter()
+            .copied()
+            .filter(|&pid| procfs::tgid_of(pid) == Some(pid))
+            .collect();
+        let mut owners = seed::socket_owners(&candidates, wanted.keys().copied());
         if owners.values().any(Vec::is_empty) {
             let missing: Vec<u64> = owners
                 .iter()

@@ -17,6 +17,8 @@ mod procfs;
 mod seed;
 mod sockets;
 mod tcp;
+mod watch;
+mod watch_cmd;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -29,9 +31,11 @@ use crate::{
     clock::Clock,
     collector::RunOptions,
     containers::Target,
-    output::{Filter, trace::TraceSink},
+    output::{Filter, Scope, trace::TraceSink},
     probes::{ProbeOptions, Probes},
     sockets::SocketTable,
+    watch::Watch,
+    watch_cmd::{Display, WatchArgs, WatchSink},
 };
 
 /// Transitions wait this long for their owner (accept) before being shown
@@ -70,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Trace(args) => runtime.block_on(trace(args.filter)),
+        Command::Watch(args) => runtime.block_on(watch(args)),
         Command::Doctor(args) => doctor(&args),
     }
 }
@@ -128,9 +133,20 @@ fn user_filter(filter: &FilterArgs) -> Filter {
     }
 }
 
-async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
-    let target = container_target(&filter)?;
-    let probes = Probes::load(&probe_options(&filter, target.as_ref())?)?;
+/// What every collecting command sets up: probes, the socket stage seeded
+/// with the sockets that already exist, and the owner lookup.
+struct Started {
+    probes: Probes,
+    table: SocketTable,
+    lookup: holders::ProcHolderLookup,
+    target: Option<Target>,
+    start_ns: u64,
+}
+
+fn start(filter: &FilterArgs) -> anyhow::Result<Started> {
+    let target = container_target(filter)?;
+    let probes = Probes::load(&probe_options(filter, target.as_ref())?)?;
+    let start_ns = clock::monotonic_ns();
     let mut table = SocketTable::new(
         OWNER_GRACE.as_nanos() as u64,
         REHOME_DELAY.as_nanos() as u64,
@@ -143,24 +159,64 @@ async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
         "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
         probes.mode
     );
-    let mut lookup = holders::ProcHolderLookup { netns };
+    Ok(Started {
+        probes,
+        table,
+        lookup: holders::ProcHolderLookup { netns },
+        target,
+        start_ns,
+    })
+}
+
+fn scope(filter: &FilterArgs, target: Option<&Target>) -> Scope {
+    Scope::new(user_filter(filter), target.map(|t| t.pidns_ino))
+}
+
+async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
+    let mut started = start(&filter)?;
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),
         filter.json,
         Clock::now(),
-        user_filter(&filter),
-        target.as_ref().map(|t| t.pidns_ino),
+        scope(&filter, started.target.as_ref()),
     );
     collector::run(
-        probes,
-        table,
-        &mut lookup,
+        started.probes,
+        started.table,
+        &mut started.lookup,
         &mut sink,
         RunOptions {
             tick: Duration::from_millis(100),
             duration: filter.duration,
-            container: target,
+            container: started.target,
             keep_running: filter.keep_running,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let mut started = start(&args.filter)?;
+    let mut sink = WatchSink::new(
+        Watch::new(args.config(), started.start_ns),
+        std::io::stdout().lock(),
+        Display::choose(args.filter.json),
+        scope(&args.filter, started.target.as_ref()),
+        args.interval,
+        started.start_ns,
+        args.once,
+    );
+    collector::run(
+        started.probes,
+        started.table,
+        &mut started.lookup,
+        &mut sink,
+        RunOptions {
+            tick: Duration::from_millis(100),
+            duration: args.filter.duration,
+            container: started.target,
+            keep_running: args.filter.keep_running,
         },
     )
     .await?;

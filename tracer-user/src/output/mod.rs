@@ -6,6 +6,11 @@ use std::net::SocketAddr;
 
 use tracer_common::OwnerSource;
 
+use crate::{
+    containers::{LabelCache, Labels},
+    sockets::Owner,
+};
+
 /// How an owner was learned, as it appears in JSON (`owner_source`).
 pub fn owner_source_name(source: OwnerSource) -> &'static str {
     match source {
@@ -56,6 +61,48 @@ impl Filter {
             return false;
         }
         !(self.ipv4_only && !local.is_ipv4() || self.ipv6_only && !local.is_ipv6())
+    }
+}
+
+/// The user's filters plus the container scope, with the per-process
+/// labels they need (read from /proc once per process, not per event).
+pub struct Scope {
+    pub filter: Filter,
+    /// Only owners in this PID namespace (`--container`/`--pidns`).
+    pub pidns: Option<u64>,
+    labels: LabelCache,
+}
+
+impl Scope {
+    pub fn new(filter: Filter, pidns: Option<u64>) -> Self {
+        Self {
+            filter,
+            pidns,
+            labels: LabelCache::new(),
+        }
+    }
+
+    pub fn wants(&mut self, owner: &Owner, local: SocketAddr, remote: SocketAddr) -> bool {
+        if !self.filter.accepts(owner.pid, local, remote) {
+            return false;
+        }
+        match (self.pidns, owner.pid) {
+            (Some(pidns), Some(pid)) => self.labels.get(pid).pidns == Some(pidns),
+            _ => true,
+        }
+    }
+
+    pub fn labels(&mut self, pid: u32) -> &Labels {
+        self.labels.get(pid)
+    }
+
+    pub fn process_exited(&mut self, pid: u32) {
+        self.labels.forget(pid);
+    }
+
+    /// The container stopped: from now on, everything.
+    pub fn widen_to_host(&mut self) {
+        self.pidns = None;
     }
 }
 

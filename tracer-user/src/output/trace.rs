@@ -1,17 +1,14 @@
 //! `socktrace trace`: one line per lifecycle event, human or JSON Lines.
 
-use std::{
-    io::{self, Write},
-    net::SocketAddr,
-};
+use std::io::{self, Write};
 
 use serde::Serialize;
 
-use super::{Filter, human_duration, owner_source_name};
+use super::{Scope, human_duration, owner_source_name};
 use crate::{
     clock::Clock,
     collector::Sink,
-    containers::{Container, LabelCache},
+    containers::Container,
     probes::Counters,
     sockets::{ExistingSocket, Output, Owner, Transition},
 };
@@ -47,41 +44,24 @@ pub struct TraceSink<W: Write> {
     out: W,
     json: bool,
     clock: Clock,
-    filter: Filter,
-    /// Only owners in this PID namespace (`--container`/`--pidns`).
-    pidns: Option<u64>,
-    labels: LabelCache,
+    scope: Scope,
     header_done: bool,
 }
 
 impl<W: Write> TraceSink<W> {
-    pub fn new(out: W, json: bool, clock: Clock, filter: Filter, pidns: Option<u64>) -> Self {
+    pub fn new(out: W, json: bool, clock: Clock, scope: Scope) -> Self {
         Self {
             out,
             json,
             clock,
-            filter,
-            pidns,
-            labels: LabelCache::new(),
+            scope,
             header_done: false,
-        }
-    }
-
-    /// Whether the owner passes the user's filters (labels are read here,
-    /// once per process, not per event).
-    fn wanted(&mut self, owner: &Owner, local: SocketAddr, remote: SocketAddr) -> bool {
-        if !self.filter.accepts(owner.pid, local, remote) {
-            return false;
-        }
-        match (self.pidns, owner.pid) {
-            (Some(pidns), Some(pid)) => self.labels.get(pid).pidns == Some(pidns),
-            _ => true,
         }
     }
 
     fn labelled<'a>(&mut self, mut record: TraceRecord<'a>) -> TraceRecord<'a> {
         if let Some(pid) = record.pid {
-            let labels = self.labels.get(pid).clone();
+            let labels = self.scope.labels(pid).clone();
             record.nspid = labels.nspid;
             record.pidns = labels.pidns;
             record.container = labels.container;
@@ -168,20 +148,20 @@ impl<W: Write> Sink for TraceSink<W> {
     fn output(&mut self, output: Output) -> io::Result<()> {
         match output {
             Output::Transition(t) => {
-                if self.wanted(&t.owner, t.local, t.remote) {
+                if self.scope.wants(&t.owner, t.local, t.remote) {
                     let record = self.record(&t.owner, &t);
                     let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
             Output::Existing(s) => {
-                if self.wanted(&s.owner, s.local, s.remote) {
+                if self.scope.wants(&s.owner, s.local, s.remote) {
                     let record = self.existing_record(&s, crate::clock::monotonic_ns());
                     let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
-            Output::ProcessExit { pid, .. } => self.labels.forget(pid),
+            Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
             Output::LearnedOwner { .. } => {}
         }
         Ok(())
@@ -198,7 +178,7 @@ impl<W: Write> Sink for TraceSink<W> {
     }
 
     fn container_stopped(&mut self) {
-        self.pidns = None;
+        self.scope.widen_to_host();
     }
 }
 
@@ -225,11 +205,11 @@ mod tests {
     use tracer_common::OwnerSource;
 
     use super::*;
-    use crate::tcp::TcpState;
+    use crate::{output::Filter, tcp::TcpState};
 
     fn sink(json: bool) -> TraceSink<Vec<u8>> {
         let clock = Clock::fixed(0, UNIX_EPOCH + Duration::from_secs(1_795_000_000));
-        TraceSink::new(Vec::new(), json, clock, Filter::default(), None)
+        TraceSink::new(Vec::new(), json, clock, Scope::new(Filter::default(), None))
     }
 
     fn transition() -> Transition {
@@ -287,7 +267,7 @@ mod tests {
     #[test]
     fn filtered_out_events_are_not_printed() {
         let mut s = sink(true);
-        s.filter.pids = vec![1];
+        s.scope.filter.pids = vec![1];
         s.output(Output::Transition(transition())).unwrap();
         assert!(s.out.is_empty());
     }

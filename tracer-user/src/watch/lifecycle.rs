@@ -1,0 +1,327 @@
+//! What each TCP transition means for the socket's owner: an open, the
+//! owner's close, who closed first, how long it lived.
+//!
+//! Linux, as seen by `sock:inet_sock_set_state`: active open CLOSE ->
+//! SYN_SENT -> ESTABLISHED; passive open LISTEN -> SYN_RECV (on the new child)
+//! -> ESTABLISHED; local close first ESTABLISHED -> FIN_WAIT1 -> FIN_WAIT2 ->
+//! CLOSE (TIME_WAIT lives in a separate mini socket, so the full socket goes
+//! straight to CLOSE); peer close first ESTABLISHED -> CLOSE_WAIT, then the
+//! owner's close CLOSE_WAIT -> LAST_ACK -> CLOSE; resets go to CLOSE directly.
+
+use crate::sockets::Transition;
+use crate::tcp::TcpState;
+
+use super::peers::{Closer, PeerKey};
+
+/// Whether `old -> new` starts a new socket (so a record left under the same
+/// id by a missed CLOSE is stale).
+pub fn is_socket_start(old: TcpState, new: TcpState) -> bool {
+    matches!(
+        (old, new),
+        (TcpState::Close, TcpState::SynSent)
+            | (TcpState::Listen, TcpState::SynRecv)
+            | (TcpState::Close, TcpState::Listen)
+    )
+}
+
+/// States in which the owner still holds the socket (has not closed it).
+pub fn is_held_state(state: TcpState) -> bool {
+    matches!(
+        state,
+        TcpState::SynSent
+            | TcpState::SynRecv
+            | TcpState::Established
+            | TcpState::CloseWait
+            | TcpState::Listen
+    )
+}
+
+/// What one transition changed, for the owner's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// The connection counts as opened now (its owner and peer became known).
+    pub opened: bool,
+    /// The owner closed the connection (or it ended without the owner).
+    pub released: bool,
+    pub closer: Option<Closer>,
+    /// ESTABLISHED to CLOSE.
+    pub lifetime_ns: Option<u64>,
+    /// ESTABLISHED to the peer's FIN.
+    pub peer_close_after_ns: Option<u64>,
+    /// CLOSE_WAIT to the owner's close.
+    pub close_wait_dwell_ns: Option<u64>,
+    pub listen_started: Option<u16>,
+    pub listen_stopped: Option<u16>,
+}
+
+/// One socket while it lives.
+#[derive(Clone, Debug)]
+pub struct SocketRecord {
+    /// The owner this socket is counted under, once known.
+    pub pid: Option<u32>,
+    pub state: TcpState,
+    pub peer: Option<PeerKey>,
+    /// Accepted from a listener (keyed by client address and local port).
+    pub inbound: bool,
+    pub listener: bool,
+    /// Seen from its start, not yet counted as opened.
+    pub open_pending: bool,
+    pub released: bool,
+    pub closer_known: bool,
+    pub established_at_ns: Option<u64>,
+    pub close_wait_since_ns: Option<u64>,
+    /// In CLOSE_WAIT since before socktrace started: its age is a lower bound.
+    pub close_wait_before_start: bool,
+    pub last_event_ns: u64,
+}
+
+impl SocketRecord {
+    /// A socket first seen in `t`, before `t` is applied.
+    pub fn first_seen(t: &Transition, inbound: bool) -> Self {
+        Self {
+            pid: None,
+            state: t.old,
+            peer: None,
+            inbound,
+            listener: false,
+            open_pending: is_socket_start(t.old, t.new) && t.new != TcpState::Listen,
+            released: false,
+            closer_known: false,
+            established_at_ns: None,
+            close_wait_since_ns: None,
+            close_wait_before_start: false,
+            last_event_ns: t.ktime_ns,
+        }
+    }
+
+    /// A socket that existed when socktrace started, at `start_ns`.
+    pub fn seeded(state: TcpState, peer: Option<PeerKey>, inbound: bool, start_ns: u64) -> Self {
+        let close_wait = state == TcpState::CloseWait;
+        Self {
+            pid: None,
+            state,
+            peer: peer.filter(|_| state != TcpState::Listen),
+            inbound,
+            listener: state == TcpState::Listen,
+            open_pending: false,
+            released: !is_held_state(state),
+            closer_known: seeded_closer(state).is_some(),
+            established_at_ns: None,
+            close_wait_since_ns: close_wait.then_some(start_ns),
+            close_wait_before_start: close_wait,
+            last_event_ns: start_ns,
+        }
+    }
+
+    /// Still held by its owner and not a listener: a connection that uses
+    /// one of the owner's file descriptors.
+    pub fn is_held_connection(&self) -> bool {
+        !self.released && !self.listener && is_held_state(self.state)
+    }
+
+    /// Moves the socket to `t.new` and says what that means. `attributed`
+    /// tells whether the socket has an owner to count the open under.
+    pub fn apply(&mut self, t: &Transition, attributed: bool) -> Effects {
+        let now = t.ktime_ns;
+        let mut effects = Effects::default();
+        // The kernel's dwell dates the entry into `old` when we missed it.
+        let entered_old = t.dwell_ns.map(|dwell| now.saturating_sub(dwell));
+        if t.old == TcpState::Established && self.established_at_ns.is_none() {
+            self.established_at_ns = entered_old;
+        }
+        if t.old == TcpState::CloseWait && self.close_wait_since_ns.is_none() {
+            self.close_wait_since_ns = entered_old;
+        }
+        if self.peer.is_none() && !self.listener && t.new != TcpState::Listen {
+            // The remote end may not be filled in yet on the very first event.
+            self.peer = PeerKey::new(t.remote, t.local.port(), self.inbound);
+        }
+        if self.open_pending && attributed && self.peer.is_some() {
+            self.open_pending = false;
+            effects.opened = true;
+        }
+
+        if t.old == TcpState::CloseWait {
+            effects.close_wait_dwell_ns = t.dwell_ns.or_else(|| {
+                self.close_wait_since_ns
+                    .map(|since| now.saturating_sub(since))
+            });
+            self.close_wait_since_ns = None;
+            self.close_wait_before_start = false;
+        }
+        let mut closer = None;
+        match t.new {
+            TcpState::Established => self.established_at_ns = Some(now),
+            TcpState::CloseWait => {
+                closer = Some(Closer::Peer);
+                self.close_wait_since_ns = Some(now);
+                if t.old == TcpState::Established {
+                    effects.peer_close_after_ns = t.dwell_ns.or_else(|| {
+                        self.established_at_ns
+                            .map(|established| now.saturating_sub(established))
+                    });
+                }
+            }
+            TcpState::FinWait1 => {
+                if matches!(t.old, TcpState::Established | TcpState::SynRecv) {
+                    closer = Some(Closer::Local);
+                }
+                effects.released = true;
+            }
+            TcpState::LastAck => effects.released = true,
+            TcpState::Close => {
+                if matches!(
+                    t.old,
+                    TcpState::Established | TcpState::SynSent | TcpState::SynRecv
+                ) {
+                    closer = Some(Closer::Reset);
+                }
+                if t.old == TcpState::Listen {
+                    effects.listen_stopped = Some(t.local.port());
+                }
+                effects.released = true;
+                effects.lifetime_ns = self
+                    .established_at_ns
+                    .map(|established| now.saturating_sub(established));
+            }
+            TcpState::Listen => {
+                self.listener = true;
+                effects.listen_started = Some(t.local.port());
+            }
+            _ => {}
+        }
+        if !self.closer_known && !self.listener {
+            effects.closer = closer;
+            self.closer_known = closer.is_some();
+        }
+        // A listener's close is not a connection's close.
+        effects.released &= !self.released && !self.listener;
+        self.released |= effects.released;
+        self.state = t.new;
+        self.last_event_ns = now;
+        effects
+    }
+}
+
+/// Who closed first, as far as a seeded socket's state tells.
+pub fn seeded_closer(state: TcpState) -> Option<Closer> {
+    match state {
+        TcpState::CloseWait | TcpState::LastAck => Some(Closer::Peer),
+        TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing => Some(Closer::Local),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::Owner;
+    use tracer_common::OwnerSource;
+
+    const S: u64 = 1_000_000_000;
+
+    fn transition(at_s: u64, old: TcpState, new: TcpState) -> Transition {
+        Transition {
+            ktime_ns: at_s * S,
+            sock_id: 1,
+            owner: Owner {
+                pid: Some(1),
+                comm: "c".to_string(),
+                source: OwnerSource::Connect,
+            },
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.5:17000".parse().unwrap(),
+            old,
+            new,
+            dwell_ns: None,
+        }
+    }
+
+    fn step(record: &mut SocketRecord, at_s: u64, old: TcpState, new: TcpState) -> Effects {
+        record.apply(&transition(at_s, old, new), true)
+    }
+
+    fn first(at_s: u64, old: TcpState, new: TcpState) -> (SocketRecord, Effects) {
+        let t = transition(at_s, old, new);
+        let mut record = SocketRecord::first_seen(&t, false);
+        let effects = record.apply(&t, true);
+        (record, effects)
+    }
+
+    fn client(at_s: u64) -> (SocketRecord, Effects) {
+        first(at_s, TcpState::Close, TcpState::SynSent)
+    }
+
+    #[test]
+    fn peer_closes_first_then_owner_closes() {
+        use TcpState::*;
+        let (mut record, opened) = client(0);
+        assert!(opened.opened);
+        step(&mut record, 0, SynSent, Established);
+        let fin = step(&mut record, 10, Established, CloseWait);
+        assert_eq!(fin.closer, Some(Closer::Peer));
+        assert_eq!(fin.peer_close_after_ns, Some(10 * S));
+        assert!(record.is_held_connection());
+        let close = step(&mut record, 70, CloseWait, LastAck);
+        assert!(close.released);
+        assert_eq!(close.close_wait_dwell_ns, Some(60 * S));
+        let end = step(&mut record, 71, LastAck, Close);
+        assert!(!end.released, "released once");
+        assert_eq!(end.closer, None, "closer decided once");
+        assert_eq!(end.lifetime_ns, Some(71 * S));
+    }
+
+    #[test]
+    fn local_close_first_is_released_at_fin_wait1() {
+        use TcpState::*;
+        let (mut record, _) = client(0);
+        step(&mut record, 1, SynSent, Established);
+        let close = step(&mut record, 2, Established, FinWait1);
+        assert_eq!(close.closer, Some(Closer::Local));
+        assert!(close.released);
+        assert!(!record.is_held_connection());
+        step(&mut record, 2, FinWait1, FinWait2);
+        assert_eq!(
+            step(&mut record, 3, FinWait2, Close).lifetime_ns,
+            Some(2 * S)
+        );
+    }
+
+    #[test]
+    fn reset_and_failed_connect() {
+        use TcpState::*;
+        let (mut record, _) = client(0);
+        step(&mut record, 1, SynSent, Established);
+        let reset = step(&mut record, 5, Established, Close);
+        assert_eq!(reset.closer, Some(Closer::Reset));
+        assert!(reset.released);
+
+        let (mut refused, _) = client(0);
+        assert_eq!(
+            step(&mut refused, 0, SynSent, Close).closer,
+            Some(Closer::Reset)
+        );
+    }
+
+    #[test]
+    fn listener_is_not_a_connection() {
+        use TcpState::*;
+        let (mut record, listen) = first(0, Close, Listen);
+        assert_eq!(listen.listen_started, Some(40000));
+        assert!(!listen.opened);
+        assert!(!record.is_held_connection());
+        let stop = step(&mut record, 9, Listen, Close);
+        assert_eq!(stop.listen_stopped, Some(40000));
+        assert!(!stop.released);
+        assert_eq!(stop.closer, None);
+    }
+
+    #[test]
+    fn seeded_close_wait_is_held_and_dated_from_start() {
+        let record = SocketRecord::seeded(TcpState::CloseWait, None, false, 7 * S);
+        assert!(record.is_held_connection());
+        assert!(record.close_wait_before_start);
+        assert_eq!(record.close_wait_since_ns, Some(7 * S));
+        assert!(!SocketRecord::seeded(TcpState::FinWait2, None, false, 0).is_held_connection());
+    }
+}

@@ -1,0 +1,438 @@
+//! Stage 4: per-process aggregation for `socktrace watch`. Finds the process
+//! that leaks sockets, the peer involved, and the time left before "too many
+//! open files".
+//!
+//! The collector feeds attributed transitions ([`Watch::on_transition`], cheap:
+//! a few hash updates), process exits, and once per tick the fd counts and
+//! limits it sampled off the event path ([`Watch::tick`]). Each tick recounts
+//! the live sockets, fits the trends and returns a [`Snapshot`] with the
+//! reports, worst first, and the alerts to announce. [`render`] turns it into
+//! JSON Lines or a table.
+
+mod forecast;
+mod lifecycle;
+pub mod peers;
+mod process;
+mod rates;
+pub mod render;
+pub mod verdicts;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::containers::Labels;
+use crate::sockets::{ExistingSocket, Owner, Transition};
+use crate::tcp::TcpState;
+
+use lifecycle::SocketRecord;
+use peers::{PeerKey, PeerReport};
+use process::Process;
+use verdicts::{Alert, AlertBook};
+
+/// Sockets of an exited process keep closing for a moment (the kernel
+/// closes its fds); events for them in this time are not pinned on the pid.
+const EXIT_GRACE_NS: u64 = 5_000_000_000;
+
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    /// Alert when the soft fd limit is forecast within this time (`--warn-eta`).
+    pub warn_eta: Duration,
+    /// CLOSE_WAIT sockets older than this count as stuck (`--close-wait-age`).
+    pub close_wait_age: Duration,
+    /// Alert when fds reach this share of the soft limit, whatever the trend.
+    pub fd_usage_threshold: f64,
+    /// Only these processes (`-p`); empty means all.
+    pub pids: Vec<u32>,
+    /// Window of `connects_per_s` and `closes_per_s`.
+    pub short_window: Duration,
+    /// Window of the `_long` rates and of "opens outpace closes".
+    pub long_window: Duration,
+    /// Samples the fd forecast and the growth tests look back on.
+    pub trend_window: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            warn_eta: Duration::from_secs(3_600),
+            close_wait_age: Duration::from_secs(60),
+            fd_usage_threshold: 0.9,
+            pids: Vec::new(),
+            short_window: Duration::from_secs(10),
+            long_window: Duration::from_secs(300),
+            trend_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A socket that existed when socktrace started (its age is unknown).
+/// Later transitions of it arrive with the same `sock_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeededSocket {
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+}
+
+impl From<ExistingSocket> for SeededSocket {
+    fn from(existing: ExistingSocket) -> Self {
+        Self {
+            sock_id: existing.sock_id,
+            owner: existing.owner,
+            local: existing.local,
+            remote: existing.remote,
+            state: existing.state,
+        }
+    }
+}
+
+/// What the collector read about a process at a tick (`/proc/PID/fd` and
+/// RLIMIT_NOFILE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcSample {
+    pub fds: u64,
+    pub soft_limit: u64,
+    pub hard_limit: u64,
+}
+
+/// Distribution of CLOSE_WAIT dwell: from the peer's FIN to the owner's
+/// close, or to now for sockets still waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct DwellSummary {
+    pub count: u64,
+    pub p50_s: f64,
+    pub p90_s: f64,
+    pub p99_s: f64,
+    pub max_s: f64,
+}
+
+/// One process at one tick. Serialized as the body of a JSON `process` line.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    pub comm: String,
+    /// The process exited since the last tick; this is its last report.
+    pub exited: bool,
+    /// Connections opened (connect or accept) per second, short window.
+    pub connects_per_s: f64,
+    /// Connections the process closed per second, short window.
+    pub closes_per_s: f64,
+    /// `connects_per_s - closes_per_s`: sockets gained per second.
+    pub net_per_s: f64,
+    pub connects_per_s_long: f64,
+    pub closes_per_s_long: f64,
+    pub net_per_s_long: f64,
+    /// Live TCP sockets by state name (listeners included).
+    pub sockets: BTreeMap<&'static str, u64>,
+    /// Connections not yet closed by the process (listeners excluded).
+    pub held: u64,
+    pub close_wait: u64,
+    pub close_wait_oldest_s: Option<f64>,
+    /// The oldest was in CLOSE_WAIT before socktrace started: its age is
+    /// counted from the start, so it is at least that old.
+    pub close_wait_oldest_lower_bound: bool,
+    pub close_wait_dwell_s: Option<DwellSummary>,
+    pub fds: Option<u64>,
+    pub fd_soft_limit: Option<u64>,
+    pub fd_hard_limit: Option<u64>,
+    /// Robust slope of the fd count over the trend window.
+    pub fd_growth_per_s: Option<f64>,
+    /// Seconds until the soft limit; `None` unless fds are rising.
+    pub eta_s: Option<f64>,
+    /// Conditions in force now (serialized as their kinds).
+    #[serde(serialize_with = "alert_kinds")]
+    pub alerts: Vec<Alert>,
+    /// Busiest peers first.
+    pub peers: Vec<PeerReport>,
+    /// Container labels (`nspid`, `pidns`, `container`), filled in by the
+    /// collector from /proc.
+    #[serde(flatten)]
+    pub labels: Labels,
+}
+
+fn alert_kinds<S: Serializer>(alerts: &[Alert], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(alerts.iter().map(|alert| alert.kind))
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub ktime_ns: u64,
+    /// Events lost since start, as counted by the kernel programs.
+    pub lost_events: u64,
+    /// Worst first.
+    pub processes: Vec<ProcessReport>,
+    /// Alerts raised for the first time, or again because they got worse.
+    pub new_alerts: Vec<Alert>,
+}
+
+enum Attribution {
+    Owner(u32),
+    Unknown,
+    /// Outside the `-p` set.
+    Excluded,
+}
+
+pub struct Watch {
+    config: WatchConfig,
+    start_ns: u64,
+    sockets: HashMap<u64, SocketRecord>,
+    processes: HashMap<u32, Process>,
+    /// pid -> exit time, for [`EXIT_GRACE_NS`].
+    exited: HashMap<u32, u64>,
+    alerts: AlertBook,
+}
+
+impl Watch {
+    pub fn new(config: WatchConfig, start_ktime_ns: u64) -> Self {
+        Self {
+            config,
+            start_ns: start_ktime_ns,
+            sockets: HashMap::new(),
+            processes: HashMap::new(),
+            exited: HashMap::new(),
+            alerts: AlertBook::default(),
+        }
+    }
+
+    /// Takes in a socket found at start. Seed listeners first so that the
+    /// connections accepted from them are recognised as inbound.
+    pub fn on_seeded(&mut self, seeded: SeededSocket) {
+        let pid = match self.attribute(&seeded.owner, self.start_ns) {
+            Attribution::Owner(pid) => Some(pid),
+            Attribution::Unknown => None,
+            Attribution::Excluded => return,
+        };
+        let (local_port, start_ns) = (seeded.local.port(), self.start_ns);
+        let process = pid.map(|pid| self.process_mut(pid, &seeded.owner.comm, start_ns));
+        let inbound = process
+            .as_ref()
+            .is_some_and(|process| process.listen_ports.contains(&local_port));
+        let peer = PeerKey::new(seeded.remote, local_port, inbound);
+        let mut record = SocketRecord::seeded(seeded.state, peer, inbound, start_ns);
+        record.pid = pid;
+        if let Some(process) = process {
+            process.add_seeded(&record, local_port, start_ns);
+        }
+        self.sockets.insert(seeded.sock_id, record);
+    }
+
+    pub fn on_transition(&mut self, t: &Transition) {
+        let owner = match self.attribute(&t.owner, t.ktime_ns) {
+            Attribution::Owner(pid) => Some(pid),
+            Attribution::Unknown => None,
+            Attribution::Excluded => {
+                self.sockets.remove(&t.sock_id);
+                return;
+            }
+        };
+        if lifecycle::is_socket_start(t.old, t.new) {
+            // A record still under this id lost its CLOSE event.
+            self.sockets.remove(&t.sock_id);
+        }
+        let config = &self.config;
+        let mut process = owner.map(|pid| {
+            let process = self
+                .processes
+                .entry(pid)
+                .or_insert_with(|| Process::new(config, &t.owner.comm, t.ktime_ns));
+            process.set_comm(&t.owner.comm);
+            process
+        });
+        let record = match self.sockets.entry(t.sock_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            // First seen as it ends: it holds nothing any more.
+            Entry::Vacant(_) if t.new == TcpState::Close => return,
+            // Under `-p`, an unowned socket is most likely someone else's.
+            Entry::Vacant(_) if owner.is_none() && !config.pids.is_empty() => return,
+            Entry::Vacant(entry) => {
+                let accepted = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
+                let on_our_listener = process
+                    .as_ref()
+                    .is_some_and(|process| process.listen_ports.contains(&t.local.port()));
+                entry.insert(SocketRecord::first_seen(t, accepted || on_our_listener))
+            }
+        };
+        match owner {
+            Some(_) => record.pid = owner,
+            // Carried from an earlier event.
+            None => process = record.pid.and_then(|pid| self.processes.get_mut(&pid)),
+        }
+        let effects = record.apply(t, process.is_some());
+        if let Some(process) = process {
+            process.apply(&effects, record.peer, t.ktime_ns);
+        }
+        if t.new == TcpState::Close {
+            self.sockets.remove(&t.sock_id);
+        }
+    }
+
+    /// The process is reported once more at the next tick, then forgotten
+    /// with its sockets.
+    pub fn on_process_exit(&mut self, pid: u32, ktime_ns: u64) {
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.exited = true;
+            self.exited.insert(pid, ktime_ns);
+        }
+    }
+
+    /// Processes whose fd count and limits the collector should read before
+    /// the next tick: those with TCP activity, and the `-p` set.
+    pub fn pids_to_sample(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, process)| !process.exited)
+            .map(|(&pid, _)| pid)
+            .chain(self.config.pids.iter().copied())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Recounts the live sockets, fits the trends, judges every process.
+    /// `lost_events` is the running count of events lost since start.
+    pub fn tick(
+        &mut self,
+        now_ktime_ns: u64,
+        samples: &HashMap<u32, ProcSample>,
+        lost_events: u64,
+    ) -> Snapshot {
+        let now = now_ktime_ns;
+        let config = &self.config;
+        for &pid in config.pids.iter().filter(|pid| samples.contains_key(pid)) {
+            self.processes
+                .entry(pid)
+                .or_insert_with(|| Process::new(config, "", now));
+        }
+        self.count_sockets(now);
+
+        let mut processes = Vec::with_capacity(self.processes.len());
+        for (&pid, process) in &mut self.processes {
+            let sample = samples.get(&pid).copied();
+            let (mut report, evidence) = process.report(pid, now, self.start_ns, sample);
+            if !process.exited {
+                report.alerts = verdicts::evaluate(&report, &evidence, &self.config, lost_events);
+            }
+            processes.push(report);
+        }
+        processes.sort_by(worst_first);
+
+        let forget_after_ns = duration_ns(self.config.trend_window);
+        let mut new_alerts = Vec::new();
+        for report in &processes {
+            new_alerts.extend(
+                self.alerts
+                    .update(report.pid, &report.alerts, now, forget_after_ns),
+            );
+        }
+        self.forget(now);
+        Snapshot {
+            ktime_ns: now,
+            lost_events,
+            processes,
+            new_alerts,
+        }
+    }
+
+    fn attribute(&self, owner: &Owner, ktime_ns: u64) -> Attribution {
+        let Some(pid) = owner.pid else {
+            return Attribution::Unknown;
+        };
+        if self.exited.get(&pid).is_some_and(|&exit| exit <= ktime_ns) {
+            return Attribution::Unknown;
+        }
+        if !self.config.pids.is_empty() && !self.config.pids.contains(&pid) {
+            return Attribution::Excluded;
+        }
+        Attribution::Owner(pid)
+    }
+
+    fn process_mut(&mut self, pid: u32, comm: &str, now_ns: u64) -> &mut Process {
+        let process = self
+            .processes
+            .entry(pid)
+            .or_insert_with(|| Process::new(&self.config, comm, now_ns));
+        process.set_comm(comm);
+        process
+    }
+
+    fn count_sockets(&mut self, now_ns: u64) {
+        // Sockets never tied to a process and quiet for a long window most
+        // likely closed while events were lost.
+        let stale_before = now_ns.saturating_sub(duration_ns(self.config.long_window));
+        self.sockets
+            .retain(|_, record| record.pid.is_some() || record.last_event_ns >= stale_before);
+        self.processes.values_mut().for_each(Process::reset_current);
+        for record in self.sockets.values() {
+            if let Some(process) = record.pid.and_then(|pid| self.processes.get_mut(&pid)) {
+                process.count_socket(record, now_ns);
+            }
+        }
+    }
+
+    /// Drops exited processes (reported once more by now) and processes that
+    /// hold nothing and have been quiet for a long window.
+    fn forget(&mut self, now_ns: u64) {
+        let quiet_since = now_ns.saturating_sub(duration_ns(self.config.long_window));
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|&(pid, process)| {
+                process.exited
+                    || (!process.has_sockets()
+                        && process.last_event_ns < quiet_since
+                        && !self.config.pids.contains(pid)
+                        && !self.alerts.has_pid(*pid))
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in &gone {
+            self.processes.remove(pid);
+            self.alerts.forget_pid(*pid);
+        }
+        if !gone.is_empty() {
+            let processes = &self.processes;
+            self.sockets
+                .retain(|_, record| record.pid.is_none_or(|pid| processes.contains_key(&pid)));
+        }
+        self.exited
+            .retain(|_, &mut exit| now_ns.saturating_sub(exit) < EXIT_GRACE_NS);
+        for process in self.processes.values_mut() {
+            process.peers.evict_quiet(quiet_since);
+        }
+    }
+}
+
+/// Alerting first, then the soonest fd exhaustion, the most CLOSE_WAIT, the
+/// fastest net gain, the most held.
+fn worst_first(a: &ProcessReport, b: &ProcessReport) -> std::cmp::Ordering {
+    let eta = |report: &ProcessReport| report.eta_s.unwrap_or(f64::INFINITY);
+    // `false` sorts first: processes with alerts lead.
+    a.alerts
+        .is_empty()
+        .cmp(&b.alerts.is_empty())
+        .then_with(|| eta(a).total_cmp(&eta(b)))
+        .then_with(|| b.close_wait.cmp(&a.close_wait))
+        .then_with(|| b.net_per_s_long.total_cmp(&a.net_per_s_long))
+        .then_with(|| b.held.cmp(&a.held))
+        .then_with(|| a.pid.cmp(&b.pid))
+}
+
+/// Rates and seconds to three decimals: finer digits are noise in the output.
+fn round3(value: f64) -> f64 {
+    (value * 1e3).round() / 1e3
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,319 @@
+//! Everything kept about one process: event counters updated per transition,
+//! and the picture recounted from the socket table at each tick.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+use super::forecast::{self, History, Sample};
+use super::lifecycle::{Effects, SocketRecord, seeded_closer};
+use super::peers::{PeerKey, PeerTable};
+use super::rates::Rates;
+use super::verdicts::Evidence;
+use super::{DwellSummary, ProcSample, ProcessReport, WatchConfig, round3};
+use crate::tcp::TcpState;
+
+const NS_PER_MS: u64 = 1_000_000;
+/// Longest CLOSE_WAIT dwell told apart in the histogram: a week, in ms.
+const MAX_DWELL_MS: u64 = 7 * 24 * 3_600 * 1_000;
+
+/// Milliseconds, two significant digits. Creation only fails on invalid
+/// bounds, which these are not (see the test), so `None` never happens.
+fn dwell_histogram() -> Option<Histogram<u64>> {
+    Histogram::new_with_bounds(1, MAX_DWELL_MS, 2).ok()
+}
+
+/// Recounted from the socket table at each tick.
+#[derive(Debug, Default)]
+struct Current {
+    sockets: BTreeMap<&'static str, u64>,
+    held: u64,
+    close_wait: u64,
+    oldest_close_wait_ns: Option<u64>,
+    oldest_close_wait_before_start: bool,
+    close_wait_before_start: u64,
+    /// Ended dwells plus the ages of the sockets still waiting.
+    close_wait_dwell_ms: Option<Histogram<u64>>,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    pub comm: String,
+    opens: Rates,
+    closes: Rates,
+    pub peers: PeerTable,
+    pub listen_ports: Vec<u16>,
+    /// CLOSE_WAIT dwells that ended, created on the first one.
+    ended_close_wait_dwell_ms: Option<Histogram<u64>>,
+    history: History,
+    trend_window_s: f64,
+    pub last_event_ns: u64,
+    pub exited: bool,
+    current: Current,
+}
+
+impl Process {
+    pub fn new(config: &WatchConfig, comm: &str, now_ns: u64) -> Self {
+        Self {
+            comm: comm.to_string(),
+            opens: Rates::new(config.short_window, config.long_window),
+            closes: Rates::new(config.short_window, config.long_window),
+            peers: PeerTable::default(),
+            listen_ports: Vec::new(),
+            ended_close_wait_dwell_ms: None,
+            history: History::new(config.trend_window),
+            trend_window_s: config.trend_window.as_secs_f64(),
+            last_event_ns: now_ns,
+            exited: false,
+            current: Current::default(),
+        }
+    }
+
+    /// Keeps the name current without allocating when it did not change.
+    pub fn set_comm(&mut self, comm: &str) {
+        if !comm.is_empty() && self.comm != comm {
+            self.comm.clear();
+            self.comm.push_str(comm);
+        }
+    }
+
+    pub fn apply(&mut self, effects: &Effects, peer: Option<PeerKey>, now_ns: u64) {
+        self.last_event_ns = now_ns;
+        if let Some(port) = effects.listen_started {
+            self.add_listen_port(port);
+        }
+        if let Some(port) = effects.listen_stopped {
+            self.listen_ports.retain(|&listening| listening != port);
+        }
+        if effects.opened {
+            self.opens.add(now_ns);
+        }
+        if effects.released {
+            self.closes.add(now_ns);
+        }
+        if let Some(dwell_ns) = effects.close_wait_dwell_ns {
+            if self.ended_close_wait_dwell_ms.is_none() {
+                self.ended_close_wait_dwell_ms = dwell_histogram();
+            }
+            if let Some(histogram) = &mut self.ended_close_wait_dwell_ms {
+                histogram.saturating_record(dwell_ns / NS_PER_MS);
+            }
+        }
+        let Some(key) = peer else {
+            return;
+        };
+        let stats = self.peers.stats_mut(key);
+        stats.last_event_ns = now_ns;
+        stats.opened += u64::from(effects.opened);
+        stats.closed += u64::from(effects.released);
+        if let Some(closer) = effects.closer {
+            stats.record_closer(closer);
+        }
+        if let Some(lifetime_ns) = effects.lifetime_ns {
+            stats.record_lifetime(lifetime_ns);
+        }
+        if let Some(dwell_ns) = effects.peer_close_after_ns {
+            stats.record_peer_close_after(dwell_ns);
+        }
+    }
+
+    fn add_listen_port(&mut self, port: u16) {
+        if !self.listen_ports.contains(&port) {
+            self.listen_ports.push(port);
+        }
+    }
+
+    /// Takes in a socket that existed at start.
+    pub fn add_seeded(&mut self, record: &SocketRecord, local_port: u16, now_ns: u64) {
+        if record.listener {
+            self.add_listen_port(local_port);
+        }
+        let Some(key) = record.peer else {
+            return;
+        };
+        let stats = self.peers.stats_mut(key);
+        stats.last_event_ns = now_ns;
+        if let Some(closer) = seeded_closer(record.state) {
+            stats.record_closer(closer);
+        }
+    }
+
+    pub fn reset_current(&mut self) {
+        self.current = Current::default();
+        self.peers.reset_current();
+    }
+
+    pub fn count_socket(&mut self, record: &SocketRecord, now_ns: u64) {
+        *self.current.sockets.entry(record.state.name()).or_default() += 1;
+        if !record.is_held_connection() {
+            return;
+        }
+        self.current.held += 1;
+        let close_wait_age_ns = (record.state == TcpState::CloseWait).then(|| {
+            record
+                .close_wait_since_ns
+                .map(|since| now_ns.saturating_sub(since))
+        });
+        if let Some(age_ns) = close_wait_age_ns {
+            self.count_close_wait(age_ns, record.close_wait_before_start);
+        }
+        let Some(key) = record.peer else {
+            return;
+        };
+        let stats = self.peers.existing_mut(&key);
+        stats.held += 1;
+        stats.close_wait += u64::from(close_wait_age_ns.is_some());
+        if let Some(established) = record.established_at_ns {
+            stats.oldest_open_ns = stats.oldest_open_ns.max(now_ns.saturating_sub(established));
+        }
+    }
+
+    fn count_close_wait(&mut self, age_ns: Option<u64>, before_start: bool) {
+        let current = &mut self.current;
+        current.close_wait += 1;
+        current.close_wait_before_start += u64::from(before_start);
+        let Some(age_ns) = age_ns else {
+            return;
+        };
+        if current
+            .oldest_close_wait_ns
+            .is_none_or(|oldest| age_ns > oldest)
+        {
+            current.oldest_close_wait_ns = Some(age_ns);
+            current.oldest_close_wait_before_start = before_start;
+        }
+        if current.close_wait_dwell_ms.is_none() {
+            current.close_wait_dwell_ms = self
+                .ended_close_wait_dwell_ms
+                .clone()
+                .or_else(dwell_histogram);
+        }
+        if let Some(histogram) = &mut current.close_wait_dwell_ms {
+            histogram.saturating_record(age_ns / NS_PER_MS);
+        }
+    }
+
+    /// Whether any socket of the table was counted under this process.
+    pub fn has_sockets(&self) -> bool {
+        !self.current.sockets.is_empty()
+    }
+
+    /// Records this tick's sample and computes the figures; call after the
+    /// sockets were counted.
+    pub fn report(
+        &mut self,
+        pid: u32,
+        now_ns: u64,
+        start_ns: u64,
+        sample: Option<ProcSample>,
+    ) -> (ProcessReport, Evidence) {
+        let current = &self.current;
+        self.history.push(Sample {
+            ktime_ns: now_ns,
+            fds: sample.map(|sample| sample.fds),
+            held: current.held,
+            close_wait: current.close_wait,
+        });
+        let fd_points = self.history.points(|sample| sample.fds);
+        let fd_forecast =
+            sample.and_then(|sample| forecast::fd_forecast(&fd_points, sample.soft_limit));
+        let evidence = Evidence {
+            fds_keep_growing: forecast::keeps_growing(&fd_points, 0.0),
+            // Over the whole window, so that a pool filling up over some
+            // seconds is not taken for a leak.
+            held_keeps_growing: forecast::keeps_growing(
+                &self.history.points(|sample| Some(sample.held)),
+                0.9 * self.trend_window_s,
+            ),
+            close_wait_keeps_growing: forecast::keeps_growing(
+                &self.history.points(|sample| Some(sample.close_wait)),
+                0.0,
+            ),
+            opened_long: self.opens.long.count(now_ns),
+            closed_long: self.closes.long.count(now_ns),
+            close_wait_before_start: current.close_wait_before_start,
+        };
+
+        let connects_per_s = round3(self.opens.short.per_second(now_ns, start_ns));
+        let closes_per_s = round3(self.closes.short.per_second(now_ns, start_ns));
+        let connects_per_s_long = round3(self.opens.long.per_second(now_ns, start_ns));
+        let closes_per_s_long = round3(self.closes.long.per_second(now_ns, start_ns));
+        let dwell = current
+            .close_wait_dwell_ms
+            .as_ref()
+            .or(self.ended_close_wait_dwell_ms.as_ref());
+        let report = ProcessReport {
+            pid,
+            comm: self.comm.clone(),
+            exited: self.exited,
+            connects_per_s,
+            closes_per_s,
+            net_per_s: round3(connects_per_s - closes_per_s),
+            connects_per_s_long,
+            closes_per_s_long,
+            net_per_s_long: round3(connects_per_s_long - closes_per_s_long),
+            sockets: current.sockets.clone(),
+            held: current.held,
+            close_wait: current.close_wait,
+            close_wait_oldest_s: current
+                .oldest_close_wait_ns
+                .map(|age_ns| round3(age_ns as f64 / 1e9)),
+            close_wait_oldest_lower_bound: current.oldest_close_wait_before_start,
+            close_wait_dwell_s: dwell.and_then(DwellSummary::from_ms_histogram),
+            fds: sample.map(|sample| sample.fds),
+            fd_soft_limit: sample.map(|sample| sample.soft_limit),
+            fd_hard_limit: sample.map(|sample| sample.hard_limit),
+            fd_growth_per_s: fd_forecast.map(|forecast| round3(forecast.growth_per_s)),
+            eta_s: fd_forecast.and_then(|forecast| forecast.eta_s).map(round3),
+            alerts: Vec::new(),
+            peers: self.peers.report(),
+            labels: Default::default(),
+        };
+        (report, evidence)
+    }
+}
+
+impl DwellSummary {
+    fn from_ms_histogram(histogram: &Histogram<u64>) -> Option<Self> {
+        if histogram.is_empty() {
+            return None;
+        }
+        let seconds = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1e3;
+        Some(Self {
+            count: histogram.len(),
+            p50_s: seconds(0.5),
+            p90_s: seconds(0.9),
+            p99_s: seconds(0.99),
+            max_s: histogram.max() as f64 / 1e3,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dwell_histogram_bounds_are_valid() {
+        let mut histogram = dwell_histogram().unwrap();
+        histogram.saturating_record(0);
+        histogram.saturating_record(MAX_DWELL_MS * 10);
+        assert_eq!(histogram.len(), 2);
+    }
+
+    #[test]
+    fn dwell_summary_in_seconds() {
+        let mut histogram = dwell_histogram().unwrap();
+        for ms in [1_000, 2_000, 3_000, 60_000] {
+            histogram.saturating_record(ms);
+        }
+        let summary = DwellSummary::from_ms_histogram(&histogram).unwrap();
+        assert_eq!(summary.count, 4);
+        assert!((summary.p50_s - 2.0).abs() < 0.05);
+        assert!((summary.max_s - 60.0).abs() < 0.5);
+        assert_eq!(
+            DwellSummary::from_ms_histogram(&dwell_histogram().unwrap()),
+            None
+        );
+    }
+}

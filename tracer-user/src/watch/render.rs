@@ -1,0 +1,420 @@
+//! The outputs of a snapshot: JSON Lines for programs, a `top`-like table
+//! for people. Pure functions returning strings; the caller does the I/O.
+//!
+//! JSON Lines, one object per line:
+//! - `{"type":"process", "ts", ...ProcessReport fields, "lost_events"}` for
+//!   every process, worst first;
+//! - `{"type":"alert", "ts", ...Alert fields}` for each alert raised or
+//!   worsened at this tick.
+//!
+//! `ts` is the wall-clock time of the snapshot in seconds since the Unix
+//! epoch, as a number with millisecond precision (e.g. `1716200000.123`).
+
+use serde::Serialize;
+
+use super::peers::PeerReport;
+use super::verdicts::Alert;
+use super::{ProcessReport, Snapshot};
+
+#[derive(Serialize)]
+struct ProcessLine<'a> {
+    #[serde(rename = "type")]
+    line_type: &'static str,
+    ts: f64,
+    #[serde(flatten)]
+    report: &'a ProcessReport,
+    lost_events: u64,
+}
+
+#[derive(Serialize)]
+struct AlertLine<'a> {
+    #[serde(rename = "type")]
+    line_type: &'static str,
+    ts: f64,
+    #[serde(flatten)]
+    alert: &'a Alert,
+}
+
+/// The snapshot as JSON Lines (each line ends with `\n`): process lines,
+/// then the alerts raised at this tick.
+pub fn json_lines(snapshot: &Snapshot, ts_unix_s: f64) -> serde_json::Result<String> {
+    let ts = (ts_unix_s * 1e3).round() / 1e3;
+    let mut out = String::new();
+    for report in &snapshot.processes {
+        out.push_str(&serde_json::to_string(&ProcessLine {
+            line_type: "process",
+            ts,
+            report,
+            lost_events: snapshot.lost_events,
+        })?);
+        out.push('\n');
+    }
+    for alert in &snapshot.new_alerts {
+        out.push_str(&serde_json::to_string(&AlertLine {
+            line_type: "alert",
+            ts,
+            alert,
+        })?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// The terminal the table is drawn for.
+#[derive(Clone, Copy, Debug)]
+pub struct TableStyle {
+    /// Columns; every line fits in them.
+    pub width: usize,
+    /// Process rows shown; the rest are counted on one line.
+    pub max_rows: usize,
+    /// ANSI bold/red for alerts.
+    pub color: bool,
+}
+
+/// Alert messages listed under the table.
+const MAX_ALERT_LINES: usize = 5;
+const BOLD: &str = "\x1b[1m";
+const ALERT: &str = "\x1b[1;31m";
+const RESET: &str = "\x1b[0m";
+
+struct Column {
+    title: &'static str,
+    width: usize,
+    left: bool,
+    /// On a narrow terminal, columns go lowest first; `None` stays.
+    drop_order: Option<u8>,
+}
+
+const fn column(title: &'static str, width: usize, left: bool, drop_order: Option<u8>) -> Column {
+    Column {
+        title,
+        width,
+        left,
+        drop_order,
+    }
+}
+
+const COLUMNS: [Column; 11] = [
+    column("PID", 7, false, None),
+    column("COMM", 15, true, None),
+    column("CONN/s", 7, false, Some(4)),
+    column("CLOSE/s", 7, false, Some(2)),
+    column("NET/s", 7, false, Some(1)),
+    column("ESTAB", 6, false, Some(3)),
+    column("CLOSE_WAIT", 10, false, None),
+    column("OLDEST", 7, false, Some(5)),
+    column("FDS", 7, false, Some(6)),
+    column("LIMIT", 7, false, Some(5)),
+    column("ETA", 7, false, None),
+];
+/// The peer with most connections held, and how many.
+const PEER_TITLE: &str = "TOP-PEER (HELD)";
+/// The peer column goes first on a narrow terminal, when it would be
+/// narrower than this.
+const MIN_PEER_WIDTH: usize = 12;
+
+/// A `top`-like view: a header with totals and lost events, one row per
+/// process (worst first, alerting rows marked `!` and, with color, red), then
+/// the messages of the alerts in force.
+pub fn table(snapshot: &Snapshot, style: &TableStyle) -> String {
+    let (shown, show_peer) = layout(style.width);
+    let paint = |line: String, code: &str| {
+        let line = fit(&line, style.width);
+        if style.color {
+            format!("{code}{line}{RESET}\n")
+        } else {
+            format!("{line}\n")
+        }
+    };
+    let plain = |line: String| format!("{}\n", fit(&line, style.width));
+
+    let mut out = String::new();
+    out.push_str(&paint(header(snapshot), BOLD));
+    let titles: Vec<String> = COLUMNS
+        .iter()
+        .map(|column| column.title.to_string())
+        .collect();
+    let peer_title = show_peer.then(|| PEER_TITLE.to_string());
+    out.push_str(&paint(row(' ', &shown, &titles, peer_title), BOLD));
+    for report in snapshot.processes.iter().take(style.max_rows) {
+        let alerting = !report.alerts.is_empty();
+        let flag = match (alerting, report.exited) {
+            (true, _) => '!',
+            (false, true) => 'x',
+            (false, false) => ' ',
+        };
+        let peer = show_peer.then(|| top_peer(report));
+        let line = row(flag, &shown, &cells(report), peer);
+        out.push_str(&if alerting {
+            paint(line, ALERT)
+        } else {
+            plain(line)
+        });
+    }
+    let hidden = snapshot.processes.len().saturating_sub(style.max_rows);
+    if hidden > 0 {
+        out.push_str(&plain(format!("  … {hidden} more processes")));
+    }
+
+    let alerts: Vec<&Alert> = snapshot
+        .processes
+        .iter()
+        .flat_map(|report| &report.alerts)
+        .collect();
+    for alert in alerts.iter().take(MAX_ALERT_LINES) {
+        out.push_str(&paint(format!("! {}", alert.message), ALERT));
+    }
+    if alerts.len() > MAX_ALERT_LINES {
+        let more = alerts.len() - MAX_ALERT_LINES;
+        out.push_str(&plain(format!("  … {more} more alerts")));
+    }
+    out
+}
+
+/// Which of [`COLUMNS`] fit in `width`, and whether the peer column does.
+fn layout(width: usize) -> (Vec<usize>, bool) {
+    // The flag ("! ") and each column with its separating space.
+    let used = |shown: &[usize]| {
+        2 + shown
+            .iter()
+            .filter_map(|&index| COLUMNS.get(index))
+            .map(|column| column.width + 1)
+            .sum::<usize>()
+    };
+    let mut shown: Vec<usize> = (0..COLUMNS.len()).collect();
+    let show_peer = used(&shown) + MIN_PEER_WIDTH <= width;
+    let mut droppable: Vec<u8> = COLUMNS
+        .iter()
+        .filter_map(|column| column.drop_order)
+        .collect();
+    droppable.sort_unstable();
+    for order in droppable {
+        if used(&shown) <= width {
+            break;
+        }
+        shown.retain(|&index| {
+            COLUMNS
+                .get(index)
+                .is_some_and(|c| c.drop_order != Some(order))
+        });
+    }
+    (shown, show_peer)
+}
+
+fn header(snapshot: &Snapshot) -> String {
+    let processes = snapshot.processes.len();
+    let held: u64 = snapshot.processes.iter().map(|report| report.held).sum();
+    let close_wait: u64 = snapshot
+        .processes
+        .iter()
+        .map(|report| report.close_wait)
+        .sum();
+    let alerting = snapshot
+        .processes
+        .iter()
+        .filter(|report| !report.alerts.is_empty())
+        .count();
+    format!(
+        "socktrace: {processes} processes, {} held, {} in CLOSE_WAIT, \
+         {alerting} alerting, {} events lost",
+        count(held),
+        count(close_wait),
+        count(snapshot.lost_events),
+    )
+}
+
+fn cells(report: &ProcessReport) -> Vec<String> {
+    let dash = || "-".to_string();
+    let oldest = report.close_wait_oldest_s.map_or_else(dash, |oldest| {
+        let prefix = if report.close_wait_oldest_lower_bound {
+            "≥"
+        } else {
+            ""
+        };
+        format!("{prefix}{}", age(oldest))
+    });
+    vec![
+        report.pid.to_string(),
+        report.comm.clone(),
+        format!("{:.1}", report.connects_per_s),
+        format!("{:.1}", report.closes_per_s),
+        format!("{:+.1}", report.net_per_s),
+        report
+            .sockets
+            .get("ESTABLISHED")
+            .copied()
+            .unwrap_or(0)
+            .to_string(),
+        report.close_wait.to_string(),
+        oldest,
+        report.fds.map_or_else(dash, compact),
+        report.fd_soft_limit.map_or_else(dash, compact),
+        report.eta_s.map_or_else(dash, age),
+    ]
+}
+
+/// "10.0.0.5:17000 (318) idle≈2.0 s"
+fn top_peer(report: &ProcessReport) -> String {
+    let Some(peer) = report.peers.first() else {
+        return String::new();
+    };
+    let PeerReport {
+        remote,
+        local_port,
+        held,
+        peer_idle_timeout_s,
+        ..
+    } = peer;
+    let mut text = match local_port {
+        Some(port) => format!("{remote}→:{port} ({held})"),
+        None => format!("{remote} ({held})"),
+    };
+    if let Some(timeout) = peer_idle_timeout_s {
+        text.push_str(&format!(" idle≈{}", seconds_phrase(*timeout)));
+    }
+    text
+}
+
+fn row(flag: char, shown: &[usize], cells: &[String], peer: Option<String>) -> String {
+    let mut line = format!("{flag} ");
+    for &index in shown {
+        let (Some(column), Some(cell)) = (COLUMNS.get(index), cells.get(index)) else {
+            continue;
+        };
+        let cell = fit(cell, column.width);
+        if column.left {
+            line.push_str(&format!("{cell:<width$} ", width = column.width));
+        } else {
+            line.push_str(&format!("{cell:>width$} ", width = column.width));
+        }
+    }
+    match peer {
+        Some(peer) => line.push_str(&peer),
+        None => line.truncate(line.trim_end().len()),
+    }
+    line
+}
+
+/// Cuts `text` to `width` characters, marking the cut with "…".
+fn fit(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    if width > 0 {
+        cut.push('…');
+    }
+    cut
+}
+
+/// 1034 -> "1,034".
+pub(super) fn count(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// Table cells: exact up to 7 digits, then "12M"; RLIM_INFINITY is "unlim".
+fn compact(value: u64) -> String {
+    match value {
+        u64::MAX => "unlim".to_string(),
+        0..10_000_000 => value.to_string(),
+        _ => format!("{}M", value / 1_000_000),
+    }
+}
+
+/// "42s", "9m12s", "3h05m", "2d04h".
+pub(super) fn age(seconds: f64) -> String {
+    let total = seconds.max(0.0).round() as u64;
+    let (days, hours, minutes, secs) = (
+        total / 86_400,
+        total / 3_600 % 24,
+        total / 60 % 60,
+        total % 60,
+    );
+    match total {
+        0..60 => format!("{secs}s"),
+        60..3_600 => format!("{minutes}m{secs:02}s"),
+        3_600..86_400 => format!("{hours}h{minutes:02}m"),
+        _ => format!("{days}d{hours:02}h"),
+    }
+}
+
+/// "~40s", "~12 min", "~5 h", "~20 days".
+pub(super) fn eta_phrase(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    if seconds < 100.0 {
+        format!("~{seconds:.0}s")
+    } else if seconds < 100.0 * 60.0 {
+        format!("~{:.0} min", seconds / 60.0)
+    } else if seconds < 48.0 * 3_600.0 {
+        format!("~{:.0} h", seconds / 3_600.0)
+    } else {
+        format!("~{:.0} days", seconds / 86_400.0)
+    }
+}
+
+/// A rate in the unit that reads best: "12/s", "2.5/s", "2.0/min", "0.5/h".
+pub(super) fn per_second_phrase(per_second: f64) -> String {
+    if per_second <= 0.0 {
+        "0/s".to_string()
+    } else if per_second >= 10.0 {
+        format!("{per_second:.0}/s")
+    } else if per_second >= 1.0 {
+        format!("{per_second:.1}/s")
+    } else if per_second * 60.0 >= 0.1 {
+        format!("{:.1}/min", per_second * 60.0)
+    } else {
+        format!("{:.1}/h", per_second * 3_600.0)
+    }
+}
+
+/// "2.0 s", "10 s".
+pub(super) fn seconds_phrase(seconds: f64) -> String {
+    if seconds < 10.0 {
+        format!("{seconds:.1} s")
+    } else {
+        format!("{seconds:.0} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_like_the_issue() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_034), "1,034");
+        assert_eq!(count(65_535), "65,535");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(age(552.0), "9m12s");
+        assert_eq!(age(42.4), "42s");
+        assert_eq!(age(3_900.0), "1h05m");
+        assert_eq!(age(187_200.0), "2d04h");
+        assert_eq!(eta_phrase(20.0 * 86_400.0), "~20 days");
+        assert_eq!(eta_phrase(16.2), "~16s");
+        assert_eq!(eta_phrase(720.0), "~12 min");
+        assert_eq!(per_second_phrase(2.0 / 60.0), "2.0/min");
+        assert_eq!(per_second_phrase(10.0), "10/s");
+        assert_eq!(per_second_phrase(0.0), "0/s");
+        assert_eq!(seconds_phrase(2.004), "2.0 s");
+        assert_eq!(compact(65_535), "65535");
+        assert_eq!(compact(u64::MAX), "unlim");
+        assert_eq!(compact(1_073_741_816), "1073M");
+    }
+
+    #[test]
+    fn fit_marks_the_cut() {
+        assert_eq!(fit("abcdef", 4), "abc…");
+        assert_eq!(fit("abc", 4), "abc");
+        assert_eq!(fit("abc", 0), "");
+    }
+}

@@ -1,0 +1,224 @@
+//! `socktrace watch`: feeds the per-process view from the socket stage,
+//! samples each process's fds and limits once per interval (never per
+//! event), and prints a live table or JSON Lines.
+
+use std::{
+    collections::HashMap,
+    io::{self, IsTerminal as _, Write},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use clap::Args;
+
+use crate::{
+    cli::{FilterArgs, parse_secs},
+    collector::Sink,
+    output::{Scope, trace::report_losses},
+    probes::Counters,
+    procfs,
+    sockets::Output,
+    watch::{
+        ProcSample, Watch, WatchConfig,
+        render::{self, TableStyle},
+    },
+};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Seconds between reports.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub interval: Duration,
+    /// Print one report (after one interval) and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Alert when the soft fd limit is forecast within this time (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub warn_eta: Duration,
+    /// CLOSE_WAIT sockets older than this count as stuck (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub close_wait_age: Duration,
+    /// Alert when a process uses this share of its soft fd limit, in percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 90.0)]
+    pub fd_usage: f64,
+}
+
+impl WatchArgs {
+    pub fn config(&self) -> WatchConfig {
+        WatchConfig {
+            warn_eta: self.warn_eta,
+            close_wait_age: self.close_wait_age,
+            fd_usage_threshold: self.fd_usage / 100.0,
+            pids: self.filter.pids.clone(),
+            ..WatchConfig::default()
+        }
+    }
+}
+
+/// How reports are shown.
+pub enum Display {
+    /// A live table redrawn in place, like `top`.
+    Terminal,
+    /// JSON Lines (`--json`, or whenever stdout is not a terminal).
+    Json,
+}
+
+impl Display {
+    pub fn choose(json: bool) -> Self {
+        if json || !io::stdout().is_terminal() {
+            Self::Json
+        } else {
+            Self::Terminal
+        }
+    }
+}
+
+pub struct WatchSink<W: Write> {
+    watch: Watch,
+    out: W,
+    display: Display,
+    scope: Scope,
+    interval_ns: u64,
+    next_report_ns: u64,
+    once: bool,
+    reported: bool,
+}
+
+impl<W: Write> WatchSink<W> {
+    pub fn new(
+        watch: Watch,
+        out: W,
+        display: Display,
+        scope: Scope,
+        interval: Duration,
+        start_ns: u64,
+        once: bool,
+    ) -> Self {
+        let interval_ns = interval.as_nanos() as u64;
+        Self {
+            watch,
+            out,
+            display,
+            scope,
+            interval_ns,
+            next_report_ns: start_ns + interval_ns,
+            once,
+            reported: false,
+        }
+    }
+
+    fn report(&mut self, now_ns: u64, lost_events: u64) -> io::Result<()> {
+        let samples = sample(&self.watch.pids_to_sample());
+        let mut snapshot = self.watch.tick(now_ns, &samples, lost_events);
+        for process in &mut snapshot.processes {
+            process.labels = self.scope.labels(process.pid).clone();
+        }
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        match self.display {
+            Display::Json => {
+                let lines = render::json_lines(&snapshot, ts).map_err(io::Error::other)?;
+                self.out.write_all(lines.as_bytes())?;
+            }
+            Display::Terminal => {
+                let (width, height) = terminal_size();
+                let style = TableStyle {
+                    width,
+                    max_rows: height.saturating_sub(10).max(5),
+                    color: true,
+                };
+                // Home and clear, then redraw: a live view like top.
+                write!(
+                    self.out,
+                    "\x1b[H\x1b[2J{}",
+                    render::table(&snapshot, &style)
+                )?;
+            }
+        }
+        self.out.flush()
+    }
+}
+
+/// fd counts and RLIMIT_NOFILE of each process, read once per report.
+fn sample(pids: &[u32]) -> HashMap<u32, ProcSample> {
+    pids.iter()
+        .filter_map(|&pid| {
+            let fds = procfs::fd_count(pid).ok()?;
+            let (soft_limit, hard_limit) = procfs::nofile_limits(pid).ok()?;
+            Some((
+                pid,
+                ProcSample {
+                    fds,
+                    soft_limit,
+                    hard_limit,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn terminal_size() -> (usize, usize) {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ fills the winsize we own; on failure it stays zero.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    if ok && size.ws_col > 0 {
+        (usize::from(size.ws_col), usize::from(size.ws_row))
+    } else {
+        (120, 40)
+    }
+}
+
+impl<W: Write> Sink for WatchSink<W> {
+    fn output(&mut self, output: Output) -> io::Result<()> {
+        match output {
+            Output::Existing(s) => {
+                if self.scope.wants(&s.owner, s.local, s.remote) {
+                    self.watch.on_seeded(s.into());
+                }
+            }
+            Output::Transition(t) => {
+                if self.scope.wants(&t.owner, t.local, t.remote) {
+                    self.watch.on_transition(&t);
+                }
+            }
+            Output::ProcessExit { pid, ktime_ns } => {
+                self.watch.on_process_exit(pid, ktime_ns);
+                self.scope.process_exited(pid);
+            }
+            Output::LearnedOwner { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()> {
+        if now_ns < self.next_report_ns || (self.once && self.reported) {
+            return Ok(());
+        }
+        self.next_report_ns = now_ns + self.interval_ns;
+        self.report(now_ns, counters.lost_events)?;
+        self.reported = true;
+        Ok(())
+    }
+
+    fn finish(&mut self, counters: Counters) -> io::Result<()> {
+        self.out.flush()?;
+        report_losses(counters);
+        Ok(())
+    }
+
+    fn container_stopped(&mut self) {
+        self.scope.widen_to_host();
+    }
+
+    fn done(&self) -> bool {
+        self.once && self.reported
+    }
+}
