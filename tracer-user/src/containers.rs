@@ -242,7 +242,7 @@ fn container_id(path: &str) -> Option<(&'static str, String)> {
 mod tests {
     use super::*;
 
-    const ID: &str = "4f7c0d1b2a3e4f5061728394a5b6c7d8e9f00112233445566778899aabbccdd0011";
+    const ID: &str = "4f7c0d1b2a3e4f5061728394a5b6c7d8e9f00112233445566778899aabbccdd0";
 
     #[test]
     fn container_ids_of_each_runtime() {
