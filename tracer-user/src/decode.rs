@@ -268,8 +268,10 @@ mod tests {
             decode(&bytes[..8]),
             Err(DecodeError::TooShort { need: 32, .. })
         ));
-        let mut unknown = EventHeader::default();
-        unknown.kind = 99;
+        let unknown = EventHeader {
+            kind: 99,
+            ..EventHeader::default()
+        };
         assert_eq!(
             decode(&as_bytes(&unknown)),
             Err(DecodeError::UnknownKind(99))

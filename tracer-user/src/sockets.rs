@@ -247,11 +247,11 @@ impl SocketTable {
         let kernel_sock_id = t.sock_id;
         t.sock_id = tracked.public_id;
         let ended = t.new == TcpState::Close;
-        if let Some(owner) = kernel_owner {
-            if tracked.owner.as_ref() != Some(&owner) {
-                let previous = tracked.owner.replace(owner.clone());
-                Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
-            }
+        if let Some(owner) = kernel_owner
+            && tracked.owner.as_ref() != Some(&owner)
+        {
+            let previous = tracked.owner.replace(owner.clone());
+            Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         }
         let release_as = match &tracked.owner {
             Some(owner) => Some(owner.clone()),
@@ -432,8 +432,8 @@ impl SocketTable {
         }
     }
 
-    /// Number of sockets currently tracked (for memory accounting).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.sockets.len() + self.existing.len()
     }
 }

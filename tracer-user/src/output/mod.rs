@@ -60,7 +60,7 @@ impl Filter {
         {
             return false;
         }
-        !(self.ipv4_only && !local.is_ipv4() || self.ipv6_only && !local.is_ipv6())
+        (local.is_ipv4() || !self.ipv4_only) && (local.is_ipv6() || !self.ipv6_only)
     }
 }
 

@@ -63,7 +63,8 @@ pub fn tracepoint_fields(
     Ok(parse_format(&text))
 }
 
-/// Parses lines like `field:const void * skaddr;	offset:8;	size:8;	signed:0;`.
+/// Parses lines like `field:const void * skaddr; offset:8; size:8; signed:0;`
+/// (tab-separated).
 fn parse_format(text: &str) -> HashMap<String, u16> {
     let mut fields = HashMap::new();
     for line in text.lines() {

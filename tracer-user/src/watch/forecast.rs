@@ -53,10 +53,10 @@ impl History {
     }
 
     pub fn push(&mut self, sample: Sample) {
-        if let Some(last) = self.samples.back() {
-            if sample.ktime_ns < last.ktime_ns.saturating_add(self.min_spacing_ns) {
-                return;
-            }
+        if let Some(last) = self.samples.back()
+            && sample.ktime_ns < last.ktime_ns.saturating_add(self.min_spacing_ns)
+        {
+            return;
         }
         let horizon = sample.ktime_ns.saturating_sub(self.window_ns);
         while self

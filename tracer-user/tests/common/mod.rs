@@ -125,7 +125,7 @@ impl Tracer {
     }
 
     /// SIGINT, then collect everything it printed.
-    pub fn stop(mut self) -> Finished {
+    pub fn stop(self) -> Finished {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.wait()
