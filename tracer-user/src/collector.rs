@@ -78,6 +78,7 @@ pub async fn run(
     let mut batch: Vec<Event> = Vec::with_capacity(4096);
     let mut container = options.container;
     let mut next_container_check = Instant::now() + CONTAINER_CHECK;
+    let mut undecodable = 0u64;
 
     let result: io::Result<()> = async {
         pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -85,7 +86,7 @@ pub async fn run(
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &mut batch);
+                    undecodable += drain(guard.get_inner_mut(), &mut batch);
                     guard.clear_ready();
                     for event in batch.drain(..) {
                         table.on_event(event);
@@ -102,7 +103,7 @@ pub async fn run(
                     let now = monotonic_ns();
                     table.tick(now, lookup);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
-                    sink.tick(now, counters(&probes))?;
+                    sink.tick(now, counters(&probes, undecodable))?;
                     if sink.done() {
                         break;
                     }
@@ -131,7 +132,7 @@ pub async fn run(
             }
         }
         // Whatever is still in the ring when we stop is reported, not lost.
-        drain(ring.get_mut(), &mut batch);
+        undecodable += drain(ring.get_mut(), &mut batch);
         for event in batch.drain(..) {
             table.on_event(event);
         }
@@ -142,7 +143,7 @@ pub async fn run(
     }
     .await;
 
-    let counters = counters(&probes);
+    let counters = counters(&probes, undecodable);
     match result.and_then(|()| sink.finish(counters)) {
         Ok(()) => Ok(counters),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(counters),
@@ -150,13 +151,20 @@ pub async fn run(
     }
 }
 
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) {
+/// Decodes everything in the ring into `batch`; returns how many records
+/// could not be decoded.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) -> u64 {
+    let mut undecodable = 0;
     while let Some(record) = ring.next() {
         match decode(&record) {
             Ok(event) => batch.push(event),
-            Err(e) => log::warn!("dropping an undecodable event: {e}"),
+            Err(e) => {
+                undecodable += 1;
+                log::debug!("undecodable event: {e}");
+            }
         }
     }
+    undecodable
 }
 
 fn pass_on(
@@ -184,11 +192,15 @@ fn pass_on(
     Ok(())
 }
 
-fn counters(probes: &Probes) -> Counters {
-    probes.counters().unwrap_or_else(|e| {
+fn counters(probes: &Probes, undecodable: u64) -> Counters {
+    let kernel = probes.counters().unwrap_or_else(|e| {
         log::warn!("reading the loss counters: {e:#}");
         Counters::default()
-    })
+    });
+    Counters {
+        undecodable,
+        ..kernel
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

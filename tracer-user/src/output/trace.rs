@@ -190,6 +190,12 @@ pub fn report_losses(counters: Counters) {
             counters.lost_events
         );
     }
+    if counters.undecodable > 0 {
+        eprintln!(
+            "socktrace: {} events could not be decoded (kernel programs and collector disagree?)",
+            counters.undecodable
+        );
+    }
     if counters.socket_map_full > 0 {
         eprintln!(
             "socktrace: {} sockets untracked (socket map full); raise --max-sockets",

@@ -62,6 +62,8 @@ pub struct Probes {
 pub struct Counters {
     pub lost_events: u64,
     pub socket_map_full: u64,
+    /// Records the collector could not decode (counted in userspace).
+    pub undecodable: u64,
 }
 
 impl Probes {
@@ -133,6 +135,7 @@ impl Probes {
         Ok(Counters {
             lost_events: sum(counter::LOST_EVENTS)?,
             socket_map_full: sum(counter::SOCKET_MAP_FULL)?,
+            undecodable: 0,
         })
     }
 

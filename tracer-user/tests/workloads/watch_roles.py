@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Servers and clients for the `socktrace watch` tests, one role per process.
+
+    watch_roles.py http-server IDLE_S
+        HTTP/1.1 keep-alive server on 127.0.0.1 that closes a connection
+        after IDLE_S seconds without a request (the server closes first).
+    watch_roles.py http-client PORT MODE PERIOD_S REQUESTS [options]
+        POSTs to PORT every PERIOD_S seconds, REQUESTS times at most.
+        MODE leak: a new connection per request, never closed (each one
+        sits in CLOSE_WAIT once the server hangs up). MODE reuse: one
+        keep-alive connection; when the server has dropped it, close it and
+        connect again. Options: --nofile N lowers the soft RLIMIT_NOFILE,
+        and the client stops at EMFILE; --await-close-wait reports once every
+        connection it holds has seen the server's FIN.
+    watch_roles.py hoard-server
+        Accepts connections and never closes them (nor reads them).
+    watch_roles.py connect-close PORT PERIOD_S COUNT
+        Connects and closes at once (the client closes first), COUNT times.
+    watch_roles.py churn-server
+        Accepts, waits for the client's FIN, closes: as fast as it can.
+    watch_roles.py churn-client PORT SECONDS
+        Connects and closes as fast as it can for SECONDS.
+
+Every step is reported as one JSON object per line on stdout, with the pid
+and wall-clock times, so the test can compare them with what socktrace says.
+Each role then holds its sockets until stdin reaches EOF (the test ends).
+"""
+
+import argparse
+import errno
+import http.client
+import json
+import os
+import resource
+import select
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOOPBACK = "127.0.0.1"
+# Longest any role waits for something, so that nothing outlives its test.
+MAX_WAIT_S = 60
+
+
+def say(**fields):
+    fields["pid"] = os.getpid()
+    print(json.dumps(fields), flush=True)
+
+
+def hold_until_eof():
+    """Keeps every socket of the process until the test closes stdin."""
+    sys.stdin.read()
+
+
+def listener():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(socket.SOMAXCONN)
+    say(port=sock.getsockname()[1])
+    return sock
+
+
+def in_background(target):
+    threading.Thread(target=target, daemon=True).start()
+
+
+def http_server(idle_s):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Socket timeout of each connection: an idle keep-alive connection
+        # times out in handle_one_request, and the server closes it.
+        timeout = idle_s
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b"ok\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    server.daemon_threads = True
+    say(port=server.server_address[1])
+    in_background(server.serve_forever)
+    hold_until_eof()
+
+
+def dropped(conn):
+    """Whether the server hung up on an idle connection: its socket reads
+    EOF without blocking (what connection pools check before reuse)."""
+    if conn.sock is None:
+        return False
+    readable, _, _ = select.select([conn.sock], [], [], 0)
+    return bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+
+
+def post(conn):
+    conn.request("POST", "/", body=b"ping")
+    response = conn.getresponse()
+    response.read()
+    return response
+
+
+def at_eof(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def await_close_wait(conns):
+    deadline = time.monotonic() + MAX_WAIT_S
+    while time.monotonic() < deadline:
+        if all(at_eof(conn.sock) for conn in conns):
+            say(close_wait=len(conns))
+            return
+        time.sleep(0.05)
+    sys.exit("watch_roles.py: the server never closed the connections")
+
+
+def http_client(args):
+    if args.nofile:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, hard))
+    held, conn, connections = [], None, 0
+    start = time.time()
+    say(started=start)
+    # A fixed schedule: the request rate does not drift with latency.
+    clock = time.monotonic()
+    for i in range(args.requests):
+        time.sleep(max(0.0, clock + i * args.period - time.monotonic()))
+        if args.mode == "reuse" and conn is not None and dropped(conn):
+            conn.close()
+            conn = None
+        if conn is None or args.mode == "leak":
+            conn = http.client.HTTPConnection(LOOPBACK, args.port, timeout=10)
+            connections += 1
+        try:
+            response = post(conn)
+        except OSError as error:
+            if error.errno != errno.EMFILE:
+                raise
+            say(emfile=time.time(), requests=i, elapsed=time.time() - start)
+            break
+        if args.mode == "leak":
+            held.append(conn)
+        else:
+            response.close()
+    say(done=True, connections=connections)
+    if args.await_close_wait:
+        await_close_wait(held)
+    hold_until_eof()
+
+
+def hoard_server():
+    sock = listener()
+    hoard = []
+
+    def accept_forever():
+        while True:
+            conn, _ = sock.accept()
+            hoard.append(conn)
+
+    in_background(accept_forever)
+    hold_until_eof()
+
+
+def connect_close(port, period, count):
+    clock = time.monotonic()
+    for i in range(count):
+        time.sleep(max(0.0, clock + i * period - time.monotonic()))
+        socket.create_connection((LOOPBACK, port)).close()
+    say(done=count)
+    hold_until_eof()
+
+
+def churn_server():
+    sock = listener()
+
+    def serve_forever():
+        while True:
+            conn, _ = sock.accept()
+            conn.recv(1)  # the client's FIN
+            conn.close()
+
+    in_background(serve_forever)
+    hold_until_eof()
+
+
+def churn_client(port, seconds):
+    count, start = 0, time.monotonic()
+    while time.monotonic() - start < seconds:
+        socket.create_connection((LOOPBACK, port)).close()
+        count += 1
+    say(done=count, per_s=count / (time.monotonic() - start))
+    hold_until_eof()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    roles = parser.add_subparsers(dest="role", required=True)
+    roles.add_parser("http-server").add_argument("idle_s", type=float)
+    client = roles.add_parser("http-client")
+    client.add_argument("port", type=int)
+    client.add_argument("mode", choices=["leak", "reuse"])
+    client.add_argument("period", type=float)
+    client.add_argument("requests", type=int)
+    client.add_argument("--nofile", type=int)
+    client.add_argument("--await-close-wait", action="store_true")
+    roles.add_parser("hoard-server")
+    closer = roles.add_parser("connect-close")
+    closer.add_argument("port", type=int)
+    closer.add_argument("period", type=float)
+    closer.add_argument("count", type=int)
+    roles.add_parser("churn-server")
+    churn = roles.add_parser("churn-client")
+    churn.add_argument("port", type=int)
+    churn.add_argument("seconds", type=float)
+    args = parser.parse_args()
+
+    if args.role == "http-server":
+        http_server(args.idle_s)
+    elif args.role == "http-client":
+        http_client(args)
+    elif args.role == "hoard-server":
+        hoard_server()
+    elif args.role == "connect-close":
+        connect_close(args.port, args.period, args.count)
+    elif args.role == "churn-server":
+        churn_server()
+    elif args.role == "churn-client":
+        churn_client(args.port, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+//! `cargo xtask bench`: socktrace against no tracer and against its peers,
+//! under a loopback storm of short TCP connections from our own load
+//! generator. Writes `docs/benchmarks.md`.
+//!
+//! Phases, in this order so that each starts from a quiet machine:
+//! 1. idle: socktrace's memory with nothing happening;
+//! 2. held sockets: socktrace's memory with 100k sockets open, and its
+//!    start-up time when they already exist;
+//! 3. saturation: untraced and traced runs alternate (A/B pairs, tracers
+//!    interleaved round by round) so that drift hits both sides of a pair;
+//! 4. tiny ring buffer: losses are reported, not silent;
+//! 5. fixed rate (10k connections/s): each tracer's CPU per connection, and
+//!    the kernel time in its BPF programs (`kernel.bpf_stats_enabled`).
+//!
+//! Ratios, not absolute times, are what carry over to other machines.
+
+mod held;
+mod loadgen;
+mod proc;
+mod report;
+mod tracer;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use which::which;
+
+use crate::{cmd, setup};
+use loadgen::{Storm, StormShape};
+use proc::{BpfRunTime, MachineCpu, Memory};
+use tracer::{Output, Running, Tracer};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchOptions {
+    #[command(subcommand)]
+    tool: Option<Tool>,
+    /// Untraced/traced pairs per tracer at saturation.
+    #[arg(long, default_value_t = 5)]
+    pairs: usize,
+    /// Measured seconds of each saturation run.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Seconds of load before each measurement starts.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Connections per second of the fixed-rate runs.
+    #[arg(long, default_value_t = 10_000.0)]
+    rate: f64,
+    /// Measured seconds of each fixed-rate run.
+    #[arg(long, default_value_t = 10.0)]
+    fixed_secs: f64,
+    /// Sockets held open for the memory and start-up measurements.
+    #[arg(long, default_value_t = 100_000)]
+    held_sockets: u64,
+    #[command(flatten)]
+    shape: StormShape,
+    /// Benchmark this socktrace binary instead of building one.
+    #[arg(long, value_name = "PATH")]
+    socktrace: Option<PathBuf>,
+    /// Leave out the peers (tcpstates, tcplife).
+    #[arg(long)]
+    no_peers: bool,
+    /// Where to write the report, relative to the workspace root.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    report: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// Run the load generator alone and print connections per second.
+    Loadgen(loadgen::LoadgenOptions),
+    /// Hold loopback sockets open until stdin closes (the bench's helper).
+    #[command(hide = true)]
+    Hold(held::HoldOptions),
+}
+
+pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
+    match &options.tool {
+        Some(Tool::Loadgen(loadgen)) => loadgen::run(loadgen),
+        Some(Tool::Hold(hold)) => held::hold(hold),
+        None => bench(options),
+    }
+}
+
+/// Timing of one storm run.
+#[derive(Clone, Copy)]
+struct Window {
+    warmup: Duration,
+    measured: Duration,
+}
+
+/// One storm run, measured over its window.
+#[derive(Clone, Debug)]
+pub struct StormRun {
+    pub connections: u64,
+    pub failed: u64,
+    pub secs: f64,
+    /// Share of the machine's CPU that was busy.
+    pub machine_busy: f64,
+    pub tracer: Option<TracerSample>,
+}
+
+impl StormRun {
+    pub fn rate(&self) -> f64 {
+        self.connections as f64 / self.secs
+    }
+}
+
+/// What a tracer cost during a run.
+#[derive(Clone, Debug)]
+pub struct TracerSample {
+    pub cpu_secs: f64,
+    pub memory: Memory,
+    pub lost_events: Option<u64>,
+    pub untracked_sockets: u64,
+    /// Kernel time in its BPF programs, when bpf stats were on.
+    pub bpf: Option<BpfRunTime>,
+}
+
+/// Everything the report shows.
+pub struct Results {
+    pub machine: report::Machine,
+    pub settings: report::Settings,
+    /// The socktrace command compared with the peers.
+    pub socktrace: Tracer,
+    pub idle: Option<Idle>,
+    pub held: Option<Held>,
+    /// Per tracer, the (untraced, traced) pairs.
+    pub saturation: Vec<(Tracer, Vec<(StormRun, StormRun)>)>,
+    pub tiny_ring: Option<(Tracer, StormRun)>,
+    /// The untraced run first, then one per tracer.
+    pub fixed_rate: Vec<(Option<Tracer>, StormRun)>,
+    /// Tracers that could not be measured, and why.
+    pub skipped: Vec<String>,
+}
+
+pub struct Idle {
+    pub memory: Memory,
+    pub attach_time: Duration,
+}
+
+pub struct Held {
+    pub sockets: u64,
+    /// socktrace running while the sockets were opened.
+    pub opened_while_tracing: Memory,
+    pub untracked_while_tracing: u64,
+    /// socktrace started after they were open.
+    pub attach_time: Duration,
+    pub first_report: Option<Duration>,
+    pub existing_at_start: Memory,
+}
+
+fn bench(options: &BenchOptions) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("the bench loads eBPF programs and raises limits: run `cargo xtask bench` as root");
+    }
+    if options.pairs == 0 || options.secs <= 0.0 || options.fixed_secs <= 0.0 {
+        bail!("--pairs, --secs and --fixed-secs must be positive");
+    }
+    let binary = match &options.socktrace {
+        Some(path) => path.clone(),
+        None => build_socktrace()?,
+    };
+    let socktrace_main = main_socktrace_command(&binary)?;
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    if let Some(serve) = serve_command(&binary)? {
+        peers.push(serve);
+    } else {
+        skipped.push("`socktrace serve`: this build has no `serve` command".to_owned());
+    }
+    if !options.no_peers {
+        for name in ["tcpstates", "tcplife"] {
+            match which(name) {
+                Ok(path) => peers.push(Tracer::libbpf_tool(path, name)),
+                Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
+            }
+        }
+    }
+    let tracers: Vec<Tracer> = std::iter::once(socktrace_main.clone())
+        .chain(peers)
+        .collect();
+
+    // connect() may reuse a loopback port in TIME_WAIT after a second; without
+    // that the storm runs out of ports (see loadgen.rs).
+    let _tw_reuse = SysctlGuard::ensure("net/ipv4/tcp_tw_reuse", &["1", "2"], "2")?;
+    let window = Window {
+        warmup: Duration::from_secs_f64(options.warmup_secs),
+        measured: Duration::from_secs_f64(options.secs),
+    };
+    let started = Instant::now();
+
+    println!("== idle");
+    let idle = measure_idle(&socktrace_main)?;
+    println!("== {} held sockets", options.held_sockets);
+    let held = measure_held(&socktrace_main, options.held_sockets)?;
+
+    println!(
+        "== saturation: {} pairs x {} tracers, {:.0} s each",
+        options.pairs,
+        tracers.len(),
+        options.secs
+    );
+    let mut saturation: Vec<(Tracer, Vec<(StormRun, StormRun)>)> =
+        tracers.iter().map(|t| (t.clone(), Vec::new())).collect();
+    for round in 1..=options.pairs {
+        for (tracer, pairs) in &mut saturation {
+            let base = storm_run(None, &options.shape, None, window)?;
+            let traced = storm_run(Some(tracer), &options.shape, None, window)?;
+            println!(
+                "  round {round}: {:<28} {:>7.0}/s vs {:>7.0}/s untraced: {:.3}{}",
+                tracer.name,
+                traced.rate(),
+                base.rate(),
+                traced.rate() / base.rate(),
+                lost_note(&traced)
+            );
+            pairs.push((base, traced));
+        }
+    }
+
+    println!("== tiny ring buffer");
+    let tiny = socktrace_main.with_args(&["--ring-buffer-kib", "4"]);
+    let tiny_ring = storm_run(Some(&tiny), &options.shape, None, window)?;
+    println!("  {}{}", tiny.name, lost_note(&tiny_ring));
+
+    println!("== fixed rate: {:.0} connections/s", options.rate);
+    let fixed_window = Window {
+        warmup: window.warmup,
+        measured: Duration::from_secs_f64(options.fixed_secs),
+    };
+    let fixed_rate = {
+        // Counts the time spent in each BPF program; only for these runs,
+        // as the counting has a cost of its own.
+        let _stats = SysctlGuard::set("kernel/bpf_stats_enabled", "1")?;
+        let mut runs = Vec::new();
+        for tracer in std::iter::once(None).chain(tracers.iter().map(Some)) {
+            let run = storm_run(tracer, &options.shape, Some(options.rate), fixed_window)?;
+            println!(
+                "  {:<28} {:>7.0}/s, tracer CPU {}",
+                tracer.map_or("no tracer", |t| t.name.as_str()),
+                run.rate(),
+                run.tracer.as_ref().map_or("-".to_owned(), |t| format!(
+                    "{:.4} cores",
+                    t.cpu_secs / run.secs
+                ))
+            );
+            runs.push((tracer.cloned(), run));
+        }
+        runs
+    };
+
+    let results = Results {
+        machine: report::Machine::probe()?,
+        settings: report::Settings {
+            pairs: options.pairs,
+            secs: options.secs,
+            warmup_secs: options.warmup_secs,
+            rate: options.rate,
+            fixed_secs: options.fixed_secs,
+            shape: options.shape.clone(),
+            tw_reuse: proc::sysctl("net/ipv4/tcp_tw_reuse")?,
+            socktrace_version: socktrace_version(&binary),
+            total: started.elapsed(),
+        },
+        socktrace: socktrace_main,
+        idle: Some(idle),
+        held: Some(held),
+        saturation,
+        tiny_ring: Some((tiny, tiny_ring)),
+        fixed_rate,
+        skipped,
+    };
+    let path = cmd::workspace_root()?.join(&options.report);
+    report::write(&path, &results)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn lost_note(run: &StormRun) -> String {
+    match run.tracer.as_ref().and_then(|t| t.lost_events) {
+        Some(lost) if lost > 0 => format!(", {lost} events lost"),
+        _ => String::new(),
+    }
+}
+
+/// Builds the release binary, as `cargo xtask build` does.
+fn build_socktrace() -> anyhow::Result<PathBuf> {
+    setup::run()?;
+    cmd::run(cmd::cargo()?.args(["build", "--release", "--package", "tracer-user"]))?;
+    let binary = cmd::target_dir()?.join("release").join("socktrace");
+    if !binary.is_file() {
+        bail!("the build succeeded but {} is missing", binary.display());
+    }
+    Ok(binary)
+}
+
+/// The subcommands `socktrace --help` lists.
+fn socktrace_commands(binary: &Path) -> anyhow::Result<Vec<String>> {
+    let help = cmd::output(Command::new(binary).arg("--help"))
+        .with_context(|| format!("`{} --help` failed", binary.display()))?;
+    Ok(help
+        .lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `watch --json` once it exists: the command meant to run all the time.
+/// Until then `trace --json`, which does strictly more work per event.
+fn main_socktrace_command(binary: &Path) -> anyhow::Result<Tracer> {
+    let commands = socktrace_commands(binary)?;
+    let command = if commands.iter().any(|c| c == "watch") {
+        "watch"
+    } else {
+        "trace"
+    };
+    Ok(Tracer::socktrace(binary, &[command, "--json"]))
+}
+
+fn serve_command(binary: &Path) -> anyhow::Result<Option<Tracer>> {
+    let commands = socktrace_commands(binary)?;
+    Ok(commands
+        .iter()
+        .any(|c| c == "serve")
+        .then(|| Tracer::socktrace(binary, &["serve"])))
+}
+
+fn socktrace_version(binary: &Path) -> String {
+    let version = cmd::output(Command::new(binary).arg("--version"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "socktrace (version unknown)".to_owned());
+    let commit = cmd::output(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
+        .map(|c| c.trim().to_owned());
+    let dirty = cmd::output(Command::new("git").args(["status", "--porcelain"]))
+        .is_some_and(|status| !status.trim().is_empty());
+    match commit {
+        Some(commit) if dirty => format!("{version}, commit {commit} with local changes"),
+        Some(commit) => format!("{version}, commit {commit}"),
+        None => version,
+    }
+}
+
+/// A snapshot of the counters a run compares at the ends of its window.
+struct Snapshot {
+    at: Instant,
+    connections: u64,
+    failed: u64,
+    machine: MachineCpu,
+    tracer_cpu: f64,
+    bpf: Option<BpfRunTime>,
+}
+
+impl Snapshot {
+    fn take(storm: &Storm, tracer: Option<&Running>) -> anyhow::Result<Self> {
+        let progress = storm.progress();
+        Ok(Self {
+            at: Instant::now(),
+            connections: progress.completed,
+            failed: progress.failed,
+            machine: MachineCpu::read()?,
+            tracer_cpu: tracer.map(Running::cpu_seconds).transpose()?.unwrap_or(0.0),
+            bpf: tracer.map(|t| BpfRunTime::read(t.pid())).transpose()?,
+        })
+    }
+}
+
+/// One storm run, traced or not. The tracer is attached before the load
+/// starts and stopped after it ends, so that it sees whole connections.
+fn storm_run(
+    tracer: Option<&Tracer>,
+    shape: &StormShape,
+    rate: Option<f64>,
+    window: Window,
+) -> anyhow::Result<StormRun> {
+    let mut running = tracer
+        .map(|t| Running::start(t, Output::Discard))
+        .transpose()?;
+    let storm = Storm::start(shape, rate)?;
+    thread::sleep(window.warmup);
+    let before = Snapshot::take(&storm, running.as_ref())?;
+    thread::sleep(window.measured);
+    let after = Snapshot::take(&storm, running.as_ref())?;
+    storm.stop()?;
+
+    let sample = match running.as_mut() {
+        Some(running) => {
+            let memory = running.memory()?;
+            let finished = running.stop()?;
+            Some(TracerSample {
+                cpu_secs: after.tracer_cpu - before.tracer_cpu,
+                memory,
+                lost_events: finished.lost_events,
+                untracked_sockets: finished.untracked_sockets,
+                bpf: after.bpf.zip(before.bpf).map(|(a, b)| a.since(&b)),
+            })
+        }
+        None => None,
+    };
+    // Lets the last connections finish closing before the next run.
+    thread::sleep(Duration::from_millis(500));
+    Ok(StormRun {
+        connections: after.connections - before.connections,
+        failed: after.failed - before.failed,
+        secs: (after.at - before.at).as_secs_f64(),
+        machine_busy: after.machine.busy_since(&before.machine),
+        tracer: sample,
+    })
+}
+
+fn measure_idle(socktrace: &Tracer) -> anyhow::Result<Idle> {
+    let mut running = Running::start(socktrace, Output::Discard)?;
+    thread::sleep(Duration::from_secs(3));
+    let memory = running.memory()?;
+    running.stop()?;
+    println!(
+        "  attached in {:.0} ms, RSS {} KiB",
+        running.attach_time.as_secs_f64() * 1e3,
+        memory.rss_kib
+    );
+    Ok(Idle {
+        memory,
+        attach_time: running.attach_time,
+    })
+}
+
+/// How long socktrace gets to take in the held sockets before we look.
+const SETTLE: Duration = Duration::from_secs(3);
+/// How long we wait for the first report with the held sockets.
+const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
+    // socktrace running while they open: it tracks them from their events.
+    let mut running = Running::start(socktrace, Output::Discard)?;
+    let held = held::HeldSockets::open(sockets)?;
+    thread::sleep(SETTLE);
+    let opened_while_tracing = running.memory()?;
+    let finished = running.stop()?;
+    println!(
+        "  opened while tracing: RSS {} KiB (peak {} KiB)",
+        opened_while_tracing.rss_kib, opened_while_tracing.peak_kib
+    );
+
+    // Started after they exist: it finds them in the socket table and /proc.
+    // `trace` lists each as one "existing" line; `watch` reports per tick.
+    let output = if socktrace.args.first().is_some_and(|a| a == "trace") {
+        Output::Watch {
+            marker: r#""existing":true"#,
+            lines: held.count,
+        }
+    } else {
+        Output::Watch {
+            marker: "",
+            lines: 1,
+        }
+    };
+    let mut running = Running::start(socktrace, output)?;
+    let first_report = running.first_report(FIRST_REPORT_TIMEOUT);
+    thread::sleep(SETTLE);
+    let existing_at_start = running.memory()?;
+    running.stop()?;
+    let count = held.count;
+    held.close()?;
+    println!(
+        "  existing at start: attached in {:.0} ms, first report after {}, RSS {} KiB",
+        running.attach_time.as_secs_f64() * 1e3,
+        first_report.map_or("(none)".to_owned(), |d| format!(
+            "{:.0} ms",
+            d.as_secs_f64() * 1e3
+        )),
+        existing_at_start.rss_kib
+    );
+    Ok(Held {
+        sockets: count,
+        opened_while_tracing,
+        untracked_while_tracing: finished.untracked_sockets,
+        attach_time: running.attach_time,
+        first_report,
+        existing_at_start,
+    })
+}
+
+/// Sets a sysctl for the bench and puts the old value back afterwards.
+struct SysctlGuard {
+    name: &'static str,
+    previous: Option<String>,
+}
+
+impl SysctlGuard {
+    fn set(name: &'static str, value: &str) -> anyhow::Result<Self> {
+        let previous = proc::sysctl(name)?;
+        proc::set_sysctl(name, value)?;
+        Ok(Self {
+            name,
+            previous: Some(previous),
+        })
+    }
+
+    /// Leaves the sysctl alone if it already has one of `good`.
+    fn ensure(name: &'static str, good: &[&str], value: &str) -> anyhow::Result<Self> {
+        let current = proc::sysctl(name)?;
+        if good.contains(&current.as_str()) {
+            return Ok(Self {
+                name,
+                previous: None,
+            });
+        }
+        println!("setting {name} to {value} for the bench (was {current})");
+        Self::set(name, value)
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous
+            && let Err(err) = proc::set_sysctl(self.name, previous)
+        {
+            eprintln!("xtask: could not restore {}: {err:#}", self.name);
+        }
+    }
+}

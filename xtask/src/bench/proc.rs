@@ -1,0 +1,169 @@
+//! What the bench reads from /proc about a tracer process and the machine.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, bail};
+
+/// CPU time (user + system, all threads) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+    let ticks = |index: usize| -> anyhow::Result<u64> {
+        fields
+            .get(index - 3)
+            .and_then(|field| field.parse().ok())
+            .with_context(|| format!("field {index} of {path} is missing or not a number"))
+    };
+    Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// Resident memory now and at its peak.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub peak_kib: u64,
+}
+
+impl Memory {
+    pub fn read(pid: u32) -> anyhow::Result<Self> {
+        let path = format!("/proc/{pid}/status");
+        let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let kib = |key: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("{key} missing from {path}"))
+        };
+        Ok(Self {
+            rss_kib: kib("VmRSS:")?,
+            peak_kib: kib("VmHWM:")?,
+        })
+    }
+}
+
+/// Busy and total CPU time of the whole machine, from /proc/stat (in ticks).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub fn read() -> anyhow::Result<Self> {
+        let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let Some(cpu) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+            bail!("/proc/stat has no cpu line");
+        };
+        let ticks: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal [guest guest_nice];
+        // guest time is already counted in user.
+        let total: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        Ok(Self {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    /// Share of the machine that was busy between `earlier` and `self`.
+    pub fn busy_since(&self, earlier: &Self) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.busy.saturating_sub(earlier.busy) as f64 / total as f64
+    }
+}
+
+/// Time the kernel spent in a process's BPF programs and how often they ran,
+/// summed over the programs it holds. Counted only while
+/// `kernel.bpf_stats_enabled` is 1.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BpfRunTime {
+    pub run_time_ns: u64,
+    pub run_count: u64,
+    pub programs: usize,
+}
+
+impl BpfRunTime {
+    pub fn read(pid: u32) -> anyhow::Result<Self> {
+        let fd_dir = format!("/proc/{pid}/fd");
+        let entries = fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))?;
+        let mut sum = Self::default();
+        for entry in entries.flatten() {
+            let is_program = fs::read_link(entry.path())
+                .is_ok_and(|target| target == Path::new("anon_inode:bpf-prog"));
+            if !is_program {
+                continue;
+            }
+            let info_path = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            // The fd may have been closed since we listed it.
+            let Ok(info) = fs::read_to_string(&info_path) else {
+                continue;
+            };
+            let field = |key: &str| -> u64 {
+                info.lines()
+                    .find_map(|line| line.strip_prefix(key))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            sum.run_time_ns += field("run_time_ns:");
+            sum.run_count += field("run_cnt:");
+            sum.programs += 1;
+        }
+        Ok(sum)
+    }
+
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+            run_count: self.run_count.saturating_sub(earlier.run_count),
+            programs: self.programs,
+        }
+    }
+}
+
+/// A sysctl under /proc/sys, as `net/ipv4/tcp_tw_reuse`.
+pub fn sysctl(name: &str) -> anyhow::Result<String> {
+    let path = format!("/proc/sys/{name}");
+    let value = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok(value.trim().to_owned())
+}
+
+pub fn set_sysctl(name: &str, value: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/{name}");
+    fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
+/// Whether the process holds an attached BPF program: a bpf_link or a
+/// perf_event fd next to a program. Tools that print nothing on attach are
+/// ready once this is true.
+pub fn has_attached_bpf(pid: u32) -> bool {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let targets: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| fs::read_link(entry.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect();
+    let has = |name: &str| targets.iter().any(|target| target == name);
+    has("anon_inode:bpf-prog") && (has("anon_inode:bpf_link") || has("anon_inode:[perf_event]"))
+}

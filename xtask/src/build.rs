@@ -1,0 +1,65 @@
+//! `cargo xtask build` and `cargo xtask run`.
+
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use which::which;
+
+use crate::{cmd, setup};
+
+#[derive(Args)]
+pub struct BuildOptions {
+    /// Build the debug profile instead of release.
+    #[arg(long)]
+    debug: bool,
+}
+
+#[derive(Args)]
+pub struct RunOptions {
+    /// Arguments for socktrace, after `--`.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// Builds socktrace and returns the path of the binary. The kernel programs
+/// are compiled and embedded by tracer-user's build script.
+pub fn build(options: &BuildOptions) -> anyhow::Result<PathBuf> {
+    setup::run()?;
+    let mut build = cmd::cargo()?;
+    build.args(["build", "--package", "tracer-user"]);
+    if !options.debug {
+        build.arg("--release");
+    }
+    cmd::run(&mut build)?;
+    let profile = if options.debug { "debug" } else { "release" };
+    let binary = cmd::target_dir()?.join(profile).join("socktrace");
+    if !binary.is_file() {
+        bail!("the build succeeded but {} is missing", binary.display());
+    }
+    println!("built {}", binary.display());
+    Ok(binary)
+}
+
+/// Builds socktrace, then replaces this process with it so that its exit code
+/// and signals reach the caller unchanged.
+pub fn run(options: &RunOptions) -> anyhow::Result<()> {
+    let binary = build(&BuildOptions { debug: false })?;
+    let mut socktrace = if cmd::is_root() {
+        Command::new(&binary)
+    } else {
+        let sudo = which("sudo").context(
+            "socktrace needs root (CAP_BPF and CAP_PERFMON to load its programs) \
+             and sudo is not installed; run `cargo xtask run` as root",
+        )?;
+        println!("socktrace needs root (CAP_BPF and CAP_PERFMON); running it with sudo -E");
+        let mut sudo = Command::new(sudo);
+        sudo.arg("-E").arg(&binary);
+        sudo
+    };
+    socktrace.args(&options.args);
+    println!("$ {}", cmd::show(&socktrace));
+    // exec only returns on failure.
+    let err = socktrace.exec();
+    Err(err).with_context(|| format!("running {}", binary.display()))
+}

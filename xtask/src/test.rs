@@ -1,0 +1,74 @@
+//! `cargo xtask test`: formatting, lints, then unit and integration tests.
+
+use std::process::Command;
+
+use clap::Args;
+
+use crate::{cmd, setup, vm};
+
+/// Tells the root integration tests to fail, not skip, when they cannot run.
+const REQUIRE_ROOT_TESTS: &str = "SOCKTRACE_REQUIRE_ROOT_TESTS";
+
+/// Every package but the kernel programs: they are `no_std`/`no_main` and do
+/// not compile for the host ("unwinding panics are not supported without
+/// std"), so they are linted for the BPF target instead.
+const HOST_PACKAGES: [&str; 3] = ["--workspace", "--exclude", "tracer-ebpf"];
+
+#[derive(Args)]
+pub struct TestOptions {
+    /// Run only the root integration tests, on each kernel of the VM matrix
+    /// under QEMU; arguments after `--` go to the test binaries.
+    #[arg(long)]
+    vm: bool,
+    #[command(flatten)]
+    vm_options: vm::VmOptions,
+    /// Arguments for `cargo test`, after `--`: a test name filter, or
+    /// `-- --nocapture` for the test binaries.
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+pub fn run(options: &TestOptions) -> anyhow::Result<()> {
+    setup::run()?;
+    if options.vm {
+        return vm::test_matrix(&options.vm_options, &options.cargo_test_args);
+    }
+    cmd::run(cmd::cargo()?.args(["fmt", "--all", "--", "--check"]))?;
+    cmd::run(&mut host_clippy()?)?;
+    cmd::run(&mut ebpf_clippy()?)?;
+
+    let root = cmd::is_root();
+    let mut test = cmd::cargo()?;
+    test.arg("test")
+        .args(HOST_PACKAGES)
+        .args(&options.cargo_test_args);
+    if root {
+        test.env(REQUIRE_ROOT_TESTS, "1");
+    } else {
+        println!("not root: the root integration tests will be skipped");
+    }
+    cmd::run(&mut test)?;
+    if !root {
+        println!("not root: the root integration tests were skipped; run as root to include them");
+    }
+    Ok(())
+}
+
+fn host_clippy() -> anyhow::Result<Command> {
+    let mut clippy = cmd::cargo()?;
+    clippy
+        .args(["clippy", "--all-targets"])
+        .args(HOST_PACKAGES)
+        .args(["--", "-D", "warnings"]);
+    Ok(clippy)
+}
+
+/// Lints the kernel programs for the BPF target they are really built for.
+fn ebpf_clippy() -> anyhow::Result<Command> {
+    let mut clippy = cmd::cargo()?;
+    clippy
+        .args(["+nightly", "clippy", "--package", "tracer-ebpf"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+    Ok(clippy)
+}

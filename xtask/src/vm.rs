@@ -1,0 +1,283 @@
+//! `cargo xtask test --vm`: the root integration tests on stock Debian kernels
+//! under QEMU, so that the probe modes this host may lack (fentry, kprobe) are
+//! tested where they exist.
+//!
+//! The guest shares the host's root filesystem read-only over 9p, under a
+//! tmpfs overlay. The test binaries, socktrace and python3 therefore run at
+//! the paths they were built for, with the host's libraries; only the kernel
+//! changes. Kernels and busybox come from Debian packages, fetched with
+//! apt-get and cached under `target/vm/cache`.
+
+mod debian;
+mod guest;
+mod initramfs;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::Value;
+use which::which;
+
+use crate::cmd;
+
+/// Names the probe modes a guest kernel must support, richest first; the
+/// first is the one `auto` must choose. Read by `tracer-user/tests/modes.rs`.
+const EXPECT_MODES: &str = "SOCKTRACE_EXPECT_MODES";
+
+/// One kernel of the matrix.
+struct KernelSpec {
+    /// What reports and `--kernel` call it: the kernel series.
+    name: &'static str,
+    /// The Debian meta-package that depends on the newest kernel of the series.
+    meta_package: &'static str,
+    /// Probe modes socktrace must find usable there, richest first.
+    modes: &'static [&'static str],
+}
+
+/// Debian bookworm's kernels. Both have kprobes, BTF and fentry (ftrace
+/// direct calls), and no lockdown when booted without Secure Boot.
+const MATRIX: [KernelSpec; 2] = [
+    KernelSpec {
+        name: "6.1",
+        meta_package: "linux-image-amd64",
+        modes: &["fentry", "kprobe", "tracepoint"],
+    },
+    // Debian's newer kernel for bookworm, from bookworm-security.
+    KernelSpec {
+        name: "6.12",
+        meta_package: "linux-image-6.12-amd64",
+        modes: &["fentry", "kprobe", "tracepoint"],
+    },
+];
+
+/// Measured: one guest runs the whole suite in about N minutes under TCG.
+const DEFAULT_TIMEOUT_SECS: u64 = 1200;
+
+#[derive(Args)]
+pub struct VmOptions {
+    /// With --vm: only this kernel of the matrix (repeatable): 6.1, 6.12.
+    #[arg(long = "kernel", value_name = "SERIES", requires = "vm")]
+    kernels: Vec<String>,
+    /// With --vm: give up on a guest after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS, requires = "vm")]
+    vm_timeout: u64,
+}
+
+/// What the guests run: socktrace and the integration test binaries.
+pub struct TestBuild {
+    pub socktrace: PathBuf,
+    /// (name, executable) of each `tracer-user/tests/*.rs` binary.
+    pub binaries: Vec<(String, PathBuf)>,
+    /// tracer-user's directory: cargo runs its tests from there.
+    pub package_dir: PathBuf,
+}
+
+/// How one kernel of the matrix fared.
+enum Outcome {
+    Skipped(String),
+    Ran(guest::Report),
+}
+
+/// Boots each kernel of the matrix and runs the root integration tests in it.
+/// `test_args` go to every test binary (a name filter, `--nocapture`, ...).
+pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<()> {
+    let specs = selected(&options.kernels)?;
+    if !cmd::is_root() {
+        bail!("the VM matrix needs root: apt-get fetches the kernels and the guests share /");
+    }
+    for tool in [guest::QEMU, "dpkg-deb", "apt-get"] {
+        which(tool).with_context(|| format!("`{tool}` is missing; run `cargo xtask setup`"))?;
+    }
+    let build = build_tests()?;
+    let work = cmd::target_dir()?.join("vm");
+    let mut apt = debian::Apt::new(work.join("cache"))?;
+    let busybox = apt
+        .unpacked("busybox-static")
+        .context("fetching busybox-static for the guests' initramfs")?
+        .join("bin/busybox");
+
+    let mut results = Vec::new();
+    for spec in specs {
+        println!("\n== kernel {} ({})", spec.name, spec.meta_package);
+        let started = Instant::now();
+        let outcome = match apt.kernel(spec.meta_package, spec.name) {
+            Err(err) => {
+                println!("kernel {}: skipped: {err:#}", spec.name);
+                Outcome::Skipped(format!("{err:#}"))
+            }
+            Ok(kernel) => {
+                let run = guest::Run {
+                    label: spec.name,
+                    kernel: &kernel,
+                    busybox: &busybox,
+                    build: &build,
+                    env: vec![(EXPECT_MODES, spec.modes.join(","))],
+                    test_args,
+                    dir: work.join(spec.name),
+                    timeout: Duration::from_secs(options.vm_timeout),
+                };
+                Outcome::Ran(guest::boot(&run)?)
+            }
+        };
+        results.push((spec, outcome, started.elapsed()));
+    }
+    summarize(&results)
+}
+
+fn selected(names: &[String]) -> anyhow::Result<Vec<&'static KernelSpec>> {
+    if names.is_empty() {
+        return Ok(MATRIX.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            MATRIX
+                .iter()
+                .find(|spec| spec.name == name)
+                .with_context(|| {
+                    let known: Vec<_> = MATRIX.iter().map(|spec| spec.name).collect();
+                    format!(
+                        "no kernel {name} in the matrix (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Builds socktrace and the integration tests once (debug), and lists them
+/// from cargo's JSON messages.
+fn build_tests() -> anyhow::Result<TestBuild> {
+    let mut cargo = cmd::cargo()?;
+    cargo
+        .args(["test", "--package", "tracer-user", "--tests", "--no-run"])
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(Stdio::inherit());
+    println!("$ {}", cmd::show(&cargo));
+    let out = cargo
+        .output()
+        .with_context(|| format!("starting `{}`", cmd::show(&cargo)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", cmd::show(&cargo), out.status);
+    }
+    parse_test_build(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_test_build(messages: &str) -> anyhow::Result<TestBuild> {
+    let mut socktrace = None;
+    let mut binaries = Vec::new();
+    let mut package_dir = None;
+    for line in messages.lines() {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(executable) = message["executable"].as_str() else {
+            continue;
+        };
+        let target = &message["target"];
+        let name = target["name"].as_str().unwrap_or_default();
+        let kinds = target["kind"].as_array().cloned().unwrap_or_default();
+        let is_test_build = message["profile"]["test"] == true;
+        if kinds.iter().any(|kind| kind == "test") {
+            binaries.push((name.to_owned(), PathBuf::from(executable)));
+            if let Some(src) = target["src_path"].as_str() {
+                // <package>/tests/<name>.rs
+                package_dir = Path::new(src)
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(Path::to_path_buf);
+            }
+        } else if name == "socktrace" && !is_test_build {
+            socktrace = Some(PathBuf::from(executable));
+        }
+    }
+    binaries.sort();
+    if binaries.is_empty() {
+        bail!("cargo built no integration test binaries for tracer-user");
+    }
+    Ok(TestBuild {
+        socktrace: socktrace.context("cargo did not report the socktrace binary")?,
+        binaries,
+        package_dir: package_dir.context("cargo did not report where the tests live")?,
+    })
+}
+
+/// Prints one line per kernel and fails unless every kernel that ran passed
+/// and at least one ran.
+fn summarize(results: &[(&KernelSpec, Outcome, Duration)]) -> anyhow::Result<()> {
+    println!("\n== VM matrix");
+    let mut ran = 0;
+    let mut bad = Vec::new();
+    for (spec, outcome, elapsed) in results {
+        let took = elapsed.as_secs();
+        match outcome {
+            Outcome::Skipped(reason) => {
+                println!("kernel {:<5} skipped: {reason}", spec.name);
+            }
+            Outcome::Ran(report) => {
+                ran += 1;
+                println!(
+                    "kernel {:<5} {}: mode {}, {} passed, {} failed, {took} s{}",
+                    spec.name,
+                    report.release,
+                    report.mode.as_deref().unwrap_or("none (doctor failed)"),
+                    report.passed,
+                    report.failed,
+                    report
+                        .problem
+                        .as_ref()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default(),
+                );
+                for failure in &report.failures {
+                    println!("    failed: {failure}");
+                }
+                if !report.ok() {
+                    bad.push(spec.name);
+                }
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!("the integration tests failed on kernel {}", bad.join(", "));
+    }
+    if ran == 0 {
+        bail!("no kernel of the VM matrix could be tested");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_the_integration_test_binaries() {
+        let messages = r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"socktrace","src_path":"/w/tracer-user/src/main.rs"},"profile":{"test":false},"executable":"/w/target/debug/socktrace"}
+{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"socktrace","src_path":"/w/tracer-user/src/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/socktrace-1"}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"trace","src_path":"/w/tracer-user/tests/trace.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/trace-2"}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"cli","src_path":"/w/tracer-user/tests/cli.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/cli-3"}
+{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"libc"},"profile":{"test":false},"executable":null}
+{"reason":"build-finished","success":true}"#;
+        let build = parse_test_build(messages).unwrap();
+        assert_eq!(build.socktrace, Path::new("/w/target/debug/socktrace"));
+        assert_eq!(build.package_dir, Path::new("/w/tracer-user"));
+        let names: Vec<_> = build.binaries.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["cli", "trace"]);
+    }
+
+    #[test]
+    fn kernels_are_chosen_by_series() {
+        assert_eq!(selected(&[]).unwrap().len(), MATRIX.len());
+        assert_eq!(selected(&["6.12".into()]).unwrap()[0].name, "6.12");
+        assert!(selected(&["5.10".into()]).is_err());
+    }
+}
