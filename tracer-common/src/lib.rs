@@ -302,7 +302,10 @@ pub struct Config {
     pub filter_port: u16,
     /// 0 for both, or [`AF_INET`] / [`AF_INET6`].
     pub filter_family: u16,
-    pub _pad: u32,
+    /// Wake the collector only once this many bytes wait in the ring buffer;
+    /// between wake-ups it drains on its own timer. Waking it for every event
+    /// costs more than the event itself at high rates.
+    pub wakeup_bytes: u32,
 }
 
 macro_rules! assert_size {

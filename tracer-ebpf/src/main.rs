@@ -11,7 +11,9 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_NO_PREALLOC, bpf_pidns_info},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -60,7 +62,7 @@ static CONFIG: Global<Config> = Global::new(Config {
     filter_pids: 0,
     filter_port: 0,
     filter_family: 0,
-    _pad: 0,
+    wakeup_bytes: 0,
 });
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
@@ -163,9 +165,21 @@ fn emit<T: 'static>(event: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(0);
+            slot.submit(wakeup_flag());
         }
         None => bump(counter::LOST_EVENTS),
+    }
+}
+
+/// Batches wake-ups: the collector drains on a short timer anyway, so it is
+/// only woken early when the backlog grows past `wakeup_bytes`.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    let threshold = CONFIG.load().wakeup_bytes;
+    if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(threshold) {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 

@@ -36,6 +36,8 @@ pub trait Sink {
 }
 
 pub struct RunOptions {
+    /// Period of the socket stage's and the sink's timers, and of draining the
+    /// ring buffer: the kernel wakes the collector early only for a backlog.
     pub tick: Duration,
     pub duration: Option<Duration>,
     /// The container the run is restricted to, if any.
@@ -100,6 +102,10 @@ pub async fn run(
                     }
                 }
                 _ = ticker.tick() => {
+                    undecodable += drain(ring.get_mut(), &mut batch);
+                    for event in batch.drain(..) {
+                        table.on_event(event);
+                    }
                     let now = monotonic_ns();
                     table.tick(now, lookup);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 use tracer_common::{
     AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, ForkEvent,
-    OwnerEvent, OwnerSource, SocketOwner, StateChangeEvent,
+    OwnerEvent, OwnerSource, SocketOwner, StateChangeEvent, TASK_COMM_LEN,
 };
 
 use crate::tcp::TcpState;
@@ -29,13 +29,75 @@ pub enum DecodeError {
     UnknownFamily(u16),
 }
 
+/// A task's command name, kept inline (the kernel's 16 bytes) so events
+/// carry it without allocating.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Comm {
+    bytes: [u8; TASK_COMM_LEN],
+    len: u8,
+}
+
+impl Comm {
+    /// From the kernel's NUL-padded bytes; cut at the first byte that is not
+    /// valid UTF-8, so `as_str` never fails.
+    pub fn from_kernel(raw: &[u8; TASK_COMM_LEN]) -> Self {
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        let valid = match std::str::from_utf8(&raw[..end]) {
+            Ok(text) => text.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let mut bytes = [0; TASK_COMM_LEN];
+        bytes[..valid].copy_from_slice(&raw[..valid]);
+        Self {
+            bytes,
+            len: valid as u8,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever holds a valid UTF-8 prefix (see the constructors).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(text: &str) -> Self {
+        let mut raw = [0; TASK_COMM_LEN];
+        let mut len = text.len().min(TASK_COMM_LEN - 1);
+        while !text.is_char_boundary(len) {
+            len -= 1;
+        }
+        raw[..len].copy_from_slice(&text.as_bytes()[..len]);
+        Self::from_kernel(&raw)
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The process recorded as a socket's owner by the kernel programs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelOwner {
     /// 0 when the kernel has not seen the owner.
     pub tgid: u32,
     pub source: OwnerSource,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,14 +195,8 @@ fn owner(raw: &SocketOwner) -> Result<KernelOwner, DecodeError> {
     Ok(KernelOwner {
         tgid: raw.tgid,
         source: OwnerSource::try_from(raw.source).map_err(DecodeError::UnknownOwnerSource)?,
-        comm: comm_to_string(&raw.comm),
+        comm: Comm::from_kernel(&raw.comm),
     })
-}
-
-/// A NUL-padded kernel `comm` as text.
-pub fn comm_to_string(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 fn socket_addrs(e: &Endpoints) -> Result<(SocketAddr, SocketAddr), DecodeError> {
@@ -276,6 +332,24 @@ mod tests {
             decode(&as_bytes(&unknown)),
             Err(DecodeError::UnknownKind(99))
         );
+    }
+
+    #[test]
+    fn comm_is_inline_and_always_text() {
+        assert_eq!(Comm::from_kernel(&comm("ruler")).as_str(), "ruler");
+        let mut raw = comm("ab");
+        raw[2] = 0xff;
+        raw[3] = b'c';
+        assert_eq!(
+            Comm::from_kernel(&raw).as_str(),
+            "ab",
+            "cut at invalid UTF-8"
+        );
+        assert_eq!(
+            Comm::from("a-very-long-command-name").as_str(),
+            "a-very-long-com"
+        );
+        assert_eq!(Comm::from("héllo").to_string(), "héllo");
     }
 
     #[test]

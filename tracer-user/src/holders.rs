@@ -32,7 +32,7 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
                 sock_id: s.inode,
                 owner: Owner {
                     pid: Some(pid),
-                    comm: procfs::comm(pid).unwrap_or_default(),
+                    comm: procfs::comm(pid).as_deref().unwrap_or_default().into(),
                     source: OwnerSource::ProcFd,
                 },
                 local: s.local,
@@ -56,11 +56,12 @@ impl HolderLookup for ProcHolderLookup {
         sockets: &[(SocketAddr, SocketAddr)],
         candidates: &[u32],
     ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)> {
-        let dump = match &self.netns {
-            Some(path) => seed::dump_tcp_sockets_in_netns(path),
-            None => seed::dump_tcp_sockets(),
+        let pairs = sockets.to_vec();
+        let found = match &self.netns {
+            Some(path) => seed::in_netns(path, move || seed::find_tcp_sockets(&pairs)),
+            None => seed::find_tcp_sockets(&pairs),
         };
-        let table = match dump {
+        let table = match found {
             Ok(table) => table,
             Err(e) => {
                 log::warn!("looking up socket holders: {e}");

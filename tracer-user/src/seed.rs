@@ -98,29 +98,84 @@ pub struct SeededSocket {
     pub owners: Vec<u32>,
 }
 
-/// Every TCP socket (IPv4 and IPv6, all states) in the caller's network
-/// namespace.
+/// Every TCP socket that a file can refer to (IPv4 and IPv6, all states but
+/// TIME_WAIT and request sockets) in the caller's network namespace.
+///
+/// TIME_WAIT and request sockets have no inode and so no owner; after a
+/// connection storm there can be hundreds of thousands of them, and leaving
+/// them out in the kernel keeps a dump cheap.
 pub fn dump_tcp_sockets() -> Result<Vec<DiagSocket>, SeedError> {
-    // A netlink socket answers for the namespace it was created in.
+    let socket = sock_diag_socket()?;
+    let mut buffer = vec![0u8; RECV_BUFFER_LEN];
+    let mut sockets = Vec::new();
+    for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
+        let id = if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        };
+        send_request(&socket, family, sequence, NLM_F_REQUEST | NLM_F_DUMP, id)?;
+        receive_dump(&socket, &mut buffer, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+/// The TCP sockets with exactly these (local, remote) addresses, in the
+/// caller's network namespace. One request per socket: the kernel answers
+/// with a hash lookup, where a dump walks every socket (after a connection
+/// storm, hundreds of thousands in TIME_WAIT).
+pub fn find_tcp_sockets(pairs: &[(SocketAddr, SocketAddr)]) -> Result<Vec<DiagSocket>, SeedError> {
+    let socket = sock_diag_socket()?;
+    let mut buffer = vec![0u8; RECV_BUFFER_LEN];
+    let mut sockets = Vec::new();
+    for (sequence, &(local, remote)) in (1..).zip(pairs) {
+        let family = if local.is_ipv6() { AF_INET6 } else { AF_INET };
+        let id = SocketId {
+            source_port: local.port(),
+            destination_port: remote.port(),
+            source_address: local.ip(),
+            destination_address: remote.ip(),
+            interface_id: 0,
+            // All 0xff: no cookie to match, look the socket up by address.
+            cookie: [0xff; 8],
+        };
+        send_request(&socket, family, sequence, NLM_F_REQUEST, id)?;
+        let len = socket
+            .recv(&mut &mut buffer[..], 0)
+            .map_err(SeedError::Recv)?;
+        match parse_datagram(&buffer[..len.min(buffer.len())], &mut sockets) {
+            Ok(_) => {}
+            // The socket is gone: not an error for a lookup.
+            Err(SeedError::Kernel(e)) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sockets)
+}
+
+/// A netlink socket answers for the namespace it was created in.
+fn sock_diag_socket() -> Result<Socket, SeedError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SeedError::Socket)?;
     socket.bind_auto().map_err(SeedError::Socket)?;
     // Connected to the kernel (port 0), so no other sender can inject replies.
     socket
         .connect(&netlink_sys::SocketAddr::new(0, 0))
         .map_err(SeedError::Socket)?;
-
-    let mut buffer = vec![0u8; RECV_BUFFER_LEN];
-    let mut sockets = Vec::new();
-    for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
-        send_dump_request(&socket, family, sequence)?;
-        receive_dump(&socket, &mut buffer, &mut sockets)?;
-    }
-    Ok(sockets)
+    Ok(socket)
 }
 
 /// Every TCP socket in the network namespace of `netns_path` (for example
 /// `/proc/PID/ns/net`), leaving the caller's namespace untouched.
 pub fn dump_tcp_sockets_in_netns(netns_path: &Path) -> Result<Vec<DiagSocket>, SeedError> {
+    in_netns(netns_path, dump_tcp_sockets)
+}
+
+/// Runs `work` in the network namespace of `netns_path`, on a short-lived
+/// thread, so the caller's namespace is untouched.
+pub fn in_netns<T: Send + 'static>(
+    netns_path: &Path,
+    work: impl FnOnce() -> Result<T, SeedError> + Send + 'static,
+) -> Result<T, SeedError> {
     let netns = File::open(netns_path).map_err(|source| SeedError::OpenNetns {
         path: netns_path.to_owned(),
         source,
@@ -140,7 +195,7 @@ pub fn dump_tcp_sockets_in_netns(netns_path: &Path) -> Result<Vec<DiagSocket>, S
                     source: io::Error::last_os_error(),
                 });
             }
-            dump_tcp_sockets()
+            work()
         })
         .map_err(SeedError::Thread)?;
     worker.join().map_err(|_| SeedError::ThreadPanicked)?
@@ -261,9 +316,19 @@ fn attach_owners(
         .collect()
 }
 
-fn send_dump_request(socket: &Socket, family: u8, sequence: u32) -> Result<(), SeedError> {
+/// Bit N stands for TCP state N (include/net/tcp_states.h): all but
+/// TIME_WAIT (6) and NEW_SYN_RECV (12).
+const OWNABLE_STATES: u32 = !((1 << 6) | (1 << 12));
+
+fn send_request(
+    socket: &Socket,
+    family: u8,
+    sequence: u32,
+    flags: u16,
+    socket_id: SocketId,
+) -> Result<(), SeedError> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     header.sequence_number = sequence;
     let request = InetRequest {
         family,
@@ -271,12 +336,8 @@ fn send_dump_request(socket: &Socket, family: u8, sequence: u32) -> Result<(), S
         extensions: ExtensionFlags::empty(),
         // Every state bit, including ones newer than this crate's flags
         // (TCP_NEW_SYN_RECV, TCP_BOUND_INACTIVE); the kernel ignores the rest.
-        states: StateFlags::from_bits_retain(u32::MAX),
-        socket_id: if family == AF_INET6 {
-            SocketId::new_v6()
-        } else {
-            SocketId::new_v4()
-        },
+        states: StateFlags::from_bits_retain(OWNABLE_STATES),
+        socket_id,
     };
     let mut message = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
     message.finalize();

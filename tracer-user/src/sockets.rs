@@ -17,20 +17,21 @@ use std::{
     net::SocketAddr,
 };
 
+use rustc_hash::FxHashMap;
 use tracer_common::OwnerSource;
 
 use crate::{
-    decode::{Event, KernelOwner},
+    decode::{Comm, Event, KernelOwner},
     tcp::TcpState,
 };
 
 /// The process a socket belongs to, or unknown. Never the task that merely
 /// happened to be on the CPU during a softirq transition.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     /// Host pid (tgid); `None` when the owner is not known.
     pub pid: Option<u32>,
-    pub comm: String,
+    pub comm: Comm,
     pub source: OwnerSource,
 }
 
@@ -38,7 +39,7 @@ impl Owner {
     pub fn unknown() -> Self {
         Self {
             pid: None,
-            comm: String::new(),
+            comm: Comm::default(),
             source: OwnerSource::Unknown,
         }
     }
@@ -46,15 +47,15 @@ impl Owner {
     fn from_kernel(owner: &KernelOwner) -> Option<Self> {
         (owner.tgid != 0).then(|| Self {
             pid: Some(owner.tgid),
-            comm: owner.comm.clone(),
+            comm: owner.comm,
             source: owner.source,
         })
     }
 
-    fn from_proc(pid: u32, comm: String) -> Self {
+    fn from_proc(pid: u32, comm: &str) -> Self {
         Self {
             pid: Some(pid),
-            comm,
+            comm: Comm::from(comm),
             source: OwnerSource::ProcFd,
         }
     }
@@ -139,7 +140,8 @@ struct Tracked {
 }
 
 pub struct SocketTable {
-    sockets: HashMap<u64, Tracked>,
+    /// Looked up for every event: a fast hash for kernel addresses.
+    sockets: FxHashMap<u64, Tracked>,
     /// Pre-existing sockets not yet seen by the kernel programs.
     existing: HashMap<AddressKey, ExistingSocket>,
     /// Live sockets per owner, to know whose forks and exits matter.
@@ -159,7 +161,7 @@ pub struct SocketTable {
 impl SocketTable {
     pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64) -> Self {
         Self {
-            sockets: HashMap::new(),
+            sockets: FxHashMap::default(),
             existing: HashMap::new(),
             owned: HashMap::new(),
             children: HashMap::new(),
@@ -290,7 +292,7 @@ impl SocketTable {
                 self.out.push(Output::LearnedOwner {
                     kernel_sock_id: t.sock_id,
                     pid,
-                    comm: existing.owner.comm.clone(),
+                    comm: existing.owner.comm.to_string(),
                     state: t.new,
                 });
                 Self::move_ownership(&mut self.owned, None, Some(&existing.owner));
@@ -395,6 +397,11 @@ impl SocketTable {
             .collect();
         let candidates: Vec<u32> = candidates.into_iter().collect();
         let found = lookup.holders(&pairs, &candidates);
+        log::debug!(
+            "looked up the holders of {} sockets: {} found",
+            pairs.len(),
+            found.len()
+        );
         for sock_id in wanted {
             let Some(tracked) = self.sockets.get_mut(&sock_id) else {
                 continue;
@@ -410,7 +417,7 @@ impl SocketTable {
                         comm: comm.clone(),
                         state,
                     });
-                    self.set_owner(sock_id, Owner::from_proc(pid, comm));
+                    self.set_owner(sock_id, Owner::from_proc(pid, &comm));
                 }
                 None => {
                     let previous = tracked.owner.take();

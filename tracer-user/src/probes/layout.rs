@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 use tracer_common::Layout;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -135,7 +135,9 @@ pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
             path.display()
         );
     }
-    Btf::from_file(path).with_context(|| format!("reading kernel BTF from {}", path.display()))
+    // Mmap: only the few structs we look up are parsed, not the whole file.
+    Btf::from_file_with_backend(path, Backend::Mmap)
+        .with_context(|| format!("reading kernel BTF from {}", path.display()))
 }
 
 /// Reads every offset the kernel programs need from this kernel.

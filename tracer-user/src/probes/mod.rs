@@ -33,6 +33,10 @@ const TRACEPOINTS: [(&str, &str, &str); 6] = [
     ("sched", "sched_process_exit", "sched_process_exit"),
 ];
 
+/// The collector is woken once an eighth of the ring buffer is waiting;
+/// otherwise it drains on its tick (`collector::RunOptions::tick`).
+const WAKEUP_FRACTION: u32 = 8;
+
 /// Kernel functions whose entry is probed in the fentry and kprobe modes.
 const OWNER_FUNCTIONS: [&str; 2] = ["tcp_connect", "tcp_close"];
 
@@ -76,9 +80,12 @@ impl Probes {
             filter_pids: u32::from(!options.pids.is_empty()),
             filter_port: options.port.unwrap_or(0),
             filter_family: options.family.unwrap_or(0),
-            _pad: 0,
+            wakeup_bytes: options.ring_bytes / WAKEUP_FRACTION,
         };
+        // Parsed once, for the loader's relocations and the fentry targets.
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&kernel_btf))
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(EVENTS_MAP, options.ring_bytes)
             .map_max_entries(SOCKETS_MAP, options.max_sockets)
@@ -113,7 +120,10 @@ impl Probes {
         for (category, name, program) in TRACEPOINTS {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
-        let mode = attach_owner_probes(&mut ebpf, &btf_for_aya()?, options.mode)?;
+        let mode = attach_owner_probes(&mut ebpf, &kernel_btf, options.mode)?;
+        drop(kernel_btf);
+        drop(btf);
+        release_freed_memory();
         Ok(Self { ebpf, mode, logger })
     }
 
@@ -201,8 +211,12 @@ fn attach_tracepoint(
     Ok(())
 }
 
-fn btf_for_aya() -> anyhow::Result<aya::Btf> {
-    aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))
+/// Parsing kernel BTF takes tens of MB that are free once the programs are
+/// loaded; hand them back to the system instead of keeping them as heap.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap memory; it has no
+    // preconditions.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Attaches the optional owner probes in the richest mode the kernel allows.

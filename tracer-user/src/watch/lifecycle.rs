@@ -44,6 +44,8 @@ pub struct Effects {
     /// The owner closed the connection (or it ended without the owner).
     pub released: bool,
     pub closer: Option<Closer>,
+    /// SYN_SENT to ESTABLISHED: the handshake of a connection it opened.
+    pub connect_latency_ns: Option<u64>,
     /// ESTABLISHED to CLOSE.
     pub lifetime_ns: Option<u64>,
     /// ESTABLISHED to the peer's FIN.
@@ -68,6 +70,7 @@ pub struct SocketRecord {
     pub open_pending: bool,
     pub released: bool,
     pub closer_known: bool,
+    pub syn_sent_at_ns: Option<u64>,
     pub established_at_ns: Option<u64>,
     pub close_wait_since_ns: Option<u64>,
     /// In CLOSE_WAIT since before socktrace started: its age is a lower bound.
@@ -87,6 +90,7 @@ impl SocketRecord {
             open_pending: is_socket_start(t.old, t.new) && t.new != TcpState::Listen,
             released: false,
             closer_known: false,
+            syn_sent_at_ns: None,
             established_at_ns: None,
             close_wait_since_ns: None,
             close_wait_before_start: false,
@@ -106,6 +110,7 @@ impl SocketRecord {
             open_pending: false,
             released: !is_held_state(state),
             closer_known: seeded_closer(state).is_some(),
+            syn_sent_at_ns: None,
             established_at_ns: None,
             close_wait_since_ns: close_wait.then_some(start_ns),
             close_wait_before_start: close_wait,
@@ -151,7 +156,15 @@ impl SocketRecord {
         }
         let mut closer = None;
         match t.new {
-            TcpState::Established => self.established_at_ns = Some(now),
+            TcpState::SynSent => self.syn_sent_at_ns = Some(now),
+            TcpState::Established => {
+                if t.old == TcpState::SynSent {
+                    effects.connect_latency_ns = t
+                        .dwell_ns
+                        .or_else(|| self.syn_sent_at_ns.map(|since| now.saturating_sub(since)));
+                }
+                self.established_at_ns = Some(now);
+            }
             TcpState::CloseWait => {
                 closer = Some(Closer::Peer);
                 self.close_wait_since_ns = Some(now);
@@ -226,7 +239,7 @@ mod tests {
             sock_id: 1,
             owner: Owner {
                 pid: Some(1),
-                comm: "c".to_string(),
+                comm: "c".into(),
                 source: OwnerSource::Connect,
             },
             local: "10.0.0.1:40000".parse().unwrap(),
@@ -257,10 +270,13 @@ mod tests {
         use TcpState::*;
         let (mut record, opened) = client(0);
         assert!(opened.opened);
-        step(&mut record, 0, SynSent, Established);
+        assert_eq!(
+            step(&mut record, 2, SynSent, Established).connect_latency_ns,
+            Some(2 * S)
+        );
         let fin = step(&mut record, 10, Established, CloseWait);
         assert_eq!(fin.closer, Some(Closer::Peer));
-        assert_eq!(fin.peer_close_after_ns, Some(10 * S));
+        assert_eq!(fin.peer_close_after_ns, Some(8 * S));
         assert!(record.is_held_connection());
         let close = step(&mut record, 70, CloseWait, LastAck);
         assert!(close.released);
@@ -268,7 +284,7 @@ mod tests {
         let end = step(&mut record, 71, LastAck, Close);
         assert!(!end.released, "released once");
         assert_eq!(end.closer, None, "closer decided once");
-        assert_eq!(end.lifetime_ns, Some(71 * S));
+        assert_eq!(end.lifetime_ns, Some(69 * S));
     }
 
     #[test]
