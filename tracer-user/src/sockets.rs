@@ -45,7 +45,7 @@ impl Owner {
     }
 
     fn from_kernel(owner: &KernelOwner) -> Option<Self> {
-        (owner.tgid != 0).then(|| Self {
+        (owner.tgid != 0).then_some(Self {
             pid: Some(owner.tgid),
             comm: owner.comm,
             source: owner.source,
@@ -252,18 +252,18 @@ impl SocketTable {
         if let Some(owner) = kernel_owner
             && tracked.owner.as_ref() != Some(&owner)
         {
-            let previous = tracked.owner.replace(owner.clone());
+            let previous = tracked.owner.replace(owner);
             Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         }
         let release_as = match &tracked.owner {
-            Some(owner) => Some(owner.clone()),
+            Some(owner) => Some(*owner),
             None if tracked.owner_search_done || ended => Some(Owner::unknown()),
             None => None,
         };
         match release_as {
             Some(owner) => {
                 let pending = std::mem::take(&mut tracked.pending);
-                self.emit_released(pending, owner.clone());
+                self.emit_released(pending, owner);
                 t.owner = owner;
                 self.out.push(Output::Transition(t));
             }
@@ -314,7 +314,7 @@ impl SocketTable {
         let Some(tracked) = self.sockets.get_mut(&sock_id) else {
             return;
         };
-        let previous = tracked.owner.replace(owner.clone());
+        let previous = tracked.owner.replace(owner);
         Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         let pending = std::mem::take(&mut tracked.pending);
         self.emit_released(pending, owner);
@@ -322,7 +322,7 @@ impl SocketTable {
 
     fn emit_released(&mut self, pending: Vec<Transition>, owner: Owner) {
         for mut t in pending {
-            t.owner = owner.clone();
+            t.owner = owner;
             self.out.push(Output::Transition(t));
         }
     }
@@ -601,7 +601,7 @@ mod tests {
         table.on_event(change(
             1,
             9,
-            client.clone(),
+            client,
             "0.0.0.0:0",
             remote,
             TcpState::Close,
@@ -610,7 +610,7 @@ mod tests {
         table.on_event(change(
             2,
             9,
-            client.clone(),
+            client,
             local,
             remote,
             TcpState::SynSent,
@@ -636,7 +636,7 @@ mod tests {
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.seed([ExistingSocket {
             sock_id: 4242,
-            owner: Owner::from_proc(CLIENT, "client".into()),
+            owner: Owner::from_proc(CLIENT, "client"),
             local: addr(local),
             remote: addr(remote),
             state: TcpState::CloseWait,
@@ -681,7 +681,7 @@ mod tests {
         table.on_event(change(
             1,
             9,
-            parent.clone(),
+            parent,
             local,
             remote,
             TcpState::Close,
@@ -740,7 +740,7 @@ mod tests {
         table.on_event(change(
             1,
             9,
-            client.clone(),
+            client,
             local,
             remote,
             TcpState::Close,
