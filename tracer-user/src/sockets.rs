@@ -145,7 +145,7 @@ pub struct SocketTable {
     /// Pre-existing sockets not yet seen by the kernel programs.
     existing: HashMap<AddressKey, ExistingSocket>,
     /// Live sockets per owner, to know whose forks and exits matter.
-    owned: HashMap<u32, u32>,
+    owned: FxHashMap<u32, u32>,
     /// Processes forked by socket owners, for re-homing on the owner's exit.
     children: HashMap<u32, Vec<u32>>,
     /// Sockets whose owner exited, with the time to look for a new holder.
@@ -163,7 +163,7 @@ impl SocketTable {
         Self {
             sockets: FxHashMap::default(),
             existing: HashMap::new(),
-            owned: HashMap::new(),
+            owned: FxHashMap::default(),
             children: HashMap::new(),
             orphans: Vec::new(),
             owner_grace_ns,
@@ -327,7 +327,7 @@ impl SocketTable {
         }
     }
 
-    fn move_ownership(owned: &mut HashMap<u32, u32>, from: Option<&Owner>, to: Option<&Owner>) {
+    fn move_ownership(owned: &mut FxHashMap<u32, u32>, from: Option<&Owner>, to: Option<&Owner>) {
         if let Some(pid) = from.and_then(|o| o.pid)
             && let Some(count) = owned.get_mut(&pid)
         {
