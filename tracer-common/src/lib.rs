@@ -162,13 +162,16 @@ pub struct EventHeader {
 pub struct SocketOwner {
     /// Owner's thread-group id; 0 when unknown.
     pub tgid: u32,
+    /// Owner's tgid inside the PID namespace of [`NamespaceFilter`]; 0 when
+    /// there is no filter or the owner is outside it.
+    pub ns_tgid: u32,
     /// An [`OwnerSource`] number.
     pub source: u8,
     /// Current TCP state, to compute dwell times in the kernel.
     pub state: u8,
     /// 1 when the owner is in the PID namespace of [`NamespaceFilter`].
     pub in_pidns: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 5],
     /// When the socket entered `state` (bpf_ktime_get_ns); 0 when unknown.
     pub state_since_ns: u64,
     /// Owner's command name when it was learned.
@@ -314,10 +317,10 @@ macro_rules! assert_size {
     };
 }
 assert_size!(EventHeader, 32);
-assert_size!(SocketOwner, 32);
+assert_size!(SocketOwner, 40);
 assert_size!(Endpoints, 40);
-assert_size!(StateChangeEvent, 32 + 32 + 40 + 8 + 8);
-assert_size!(OwnerEvent, 64);
+assert_size!(StateChangeEvent, 32 + 40 + 40 + 8 + 8);
+assert_size!(OwnerEvent, 72);
 assert_size!(ForkEvent, 40);
 assert_size!(ExitEvent, 32);
 assert_size!(Layout, 64);

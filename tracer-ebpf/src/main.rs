@@ -88,12 +88,12 @@ fn ns_filter() -> Option<NamespaceFilter> {
     NS_FILTER.get(0).copied().filter(|f| f.enabled != 0)
 }
 
-/// 1 when the current task is in the filtered PID namespace (or there is no
-/// filter), else 0.
+/// Whether the current task is in the filtered PID namespace (always, when
+/// there is no filter), and its tgid there (0 without a filter).
 #[inline(always)]
-fn current_in_pidns() -> u8 {
+fn current_in_pidns() -> (u8, u32) {
     let Some(filter) = ns_filter() else {
-        return 1;
+        return (1, 0);
     };
     let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
     // SAFETY: the helper writes at most size_of::<bpf_pidns_info>() bytes
@@ -106,7 +106,18 @@ fn current_in_pidns() -> u8 {
             size_of::<bpf_pidns_info>() as u32,
         )
     };
-    u8::from(rc == 0)
+    if rc == 0 { (1, info.tgid) } else { (0, 0) }
+}
+
+/// Records the current task as the owner.
+#[inline(always)]
+fn set_owner_to_current(owner: &mut SocketOwner, source: OwnerSource) {
+    let (in_pidns, ns_tgid) = current_in_pidns();
+    owner.tgid = current_tgid();
+    owner.source = source as u8;
+    owner.comm = current_comm();
+    owner.in_pidns = in_pidns;
+    owner.ns_tgid = ns_tgid;
 }
 
 #[inline(always)]
@@ -298,11 +309,8 @@ fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (S
             DWELL_UNKNOWN
         };
         if claim != OwnerSource::Unknown {
-            let tgid = current_tgid();
-            if tgid != known.tgid {
-                known.tgid = tgid;
-                known.comm = current_comm();
-                known.in_pidns = current_in_pidns();
+            if current_tgid() != known.tgid {
+                set_owner_to_current(known, claim);
             }
             known.source = claim as u8;
         }
@@ -317,10 +325,7 @@ fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (S
         ..SocketOwner::default()
     };
     if claim != OwnerSource::Unknown {
-        owner.tgid = current_tgid();
-        owner.source = claim as u8;
-        owner.comm = current_comm();
-        owner.in_pidns = current_in_pidns();
+        set_owner_to_current(&mut owner, claim);
     }
     // A socket first seen closing has nothing left to track.
     if new_state != tcp_state::CLOSE && SOCKETS.insert(sock_id, owner, 0).is_err() {
@@ -338,14 +343,10 @@ fn claim_socket(sock_id: u64, source: OwnerSource) {
     };
     // SAFETY: see record_transition.
     let known = unsafe { &mut *known };
-    let tgid = current_tgid();
-    if known.tgid == tgid {
+    if known.tgid == current_tgid() {
         return;
     }
-    known.tgid = tgid;
-    known.source = source as u8;
-    known.comm = current_comm();
-    known.in_pidns = current_in_pidns();
+    set_owner_to_current(known, source);
     let owner = *known;
     if owner_wanted(&CONFIG.load(), &owner) {
         emit(OwnerEvent {
@@ -426,7 +427,7 @@ unsafe fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    if current_in_pidns() == 0 {
+    if current_in_pidns().0 == 0 {
         return 0;
     }
     if let Ok(child_pid) = read_field::<i32>(&ctx, CONFIG.load().layout.fork_child_pid) {
@@ -443,7 +444,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Only the thread-group leader's exit ends a process.
-    if pid_tgid as u32 == (pid_tgid >> 32) as u32 && current_in_pidns() == 1 {
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 && current_in_pidns().0 == 1 {
         emit(ExitEvent {
             header: header(EventKind::Exit, 0),
         });

@@ -157,6 +157,20 @@ impl LabelCache {
             .or_insert_with(|| read_labels(pid, host_pidns))
     }
 
+    /// Fills in what the kernel reported (the pid inside the target
+    /// namespace) where /proc could not tell, e.g. the process has exited.
+    pub fn learn(&mut self, pid: u32, nspid: u32, pidns: Option<u64>) {
+        let host_pidns = self.host_pidns;
+        let labels = self
+            .by_pid
+            .entry(pid)
+            .or_insert_with(|| read_labels(pid, host_pidns));
+        labels.nspid.get_or_insert(nspid);
+        if labels.pidns.is_none() {
+            labels.pidns = pidns;
+        }
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
     }

@@ -96,6 +96,8 @@ impl std::fmt::Display for Comm {
 pub struct KernelOwner {
     /// 0 when the kernel has not seen the owner.
     pub tgid: u32,
+    /// The owner's pid inside the container socktrace is pointed at.
+    pub nspid: Option<u32>,
     pub source: OwnerSource,
     pub comm: Comm,
 }
@@ -194,6 +196,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 fn owner(raw: &SocketOwner) -> Result<KernelOwner, DecodeError> {
     Ok(KernelOwner {
         tgid: raw.tgid,
+        nspid: (raw.ns_tgid != 0).then_some(raw.ns_tgid),
         source: OwnerSource::try_from(raw.source).map_err(DecodeError::UnknownOwnerSource)?,
         comm: Comm::from_kernel(&raw.comm),
     })
@@ -249,7 +252,8 @@ mod tests {
                 source: OwnerSource::Connect as u8,
                 state: tcp_state::CLOSE_WAIT,
                 in_pidns: 1,
-                _pad: 0,
+                ns_tgid: 1,
+                _pad: [0; 5],
                 state_since_ns: 5_000,
                 comm: comm("ruler"),
             },
@@ -275,6 +279,7 @@ mod tests {
                 sock_id: 0xffff_8880_1234_5678,
                 owner: KernelOwner {
                     tgid: 4242,
+                    nspid: Some(1),
                     source: OwnerSource::Connect,
                     comm: "ruler".into()
                 },
@@ -318,7 +323,7 @@ mod tests {
         let bytes = as_bytes(&raw);
         assert!(matches!(
             decode(&bytes[..40]),
-            Err(DecodeError::TooShort { need: 120, .. })
+            Err(DecodeError::TooShort { need: 128, .. })
         ));
         assert!(matches!(
             decode(&bytes[..8]),

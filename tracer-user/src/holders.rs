@@ -32,6 +32,7 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
                 sock_id: s.inode,
                 owner: Owner {
                     pid: Some(pid),
+                    nspid: None,
                     comm: procfs::comm(pid).as_deref().unwrap_or_default().into(),
                     source: OwnerSource::ProcFd,
                 },

@@ -31,6 +31,9 @@ use crate::{
 pub struct Owner {
     /// Host pid (tgid); `None` when the owner is not known.
     pub pid: Option<u32>,
+    /// The pid inside the container socktrace is pointed at, as the kernel
+    /// saw it (it stays known after the process exits).
+    pub nspid: Option<u32>,
     pub comm: Comm,
     pub source: OwnerSource,
 }
@@ -39,6 +42,7 @@ impl Owner {
     pub fn unknown() -> Self {
         Self {
             pid: None,
+            nspid: None,
             comm: Comm::default(),
             source: OwnerSource::Unknown,
         }
@@ -47,6 +51,7 @@ impl Owner {
     fn from_kernel(owner: &KernelOwner) -> Option<Self> {
         (owner.tgid != 0).then_some(Self {
             pid: Some(owner.tgid),
+            nspid: owner.nspid,
             comm: owner.comm,
             source: owner.source,
         })
@@ -55,6 +60,7 @@ impl Owner {
     fn from_proc(pid: u32, comm: &str) -> Self {
         Self {
             pid: Some(pid),
+            nspid: None,
             comm: Comm::from(comm),
             source: OwnerSource::ProcFd,
         }
@@ -461,6 +467,7 @@ mod tests {
     fn kernel_owner(tgid: u32, comm: &str, source: OwnerSource) -> KernelOwner {
         KernelOwner {
             tgid,
+            nspid: None,
             source,
             comm: comm.into(),
         }

@@ -86,8 +86,17 @@ impl Scope {
         if !self.filter.accepts(owner.pid, local, remote) {
             return false;
         }
+        if let (Some(pid), Some(nspid)) = (owner.pid, owner.nspid) {
+            // The kernel checked the namespace and named the pid inside it;
+            // remember that, the process may be gone before /proc is read.
+            self.labels.learn(pid, nspid, self.pidns);
+        }
         match (self.pidns, owner.pid) {
-            (Some(pidns), Some(pid)) => self.labels.get(pid).pidns == Some(pidns),
+            // Owners the kernel learned passed its namespace filter already;
+            // those found in /proc are checked here.
+            (Some(pidns), Some(pid)) if owner.source == OwnerSource::ProcFd => {
+                self.labels.get(pid).pidns == Some(pidns)
+            }
             _ => true,
         }
     }

@@ -224,6 +224,7 @@ mod tests {
             sock_id: 0xffff_8880_0000_1000,
             owner: Owner {
                 pid: Some(4242),
+                nspid: None,
                 comm: "ruler".into(),
                 source: OwnerSource::Connect,
             },
