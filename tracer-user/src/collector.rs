@@ -88,8 +88,13 @@ pub async fn run(
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    undecodable += drain(guard.get_inner_mut(), &mut batch);
-                    guard.clear_ready();
+                    let (bad, emptied) = drain(guard.get_inner_mut(), &mut batch);
+                    undecodable += bad;
+                    // Stay ready while records remain, so the next turn
+                    // drains more after signals and ticks had their chance.
+                    if emptied {
+                        guard.clear_ready();
+                    }
                     for event in batch.drain(..) {
                         table.on_event(event);
                     }
@@ -102,7 +107,7 @@ pub async fn run(
                     }
                 }
                 _ = ticker.tick() => {
-                    undecodable += drain(ring.get_mut(), &mut batch);
+                    undecodable += drain(ring.get_mut(), &mut batch).0;
                     for event in batch.drain(..) {
                         table.on_event(event);
                     }
@@ -138,7 +143,7 @@ pub async fn run(
             }
         }
         // Whatever is still in the ring when we stop is reported, not lost.
-        undecodable += drain(ring.get_mut(), &mut batch);
+        undecodable += drain(ring.get_mut(), &mut batch).0;
         for event in batch.drain(..) {
             table.on_event(event);
         }
@@ -157,11 +162,19 @@ pub async fn run(
     }
 }
 
-/// Decodes everything in the ring into `batch`; returns how many records
-/// could not be decoded.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) -> u64 {
+/// At most this many records per drain: under a storm the kernel refills
+/// the ring as fast as we empty it, and the loop must still get to signals
+/// and ticks.
+const MAX_DRAIN: usize = 65_536;
+
+/// Decodes up to [`MAX_DRAIN`] records into `batch`; returns how many could
+/// not be decoded and whether the ring was emptied.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) -> (u64, bool) {
     let mut undecodable = 0;
-    while let Some(record) = ring.next() {
+    for _ in 0..MAX_DRAIN {
+        let Some(record) = ring.next() else {
+            return (undecodable, true);
+        };
         match decode(&record) {
             Ok(event) => batch.push(event),
             Err(e) => {
@@ -170,7 +183,7 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Even
             }
         }
     }
-    undecodable
+    (undecodable, false)
 }
 
 fn pass_on(
