@@ -27,6 +27,8 @@ pub enum Command {
     Trace(TraceArgs),
     /// Live per-process view: connect/close imbalance, CLOSE_WAIT build-up, fd exhaustion ETA.
     Watch(crate::watch_cmd::WatchArgs),
+    /// Run as a daemon: Prometheus metrics on /metrics, alerts as JSON on stderr.
+    Serve(crate::serve::ServeArgs),
     /// Show what this kernel supports and which probe mode socktrace will use.
     Doctor(ProbeArgs),
 }

@@ -15,6 +15,7 @@ mod privileges;
 mod probes;
 mod procfs;
 mod seed;
+mod serve;
 mod sockets;
 mod tcp;
 mod watch;
@@ -35,7 +36,7 @@ use crate::{
     probes::{ProbeOptions, Probes},
     sockets::SocketTable,
     watch::Watch,
-    watch_cmd::{Display, WatchArgs, WatchSink},
+    watch_cmd::{Display, WatchArgs, WatchFeed, WatchSink},
 };
 
 /// Transitions wait this long for their owner (accept) before being shown
@@ -75,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Trace(args) => runtime.block_on(trace(args.filter)),
         Command::Watch(args) => runtime.block_on(watch(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Doctor(args) => doctor(&args),
     }
 }
@@ -198,13 +200,16 @@ async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
 
 async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut started = start(&args.filter)?;
+    let feed = WatchFeed::new(
+        Watch::new(args.report.config(&args.filter.pids), started.start_ns),
+        scope(&args.filter, started.target.as_ref()),
+        args.report.interval,
+        started.start_ns,
+    );
     let mut sink = WatchSink::new(
-        Watch::new(args.config(), started.start_ns),
+        feed,
         std::io::stdout().lock(),
         Display::choose(args.filter.json),
-        scope(&args.filter, started.target.as_ref()),
-        args.interval,
-        started.start_ns,
         args.once,
     );
     collector::run(

@@ -46,7 +46,14 @@ pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
     // valid, writable rlimit for the kernel to fill.
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let err = io::Error::last_os_error();
+        // prlimit on another user's process needs CAP_SYS_RESOURCE; the
+        // world-readable /proc/PID/limits says the same without it.
+        if err.raw_os_error() == Some(libc::EPERM) {
+            let limits = fs::read_to_string(format!("/proc/{pid}/limits"))?;
+            return parse_nofile_limits(&limits).ok_or(err);
+        }
+        return Err(err);
     }
     // rlim_t is 32 bits wide on some 32-bit targets.
     #[allow(clippy::unnecessary_cast)]
@@ -58,6 +65,18 @@ pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
         }
     };
     Ok((widen(limit.rlim_cur), widen(limit.rlim_max)))
+}
+
+/// The "Max open files" line of /proc/PID/limits: soft and hard limit.
+fn parse_nofile_limits(limits: &str) -> Option<(u64, u64)> {
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let mut values = line.split_whitespace().map(|value| match value {
+        "unlimited" => Some(u64::MAX),
+        number => number.parse().ok(),
+    });
+    Some((values.next()??, values.next()??))
 }
 
 /// The command name (`/proc/PID/comm`), without the trailing newline.
@@ -167,6 +186,21 @@ mod tests {
         assert_eq!(parse_socket_link(b"anon_inode:[eventfd]"), None);
         assert_eq!(parse_socket_link(b"/tmp/socket:[1]"), None);
         assert_eq!(parse_socket_link(b"socket:[-1]"), None);
+    }
+
+    #[test]
+    fn limits_file_parses() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95737                95737                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_nofile_limits(limits), Some((1024, 524288)));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_nofile_limits(unlimited), Some((u64::MAX, u64::MAX)));
+        assert_eq!(parse_nofile_limits("Max processes 1 1\n"), None);
+        let own = fs::read_to_string("/proc/self/limits").unwrap();
+        let (soft, hard) = parse_nofile_limits(&own).unwrap();
+        assert!(soft > 0 && soft <= hard);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `socktrace watch`: feeds the per-process view from the socket stage,
 //! samples each process's fds and limits once per interval (never per
-//! event), and prints a live table or JSON Lines.
+//! event), and prints a live table or JSON Lines. [`WatchFeed`] is the part
+//! that `socktrace serve` shares.
 
 use std::{
     collections::HashMap,
@@ -18,7 +19,7 @@ use crate::{
     procfs,
     sockets::Output,
     watch::{
-        ProcSample, Watch, WatchConfig,
+        ProcSample, Snapshot, Watch, WatchConfig,
         render::{self, TableStyle},
     },
 };
@@ -27,12 +28,20 @@ use crate::{
 pub struct WatchArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Seconds between reports.
-    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
-    pub interval: Duration,
     /// Print one report (after one interval) and exit.
     #[arg(long)]
     pub once: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// How often processes are judged and by which thresholds (`watch` and
+/// `serve`).
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Seconds between reports.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub interval: Duration,
     /// Alert when the soft fd limit is forecast within this time (e.g. 1h, 30m).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub warn_eta: Duration,
@@ -44,13 +53,14 @@ pub struct WatchArgs {
     pub fd_usage: f64,
 }
 
-impl WatchArgs {
-    pub fn config(&self) -> WatchConfig {
+impl ReportArgs {
+    /// The watch configuration, for the processes `pids` (`-p`).
+    pub fn config(&self, pids: &[u32]) -> WatchConfig {
         WatchConfig {
             warn_eta: self.warn_eta,
             close_wait_age: self.close_wait_age,
             fd_usage_threshold: self.fd_usage / 100.0,
-            pids: self.filter.pids.clone(),
+            pids: pids.to_vec(),
             ..WatchConfig::default()
         }
     }
@@ -74,50 +84,108 @@ impl Display {
     }
 }
 
-pub struct WatchSink<W: Write> {
+/// Keeps a [`Watch`] fed: hands it the outputs the scope wants and, once
+/// per interval, the fd samples, and labels the reports it makes.
+pub struct WatchFeed {
     watch: Watch,
-    out: W,
-    display: Display,
     scope: Scope,
     interval_ns: u64,
     next_report_ns: u64,
+}
+
+impl WatchFeed {
+    pub fn new(watch: Watch, scope: Scope, interval: Duration, start_ns: u64) -> Self {
+        let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            watch,
+            scope,
+            interval_ns,
+            next_report_ns: start_ns.saturating_add(interval_ns),
+        }
+    }
+
+    pub fn watch(&self) -> &Watch {
+        &self.watch
+    }
+
+    pub fn output(&mut self, output: Output) {
+        match output {
+            Output::Existing(s) => {
+                // Our own sockets (serve's listener) found at start; the
+                // kernel programs already skip our events.
+                let ours = s.owner.pid == Some(std::process::id());
+                if !ours && self.scope.wants(&s.owner, s.local, s.remote) {
+                    self.watch.on_seeded(s.into());
+                }
+            }
+            Output::Transition(t) => {
+                if self.scope.wants(&t.owner, t.local, t.remote) {
+                    self.watch.on_transition(&t);
+                }
+            }
+            Output::ProcessExit { pid, ktime_ns } => {
+                self.watch.on_process_exit(pid, ktime_ns);
+                self.scope.process_exited(pid);
+            }
+            Output::LearnedOwner { .. } => {}
+        }
+    }
+
+    /// Whether a report is due at `now_ns`; if so, the next one is due an
+    /// interval later.
+    pub fn due(&mut self, now_ns: u64) -> bool {
+        if now_ns < self.next_report_ns {
+            return false;
+        }
+        self.next_report_ns = now_ns.saturating_add(self.interval_ns);
+        true
+    }
+
+    /// Samples fds and limits, judges every process, labels the reports.
+    pub fn report(&mut self, now_ns: u64, lost_events: u64) -> Snapshot {
+        let samples = sample(&self.watch.pids_to_sample());
+        let mut snapshot = self.watch.tick(now_ns, &samples, lost_events);
+        for process in &mut snapshot.processes {
+            process.labels = self.scope.labels(process.pid).clone();
+        }
+        snapshot
+    }
+
+    pub fn container_stopped(&mut self) {
+        self.scope.widen_to_host();
+    }
+}
+
+/// Wall-clock time in seconds since the Unix epoch, for report lines.
+pub fn unix_now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+pub struct WatchSink<W: Write> {
+    feed: WatchFeed,
+    out: W,
+    display: Display,
     once: bool,
     reported: bool,
 }
 
 impl<W: Write> WatchSink<W> {
-    pub fn new(
-        watch: Watch,
-        out: W,
-        display: Display,
-        scope: Scope,
-        interval: Duration,
-        start_ns: u64,
-        once: bool,
-    ) -> Self {
-        let interval_ns = interval.as_nanos() as u64;
+    pub fn new(feed: WatchFeed, out: W, display: Display, once: bool) -> Self {
         Self {
-            watch,
+            feed,
             out,
             display,
-            scope,
-            interval_ns,
-            next_report_ns: start_ns + interval_ns,
             once,
             reported: false,
         }
     }
 
     fn report(&mut self, now_ns: u64, lost_events: u64) -> io::Result<()> {
-        let samples = sample(&self.watch.pids_to_sample());
-        let mut snapshot = self.watch.tick(now_ns, &samples, lost_events);
-        for process in &mut snapshot.processes {
-            process.labels = self.scope.labels(process.pid).clone();
-        }
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let snapshot = self.feed.report(now_ns, lost_events);
+        let ts = unix_now_s();
         match self.display {
             Display::Json => {
                 let lines = render::json_lines(&snapshot, ts).map_err(io::Error::other)?;
@@ -178,31 +246,14 @@ fn terminal_size() -> (usize, usize) {
 
 impl<W: Write> Sink for WatchSink<W> {
     fn output(&mut self, output: Output) -> io::Result<()> {
-        match output {
-            Output::Existing(s) => {
-                if self.scope.wants(&s.owner, s.local, s.remote) {
-                    self.watch.on_seeded(s.into());
-                }
-            }
-            Output::Transition(t) => {
-                if self.scope.wants(&t.owner, t.local, t.remote) {
-                    self.watch.on_transition(&t);
-                }
-            }
-            Output::ProcessExit { pid, ktime_ns } => {
-                self.watch.on_process_exit(pid, ktime_ns);
-                self.scope.process_exited(pid);
-            }
-            Output::LearnedOwner { .. } => {}
-        }
+        self.feed.output(output);
         Ok(())
     }
 
     fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()> {
-        if now_ns < self.next_report_ns || (self.once && self.reported) {
+        if (self.once && self.reported) || !self.feed.due(now_ns) {
             return Ok(());
         }
-        self.next_report_ns = now_ns + self.interval_ns;
         self.report(now_ns, counters.lost_events)?;
         self.reported = true;
         Ok(())
@@ -215,7 +266,7 @@ impl<W: Write> Sink for WatchSink<W> {
     }
 
     fn container_stopped(&mut self) {
-        self.scope.widen_to_host();
+        self.feed.container_stopped();
     }
 
     fn done(&self) -> bool {

@@ -60,6 +60,21 @@ fn test_tools() -> &'static [Tool] {
             why: "a peer tracer that `cargo xtask bench` compares with",
         },
         Tool {
+            command: "prometheus",
+            package: "prometheus",
+            why: "the server that scrapes `socktrace serve` in its integration tests",
+        },
+        Tool {
+            command: "promtool",
+            package: "prometheus",
+            why: "checking the metrics and the alert rules under deploy/prometheus",
+        },
+        Tool {
+            command: "pip3",
+            package: "python3-pip",
+            why: "installing the Python modules the tests import",
+        },
+        Tool {
             command: "qemu-system-x86_64",
             package: "qemu-system-x86",
             why: "booting other kernels in `cargo xtask test --vm`",
@@ -78,7 +93,36 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     llvm_dev(&mut apt)?;
     bpf_linker()?;
-    tools(&mut apt)
+    tools(&mut apt)?;
+    python_modules()
+}
+
+/// Python modules the tests import: (module, PyPI package, why).
+const PYTHON_MODULES: &[(&str, &str, &str)] = &[(
+    "hdrh",
+    "hdrhistogram",
+    "reading `socktrace serve --hdr-log` files back in its tests",
+)];
+
+fn python_modules() -> anyhow::Result<()> {
+    for &(module, package, why) in PYTHON_MODULES {
+        let mut import = Command::new("python3");
+        import.args(["-c", &format!("import {module}")]);
+        if cmd::output(&mut import).is_some() {
+            println!("python module {module} present");
+            continue;
+        }
+        println!("installing {package} from PyPI (needed for {why})...");
+        // Debian's python3 refuses pip installs outside a venv (PEP 668)
+        // unless told; the tests run the system python3.
+        let mut install = Command::new("python3");
+        install.args(["-m", "pip", "install", "--quiet", "--break-system-packages"]);
+        if !is_root() {
+            install.arg("--user");
+        }
+        cmd::run(install.arg(package))?;
+    }
+    Ok(())
 }
 
 fn nightly_toolchain() -> anyhow::Result<()> {

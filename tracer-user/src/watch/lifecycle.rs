@@ -239,6 +239,7 @@ mod tests {
             sock_id: 1,
             owner: Owner {
                 pid: Some(1),
+                nspid: None,
                 comm: "c".into(),
                 source: OwnerSource::Connect,
             },

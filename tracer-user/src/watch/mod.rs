@@ -9,6 +9,7 @@
 //! reports, worst first, and the alerts to announce. [`render`] turns it into
 //! JSON Lines or a table.
 
+pub mod distribution;
 mod forecast;
 mod lifecycle;
 pub mod peers;
@@ -22,6 +23,8 @@ mod tests;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,6 +34,7 @@ use crate::containers::Labels;
 use crate::sockets::{ExistingSocket, Owner, Transition};
 use crate::tcp::TcpState;
 
+use distribution::Distributions;
 use lifecycle::SocketRecord;
 use peers::{PeerKey, PeerReport};
 use process::Process;
@@ -131,6 +135,11 @@ pub struct ProcessReport {
     pub connects_per_s_long: f64,
     pub closes_per_s_long: f64,
     pub net_per_s_long: f64,
+    /// Connections opened (connect or accept) since the process was first
+    /// seen.
+    pub connects_total: u64,
+    /// Connections the process closed since it was first seen.
+    pub closes_total: u64,
     /// Live TCP sockets by state name (listeners included).
     pub sockets: BTreeMap<&'static str, u64>,
     /// Connections not yet closed by the process (listeners excluded).
@@ -184,10 +193,14 @@ enum Attribution {
 pub struct Watch {
     config: WatchConfig,
     start_ns: u64,
-    sockets: HashMap<u64, SocketRecord>,
-    processes: HashMap<u32, Process>,
+    /// Looked up for every event: a fast hash for kernel addresses and pids.
+    sockets: FxHashMap<u64, SocketRecord>,
+    processes: FxHashMap<u32, Process>,
     /// pid -> exit time, for [`EXIT_GRACE_NS`].
     exited: HashMap<u32, u64>,
+    /// Distributions of the processes forgotten at the last tick, so that
+    /// exporters can report their final values once.
+    forgotten: HashMap<u32, Distributions>,
     alerts: AlertBook,
 }
 
@@ -196,9 +209,10 @@ impl Watch {
         Self {
             config,
             start_ns: start_ktime_ns,
-            sockets: HashMap::new(),
-            processes: HashMap::new(),
+            sockets: FxHashMap::default(),
+            processes: FxHashMap::default(),
             exited: HashMap::new(),
+            forgotten: HashMap::new(),
             alerts: AlertBook::default(),
         }
     }
@@ -299,6 +313,15 @@ impl Watch {
         pids
     }
 
+    /// Connect latency, lifetime and CLOSE_WAIT dwell of `pid` since it was
+    /// first seen; after the tick that reported it for the last time too.
+    pub fn distributions(&self, pid: u32) -> Option<&Distributions> {
+        self.processes
+            .get(&pid)
+            .map(|process| &process.distributions)
+            .or_else(|| self.forgotten.get(&pid))
+    }
+
     /// Recounts the live sockets, fits the trends, judges every process.
     /// `lost_events` is the running count of events lost since start.
     pub fn tick(
@@ -396,8 +419,11 @@ impl Watch {
             })
             .map(|(&pid, _)| pid)
             .collect();
+        self.forgotten.clear();
         for pid in &gone {
-            self.processes.remove(pid);
+            if let Some(process) = self.processes.remove(pid) {
+                self.forgotten.insert(*pid, process.distributions);
+            }
             self.alerts.forget_pid(*pid);
         }
         if !gone.is_empty() {

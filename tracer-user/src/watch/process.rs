@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
+use super::distribution::{Distributions, empty_histogram};
 use super::forecast::{self, History, Sample};
 use super::lifecycle::{Effects, SocketRecord, seeded_closer};
 use super::peers::{PeerKey, PeerTable};
@@ -13,15 +14,7 @@ use super::verdicts::Evidence;
 use super::{DwellSummary, ProcSample, ProcessReport, WatchConfig, round3};
 use crate::tcp::TcpState;
 
-const NS_PER_MS: u64 = 1_000_000;
-/// Longest CLOSE_WAIT dwell told apart in the histogram: a week, in ms.
-const MAX_DWELL_MS: u64 = 7 * 24 * 3_600 * 1_000;
-
-/// Milliseconds, two significant digits. Creation only fails on invalid
-/// bounds, which these are not (see the test), so `None` never happens.
-fn dwell_histogram() -> Option<Histogram<u64>> {
-    Histogram::new_with_bounds(1, MAX_DWELL_MS, 2).ok()
-}
+const NS_PER_US: u64 = 1_000;
 
 /// Recounted from the socket table at each tick.
 #[derive(Debug, Default)]
@@ -32,8 +25,8 @@ struct Current {
     oldest_close_wait_ns: Option<u64>,
     oldest_close_wait_before_start: bool,
     close_wait_before_start: u64,
-    /// Ended dwells plus the ages of the sockets still waiting.
-    close_wait_dwell_ms: Option<Histogram<u64>>,
+    /// Ended dwells plus the ages of the sockets still waiting, in µs.
+    close_wait_dwell_us: Option<Histogram<u64>>,
 }
 
 #[derive(Debug)]
@@ -43,8 +36,11 @@ pub struct Process {
     closes: Rates,
     pub peers: PeerTable,
     pub listen_ports: Vec<u16>,
-    /// CLOSE_WAIT dwells that ended, created on the first one.
-    ended_close_wait_dwell_ms: Option<Histogram<u64>>,
+    /// Connections opened and closed since the process was first seen.
+    pub opened_total: u64,
+    pub closed_total: u64,
+    /// Connect latency, lifetime and ended CLOSE_WAIT dwells.
+    pub distributions: Distributions,
     history: History,
     trend_window_s: f64,
     pub last_event_ns: u64,
@@ -60,7 +56,9 @@ impl Process {
             closes: Rates::new(config.short_window, config.long_window),
             peers: PeerTable::default(),
             listen_ports: Vec::new(),
-            ended_close_wait_dwell_ms: None,
+            opened_total: 0,
+            closed_total: 0,
+            distributions: Distributions::default(),
             history: History::new(config.trend_window),
             trend_window_s: config.trend_window.as_secs_f64(),
             last_event_ns: now_ns,
@@ -87,17 +85,21 @@ impl Process {
         }
         if effects.opened {
             self.opens.add(now_ns);
+            self.opened_total += 1;
         }
         if effects.released {
             self.closes.add(now_ns);
+            self.closed_total += 1;
+        }
+        let distributions = &mut self.distributions;
+        if let Some(latency_ns) = effects.connect_latency_ns {
+            distributions.connect_latency.record_ns(latency_ns);
+        }
+        if let Some(lifetime_ns) = effects.lifetime_ns {
+            distributions.lifetime.record_ns(lifetime_ns);
         }
         if let Some(dwell_ns) = effects.close_wait_dwell_ns {
-            if self.ended_close_wait_dwell_ms.is_none() {
-                self.ended_close_wait_dwell_ms = dwell_histogram();
-            }
-            if let Some(histogram) = &mut self.ended_close_wait_dwell_ms {
-                histogram.saturating_record(dwell_ns / NS_PER_MS);
-            }
+            distributions.close_wait_dwell.record_ns(dwell_ns);
         }
         let Some(key) = peer else {
             return;
@@ -182,14 +184,17 @@ impl Process {
             current.oldest_close_wait_ns = Some(age_ns);
             current.oldest_close_wait_before_start = before_start;
         }
-        if current.close_wait_dwell_ms.is_none() {
-            current.close_wait_dwell_ms = self
-                .ended_close_wait_dwell_ms
-                .clone()
-                .or_else(dwell_histogram);
+        if current.close_wait_dwell_us.is_none() {
+            current.close_wait_dwell_us = self
+                .distributions
+                .close_wait_dwell
+                .histogram()
+                .cloned()
+                .or_else(empty_histogram);
         }
-        if let Some(histogram) = &mut current.close_wait_dwell_ms {
-            histogram.saturating_record(age_ns / NS_PER_MS);
+        if let Some(histogram) = &mut current.close_wait_dwell_us {
+            // Auto-resizing: only fails past u64 range, which an age is not.
+            let _ = histogram.record(age_ns / NS_PER_US);
         }
     }
 
@@ -239,9 +244,9 @@ impl Process {
         let connects_per_s_long = round3(self.opens.long.per_second(now_ns, start_ns));
         let closes_per_s_long = round3(self.closes.long.per_second(now_ns, start_ns));
         let dwell = current
-            .close_wait_dwell_ms
+            .close_wait_dwell_us
             .as_ref()
-            .or(self.ended_close_wait_dwell_ms.as_ref());
+            .or(self.distributions.close_wait_dwell.histogram());
         let report = ProcessReport {
             pid,
             comm: self.comm.clone(),
@@ -252,6 +257,8 @@ impl Process {
             connects_per_s_long,
             closes_per_s_long,
             net_per_s_long: round3(connects_per_s_long - closes_per_s_long),
+            connects_total: self.opened_total,
+            closes_total: self.closed_total,
             sockets: current.sockets.clone(),
             held: current.held,
             close_wait: current.close_wait,
@@ -259,7 +266,7 @@ impl Process {
                 .oldest_close_wait_ns
                 .map(|age_ns| round3(age_ns as f64 / 1e9)),
             close_wait_oldest_lower_bound: current.oldest_close_wait_before_start,
-            close_wait_dwell_s: dwell.and_then(DwellSummary::from_ms_histogram),
+            close_wait_dwell_s: dwell.and_then(DwellSummary::from_us_histogram),
             fds: sample.map(|sample| sample.fds),
             fd_soft_limit: sample.map(|sample| sample.soft_limit),
             fd_hard_limit: sample.map(|sample| sample.hard_limit),
@@ -274,17 +281,18 @@ impl Process {
 }
 
 impl DwellSummary {
-    fn from_ms_histogram(histogram: &Histogram<u64>) -> Option<Self> {
+    fn from_us_histogram(histogram: &Histogram<u64>) -> Option<Self> {
         if histogram.is_empty() {
             return None;
         }
-        let seconds = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1e3;
+        // Milliseconds are as fine as a dwell summary needs.
+        let seconds = |us: u64| (us / 1_000) as f64 / 1e3;
         Some(Self {
             count: histogram.len(),
-            p50_s: seconds(0.5),
-            p90_s: seconds(0.9),
-            p99_s: seconds(0.99),
-            max_s: histogram.max() as f64 / 1e3,
+            p50_s: seconds(histogram.value_at_quantile(0.5)),
+            p90_s: seconds(histogram.value_at_quantile(0.9)),
+            p99_s: seconds(histogram.value_at_quantile(0.99)),
+            max_s: seconds(histogram.max()),
         })
     }
 }
@@ -294,25 +302,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dwell_histogram_bounds_are_valid() {
-        let mut histogram = dwell_histogram().unwrap();
-        histogram.saturating_record(0);
-        histogram.saturating_record(MAX_DWELL_MS * 10);
-        assert_eq!(histogram.len(), 2);
-    }
-
-    #[test]
     fn dwell_summary_in_seconds() {
-        let mut histogram = dwell_histogram().unwrap();
+        let mut histogram = empty_histogram().unwrap();
         for ms in [1_000, 2_000, 3_000, 60_000] {
-            histogram.saturating_record(ms);
+            histogram.record(ms * 1_000).unwrap();
         }
-        let summary = DwellSummary::from_ms_histogram(&histogram).unwrap();
+        let summary = DwellSummary::from_us_histogram(&histogram).unwrap();
         assert_eq!(summary.count, 4);
         assert!((summary.p50_s - 2.0).abs() < 0.05);
         assert!((summary.max_s - 60.0).abs() < 0.5);
         assert_eq!(
-            DwellSummary::from_ms_histogram(&dwell_histogram().unwrap()),
+            DwellSummary::from_us_histogram(&empty_histogram().unwrap()),
             None
         );
     }

@@ -50,14 +50,19 @@ pub fn json_lines(snapshot: &Snapshot, ts_unix_s: f64) -> serde_json::Result<Str
         out.push('\n');
     }
     for alert in &snapshot.new_alerts {
-        out.push_str(&serde_json::to_string(&AlertLine {
-            line_type: "alert",
-            ts,
-            alert,
-        })?);
+        out.push_str(&alert_line(alert, ts)?);
         out.push('\n');
     }
     Ok(out)
+}
+
+/// One alert as a JSON `alert` line (without the newline).
+pub fn alert_line(alert: &Alert, ts_unix_s: f64) -> serde_json::Result<String> {
+    serde_json::to_string(&AlertLine {
+        line_type: "alert",
+        ts: (ts_unix_s * 1e3).round() / 1e3,
+        alert,
+    })
 }
 
 /// The terminal the table is drawn for.

@@ -49,7 +49,8 @@ impl Actor {
             sock_id,
             owner: Owner {
                 pid: self.pid,
-                comm: self.comm.to_string(),
+                nspid: None,
+                comm: self.comm.into(),
                 source: OwnerSource::Unknown,
             },
             local: ends.0.parse().unwrap(),
@@ -498,13 +499,14 @@ fn leak_from_before_start_is_in_the_first_snapshot() {
     let mut watch = Watch::new(WatchConfig::default(), START);
     let owner = Owner {
         pid: Some(77),
-        comm: "legacy".to_string(),
+        nspid: None,
+        comm: "legacy".into(),
         source: OwnerSource::ProcFd,
     };
     for sock_id in 0..40 {
         watch.on_seeded(SeededSocket {
             sock_id,
-            owner: owner.clone(),
+            owner,
             local: local_end(sock_id).parse().unwrap(),
             remote: SERVER.parse().unwrap(),
             state: CloseWait,
@@ -813,4 +815,42 @@ fn table_fits_narrow_terminals() {
         assert!(!titles.contains(dropped), "{titles}");
     }
     assert!(narrow.lines().nth(2).unwrap().ends_with("5s"), "{narrow}");
+}
+
+#[test]
+fn distributions_and_totals_per_process() {
+    let mut watch = Watch::new(WatchConfig::default(), START);
+    // Two connections: one the peer closes (CLOSE_WAIT for 3 s, then the
+    // owner closes), one the owner closes first after 5 s.
+    for sock_id in [1, 2] {
+        connect(&mut watch, RULER, sock_id, START, SERVER);
+    }
+    let first = (local_end(1), SERVER.to_string());
+    let first = (first.0.as_str(), first.1.as_str());
+    peer_fin(&mut watch, 1, START + S, first);
+    close_after_fin(&mut watch, RULER, 1, START + 4 * S, first);
+    let second = local_end(2);
+    close_first(&mut watch, RULER, 2, START + 5 * S, (&second, SERVER));
+
+    let snapshot = tick(&mut watch, START + 6 * S, &[(4242, 10, 100)], 0);
+    let ruler = report(&snapshot, 4242);
+    assert_eq!((ruler.connects_total, ruler.closes_total), (2, 2));
+    let distributions = watch.distributions(4242).unwrap();
+    // connect() puts the handshake 1 ms after SYN_SENT.
+    let latency = distributions.connect_latency.histogram().unwrap();
+    assert_eq!(latency.len(), 2);
+    assert!(latency.max().abs_diff(1_000) <= 10, "{}", latency.max());
+    let dwell = distributions.close_wait_dwell.histogram().unwrap();
+    assert_eq!(dwell.len(), 1);
+    assert!(dwell.max().abs_diff(3_000_000) < 30_000);
+    assert_eq!(distributions.lifetime.count(), 2);
+
+    // After its last report, an exited process's distributions stay
+    // readable until the next tick.
+    watch.on_process_exit(4242, START + 7 * S);
+    let last = tick(&mut watch, START + 8 * S, &[], 0);
+    assert!(report(&last, 4242).exited);
+    assert_eq!(watch.distributions(4242).unwrap().lifetime.count(), 2);
+    tick(&mut watch, START + 9 * S, &[], 0);
+    assert!(watch.distributions(4242).is_none());
 }

@@ -265,25 +265,31 @@ impl Raised {
     }
 
     /// Worse means twice as bad: the ETA or the fd headroom halved, or the
-    /// count behind the alert doubled.
+    /// count behind the alert doubled. A figure already at zero cannot get
+    /// worse (an ETA of 0 s stays 0 s once the limit is reached); without
+    /// this guard, 0 <= 0 / 2 raised the alert again at every tick.
     fn is_worse(&self, alert: &Alert) -> bool {
         let now = Raised::from(alert);
         match alert.kind {
             AlertKind::FdExhaustion => {
                 let eta_halved = match (self.eta_s, now.eta_s) {
-                    (Some(then), Some(now)) => now <= then / 2.0,
+                    (Some(then), Some(now)) => then > 0.0 && now <= then / 2.0,
                     _ => false,
                 };
                 let headroom_halved = match (self.fd_headroom, now.fd_headroom) {
-                    (Some(then), Some(now)) => now <= then / 2,
+                    (Some(then), Some(now)) => then > 0 && now <= then / 2,
                     _ => false,
                 };
                 eta_halved || headroom_halved
             }
-            AlertKind::CloseWait => now.close_wait >= self.close_wait.saturating_mul(2),
-            AlertKind::SocketGrowth => now.held >= self.held.saturating_mul(2),
+            AlertKind::CloseWait => doubled(self.close_wait, now.close_wait),
+            AlertKind::SocketGrowth => doubled(self.held, now.held),
         }
     }
+}
+
+fn doubled(then: u64, now: u64) -> bool {
+    then > 0 && now >= then.saturating_mul(2)
 }
 
 /// Raises each condition once per process, again when it worsens, and
@@ -402,6 +408,18 @@ mod tests {
             book.update(7, &[fd_alert(Some(30.0), 700)], 5 * S, forget)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn limit_reached_is_not_raised_again_at_every_tick() {
+        let mut book = AlertBook::default();
+        let forget = 60 * S;
+        // fds at the soft limit: ETA 0 s, no headroom left.
+        let at_limit = || fd_alert(Some(0.0), 1_000);
+        assert_eq!(book.update(7, &[at_limit()], S, forget).len(), 1);
+        for tick in 2..10 {
+            assert!(book.update(7, &[at_limit()], tick * S, forget).is_empty());
+        }
     }
 
     #[test]

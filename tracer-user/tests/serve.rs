@@ -1,0 +1,618 @@
+//! Root integration tests of `socktrace serve`: a live scrape checked by
+//! `promtool`, a real Prometheus server with the shipped alert rules
+//! watching a client leak sockets, the HdrHistogram log read back by the
+//! Python `hdrhistogram` package, and bad listen addresses.
+
+mod common;
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Finished, Role, SOCKTRACE, Tracer, require_root, workload};
+use serde_json::Value;
+
+const ROLES: &str = "leak_roles.py";
+
+/// Whether a tool a test needs is there. `cargo xtask setup` installs them,
+/// so under SOCKTRACE_REQUIRE_ROOT_TESTS=1 (CI) a missing one is a failure.
+fn require_tool(test: &str, what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("SOCKTRACE_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("{test}: {what} is missing; `cargo xtask setup` installs it");
+    }
+    println!("SKIPPED: {what} is missing ({test}); `cargo xtask setup` installs it");
+    false
+}
+
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A running socktrace that is killed if the test fails before stopping it.
+struct Served(Option<Tracer>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(tracer) = &self.0 {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(tracer.pid() as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `socktrace serve` on a free loopback port.
+fn serve(extra: &[&str]) -> (Served, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["serve", "--listen", &addr];
+    args.extend(extra);
+    (Served(Some(Tracer::start(&args))), addr)
+}
+
+/// SIGTERM, as a service manager stops it; what it printed.
+fn terminate(mut served: Served) -> Finished {
+    let tracer = served.0.take().expect("socktrace still running");
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGTERM) };
+    tracer.wait()
+}
+
+struct Response {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+/// A plain HTTP/1.0 GET (so no chunked bodies to undo).
+fn get(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_default();
+    Ok(Response {
+        status,
+        content_type,
+        body: body.to_string(),
+    })
+}
+
+/// The value of the sample `name{...pid="PID"...}` in a text scrape.
+fn sample(text: &str, name: &str, pid: u32) -> Option<f64> {
+    let pid = format!("pid=\"{pid}\"");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&pid))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// Polls until `check` returns something, or gives up after `timeout`.
+fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Polls until `check` returns something, or panics with `what`.
+fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll(timeout, check).unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// A directory of the test's own, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("socktrace-{test}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating a temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The leaking pair: a server that hangs up at once, a client that opens
+/// `count` connections every `interval` seconds and never closes them.
+fn leak(count: u32, interval: &str) -> (Role, Role) {
+    let server = Role::spawn(ROLES, &["server"]);
+    let port = server.expect("port")["port"].as_u64().unwrap().to_string();
+    let client = Role::spawn(
+        ROLES,
+        &["client", &port, &count.to_string(), interval, "leak"],
+    );
+    (server, client)
+}
+
+#[test]
+fn scrape_passes_promtool_and_stops_on_sigterm() {
+    if !require_root("scrape_passes_promtool_and_stops_on_sigterm")
+        || !require_tool(
+            "scrape_passes_promtool_and_stops_on_sigterm",
+            "promtool (Debian package prometheus)",
+            runs("promtool", &["--version"]),
+        )
+    {
+        return;
+    }
+    let (served, addr) = serve(&["--interval", "0.5"]);
+    let (_server, client) = leak(12, "0.02");
+    client.expect("done");
+    let pid = client.pid();
+    let text = wait_for(
+        "12 CLOSE_WAIT sockets on /metrics",
+        Duration::from_secs(20),
+        || {
+            let response = get(&addr, "/metrics", None).ok()?;
+            (sample(&response.body, "socktrace_close_wait_sockets", pid)? >= 12.0)
+                .then_some(response)
+        },
+    );
+    assert_eq!(text.status, 200);
+    assert!(
+        text.content_type.starts_with("text/plain; version=0.0.4"),
+        "{}",
+        text.content_type
+    );
+    for family in [
+        "socktrace_connects_total",
+        "socktrace_closes_total",
+        "socktrace_sockets",
+        "socktrace_close_wait_oldest_age_seconds",
+        "socktrace_open_fds",
+        "socktrace_fd_soft_limit",
+        "socktrace_connect_latency_seconds_bucket",
+        "socktrace_peer_close_wait_sockets",
+    ] {
+        assert!(
+            sample(&text.body, family, pid).is_some(),
+            "no {family} for pid {pid}:\n{}",
+            text.body
+        );
+    }
+    assert!(
+        text.body
+            .contains("socktrace_lost_events_total{reason=\"ring_buffer_full\"}")
+    );
+    assert!(text.body.contains("socktrace_build_info{version=\""));
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(checked.status.success(), "promtool: {complaints}");
+    assert!(complaints.trim().is_empty(), "promtool lint: {complaints}");
+
+    let openmetrics = get(
+        &addr,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    )
+    .unwrap();
+    assert!(
+        openmetrics
+            .content_type
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(openmetrics.body.ends_with("# EOF\n"));
+    assert!(
+        openmetrics
+            .body
+            .contains("# TYPE socktrace_connects counter\n")
+    );
+    let health = get(&addr, "/healthz", None).unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+
+    let started = Instant::now();
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5), "slow to stop");
+    assert!(
+        TcpStream::connect(&addr).is_err(),
+        "still listening after SIGTERM"
+    );
+}
+
+/// The shipped rules with the times shortened so that they fire within
+/// seconds; everything else as shipped.
+fn rules_for_a_quick_test() -> String {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+    let rules = fs::read_to_string(&shipped).expect("reading deploy/prometheus/alerts.yml");
+    let age = "socktrace_close_wait_oldest_age_seconds >= 300";
+    assert_eq!(
+        rules.matches(age).count(),
+        1,
+        "the rule changed: update this test"
+    );
+    let rules = rules.replace(age, "socktrace_close_wait_oldest_age_seconds >= 2");
+    let mut shortened = 0;
+    let rules: Vec<String> = rules
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("for: ") {
+            Some(_) => {
+                shortened += 1;
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}for: 3s")
+            }
+            None => line.to_string(),
+        })
+        .collect();
+    assert!(shortened >= 4, "expected a `for:` in every rule");
+    rules.join("\n")
+}
+
+/// A Prometheus server of the test's own, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: &str) -> Self {
+        fs::write(dir.join("alerts.yml"), rules_for_a_quick_test()).unwrap();
+        let config = format!(
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - alerts.yml\n\
+             scrape_configs:\n  - job_name: socktrace\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting prometheus");
+        let prometheus = Self { child, addr };
+        wait_for("prometheus to be ready", Duration::from_secs(30), || {
+            let ready = get(&prometheus.addr, "/-/ready", None).ok()?;
+            (ready.status == 200).then_some(())
+        });
+        prometheus
+    }
+
+    /// `data` of an API answer.
+    fn api(&self, path: &str) -> Option<Value> {
+        let response = get(&self.addr, path, None).ok()?;
+        let answer: Value = serde_json::from_str(&response.body).ok()?;
+        (answer["status"] == "success").then(|| answer["data"].clone())
+    }
+
+    /// The raw samples of `series` over the last 5 minutes.
+    fn samples(&self, series: &str) -> Option<Vec<f64>> {
+        let range = url_encode(&format!("{series}[5m]"));
+        let data = self.api(&format!("/api/v1/query?query={range}"))?;
+        data["result"][0]["values"]
+            .as_array()?
+            .iter()
+            .map(|sample| sample[1].as_str()?.parse().ok())
+            .collect()
+    }
+
+    fn query(&self, promql: &str) -> Option<f64> {
+        let data = self.api(&format!("/api/v1/query?query={}", url_encode(promql)))?;
+        data["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_sees_close_wait_rise_and_the_alert_fire() {
+    const TEST: &str = "prometheus_sees_close_wait_rise_and_the_alert_fire";
+    if !require_root(TEST)
+        || !require_tool(
+            TEST,
+            "prometheus (Debian package prometheus)",
+            runs("prometheus", &["--version"]),
+        )
+    {
+        return;
+    }
+    let dir = TempDir::new(TEST);
+    // Reports twice a second, so that socktrace's own verdict (which wants
+    // a few points of growth) comes within the leak.
+    let (served, addr) = serve(&["--close-wait-age", "2s", "--interval", "0.5"]);
+    let prometheus = Prometheus::start(&dir.0, &addr);
+    // 60 connections over 15 s: the CLOSE_WAIT count climbs while
+    // Prometheus scrapes.
+    let (_server, client) = leak(60, "0.25");
+    let pid = client.pid();
+    let pid_label = pid.to_string();
+    let series = format!("socktrace_close_wait_sockets{{job=\"socktrace\",pid=\"{pid}\"}}");
+
+    let alert = poll(Duration::from_secs(60), || {
+        let alerts = prometheus.api("/api/v1/alerts")?;
+        alerts["alerts"]
+            .as_array()?
+            .iter()
+            .find(|alert| {
+                alert["labels"]["alertname"] == "SocktraceCloseWaitBuildup"
+                    && alert["labels"]["pid"] == pid_label.as_str()
+                    && alert["state"] == "firing"
+            })
+            .cloned()
+    });
+    let Some(alert) = alert else {
+        panic!(
+            "the CloseWait alert never fired for pid {pid}; CLOSE_WAIT: {:?}; \
+             targets: {:?}; alerts: {:?}",
+            prometheus.samples(&series),
+            prometheus.api("/api/v1/targets"),
+            prometheus.api("/api/v1/alerts"),
+        );
+    };
+    let summary = alert["annotations"]["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!("python3 (pid {pid}) keeps ")),
+        "{alert}"
+    );
+    // Once the client is done, the series as Prometheus stored it climbs
+    // step by step to all 60.
+    client.expect("done");
+    let seen = wait_for(
+        "all 60 sockets in Prometheus",
+        Duration::from_secs(20),
+        || {
+            let samples = prometheus.samples(&series)?;
+            (samples.last() == Some(&60.0)).then_some(samples)
+        },
+    );
+    let rose = seen.windows(2).filter(|pair| pair[1] > pair[0]).count();
+    let fell = seen.windows(2).any(|pair| pair[1] < pair[0]);
+    assert!(
+        rose >= 3 && !fell,
+        "the CLOSE_WAIT series did not rise: {seen:?}"
+    );
+    // Prometheus scraped OpenMetrics (what it asks for) without errors.
+    let targets = prometheus.api("/api/v1/targets").unwrap();
+    let target = &targets["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{target}");
+    assert_eq!(target["lastError"], "", "{target}");
+    // socktrace's own verdict, exported while it holds.
+    let verdict =
+        format!("max_over_time(socktrace_process_alert{{pid=\"{pid}\",alert=\"close_wait\"}}[5m])");
+    wait_for(
+        "socktrace's close_wait verdict",
+        Duration::from_secs(30),
+        || (prometheus.query(&verdict)? == 1.0).then_some(()),
+    );
+    drop(prometheus);
+
+    // The verdict was also logged on stderr as a JSON alert line.
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
+    let logged = finished
+        .stderr
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["type"] == "alert" && line["pid"] == pid && line["kind"] == "close_wait");
+    assert!(logged.is_some(), "no alert line: {:?}", finished.stderr);
+}
+
+#[test]
+fn hdr_log_reads_back_with_python() {
+    const TEST: &str = "hdr_log_reads_back_with_python";
+    if !require_root(TEST)
+        || !require_tool(
+            TEST,
+            "the Python module hdrh (PyPI package hdrhistogram)",
+            runs("python3", &["-c", "import hdrh"]),
+        )
+    {
+        return;
+    }
+    let dir = TempDir::new(TEST);
+    let log = dir.0.join("socktrace.hlog");
+    let log_arg = log.display().to_string();
+    // Small files, so that the run rotates; enough of them kept to lose none.
+    let (served, _) = serve(&[
+        "--interval",
+        "0.5",
+        "--hdr-log",
+        &log_arg,
+        "--hdr-log-max-bytes",
+        "2K",
+        "--hdr-log-keep",
+        "100",
+    ]);
+    let server = Role::spawn(ROLES, &["server"]);
+    let port = server.expect("port")["port"].as_u64().unwrap().to_string();
+    // Five connections, each closed 100 ms after the server's FIN.
+    let client = Role::spawn(ROLES, &["client", &port, "5", "0.2", "close"]);
+    client.expect("done");
+    thread::sleep(Duration::from_millis(1500));
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
+
+    let files: Vec<String> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|entry| entry.unwrap().path().display().to_string())
+        .collect();
+    assert!(files.len() >= 2, "the log did not rotate: {files:?}");
+    let out = Command::new("python3")
+        .arg(workload("hdr_log_summary.py"))
+        .args(&files)
+        .output()
+        .expect("running hdr_log_summary.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["intervals"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(
+        summary["intervals"], summary["lines"],
+        "unreadable intervals"
+    );
+
+    let pid = client.pid();
+    let tag = |name: &str| summary["tags"][format!("{name}_us.pid{pid}")].clone();
+    assert_eq!(tag("connect_latency")["count"], 5, "{summary}");
+    assert_eq!(tag("connection_lifetime")["count"], 5, "{summary}");
+    let dwell = tag("close_wait_dwell");
+    assert_eq!(dwell["count"], 5, "{summary}");
+    // Microseconds: the client waited 100 ms in CLOSE_WAIT each time.
+    let (min, max) = (
+        dwell["min"].as_u64().unwrap(),
+        dwell["max"].as_u64().unwrap(),
+    );
+    assert!((90_000..5_000_000).contains(&min), "{dwell}");
+    assert!(max < 5_000_000, "{dwell}");
+}
+
+fn run_serve(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(SOCKTRACE)
+        .arg("serve")
+        .args(args)
+        .output()
+        .expect("running socktrace");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn busy_port_is_one_clear_line() {
+    if !require_root("busy_port_is_one_clear_line") {
+        return;
+    }
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run_serve(&["--listen", &addr]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Bound before the probes load: nothing else was said.
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "socktrace: cannot listen on {addr}: Address already in use"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unparseable_address_is_one_clear_line() {
+    if !require_root("unparseable_address_is_one_clear_line") {
+        return;
+    }
+    for bad in ["localhost:9477", "127.0.0.1", "127.0.0.1:99999", "nonsense"] {
+        let (code, stderr) = run_serve(&["--listen", bad]);
+        assert_eq!(code, Some(1), "{bad}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--listen \"{bad}\" is not an address: expected IP:PORT"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn other_than_loopback_is_served_with_a_warning() {
+    if !require_root("other_than_loopback_is_served_with_a_warning") {
+        return;
+    }
+    let tracer = Tracer::start(&["serve", "--listen", "0.0.0.0:0", "--duration", "1"]);
+    let finished = tracer.wait();
+    assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
+    assert!(
+        finished
+            .stderr
+            .iter()
+            .any(|line| line.starts_with("socktrace: warning: serving on 0.0.0.0:")),
+        "{:?}",
+        finished.stderr
+    );
+}
