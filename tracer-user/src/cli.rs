@@ -51,9 +51,6 @@ pub struct FilterArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
-    /// Print JSON Lines instead of a human table.
-    #[arg(long)]
-    pub json: bool,
     /// Only processes in the container (PID namespace) of this host pid.
     #[arg(long, value_name = "PID", conflicts_with = "pidns")]
     pub container: Option<u32>,
@@ -84,6 +81,9 @@ pub struct ProbeArgs {
 pub struct TraceArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// Print JSON Lines instead of human lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn parse_secs(text: &str) -> Result<Duration, String> {
@@ -135,7 +135,7 @@ mod tests {
         };
         assert_eq!(trace.filter.pids, vec![1, 2]);
         assert_eq!(trace.filter.port, Some(80));
-        assert!(trace.filter.ipv4 && trace.filter.json);
+        assert!(trace.filter.ipv4 && trace.json);
         assert_eq!(trace.filter.duration, Some(Duration::from_millis(1500)));
     }
 

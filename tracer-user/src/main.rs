@@ -74,7 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Trace(args) => runtime.block_on(trace(args.filter)),
+        Command::Trace(args) => runtime.block_on(trace(args.filter, args.json)),
         Command::Watch(args) => runtime.block_on(watch(args)),
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Doctor(args) => doctor(&args),
@@ -174,11 +174,11 @@ fn scope(filter: &FilterArgs, target: Option<&Target>) -> Scope {
     Scope::new(user_filter(filter), target.map(|t| t.pidns_ino))
 }
 
-async fn trace(filter: FilterArgs) -> anyhow::Result<()> {
+async fn trace(filter: FilterArgs, json: bool) -> anyhow::Result<()> {
     let mut started = start(&filter)?;
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),
-        filter.json,
+        json,
         Clock::now(),
         scope(&filter, started.target.as_ref()),
     );
@@ -209,7 +209,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut sink = WatchSink::new(
         feed,
         std::io::stdout().lock(),
-        Display::choose(args.filter.json),
+        Display::choose(args.json),
         args.once,
     );
     collector::run(

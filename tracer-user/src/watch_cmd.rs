@@ -28,6 +28,9 @@ use crate::{
 pub struct WatchArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// Print JSON Lines (also whenever stdout is not a terminal).
+    #[arg(long)]
+    pub json: bool,
     /// Print one report (after one interval) and exit.
     #[arg(long)]
     pub once: bool,
