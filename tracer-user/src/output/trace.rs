@@ -135,7 +135,12 @@ fn comm_or_unknown(owner: &Owner) -> &str {
 /// `03:32:22.123456 4242 ruler 127.0.0.1:40274 127.0.0.1:18080 ESTABLISHED -> CLOSE_WAIT 10.002s`
 pub fn human_line(r: &TraceRecord<'_>) -> String {
     let time = r.ts.get(11..26).unwrap_or(&r.ts);
-    let pid = r.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    // A process in a container shows its pid there too: host/container.
+    let pid = match (r.pid, r.nspid) {
+        (None, _) => "-".to_string(),
+        (Some(pid), Some(nspid)) if nspid != pid => format!("{pid}/{nspid}"),
+        (Some(pid), _) => pid.to_string(),
+    };
     let change = format!("{} -> {}", r.old.unwrap_or("EXISTING"), r.new);
     let dwell = r.dwell_ns.map_or_else(|| "-".to_string(), human_duration);
     format!(
