@@ -42,6 +42,9 @@ use crate::{
 /// Transitions wait this long for their owner (accept) before being shown
 /// as unknown.
 const OWNER_GRACE: Duration = Duration::from_secs(1);
+/// How often the collector drains the ring buffer and runs its timers: the
+/// longest an event waits before it is shown.
+const COLLECTOR_TICK: Duration = Duration::from_millis(100);
 /// After an owner exits, look for the socket's new holder this much later.
 const REHOME_DELAY: Duration = Duration::from_millis(100);
 
@@ -170,36 +173,48 @@ fn start(filter: &FilterArgs) -> anyhow::Result<Started> {
     })
 }
 
+impl Started {
+    /// Runs the collector into `sink` until a signal, `--duration`, or the
+    /// container's end.
+    async fn run(
+        mut self,
+        filter: &FilterArgs,
+        sink: &mut dyn collector::Sink,
+    ) -> anyhow::Result<()> {
+        collector::run(
+            self.probes,
+            self.table,
+            &mut self.lookup,
+            sink,
+            RunOptions {
+                tick: COLLECTOR_TICK,
+                duration: filter.duration,
+                container: self.target,
+                keep_running: filter.keep_running,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 fn scope(filter: &FilterArgs, target: Option<&Target>) -> Scope {
     Scope::new(user_filter(filter), target.map(|t| t.pidns_ino))
 }
 
 async fn trace(filter: FilterArgs, json: bool) -> anyhow::Result<()> {
-    let mut started = start(&filter)?;
+    let started = start(&filter)?;
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),
         json,
         Clock::now(),
         scope(&filter, started.target.as_ref()),
     );
-    collector::run(
-        started.probes,
-        started.table,
-        &mut started.lookup,
-        &mut sink,
-        RunOptions {
-            tick: Duration::from_millis(100),
-            duration: filter.duration,
-            container: started.target,
-            keep_running: filter.keep_running,
-        },
-    )
-    .await?;
-    Ok(())
+    started.run(&filter, &mut sink).await
 }
 
 async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let mut started = start(&args.filter)?;
+    let started = start(&args.filter)?;
     let feed = WatchFeed::new(
         Watch::new(args.report.config(&args.filter.pids), started.start_ns),
         scope(&args.filter, started.target.as_ref()),
@@ -212,20 +227,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         Display::choose(args.json),
         args.once,
     );
-    collector::run(
-        started.probes,
-        started.table,
-        &mut started.lookup,
-        &mut sink,
-        RunOptions {
-            tick: Duration::from_millis(100),
-            duration: args.filter.duration,
-            container: started.target,
-            keep_running: args.filter.keep_running,
-        },
-    )
-    .await?;
-    Ok(())
+    started.run(&args.filter, &mut sink).await
 }
 
 fn doctor(args: &ProbeArgs) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ mod metrics;
 use std::io::{self, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -21,7 +21,7 @@ use clap::Args;
 use crate::{
     cli::FilterArgs,
     clock,
-    collector::{self, RunOptions, Sink},
+    collector::Sink,
     output::trace::report_losses,
     probes::Counters,
     sockets::Output,
@@ -112,7 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     eprintln!("socktrace: serving metrics on http://{local}/metrics");
 
-    let mut started = crate::start(&args.filter)?;
+    let started = crate::start(&args.filter)?;
     let metrics = Arc::new(Metrics::new(
         Exporter::new(args.max_processes),
         &started.probes.mode.to_string(),
@@ -140,19 +140,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_processes: args.max_processes,
         cap_reported: false,
     };
-    let result = collector::run(
-        started.probes,
-        started.table,
-        &mut started.lookup,
-        &mut sink,
-        RunOptions {
-            tick: Duration::from_millis(100),
-            duration: args.filter.duration,
-            container: started.target,
-            keep_running: args.filter.keep_running,
-        },
-    )
-    .await;
+    let result = started.run(&args.filter, &mut sink).await;
     // The collector stopped (signal, --duration, or an error): so does HTTP.
     // Sending fails only if the server has already ended.
     let _ = stop.send(true);
@@ -298,7 +286,10 @@ mod tests {
         assert_eq!(serve.listen, "[::1]:9100");
         assert_eq!(serve.hdr_log_max_bytes, 1 << 20);
         assert_eq!(serve.max_processes, metrics::DEFAULT_MAX_PROCESSES);
-        assert_eq!(serve.report.close_wait_age, Duration::from_secs(5));
+        assert_eq!(
+            serve.report.close_wait_age,
+            std::time::Duration::from_secs(5)
+        );
         assert_eq!(serve.filter.pids, vec![7]);
         // Log options only make sense with a log.
         assert!(Cli::try_parse_from(["socktrace", "serve", "--hdr-log-keep", "2"]).is_err());
