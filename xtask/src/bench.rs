@@ -33,7 +33,7 @@ use which::which;
 
 use crate::{cmd, setup};
 use loadgen::{Storm, StormShape};
-use proc::{BpfRunTime, MachineCpu, Memory};
+use proc::{BpfStats, MachineCpu, Memory};
 use tracer::{Output, Running, Tracer};
 
 #[derive(Args)]
@@ -104,6 +104,10 @@ pub struct StormRun {
     pub secs: f64,
     /// Share of the machine's CPU that was busy.
     pub machine_busy: f64,
+    /// CPU time of the storm's threads and of ksoftirqd (with tick-based
+    /// accounting, softirq work is charged to the task it interrupts, on
+    /// loopback mostly the storm itself).
+    pub storm_cpu_secs: f64,
     pub tracer: Option<TracerSample>,
 }
 
@@ -111,7 +115,17 @@ impl StormRun {
     pub fn rate(&self) -> f64 {
         self.connections as f64 / self.secs
     }
+
+    /// CPU time per connection, storm and tracer together, in µs. Other load
+    /// on the machine moves it less than the rate.
+    pub fn cost_us(&self) -> f64 {
+        let tracer = self.tracer.as_ref().map_or(0.0, |t| t.cpu_secs);
+        (self.storm_cpu_secs + tracer) / self.connections.max(1) as f64 * 1e6
+    }
 }
+
+/// A tracer's (untraced, traced) runs at saturation.
+pub type Pairs = Vec<(StormRun, StormRun)>;
 
 /// What a tracer cost during a run.
 #[derive(Clone, Debug)]
@@ -120,8 +134,11 @@ pub struct TracerSample {
     pub memory: Memory,
     pub lost_events: Option<u64>,
     pub untracked_sockets: u64,
-    /// Kernel time in its BPF programs, when bpf stats were on.
-    pub bpf: Option<BpfRunTime>,
+    /// Its BPF programs over the measured window (run time only when bpf
+    /// stats were on).
+    pub bpf: Option<BpfStats>,
+    /// Runs of its programs the kernel skipped, over the whole run.
+    pub missed_runs: u64,
 }
 
 /// Everything the report shows.
@@ -133,7 +150,7 @@ pub struct Results {
     pub idle: Option<Idle>,
     pub held: Option<Held>,
     /// Per tracer, the (untraced, traced) pairs.
-    pub saturation: Vec<(Tracer, Vec<(StormRun, StormRun)>)>,
+    pub saturation: Vec<(Tracer, Pairs)>,
     pub tiny_ring: Option<(Tracer, StormRun)>,
     /// The untraced run first, then one per tracer.
     pub fixed_rate: Vec<(Option<Tracer>, StormRun)>,
@@ -148,9 +165,13 @@ pub struct Idle {
 
 pub struct Held {
     pub sockets: u64,
+    /// Processes holding them.
+    pub helpers: usize,
     /// socktrace running while the sockets were opened.
     pub opened_while_tracing: Memory,
     pub untracked_while_tracing: u64,
+    /// Events lost while they were opened: reported, and skipped by the kernel.
+    pub lost_while_tracing: (Option<u64>, u64),
     /// socktrace started after they were open.
     pub attach_time: Duration,
     pub first_report: Option<Duration>,
@@ -168,26 +189,7 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
         Some(path) => path.clone(),
         None => build_socktrace()?,
     };
-    let socktrace_main = main_socktrace_command(&binary)?;
-    let mut peers = Vec::new();
-    let mut skipped = Vec::new();
-    if let Some(serve) = serve_command(&binary)? {
-        peers.push(serve);
-    } else {
-        skipped.push("`socktrace serve`: this build has no `serve` command".to_owned());
-    }
-    if !options.no_peers {
-        for name in ["tcpstates", "tcplife"] {
-            match which(name) {
-                Ok(path) => peers.push(Tracer::libbpf_tool(path, name)),
-                Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
-            }
-        }
-    }
-    let tracers: Vec<Tracer> = std::iter::once(socktrace_main.clone())
-        .chain(peers)
-        .collect();
-
+    let lineup = Lineup::find(&binary, !options.no_peers)?;
     // connect() may reuse a loopback port in TIME_WAIT after a second; without
     // that the storm runs out of ports (see loadgen.rs).
     let _tw_reuse = SysctlGuard::ensure("net/ipv4/tcp_tw_reuse", &["1", "2"], "2")?;
@@ -195,20 +197,104 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(options.warmup_secs),
         measured: Duration::from_secs_f64(options.secs),
     };
+    let background = background_check()?;
     let started = Instant::now();
 
     println!("== idle");
-    let idle = measure_idle(&socktrace_main)?;
+    let idle = measure_idle(&lineup.socktrace)?;
     println!("== {} held sockets", options.held_sockets);
-    let held = measure_held(&socktrace_main, options.held_sockets)?;
+    let held = measure_held(&lineup.socktrace, options.held_sockets)?;
+    let saturation = saturation_phase(&lineup.tracers, options, window)?;
+    println!("== tiny ring buffer");
+    let tiny = lineup.socktrace.with_args(&["--ring-buffer-kib", "4"]);
+    let tiny_ring = storm_run(Some(&tiny), &options.shape, None, window)?;
+    println!("  {}{}", tiny.name, lost_note(&tiny_ring));
+    let fixed_rate = fixed_rate_phase(&lineup.tracers, options)?;
 
+    let results = Results {
+        machine: report::Machine::probe()?,
+        settings: report::Settings {
+            pairs: options.pairs,
+            secs: options.secs,
+            warmup_secs: options.warmup_secs,
+            rate: options.rate,
+            fixed_secs: options.fixed_secs,
+            shape: options.shape.clone(),
+            tw_reuse: proc::sysctl("net/ipv4/tcp_tw_reuse")?,
+            socktrace_version: socktrace_version(&binary),
+            total: started.elapsed(),
+            background,
+        },
+        socktrace: lineup.socktrace,
+        idle: Some(idle),
+        held: Some(held),
+        saturation,
+        tiny_ring: Some((tiny, tiny_ring)),
+        fixed_rate,
+        skipped: lineup.skipped,
+    };
+    let path = cmd::workspace_root()?.join(&options.report);
+    report::write(&path, &results)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The tracers to compare: socktrace's main command first.
+struct Lineup {
+    socktrace: Tracer,
+    tracers: Vec<Tracer>,
+    /// Tracers that cannot be measured, and why.
+    skipped: Vec<String>,
+}
+
+impl Lineup {
+    fn find(binary: &Path, with_peers: bool) -> anyhow::Result<Self> {
+        let commands = socktrace_commands(binary)?;
+        let has = |name: &str| commands.iter().any(|c| c == name);
+        // `watch --json` is the command meant to run all the time; until it
+        // exists, `trace --json`, which does strictly more work per event.
+        let main = if has("watch") { "watch" } else { "trace" };
+        let socktrace = Tracer::socktrace(binary, &[main, "--json"]);
+        let mut tracers = vec![socktrace.clone()];
+        let mut skipped = Vec::new();
+        if has("serve") {
+            // On a port of the kernel's choosing, never one already in use.
+            tracers.push(Tracer::socktrace(
+                binary,
+                &["serve", "--listen", "127.0.0.1:0"],
+            ));
+        } else {
+            skipped.push("`socktrace serve`: this build has no `serve` command".to_owned());
+        }
+        if with_peers {
+            for name in ["tcpstates", "tcplife"] {
+                match which(name) {
+                    Ok(path) => tracers.push(Tracer::libbpf_tool(path, name)),
+                    Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
+                }
+            }
+        }
+        Ok(Self {
+            socktrace,
+            tracers,
+            skipped,
+        })
+    }
+}
+
+/// Untraced/traced pairs, tracers interleaved round by round.
+fn saturation_phase(
+    tracers: &[Tracer],
+    options: &BenchOptions,
+    window: Window,
+) -> anyhow::Result<Vec<(Tracer, Pairs)>> {
     println!(
         "== saturation: {} pairs x {} tracers, {:.0} s each",
         options.pairs,
         tracers.len(),
         options.secs
     );
-    let mut saturation: Vec<(Tracer, Vec<(StormRun, StormRun)>)> =
+    let mut saturation: Vec<(Tracer, Pairs)> =
         tracers.iter().map(|t| (t.clone(), Vec::new())).collect();
     for round in 1..=options.pairs {
         for (tracer, pairs) in &mut saturation {
@@ -225,63 +311,59 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
             pairs.push((base, traced));
         }
     }
+    Ok(saturation)
+}
 
-    println!("== tiny ring buffer");
-    let tiny = socktrace_main.with_args(&["--ring-buffer-kib", "4"]);
-    let tiny_ring = storm_run(Some(&tiny), &options.shape, None, window)?;
-    println!("  {}{}", tiny.name, lost_note(&tiny_ring));
-
+/// One run per tracer, after one without, at `--rate`.
+fn fixed_rate_phase(
+    tracers: &[Tracer],
+    options: &BenchOptions,
+) -> anyhow::Result<Vec<(Option<Tracer>, StormRun)>> {
     println!("== fixed rate: {:.0} connections/s", options.rate);
-    let fixed_window = Window {
-        warmup: window.warmup,
+    let window = Window {
+        warmup: Duration::from_secs_f64(options.warmup_secs),
         measured: Duration::from_secs_f64(options.fixed_secs),
     };
-    let fixed_rate = {
-        // Counts the time spent in each BPF program; only for these runs,
-        // as the counting has a cost of its own.
-        let _stats = SysctlGuard::set("kernel/bpf_stats_enabled", "1")?;
-        let mut runs = Vec::new();
-        for tracer in std::iter::once(None).chain(tracers.iter().map(Some)) {
-            let run = storm_run(tracer, &options.shape, Some(options.rate), fixed_window)?;
-            println!(
-                "  {:<28} {:>7.0}/s, tracer CPU {}",
-                tracer.map_or("no tracer", |t| t.name.as_str()),
-                run.rate(),
-                run.tracer.as_ref().map_or("-".to_owned(), |t| format!(
-                    "{:.4} cores",
-                    t.cpu_secs / run.secs
-                ))
-            );
-            runs.push((tracer.cloned(), run));
-        }
-        runs
-    };
+    // Counts the time spent in each BPF program; only for these runs, as the
+    // counting has a cost of its own.
+    let _stats = SysctlGuard::set("kernel/bpf_stats_enabled", "1")?;
+    let mut runs = Vec::new();
+    for tracer in std::iter::once(None).chain(tracers.iter().map(Some)) {
+        let run = storm_run(tracer, &options.shape, Some(options.rate), window)?;
+        println!(
+            "  {:<28} {:>7.0}/s, tracer CPU {}",
+            tracer.map_or("no tracer", |t| t.name.as_str()),
+            run.rate(),
+            run.tracer.as_ref().map_or("-".to_owned(), |t| format!(
+                "{:.4} cores",
+                t.cpu_secs / run.secs
+            ))
+        );
+        runs.push((tracer.cloned(), run));
+    }
+    Ok(runs)
+}
 
-    let results = Results {
-        machine: report::Machine::probe()?,
-        settings: report::Settings {
-            pairs: options.pairs,
-            secs: options.secs,
-            warmup_secs: options.warmup_secs,
-            rate: options.rate,
-            fixed_secs: options.fixed_secs,
-            shape: options.shape.clone(),
-            tw_reuse: proc::sysctl("net/ipv4/tcp_tw_reuse")?,
-            socktrace_version: socktrace_version(&binary),
-            total: started.elapsed(),
-        },
-        socktrace: socktrace_main,
-        idle: Some(idle),
-        held: Some(held),
-        saturation,
-        tiny_ring: Some((tiny, tiny_ring)),
-        fixed_rate,
-        skipped,
-    };
-    let path = cmd::workspace_root()?.join(&options.report);
-    report::write(&path, &results)?;
-    println!("wrote {}", path.display());
-    Ok(())
+/// What else the machine was doing before the bench started.
+fn background_check() -> anyhow::Result<report::Background> {
+    let before = MachineCpu::read()?;
+    thread::sleep(Duration::from_secs(2));
+    let busy = MachineCpu::read()?.busy_since(&before);
+    let tracers = proc::other_bpf_holders();
+    if busy > 0.05 {
+        println!(
+            "warning: the machine is {:.0} % busy before the bench starts; \
+             results will be noisy",
+            busy * 100.0
+        );
+    }
+    if !tracers.is_empty() {
+        println!(
+            "warning: other processes hold attached BPF programs and slow every run: {}",
+            tracers.join(", ")
+        );
+    }
+    Ok(report::Background { busy, tracers })
 }
 
 fn lost_note(run: &StormRun) -> String {
@@ -316,26 +398,6 @@ fn socktrace_commands(binary: &Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// `watch --json` once it exists: the command meant to run all the time.
-/// Until then `trace --json`, which does strictly more work per event.
-fn main_socktrace_command(binary: &Path) -> anyhow::Result<Tracer> {
-    let commands = socktrace_commands(binary)?;
-    let command = if commands.iter().any(|c| c == "watch") {
-        "watch"
-    } else {
-        "trace"
-    };
-    Ok(Tracer::socktrace(binary, &[command, "--json"]))
-}
-
-fn serve_command(binary: &Path) -> anyhow::Result<Option<Tracer>> {
-    let commands = socktrace_commands(binary)?;
-    Ok(commands
-        .iter()
-        .any(|c| c == "serve")
-        .then(|| Tracer::socktrace(binary, &["serve"])))
-}
-
 fn socktrace_version(binary: &Path) -> String {
     let version = cmd::output(Command::new(binary).arg("--version"))
         .map(|v| v.trim().to_owned())
@@ -357,8 +419,9 @@ struct Snapshot {
     connections: u64,
     failed: u64,
     machine: MachineCpu,
+    storm_cpu: f64,
     tracer_cpu: f64,
-    bpf: Option<BpfRunTime>,
+    bpf: Option<BpfStats>,
 }
 
 impl Snapshot {
@@ -369,8 +432,9 @@ impl Snapshot {
             connections: progress.completed,
             failed: progress.failed,
             machine: MachineCpu::read()?,
+            storm_cpu: proc::cpu_seconds(std::process::id())? + proc::ksoftirqd_cpu_seconds(),
             tracer_cpu: tracer.map(Running::cpu_seconds).transpose()?.unwrap_or(0.0),
-            bpf: tracer.map(|t| BpfRunTime::read(t.pid())).transpose()?,
+            bpf: tracer.map(|t| BpfStats::read(t.pid())).transpose()?,
         })
     }
 }
@@ -396,6 +460,7 @@ fn storm_run(
     let sample = match running.as_mut() {
         Some(running) => {
             let memory = running.memory()?;
+            let whole_run = BpfStats::read(running.pid())?;
             let finished = running.stop()?;
             Some(TracerSample {
                 cpu_secs: after.tracer_cpu - before.tracer_cpu,
@@ -403,6 +468,7 @@ fn storm_run(
                 lost_events: finished.lost_events,
                 untracked_sockets: finished.untracked_sockets,
                 bpf: after.bpf.zip(before.bpf).map(|(a, b)| a.since(&b)),
+                missed_runs: whole_run.recursion_misses,
             })
         }
         None => None,
@@ -414,6 +480,7 @@ fn storm_run(
         failed: after.failed - before.failed,
         secs: (after.at - before.at).as_secs_f64(),
         machine_busy: after.machine.busy_since(&before.machine),
+        storm_cpu_secs: after.storm_cpu - before.storm_cpu,
         tracer: sample,
     })
 }
@@ -445,6 +512,7 @@ fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
     let held = held::HeldSockets::open(sockets)?;
     thread::sleep(SETTLE);
     let opened_while_tracing = running.memory()?;
+    let missed = BpfStats::read(running.pid())?.recursion_misses;
     let finished = running.stop()?;
     println!(
         "  opened while tracing: RSS {} KiB (peak {} KiB)",
@@ -469,7 +537,7 @@ fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
     thread::sleep(SETTLE);
     let existing_at_start = running.memory()?;
     running.stop()?;
-    let count = held.count;
+    let (count, helpers) = (held.count, held.helpers());
     held.close()?;
     println!(
         "  existing at start: attached in {:.0} ms, first report after {}, RSS {} KiB",
@@ -482,8 +550,10 @@ fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
     );
     Ok(Held {
         sockets: count,
+        helpers,
         opened_while_tracing,
         untracked_while_tracing: finished.untracked_sockets,
+        lost_while_tracing: (finished.lost_events, missed),
         attach_time: running.attach_time,
         first_report,
         existing_at_start,

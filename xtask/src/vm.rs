@@ -150,12 +150,14 @@ fn selected(names: &[String]) -> anyhow::Result<Vec<&'static KernelSpec>> {
         .collect()
 }
 
-/// Builds socktrace and the integration tests once (debug), and lists them
-/// from cargo's JSON messages.
+/// Builds socktrace and the integration tests once, and lists them from
+/// cargo's JSON messages. Optimized: under emulation a debug socktrace spends
+/// most of a test parsing BTF.
 fn build_tests() -> anyhow::Result<TestBuild> {
     let mut cargo = cmd::cargo()?;
     cargo
-        .args(["test", "--package", "tracer-user", "--tests", "--no-run"])
+        .args(["test", "--release", "--package", "tracer-user"])
+        .args(["--tests", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit());
     println!("$ {}", cmd::show(&cargo));

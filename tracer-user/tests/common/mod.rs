@@ -312,3 +312,18 @@ pub fn pidns_of(pid: u32) -> u64 {
         .expect("reading a PID namespace")
         .ino()
 }
+
+impl Role {
+    /// The next reported step that has `key`, waiting up to `timeout` (for
+    /// steps that take longer than [`Role::expect`] allows).
+    pub fn expect_within(&self, key: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let found = std::iter::from_fn(|| {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.stdout.recv_timeout(left).ok()
+        })
+        .map(|line| serde_json::from_str::<Value>(&line).expect("workload prints JSON"))
+        .find(|value| value.get(key).is_some());
+        found.unwrap_or_else(|| panic!("workload never reported {key:?} within {timeout:?}"))
+    }
+}

@@ -9,11 +9,13 @@
         MODE leak: a new connection per request, never closed (each one
         sits in CLOSE_WAIT once the server hangs up). MODE reuse: one
         keep-alive connection; when the server has dropped it, close it and
-        connect again. Options: --nofile N lowers the soft RLIMIT_NOFILE,
+        connect again; close it at the end. Options: --nofile N lowers the soft RLIMIT_NOFILE,
         and the client stops at EMFILE; --await-close-wait reports once every
         connection it holds has seen the server's FIN.
-    watch_roles.py hoard-server
-        Accepts connections and never closes them (nor reads them).
+    watch_roles.py hoard-server [--accept-on-command]
+        Accepts connections and never closes them (nor reads them). With
+        --accept-on-command: only once stdin says "accept" (a server that
+        takes its backlog late).
     watch_roles.py connect-close PORT PERIOD_S COUNT
         Connects and closes at once (the client closes first), COUNT times.
     watch_roles.py churn-server
@@ -28,7 +30,6 @@ Each role then holds its sockets until stdin reaches EOF (the test ends).
 
 import argparse
 import errno
-import http.client
 import json
 import os
 import resource
@@ -37,7 +38,6 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOOPBACK = "127.0.0.1"
 # Longest any role waits for something, so that nothing outlives its test.
@@ -67,6 +67,10 @@ def in_background(target):
 
 
 def http_server(idle_s):
+    # The HTTP modules are imported where used: they are slow to load, and
+    # the other roles start faster without them.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Socket timeout of each connection: an idle keep-alive connection
@@ -97,7 +101,10 @@ def dropped(conn):
     if conn.sock is None:
         return False
     readable, _, _ = select.select([conn.sock], [], [], 0)
-    return bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+    try:
+        return bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
 
 
 def post(conn):
@@ -125,12 +132,13 @@ def await_close_wait(conns):
 
 
 def http_client(args):
+    import http.client
+
     if args.nofile:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, hard))
     held, conn, connections = [], None, 0
-    start = time.time()
-    say(started=start)
+    say(started=time.time())
     # A fixed schedule: the request rate does not drift with latency.
     clock = time.monotonic()
     for i in range(args.requests):
@@ -146,21 +154,27 @@ def http_client(args):
         except OSError as error:
             if error.errno != errno.EMFILE:
                 raise
-            say(emfile=time.time(), requests=i, elapsed=time.time() - start)
+            say(emfile=time.time(), requests=i)
             break
         if args.mode == "leak":
             held.append(conn)
         else:
             response.close()
+    if args.mode == "reuse" and conn is not None:
+        conn.close()
     say(done=True, connections=connections)
     if args.await_close_wait:
         await_close_wait(held)
     hold_until_eof()
 
 
-def hoard_server():
+def hoard_server(accept_on_command):
     sock = listener()
     hoard = []
+    if accept_on_command:
+        for line in sys.stdin:
+            if line.strip() == "accept":
+                break
 
     def accept_forever():
         while True:
@@ -175,7 +189,7 @@ def connect_close(port, period, count):
     clock = time.monotonic()
     for i in range(count):
         time.sleep(max(0.0, clock + i * period - time.monotonic()))
-        socket.create_connection((LOOPBACK, port)).close()
+        socket.create_connection((LOOPBACK, port), timeout=10).close()
     say(done=count)
     hold_until_eof()
 
@@ -196,7 +210,10 @@ def churn_server():
 def churn_client(port, seconds):
     count, start = 0, time.monotonic()
     while time.monotonic() - start < seconds:
-        socket.create_connection((LOOPBACK, port)).close()
+        # No create_connection: its address lookup would halve the rate.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect((LOOPBACK, port))
+        sock.close()
         count += 1
     say(done=count, per_s=count / (time.monotonic() - start))
     hold_until_eof()
@@ -213,7 +230,7 @@ def main():
     client.add_argument("requests", type=int)
     client.add_argument("--nofile", type=int)
     client.add_argument("--await-close-wait", action="store_true")
-    roles.add_parser("hoard-server")
+    roles.add_parser("hoard-server").add_argument("--accept-on-command", action="store_true")
     closer = roles.add_parser("connect-close")
     closer.add_argument("port", type=int)
     closer.add_argument("period", type=float)
@@ -229,7 +246,7 @@ def main():
     elif args.role == "http-client":
         http_client(args)
     elif args.role == "hoard-server":
-        hoard_server()
+        hoard_server(args.accept_on_command)
     elif args.role == "connect-close":
         connect_close(args.port, args.period, args.count)
     elif args.role == "churn-server":

@@ -1,8 +1,11 @@
-//! Many loopback sockets held open by a helper process, for the memory and
+//! Many loopback sockets held open by helper processes, for the memory and
 //! start-up measurements with 100k existing sockets.
 //!
-//! The helper is this same binary (`cargo xtask bench hold`): it opens the
-//! connections, says "ready" on stdout, and holds them until its stdin closes.
+//! A helper is this same binary (`cargo xtask bench hold`): it opens
+//! connections, says "ready" on stdout, and holds them until its stdin
+//! closes. Raising the hard fd limit needs CAP_SYS_RESOURCE, which root in a
+//! container often lacks, so the sockets are spread over as many helpers as
+//! the inherited hard limit requires.
 
 use std::{
     env,
@@ -17,8 +20,8 @@ use clap::Args;
 /// Connections per server port: under the ~28k ephemeral ports that one
 /// (client address, server address) pair has.
 const CONNECTIONS_PER_PORT: u64 = 20_000;
-/// fds besides the held sockets: listeners, stdio, libraries.
-const SPARE_FDS: u64 = 1_024;
+/// fds a helper needs besides the held sockets: listeners, stdio, libraries.
+const SPARE_FDS: u64 = 256;
 
 #[derive(Args, Debug)]
 pub struct HoldOptions {
@@ -30,7 +33,7 @@ pub struct HoldOptions {
 /// The helper's side: open, report, hold.
 pub fn hold(options: &HoldOptions) -> anyhow::Result<()> {
     let connections = options.sockets.div_ceil(2);
-    raise_fd_limit(connections * 2 + SPARE_FDS)?;
+    raise_soft_fd_limit(connections * 2 + SPARE_FDS)?;
     let ports = connections.div_ceil(CONNECTIONS_PER_PORT).max(1);
     let listeners = (0..ports)
         .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
@@ -60,72 +63,115 @@ pub fn hold(options: &HoldOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn raise_fd_limit(wanted: u64) -> anyhow::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: wanted,
-        rlim_max: wanted,
+fn fd_limit() -> anyhow::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    // SAFETY: getrlimit writes only into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("reading the open file limit");
+    }
+    Ok(limit)
+}
+
+/// Up to the hard limit, which needs no privilege.
+fn raise_soft_fd_limit(wanted: u64) -> anyhow::Result<()> {
+    let mut limit = fd_limit()?;
+    if wanted > limit.rlim_max {
+        bail!(
+            "holding these sockets needs {wanted} fds; the hard limit is {}",
+            limit.rlim_max
+        );
+    }
+    limit.rlim_cur = limit.rlim_cur.max(wanted);
+    // SAFETY: setrlimit reads only the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| {
-            format!(
-                "raising the open file limit to {wanted} \
-                 (needs root, and fs.nr_open at least that high)"
-            )
-        });
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("raising the open file limit to {wanted}"));
     }
     Ok(())
 }
 
-/// The bench's side: a running helper holding `count` sockets.
+/// The bench's side: running helpers holding `count` sockets between them.
 pub struct HeldSockets {
-    child: Child,
+    helpers: Vec<Child>,
     pub count: u64,
 }
 
 impl HeldSockets {
     pub fn open(sockets: u64) -> anyhow::Result<Self> {
-        let xtask = env::current_exe().context("finding the xtask binary")?;
-        let mut child = Command::new(&xtask)
-            .args(["bench", "hold", "--sockets", &sockets.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting the socket holder {}", xtask.display()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .context("the holder's stdout is not piped")?;
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the holder's ready line")?;
-        let Some(count) = line.trim().strip_prefix("ready ") else {
-            let status = child.wait()?;
-            bail!("the socket holder failed ({status}); see its error above");
+        // Helpers inherit our hard limit; each holds whole connections.
+        let per_helper = (fd_limit()?.rlim_max.saturating_sub(SPARE_FDS) / 2 * 2).max(2);
+        let helpers = sockets.div_ceil(per_helper).max(1);
+        let share = (sockets.div_ceil(helpers)).div_ceil(2) * 2;
+        let mut held = Self {
+            helpers: Vec::new(),
+            count: 0,
         };
-        let count = count
-            .parse()
-            .with_context(|| format!("the holder said {line:?}"))?;
-        Ok(Self { child, count })
+        let mut left = sockets;
+        while left > 0 {
+            let this = share.min(left);
+            let (child, count) = start_helper(this)?;
+            held.helpers.push(child);
+            held.count += count;
+            left = left.saturating_sub(this);
+        }
+        Ok(held)
+    }
+
+    pub fn helpers(&self) -> usize {
+        self.helpers.len()
     }
 
     pub fn close(mut self) -> anyhow::Result<()> {
-        // End of file on its stdin tells it to let go.
-        drop(self.child.stdin.take());
-        let status = self.child.wait().context("waiting for the socket holder")?;
-        if !status.success() {
-            bail!("the socket holder failed ({status})");
+        // End of file on their stdin tells them to let go.
+        for helper in &mut self.helpers {
+            drop(helper.stdin.take());
+        }
+        for helper in &mut self.helpers {
+            let status = helper.wait().context("waiting for a socket holder")?;
+            if !status.success() {
+                bail!("a socket holder failed ({status})");
+            }
         }
         Ok(())
     }
 }
 
+fn start_helper(sockets: u64) -> anyhow::Result<(Child, u64)> {
+    let xtask = env::current_exe().context("finding the xtask binary")?;
+    let mut child = Command::new(&xtask)
+        .args(["bench", "hold", "--sockets", &sockets.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the socket holder {}", xtask.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the holder's stdout is not piped")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the holder's ready line")?;
+    let Some(count) = line.trim().strip_prefix("ready ") else {
+        let status = child.wait()?;
+        bail!("a socket holder failed ({status}); see its error above");
+    };
+    let count = count
+        .parse()
+        .with_context(|| format!("the holder said {line:?}"))?;
+    Ok((child, count))
+}
+
 impl Drop for HeldSockets {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        for helper in &mut self.helpers {
+            if let Ok(None) = helper.try_wait() {
+                let _ = helper.kill();
+                let _ = helper.wait();
+            }
         }
     }
 }

@@ -204,13 +204,15 @@ fn exchange(address: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+/// Answers until accept() fails after `stop`: a connection accepted after
+/// `stop` still belongs to a client that waits for its reply.
 fn serve(listener: &TcpListener, stop: &AtomicBool, counters: &Counters) {
     loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let answered = accepted.and_then(|(mut stream, _)| answer(&mut stream));
+        let answered = match listener.accept() {
+            Ok((mut stream, _)) => answer(&mut stream),
+            Err(_) if stop.load(Ordering::Relaxed) => return,
+            Err(err) => Err(err),
+        };
         if answered.is_err() {
             counters.failed.fetch_add(1, Ordering::Relaxed);
         }

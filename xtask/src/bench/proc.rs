@@ -23,7 +23,25 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks_per_second())
 }
 
-fn clock_ticks_per_second() -> f64 {
+/// CPU time of the per-CPU softirq threads, which take over softirq work
+/// under load.
+pub fn ksoftirqd_cpu_seconds() -> f64 {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with("ksoftirqd/"))
+        })
+        // A thread that vanished in between counts as nothing.
+        .filter_map(|pid| cpu_seconds(pid).ok())
+        .sum()
+}
+
+pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }
@@ -92,17 +110,22 @@ impl MachineCpu {
     }
 }
 
-/// Time the kernel spent in a process's BPF programs and how often they ran,
-/// summed over the programs it holds. Counted only while
-/// `kernel.bpf_stats_enabled` is 1.
+/// Counters of the BPF programs a process holds, summed over them.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct BpfRunTime {
+pub struct BpfStats {
+    /// Kernel time in the programs and how often they ran: counted only
+    /// while `kernel.bpf_stats_enabled` is 1.
     pub run_time_ns: u64,
     pub run_count: u64,
+    /// Runs the kernel skipped because a BPF program was already running on
+    /// that CPU (a tracepoint hit from softirq inside another program).
+    /// Always counted; the program never sees these events, so they are
+    /// lost without the tracer knowing.
+    pub recursion_misses: u64,
     pub programs: usize,
 }
 
-impl BpfRunTime {
+impl BpfStats {
     pub fn read(pid: u32) -> anyhow::Result<Self> {
         let fd_dir = format!("/proc/{pid}/fd");
         let entries = fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))?;
@@ -126,6 +149,7 @@ impl BpfRunTime {
             };
             sum.run_time_ns += field("run_time_ns:");
             sum.run_count += field("run_cnt:");
+            sum.recursion_misses += field("recursion_misses:");
             sum.programs += 1;
         }
         Ok(sum)
@@ -135,6 +159,9 @@ impl BpfRunTime {
         Self {
             run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
             run_count: self.run_count.saturating_sub(earlier.run_count),
+            recursion_misses: self
+                .recursion_misses
+                .saturating_sub(earlier.recursion_misses),
             programs: self.programs,
         }
     }
@@ -150,6 +177,24 @@ pub fn sysctl(name: &str) -> anyhow::Result<String> {
 pub fn set_sysctl(name: &str, value: &str) -> anyhow::Result<()> {
     let path = format!("/proc/sys/{name}");
     fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
+/// Other processes that hold attached BPF programs ("pid comm"): tracers
+/// left running would slow every run down alike and blur the comparison.
+pub fn other_bpf_holders() -> Vec<String> {
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me && has_attached_bpf(pid))
+        .map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} {}", comm.trim())
+        })
+        .collect()
 }
 
 /// Whether the process holds an attached BPF program: a bpf_link or a

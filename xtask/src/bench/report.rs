@@ -4,7 +4,13 @@
 //! Only the part between the markers is rewritten, so notes written below
 //! it (why a target is missed, what would close it) survive a re-run.
 
-use std::{fmt::Write as _, fs, path::Path, process::Command, time::Duration};
+use std::{
+    fmt::{self, Write as _},
+    fs,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 
@@ -67,16 +73,26 @@ pub struct Settings {
     pub tw_reuse: String,
     pub socktrace_version: String,
     pub total: Duration,
+    pub background: Background,
+}
+
+/// The machine before the bench started.
+pub struct Background {
+    /// Share of CPU busy over two seconds.
+    pub busy: f64,
+    /// Other processes with attached BPF programs ("pid comm").
+    pub tracers: Vec<String>,
 }
 
 pub fn write(path: &Path, results: &Results) -> anyhow::Result<()> {
-    let generated = render(results);
+    let mut generated = String::new();
+    render(&mut generated, results).context("formatting the report")?;
     let text = match fs::read_to_string(path) {
         Ok(old) => match (old.find(BEGIN), old.find(END)) {
             (Some(begin), Some(end)) if begin < end => {
                 format!("{}{generated}{}", &old[..begin], &old[end + END.len()..])
             }
-            _ => format!("{}\n{generated}\n", old.trim_end()),
+            _ => format!("{}\n\n{generated}\n", old.trim_end()),
         },
         Err(_) => format!("{HEADER}\n{generated}\n"),
     };
@@ -88,86 +104,98 @@ pub fn write(path: &Path, results: &Results) -> anyhow::Result<()> {
 
 const HEADER: &str = "# Benchmarks
 
-Measured with `cargo xtask bench` (as root; about 10 minutes). It runs a
+Measured with `cargo xtask bench` (as root; about 7 minutes). It runs a
 loopback storm of short TCP connections from its own load generator with no
 tracer, with socktrace and with its peers, and compares them.
 ";
 
+fn render(out: &mut String, r: &Results) -> fmt::Result {
+    let saturation: Vec<Saturation> = r
+        .saturation
+        .iter()
+        .map(|(tracer, pairs)| Saturation::of(tracer, pairs))
+        .collect();
+    writeln!(out, "{BEGIN}")?;
+    header(out, r)?;
+    targets(out, r, &saturation)?;
+    saturation_table(out, r, &saturation)?;
+    fixed_rate_table(out, r)?;
+    memory_table(out, r)?;
+    method(out, r)?;
+    write!(out, "{END}")
+}
+
 /// Medians and totals of one tracer's saturation runs.
 struct Saturation<'a> {
     tracer: &'a Tracer,
+    runs: usize,
+    /// Traced ÷ untraced connections/s within each pair.
     ratio: f64,
     ratio_min: f64,
     ratio_max: f64,
     base_rate: f64,
     traced_rate: f64,
+    /// Untraced ÷ traced CPU per connection (storm + tracer) within each pair.
+    cost_ratio: f64,
+    /// CPU per untraced connection, and what tracing added within each pair, in µs.
+    base_cost_us: f64,
+    added_cost_us: f64,
+    /// The tracer's own CPU.
     cores: Option<f64>,
     core_secs_per_1k: Option<f64>,
     peak_kib: Option<u64>,
+    /// Lost events the tracer reported, if it reports them.
     lost: Option<u64>,
-    runs: usize,
+    /// Runs of its programs the kernel skipped (recursion): lost silently.
+    missed: u64,
     runs_with_losses: usize,
     untracked_sockets: u64,
     failed: u64,
 }
 
-fn summarize<'a>(tracer: &'a Tracer, pairs: &[(StormRun, StormRun)]) -> Saturation<'a> {
-    let ratios: Vec<f64> = pairs
-        .iter()
-        .map(|(base, traced)| traced.rate() / base.rate())
-        .collect();
-    let samples = || {
-        pairs
+impl<'a> Saturation<'a> {
+    fn of(tracer: &'a Tracer, pairs: &[(StormRun, StormRun)]) -> Self {
+        let per_pair = |f: &dyn Fn(&StormRun, &StormRun) -> f64| -> Vec<f64> {
+            pairs.iter().map(|(base, traced)| f(base, traced)).collect()
+        };
+        let ratios = per_pair(&|base, traced| traced.rate() / base.rate());
+        let samples: Vec<_> = pairs
             .iter()
-            .filter_map(|(_, traced)| traced.tracer.as_ref())
-    };
-    let losses: Vec<u64> = samples().filter_map(|s| s.lost_events).collect();
-    Saturation {
-        tracer,
-        ratio: median(&ratios),
-        ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        base_rate: median(&pairs.iter().map(|(b, _)| b.rate()).collect::<Vec<_>>()),
-        traced_rate: median(&pairs.iter().map(|(_, t)| t.rate()).collect::<Vec<_>>()),
-        cores: optional_median(
-            pairs
+            .filter_map(|(_, traced)| Some((traced, traced.tracer.as_ref()?)))
+            .collect();
+        let losses: Vec<u64> = samples.iter().filter_map(|(_, s)| s.lost_events).collect();
+        Self {
+            tracer,
+            runs: pairs.len(),
+            ratio: median(&ratios),
+            ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            base_rate: median(&per_pair(&|base, _| base.rate())),
+            traced_rate: median(&per_pair(&|_, traced| traced.rate())),
+            cost_ratio: median(&per_pair(&|base, traced| base.cost_us() / traced.cost_us())),
+            base_cost_us: median(&per_pair(&|base, _| base.cost_us())),
+            added_cost_us: median(&per_pair(&|base, traced| traced.cost_us() - base.cost_us())),
+            cores: optional_median(samples.iter().map(|(run, s)| s.cpu_secs / run.secs)),
+            core_secs_per_1k: optional_median(
+                samples
+                    .iter()
+                    .map(|(run, s)| s.cpu_secs / (run.connections as f64 / 1e3)),
+            ),
+            peak_kib: samples.iter().map(|(_, s)| s.memory.peak_kib).max(),
+            lost: (!losses.is_empty()).then(|| losses.iter().sum()),
+            missed: samples.iter().map(|(_, s)| s.missed_runs).sum(),
+            runs_with_losses: samples
                 .iter()
-                .filter_map(|(_, t)| t.tracer.as_ref().map(|s| s.cpu_secs / t.secs)),
-        ),
-        core_secs_per_1k: optional_median(pairs.iter().filter_map(|(_, t)| {
-            t.tracer
-                .as_ref()
-                .map(|s| s.cpu_secs / (t.connections as f64 / 1e3))
-        })),
-        peak_kib: samples().map(|s| s.memory.peak_kib).max(),
-        lost: (!losses.is_empty()).then(|| losses.iter().sum()),
-        runs: pairs.len(),
-        runs_with_losses: losses.iter().filter(|&&lost| lost > 0).count(),
-        untracked_sockets: samples().map(|s| s.untracked_sockets).sum(),
-        failed: pairs.iter().map(|(b, t)| b.failed + t.failed).sum(),
+                .filter(|(_, s)| s.lost_events.unwrap_or(0) + s.missed_runs > 0)
+                .count(),
+            untracked_sockets: samples.iter().map(|(_, s)| s.untracked_sockets).sum(),
+            failed: pairs.iter().map(|(b, t)| b.failed + t.failed).sum(),
+        }
     }
 }
 
-fn render(results: &Results) -> String {
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = render_into(&mut out, results);
-    out
-}
-
-fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
-    let m = &r.machine;
-    let s = &r.settings;
-    let saturation: Vec<Saturation> = r
-        .saturation
-        .iter()
-        .map(|(tracer, pairs)| summarize(tracer, pairs))
-        .collect();
-    let socktrace = saturation
-        .iter()
-        .find(|x| x.tracer.name == r.socktrace.name);
-
-    writeln!(out, "{BEGIN}")?;
+fn header(out: &mut String, r: &Results) -> fmt::Result {
+    let (m, s) = (&r.machine, &r.settings);
     writeln!(out, "## Run of {}\n", m.date)?;
     writeln!(out, "| | |\n|---|---|")?;
     writeln!(
@@ -187,55 +215,94 @@ fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
         "| bench time | {:.1} min |",
         s.total.as_secs_f64() / 60.0
     )?;
-    writeln!(out)?;
+    let others = if s.background.tracers.is_empty() {
+        "none".to_owned()
+    } else {
+        s.background.tracers.join(", ")
+    };
+    writeln!(
+        out,
+        "| before the bench | machine {:.0} % busy; other BPF tracers: {others} |\n",
+        s.background.busy * 100.0
+    )
+}
 
+fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Result {
     writeln!(out, "### Targets\n")?;
     writeln!(out, "| target | measured | result |\n|---|---|---|")?;
-    if let Some(st) = socktrace {
-        let pts = (st.ratio - MIN_THROUGHPUT_RATIO) * 100.0;
+    if let Some(st) = saturation
+        .iter()
+        .find(|x| x.tracer.name == r.socktrace.name)
+    {
+        let points = |ratio: f64| (ratio - MIN_THROUGHPUT_RATIO) * 100.0;
         writeln!(
             out,
             "| throughput with socktrace ≥ {MIN_THROUGHPUT_RATIO} × untraced, at saturation | {:.3} × | {} |",
             st.ratio,
-            verdict(pts >= 0.0, format!("{:.1} points", pts.abs()))
+            verdict(
+                points(st.ratio) >= 0.0,
+                format!("{:.1} points", points(st.ratio).abs())
+            )
+        )?;
+        writeln!(
+            out,
+            "| the same, from CPU per connection (storm + tracer; less sensitive to other load) | \
+             {:.3} × ({:+.1} µs on {:.1} µs) | {} |",
+            st.cost_ratio,
+            st.added_cost_us,
+            st.base_cost_us,
+            verdict(
+                points(st.cost_ratio) >= 0.0,
+                format!("{:.1} points", points(st.cost_ratio).abs())
+            )
         )?;
         for peer in saturation
             .iter()
             .filter(|x| x.tracer.family != st.tracer.family)
         {
-            let pts = (st.ratio - peer.ratio) * 100.0;
+            let ahead = (st.ratio - peer.ratio) * 100.0;
             writeln!(
                 out,
-                "| lower overhead than {} | socktrace {:.3} ×, {} {:.3} × | {} |",
-                peer.tracer.name,
+                "| lower overhead than {name} | throughput: socktrace {:.3} ×, {name} {:.3} ×; \
+                 CPU per connection: {:.3} ×, {:.3} × | {} |",
                 st.ratio,
-                peer.tracer.name,
                 peer.ratio,
-                verdict(pts > 0.0, format!("{:.1} points", pts.abs()))
+                st.cost_ratio,
+                peer.cost_ratio,
+                verdict(ahead > 0.0, format!("{:.1} points", ahead.abs())),
+                name = peer.tracer.name,
             )?;
         }
         if let Some(lost) = st.lost {
+            let all = lost + st.missed;
             writeln!(
                 out,
-                "| zero lost events at saturation, default buffers | {lost} lost in {} of {} runs | {} |",
+                "| zero lost events at saturation, default buffers | {lost} reported + {} skipped \
+                 by the kernel, in {} of {} runs | {} |",
+                st.missed,
                 st.runs_with_losses,
                 st.runs,
-                verdict(lost == 0, format!("{lost} events"))
+                if all == 0 {
+                    "pass".to_owned()
+                } else {
+                    format!("**miss** by {all} events")
+                }
             )?;
         }
     }
-    if let Some((_, run)) = r
+    let fixed = r
         .fixed_rate
         .iter()
-        .find(|(t, _)| t.as_ref().is_some_and(|t| t.name == r.socktrace.name))
+        .find(|(t, _)| t.as_ref().is_some_and(|t| t.name == r.socktrace.name));
+    if let Some((_, run)) = fixed
         && let Some(sample) = &run.tracer
     {
         // Scaled to exactly the target rate, in case the storm fell short.
-        let cores = sample.cpu_secs / run.connections as f64 * s.rate;
+        let cores = sample.cpu_secs / run.connections.max(1) as f64 * r.settings.rate;
         writeln!(
             out,
             "| collector CPU ≤ {MAX_CORES_AT_RATE} core at {} connections/s | {cores:.4} core | {} |",
-            thousands(s.rate),
+            thousands(r.settings.rate),
             verdict(
                 cores <= MAX_CORES_AT_RATE,
                 format!(
@@ -250,68 +317,92 @@ fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
         memory_target(out, "RSS idle", idle.memory.rss_kib, MAX_IDLE_RSS_MB)?;
     }
     if let Some(held) = &r.held {
-        let label = format!(
-            "RSS with {} tracked sockets",
-            thousands(held.sockets as f64)
-        );
+        let n = thousands(held.sockets as f64);
         let worst = held
             .opened_while_tracing
             .rss_kib
             .max(held.existing_at_start.rss_kib);
-        memory_target(out, &label, worst, MAX_HELD_RSS_MB)?;
+        memory_target(
+            out,
+            &format!("RSS with {n} tracked sockets"),
+            worst,
+            MAX_HELD_RSS_MB,
+        )?;
+        let target = format!(
+            "start to first report ≤ {} s with {n} existing sockets",
+            MAX_FIRST_REPORT.as_secs()
+        );
         match held.first_report {
             Some(first) => writeln!(
                 out,
-                "| start to first report ≤ {} s with {} existing sockets | {:.2} s | {} |",
-                MAX_FIRST_REPORT.as_secs(),
-                thousands(held.sockets as f64),
+                "| {target} | {:.2} s | {} |",
                 first.as_secs_f64(),
                 verdict(
                     first <= MAX_FIRST_REPORT,
-                    format!(
-                        "{:.2} s",
-                        (first.as_secs_f64() - MAX_FIRST_REPORT.as_secs_f64()).abs()
-                    )
+                    format!("{:.2} s", first.abs_diff(MAX_FIRST_REPORT).as_secs_f64())
                 )
             )?,
             None => writeln!(
                 out,
-                "| start to first report ≤ {} s with {} existing sockets | no complete report within a minute | **miss** |",
-                MAX_FIRST_REPORT.as_secs(),
-                thousands(held.sockets as f64)
+                "| {target} | no complete report within a minute | **miss** |"
             )?,
         }
     }
-    writeln!(out)?;
+    writeln!(out)
+}
 
+fn saturation_table(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Result {
+    let s = &r.settings;
     writeln!(out, "### Throughput at saturation\n")?;
     writeln!(
         out,
-        "Median over {} untraced/traced pairs of {:.0} s each (after {:.0} s of warm-up); \
-         the ratio is traced ÷ untraced connections/s within each pair. Tracer CPU is its \
-         own process (user + system) over the same window; kernel time spent in its BPF \
-         programs is charged to the traced processes and shows up in the ratio.\n",
+        "Median over {} untraced/traced pairs of {:.0} s each (after {:.0} s of warm-up); the \
+         ratio is traced ÷ untraced connections/s within each pair. CPU per connection adds up \
+         the storm's threads, ksoftirqd and the tracer (softirq work is charged to the task it \
+         interrupts, on loopback mostly the storm, and so is the time in the tracer's BPF \
+         programs); its ratio, untraced ÷ traced within each pair, is what the throughput ratio \
+         would be on an otherwise idle machine, and other load moves it less than the rate. \
+         Tracer CPU is its own process (user + system). Lost events: reported by the tracer on \
+         exit + runs of its BPF programs that the kernel skipped because another BPF program \
+         was running on that CPU (`recursion_misses`; the tracer never sees those events).\n",
         s.pairs, s.secs, s.warmup_secs
     )?;
     writeln!(
         out,
-        "| tracer | untraced conn/s | traced conn/s | ratio | ratio range | tracer CPU, cores | core-s per 1k conn | peak RSS | lost events |"
+        "| tracer | untraced conn/s | traced conn/s | ratio | ratio range | CPU µs per untraced conn | \
+         CPU µs added per conn | CPU ratio | tracer CPU, cores | core-s per 1k conn | peak RSS | \
+         lost events (reported + skipped) |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    for x in &saturation {
+    writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for x in saturation {
         writeln!(
             out,
-            "| `{}` | {} | {} | {:.3} | {:.3}–{:.3} | {} | {} | {} | {} |",
+            "| `{}` | {} | {} | {:.3} | {:.3}–{:.3} | {:.1} | {:+.1} | {:.3} | {} | {} | {} | {} + {} |",
             x.tracer.name,
             thousands(x.base_rate),
             thousands(x.traced_rate),
             x.ratio,
             x.ratio_min,
             x.ratio_max,
+            x.base_cost_us,
+            x.added_cost_us,
+            x.cost_ratio,
             x.cores.map_or("-".into(), |c| format!("{c:.3}")),
             x.core_secs_per_1k.map_or("-".into(), |c| format!("{c:.4}")),
             x.peak_kib.map_or("-".into(), mb),
-            x.lost.map_or("-".into(), |lost| lost.to_string()),
+            x.lost.map_or("?".into(), |lost| lost.to_string()),
+            x.missed,
+        )?;
+    }
+    writeln!(out)?;
+    for x in saturation.iter().filter(|x| x.untracked_sockets > 0) {
+        writeln!(
+            out,
+            "`{}` could not track {} sockets (socket map full).",
+            x.tracer.name, x.untracked_sockets
         )?;
     }
     let busy: Vec<f64> = r
@@ -319,17 +410,10 @@ fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
         .iter()
         .flat_map(|(_, pairs)| pairs.iter().map(|(base, _)| base.machine_busy))
         .collect();
-    for x in saturation.iter().filter(|x| x.untracked_sockets > 0) {
-        writeln!(
-            out,
-            "\n`{}` could not track {} sockets (socket map full).",
-            x.tracer.name, x.untracked_sockets
-        )?;
-    }
     let failed: u64 = saturation.iter().map(|x| x.failed).sum();
     writeln!(
         out,
-        "\nThe untraced runs kept the machine {:.0} % busy (median), so the storm saturates it. \
+        "The untraced runs kept the machine {:.0} % busy (median), so the storm saturates it. \
          Failed connections over all runs: {failed}.",
         median(&busy) * 100.0
     )?;
@@ -346,98 +430,122 @@ fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
                 .map_or("no".into(), |lost| lost.to_string())
         )?;
     }
-    writeln!(out)?;
+    writeln!(out)
+}
 
-    writeln!(out, "### Fixed rate: {} connections/s\n", thousands(s.rate))?;
+fn fixed_rate_table(out: &mut String, r: &Results) -> fmt::Result {
     writeln!(
         out,
-        "One run of {:.0} s per tracer with `kernel.bpf_stats_enabled=1`. \
-         BPF time is the kernel time in the tracer's own programs, which the traced \
-         processes pay.\n",
-        s.fixed_secs
+        "### Fixed rate: {} connections/s\n",
+        thousands(r.settings.rate)
     )?;
     writeln!(
         out,
-        "| tracer | conn/s | tracer CPU, cores | core-s per 1k conn | peak RSS | lost events | BPF time per conn | BPF runs per conn |"
+        "One run of {:.0} s per tracer, with `kernel.bpf_stats_enabled=1`. BPF time is the \
+         kernel time in the tracer's own programs, which the traced processes pay; it is wall \
+         time inside the programs, interrupts included.\n",
+        r.settings.fixed_secs
+    )?;
+    writeln!(
+        out,
+        "| tracer | conn/s | tracer CPU, cores | core-s per 1k conn | peak RSS | \
+         lost events (reported + skipped) | BPF time per conn | BPF runs per conn |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for (tracer, run) in &r.fixed_rate {
         let name = tracer
             .as_ref()
             .map_or("no tracer".to_owned(), |t| format!("`{}`", t.name));
-        let sample = run.tracer.as_ref();
+        let Some(sample) = &run.tracer else {
+            writeln!(
+                out,
+                "| {name} | {} | - | - | - | - | - | - |",
+                thousands(run.rate())
+            )?;
+            continue;
+        };
         let per_conn = |value: u64| value as f64 / run.connections.max(1) as f64;
         writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {:.4} | {:.5} | {} | {} + {} | {} | {} |",
             thousands(run.rate()),
-            sample.map_or("-".into(), |t| format!("{:.4}", t.cpu_secs / run.secs)),
-            sample.map_or("-".into(), |t| format!(
-                "{:.5}",
-                t.cpu_secs / (run.connections as f64 / 1e3)
-            )),
-            sample.map_or("-".into(), |t| mb(t.memory.peak_kib)),
+            sample.cpu_secs / run.secs,
+            sample.cpu_secs / (run.connections.max(1) as f64 / 1e3),
+            mb(sample.memory.peak_kib),
             sample
-                .and_then(|t| t.lost_events)
-                .map_or("-".into(), |lost| lost.to_string()),
-            sample.and_then(|t| t.bpf).map_or("-".into(), |b| format!(
+                .lost_events
+                .map_or("?".into(), |lost| lost.to_string()),
+            sample.missed_runs,
+            sample.bpf.map_or("-".into(), |b| format!(
                 "{:.2} µs",
                 per_conn(b.run_time_ns) / 1e3
             )),
             sample
-                .and_then(|t| t.bpf)
+                .bpf
                 .map_or("-".into(), |b| format!("{:.1}", per_conn(b.run_count))),
         )?;
     }
-    writeln!(out)?;
+    writeln!(out)
+}
 
-    if let (Some(idle), Some(held)) = (&r.idle, &r.held) {
-        writeln!(out, "### Memory and start-up\n")?;
-        writeln!(out, "| measurement | value |\n|---|---:|")?;
+fn memory_table(out: &mut String, r: &Results) -> fmt::Result {
+    let (Some(idle), Some(held)) = (&r.idle, &r.held) else {
+        return Ok(());
+    };
+    let n = thousands(held.sockets as f64);
+    let (reported, skipped) = held.lost_while_tracing;
+    writeln!(out, "### Memory and start-up\n")?;
+    writeln!(out, "| measurement | value |\n|---|---:|")?;
+    writeln!(
+        out,
+        "| RSS idle, 3 s after start (peak) | {} ({}) |",
+        mb(idle.memory.rss_kib),
+        mb(idle.memory.peak_kib)
+    )?;
+    writeln!(
+        out,
+        "| start to attached, idle | {} |",
+        millis(idle.attach_time)
+    )?;
+    writeln!(
+        out,
+        "| RSS after {n} sockets were opened while tracing (peak) | {} ({}) |",
+        mb(held.opened_while_tracing.rss_kib),
+        mb(held.opened_while_tracing.peak_kib)
+    )?;
+    writeln!(
+        out,
+        "| events lost while they were opened (reported + skipped) | {} + {skipped} |",
+        reported.map_or("?".into(), |lost| lost.to_string())
+    )?;
+    if held.untracked_while_tracing > 0 {
         writeln!(
             out,
-            "| RSS idle, 3 s after start | {} |",
-            mb(idle.memory.rss_kib)
+            "| sockets socktrace could not track (socket map full) | {} |",
+            held.untracked_while_tracing
         )?;
-        writeln!(
-            out,
-            "| start to attached, idle | {} |",
-            millis(idle.attach_time)
-        )?;
-        let n = thousands(held.sockets as f64);
-        writeln!(
-            out,
-            "| RSS after {n} sockets were opened while tracing (peak) | {} ({}) |",
-            mb(held.opened_while_tracing.rss_kib),
-            mb(held.opened_while_tracing.peak_kib)
-        )?;
-        if held.untracked_while_tracing > 0 {
-            writeln!(
-                out,
-                "| sockets socktrace could not track (socket map full) | {} |",
-                held.untracked_while_tracing
-            )?;
-        }
-        writeln!(
-            out,
-            "| RSS with {n} existing sockets at start (peak) | {} ({}) |",
-            mb(held.existing_at_start.rss_kib),
-            mb(held.existing_at_start.peak_kib)
-        )?;
-        writeln!(
-            out,
-            "| start to attached (\"tracing\" on stderr), {n} existing sockets | {} |",
-            millis(held.attach_time)
-        )?;
-        writeln!(
-            out,
-            "| start to first complete report, {n} existing sockets | {} |",
-            held.first_report
-                .map_or("none within a minute".into(), millis)
-        )?;
-        writeln!(out)?;
     }
+    writeln!(
+        out,
+        "| RSS with {n} existing sockets at start (peak) | {} ({}) |",
+        mb(held.existing_at_start.rss_kib),
+        mb(held.existing_at_start.peak_kib)
+    )?;
+    writeln!(
+        out,
+        "| start to attached (\"tracing\" on stderr), {n} existing sockets | {} |",
+        millis(held.attach_time)
+    )?;
+    writeln!(
+        out,
+        "| start to first complete report, {n} existing sockets | {} |\n",
+        held.first_report
+            .map_or("none within a minute".into(), millis)
+    )
+}
 
+fn method(out: &mut String, r: &Results) -> fmt::Result {
+    let s = &r.settings;
     writeln!(out, "### How it was measured\n")?;
     writeln!(
         out,
@@ -458,30 +566,32 @@ fn render_into(out: &mut String, r: &Results) -> std::fmt::Result {
         out,
         "- Each tracer is started and attached (socktrace: its \"tracing\" line; libbpf-tools: \
          an attached BPF link) before the load starts, and stopped with SIGINT after it ends; \
-         lost events are what it prints on exit."
+         lost events are what it prints on exit, plus its programs' `recursion_misses`."
     )?;
     writeln!(
         out,
-        "- CPU: utime + stime from /proc/PID/stat over the measured window. Peak RSS: VmHWM \
-         from /proc/PID/status just before stopping. MB = 10⁶ bytes."
+        "- CPU: utime + stime from /proc/PID/stat over the measured window (tick-based, \
+         {} Hz granularity). Peak RSS: VmHWM from /proc/PID/status just before stopping. \
+         RSS includes the ring buffer's pages, which the kernel maps twice. MB = 10⁶ bytes.",
+        super::proc::clock_ticks_per_second()
     )?;
-    writeln!(
-        out,
-        "- Held sockets: a helper process holds both ends of {} loopback connections. The \
-         first complete report is, for `trace`, the last of the existing sockets' lines; for \
-         `watch`, its first output.",
-        r.held
-            .as_ref()
-            .map_or("-".into(), |h| thousands((h.sockets / 2) as f64))
-    )?;
+    if let Some(held) = &r.held {
+        writeln!(
+            out,
+            "- Held sockets: {} helper processes (as many as the hard fd limit requires) hold \
+             both ends of {} loopback connections. The first complete report is, for `trace`, \
+             the last of the existing sockets' lines; for `watch`, its first output.",
+            held.helpers,
+            thousands((held.sockets / 2) as f64)
+        )?;
+    }
     for skipped in &r.skipped {
         writeln!(out, "- Not measured: {skipped}.")?;
     }
-    write!(out, "{END}")?;
     Ok(())
 }
 
-fn memory_target(out: &mut String, label: &str, kib: u64, limit_mb: f64) -> std::fmt::Result {
+fn memory_target(out: &mut String, label: &str, kib: u64, limit_mb: f64) -> fmt::Result {
     let measured = kib as f64 * 1024.0 / 1e6;
     writeln!(
         out,
@@ -541,6 +651,7 @@ fn optional_median(values: impl Iterator<Item = f64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::{TracerSample, proc::Memory};
 
     #[test]
     fn medians() {
@@ -555,6 +666,120 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(12_345.6), "12,346");
         assert_eq!(thousands(1_000_000.0), "1,000,000");
+    }
+
+    fn run(rate: f64, tracer: Option<(f64, u64)>) -> StormRun {
+        StormRun {
+            connections: (rate * 5.0) as u64,
+            failed: 0,
+            secs: 5.0,
+            machine_busy: 1.0,
+            storm_cpu_secs: 10.0 * 0.9,
+            tracer: tracer.map(|(cpu_secs, lost)| TracerSample {
+                cpu_secs,
+                memory: Memory {
+                    rss_kib: 20_000,
+                    peak_kib: 40_000,
+                },
+                lost_events: Some(lost),
+                untracked_sockets: 0,
+                bpf: None,
+                missed_runs: 0,
+            }),
+        }
+    }
+
+    fn results() -> Results {
+        let socktrace = Tracer::socktrace(Path::new("socktrace"), &["watch", "--json"]);
+        let peer = Tracer::libbpf_tool("tcplife".into(), "tcplife");
+        Results {
+            machine: Machine {
+                cpus: 2,
+                model: "Test CPU".into(),
+                memory_gib: 24.0,
+                kernel: "6.18.0".into(),
+                date: "2026-01-01 00:00 UTC".into(),
+            },
+            settings: Settings {
+                pairs: 1,
+                secs: 5.0,
+                warmup_secs: 1.0,
+                rate: 10_000.0,
+                fixed_secs: 10.0,
+                shape: StormShape {
+                    clients: 8,
+                    server_ports: 8,
+                    threads_per_port: 2,
+                },
+                tw_reuse: "2".into(),
+                socktrace_version: "socktrace 0.1.0".into(),
+                total: Duration::from_secs(60),
+                background: Background {
+                    busy: 0.01,
+                    tracers: Vec::new(),
+                },
+            },
+            socktrace: socktrace.clone(),
+            idle: None,
+            held: None,
+            saturation: vec![
+                (
+                    socktrace.clone(),
+                    vec![(run(20_000.0, None), run(19_900.0, Some((0.1, 0))))],
+                ),
+                (
+                    peer.clone(),
+                    vec![(run(20_000.0, None), run(10_000.0, Some((0.5, 3))))],
+                ),
+            ],
+            tiny_ring: None,
+            fixed_rate: vec![
+                (None, run(10_000.0, None)),
+                (Some(socktrace), run(10_000.0, Some((0.5, 0)))),
+            ],
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn report_states_targets_with_margins() {
+        let mut out = String::new();
+        render(&mut out, &results()).unwrap();
+        assert!(out.starts_with(BEGIN) && out.ends_with(END), "{out}");
+        let line = |start: &str| {
+            out.lines()
+                .find(|line| line.starts_with(start))
+                .unwrap_or_else(|| panic!("no line starting {start:?} in\n{out}"))
+                .to_owned()
+        };
+        // 19,900 / 20,000 = 0.995 ≥ 0.99.
+        assert!(
+            line("| throughput with socktrace").contains("0.995 × | pass, 0.5 points to spare")
+        );
+        assert!(line("| lower overhead than tcplife").contains("pass, 49.5 points to spare"));
+        assert!(line("| zero lost events").ends_with("| pass |"));
+        // 0.5 core-s over 50,000 connections, at 10,000/s: 0.1 core.
+        assert!(line("| collector CPU").contains("0.1000 core | **miss** by 0.0800 core, 5.0 ×"));
+        assert!(line("| `tcplife` |").contains("| 3 + 0 |"));
+    }
+
+    #[test]
+    fn rewrites_only_between_the_markers() {
+        let dir = std::env::temp_dir().join(format!("bench-report-{}", std::process::id()));
+        let path = dir.join("benchmarks.md");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            &path,
+            format!("# Title\n\n{BEGIN}\nold\n{END}\n\n## Notes\nkept\n"),
+        )
+        .unwrap();
+        write(&path, &results()).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(text.starts_with("# Title\n\n"));
+        assert!(text.ends_with("\n\n## Notes\nkept\n"));
+        assert!(!text.contains("\nold\n"));
+        assert!(text.contains("| machine | 2 × Test CPU, 24 GiB |"));
     }
 
     #[test]

@@ -21,9 +21,12 @@ use super::{
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
-/// Modules needed to mount the host's root: 9p over virtio, and overlayfs
-/// to make it writable. Built-in ones are skipped.
-const ROOT_MODULES: [&str; 4] = ["virtio_pci", "9pnet_virtio", "9p", "overlay"];
+/// Modules loaded at boot (built-in ones are skipped): 9p over virtio and
+/// overlayfs, to mount the host's root writable; tcp_diag, which a stock
+/// system would load on demand with modprobe, for socktrace's sock_diag dump
+/// of existing sockets. The guest cannot load modules on demand: the host's
+/// /lib/modules has none of its kernel's.
+const MODULES: [&str; 5] = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "tcp_diag"];
 /// virtio-rng seeds the guest's entropy pool at once, so nothing waits on
 /// getrandom() at boot.
 const OPTIONAL_MODULES: [&str; 1] = ["virtio_rng"];
@@ -139,7 +142,7 @@ pub fn boot(run: &Run) -> anyhow::Result<Report> {
     let script_path = run.dir.join("guest.sh");
     fs::write(&script_path, guest_script(run))
         .with_context(|| format!("writing {}", script_path.display()))?;
-    let modules = debian::modules(run.kernel, &ROOT_MODULES, &OPTIONAL_MODULES)
+    let modules = debian::modules(run.kernel, &MODULES, &OPTIONAL_MODULES)
         .with_context(|| format!("picking the modules of {}", run.kernel.release))?;
     let initramfs_path = run.dir.join("initramfs.cpio");
     let initramfs = initramfs::build(run.busybox, &modules, &script_path)?;
@@ -269,7 +272,7 @@ fn guest_script(run: &Run) -> String {
     let args: Vec<String> = run.test_args.iter().map(|a| shell_quote(a)).collect();
     for (name, binary) in &build.binaries {
         script.push_str(&format!(
-            "echo \"{BEGIN_TEST}{name}\"\n{} --test-threads=1 {} 2>&1\necho \"{END_TEST}{name} status=$?\"\n",
+            "echo \"{BEGIN_TEST}{name}\"\n{} --test-threads=1 --color=never {} 2>&1\necho \"{END_TEST}{name} status=$?\"\n",
             shell_quote(&binary.to_string_lossy()),
             args.join(" "),
         ));

@@ -67,10 +67,11 @@ mount --move /sys /newroot/sys
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# /tmp stays the overlay's: the build may live there. /run is the guest's.
 mount -t tmpfs -o mode=0755 run /newroot/run
 mount -t tracefs tracefs /newroot/sys/kernel/tracing
 mount -t debugfs debugfs /newroot/sys/kernel/debug
+mount -t securityfs securityfs /newroot/sys/kernel/security
 mount -t bpf bpf /newroot/sys/fs/bpf
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 exec switch_root /newroot /bin/sh {script}
