@@ -142,3 +142,63 @@ fn bad_container_arguments_are_one_clear_line() {
         "{err}"
     );
 }
+
+/// Host-wide, the same program as pid 1 of two containers is reported as
+/// two processes: same in-container pid, different host pids and namespaces.
+#[test]
+fn two_containers_running_the_same_program_are_reported_apart() {
+    if !require_root("two_containers_running_the_same_program_are_reported_apart") {
+        return;
+    }
+    let mut a = Container::spawn("tcp_roles.py", &["storm", "4", "10", "wait"]);
+    let mut b = Container::spawn("tcp_roles.py", &["storm", "4", "10", "wait"]);
+    let (a_pid, b_pid) = (a.init_host_pid(), b.init_host_pid());
+    let tracer = Tracer::start(&["trace", "--json"]);
+    for c in [&mut a, &mut b] {
+        c.role().send("go");
+        c.role().expect("done");
+    }
+    thread::sleep(Duration::from_millis(300));
+    let events = tracer.stop().json();
+    let of = |pid: u32| -> Vec<&Value> { events.iter().filter(|e| e["pid"] == pid).collect() };
+    let (of_a, of_b) = (of(a_pid), of(b_pid));
+    assert!(
+        !of_a.is_empty() && !of_b.is_empty(),
+        "both containers traced"
+    );
+    for (events, pid) in [(&of_a, a_pid), (&of_b, b_pid)] {
+        for e in events {
+            assert_eq!(e["nspid"], 1, "{e}");
+            assert_eq!(e["pidns"], pidns_of(pid), "{e}");
+        }
+    }
+    assert_ne!(of_a[0]["pidns"], of_b[0]["pidns"]);
+}
+
+/// `watch` pointed at a container finds the leak inside it and names the
+/// leaking process by both pids.
+#[test]
+fn watch_finds_a_leak_inside_a_container() {
+    if !require_root("watch_finds_a_leak_inside_a_container") {
+        return;
+    }
+    let mut c = Container::spawn("close_wait.py", &["4"]);
+    c.role().expect_line();
+    let pid = c.init_host_pid();
+    let lines = Tracer::start(&["watch", "--json", "--once", "--container", &pid.to_string()])
+        .wait()
+        .json();
+    let process = lines
+        .iter()
+        .find(|l| l["type"] == "process" && l["pid"] == pid)
+        .unwrap_or_else(|| panic!("no report for the container's process: {lines:#?}"));
+    assert_eq!(process["nspid"], 1);
+    assert_eq!(process["pidns"], pidns_of(pid));
+    assert_eq!(process["close_wait"], 1);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["type"] != "process" || l["pid"] == pid),
+        "only the container's processes: {lines:#?}"
+    );
+}
