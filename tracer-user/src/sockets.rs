@@ -110,6 +110,14 @@ pub enum Output {
         pid: u32,
         ktime_ns: u64,
     },
+    /// A socket got a new owner without a state change: accept() came after
+    /// its transitions were shown as unknown, or its owner exited and another
+    /// process holds it now.
+    OwnerChanged {
+        sock_id: u64,
+        owner: Owner,
+        ktime_ns: u64,
+    },
     /// An owner found in userspace, to be written into the kernel's socket
     /// map so that later events carry it (and `-p` filters by it).
     LearnedOwner {
@@ -217,9 +225,13 @@ impl SocketTable {
                 };
                 self.on_state_change(transition, netns, Owner::from_kernel(&owner));
             }
-            Event::Owner { sock_id, owner, .. } => {
+            Event::Owner {
+                sock_id,
+                owner,
+                ktime_ns,
+            } => {
                 if let Some(owner) = Owner::from_kernel(&owner) {
-                    self.set_owner(sock_id, owner);
+                    self.set_owner(sock_id, owner, ktime_ns);
                 }
             }
             Event::Fork {
@@ -316,14 +328,24 @@ impl SocketTable {
         }
     }
 
-    fn set_owner(&mut self, sock_id: u64, owner: Owner) {
+    fn set_owner(&mut self, sock_id: u64, owner: Owner, ktime_ns: u64) {
         let Some(tracked) = self.sockets.get_mut(&sock_id) else {
             return;
         };
         let previous = tracked.owner.replace(owner);
+        // Its earlier transitions went out under another owner, or none.
+        let shown_before = tracked.pending.is_empty() && previous != Some(owner);
+        let public_id = tracked.public_id;
         Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         let pending = std::mem::take(&mut tracked.pending);
         self.emit_released(pending, owner);
+        if shown_before {
+            self.out.push(Output::OwnerChanged {
+                sock_id: public_id,
+                owner,
+                ktime_ns,
+            });
+        }
     }
 
     fn emit_released(&mut self, pending: Vec<Transition>, owner: Owner) {
@@ -423,7 +445,7 @@ impl SocketTable {
                         comm: comm.clone(),
                         state,
                     });
-                    self.set_owner(sock_id, Owner::from_proc(pid, &comm));
+                    self.set_owner(sock_id, Owner::from_proc(pid, &comm), now_ns);
                 }
                 None => {
                     let previous = tracked.owner.take();
@@ -598,6 +620,43 @@ mod tests {
             TcpState::Established,
         ));
         assert_eq!(transitions(&mut table).len(), 1);
+    }
+
+    #[test]
+    fn accept_after_the_grace_period_announces_the_owner() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
+        table.on_event(change(
+            0,
+            7,
+            unknown(),
+            local,
+            remote,
+            TcpState::Listen,
+            TcpState::SynRecv,
+        ));
+        table.tick(2_000 * MS, &mut FakeLookup(HashMap::new(), Vec::new()));
+        assert_eq!(transitions(&mut table)[0].owner, Owner::unknown());
+        table.on_event(Event::Owner {
+            ktime_ns: 3_000 * MS,
+            sock_id: 7,
+            owner: kernel_owner(SERVER, "server", OwnerSource::Accept),
+        });
+        let out: Vec<_> = table.drain_output().collect();
+        assert!(
+            matches!(
+                out[..],
+                [Output::OwnerChanged {
+                    sock_id: 7,
+                    owner: Owner {
+                        pid: Some(SERVER),
+                        ..
+                    },
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -130,6 +130,15 @@ impl WatchFeed {
                 self.watch.on_process_exit(pid, ktime_ns);
                 self.scope.process_exited(pid);
             }
+            Output::OwnerChanged {
+                sock_id,
+                owner,
+                ktime_ns,
+            } => {
+                if self.scope.wants_owner(&owner) {
+                    self.watch.on_owner_changed(sock_id, &owner, ktime_ns);
+                }
+            }
             Output::LearnedOwner { .. } => {}
         }
     }

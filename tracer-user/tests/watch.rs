@@ -362,7 +362,6 @@ fn server_that_never_closes_is_flagged() {
 ///     after their handshake (and after the clients' FIN). They are its
 ///     sockets all the same.
 #[test]
-#[ignore = "socktrace bug: sockets accepted after the owner grace period stay unattributed in watch"]
 fn server_that_never_closes_and_accepts_late_is_flagged() {
     if require_root("server_that_never_closes_and_accepts_late_is_flagged") {
         server_that_never_closes(true);

@@ -83,7 +83,13 @@ impl Scope {
     }
 
     pub fn wants(&mut self, owner: &Owner, local: SocketAddr, remote: SocketAddr) -> bool {
-        if !self.filter.accepts(owner.pid, local, remote) {
+        self.filter.accepts(owner.pid, local, remote) && self.wants_owner(owner)
+    }
+
+    /// The owner part of [`Scope::wants`]: the pid filter and the container.
+    pub fn wants_owner(&mut self, owner: &Owner) -> bool {
+        if !self.filter.pids.is_empty() && !owner.pid.is_some_and(|p| self.filter.pids.contains(&p))
+        {
             return false;
         }
         if let (Some(pid), Some(nspid)) = (owner.pid, owner.nspid) {

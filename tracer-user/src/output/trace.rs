@@ -167,7 +167,8 @@ impl<W: Write> Sink for TraceSink<W> {
                 }
             }
             Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
-            Output::LearnedOwner { .. } => {}
+            // The socket's next transition shows its new owner.
+            Output::OwnerChanged { .. } | Output::LearnedOwner { .. } => {}
         }
         Ok(())
     }

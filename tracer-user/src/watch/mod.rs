@@ -289,6 +289,36 @@ impl Watch {
         }
     }
 
+    /// A socket's owner became known (or changed) without a state change:
+    /// count it as that process's from now on.
+    pub fn on_owner_changed(&mut self, sock_id: u64, owner: &Owner, ktime_ns: u64) {
+        let Attribution::Owner(pid) = self.attribute(owner, ktime_ns) else {
+            return;
+        };
+        let Some(record) = self.sockets.get_mut(&sock_id) else {
+            return;
+        };
+        // What the process missed while the socket had no owner: its open
+        // and who closed first.
+        let mut missed = lifecycle::Effects::default();
+        if record.pid.is_none() {
+            if record.open_pending && record.peer.is_some() {
+                record.open_pending = false;
+                missed.opened = true;
+            }
+            if record.closer_known {
+                missed.closer = lifecycle::seeded_closer(record.state);
+            }
+        }
+        record.pid = Some(pid);
+        let peer = record.peer;
+        let process = self
+            .processes
+            .entry(pid)
+            .or_insert_with(|| Process::new(&self.config, &owner.comm, ktime_ns));
+        process.apply(&missed, peer, ktime_ns);
+    }
+
     /// The process is reported once more at the next tick, then forgotten
     /// with its sockets.
     pub fn on_process_exit(&mut self, pid: u32, ktime_ns: u64) {

@@ -139,10 +139,14 @@ def http_client(args):
         resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, hard))
     held, conn, connections = [], None, 0
     say(started=time.time())
-    # A fixed schedule: the request rate does not drift with latency.
-    clock = time.monotonic()
+    next_request = time.monotonic()
     for i in range(args.requests):
-        time.sleep(max(0.0, clock + i * args.period - time.monotonic()))
+        time.sleep(max(0.0, next_request - time.monotonic()))
+        # leak: a fixed schedule, so that the leak rate does not drift with
+        # latency. reuse: the connection sits idle for the whole period, even
+        # after a late request.
+        base = next_request if args.mode == "leak" else time.monotonic()
+        next_request = base + args.period
         if args.mode == "reuse" and conn is not None and dropped(conn):
             conn.close()
             conn = None
