@@ -74,6 +74,11 @@ pub async fn run(
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // Only now, with the signal handlers in place, is a Ctrl-C a clean stop.
+    eprintln!(
+        "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
+        probes.mode
+    );
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| Instant::now() + d);

@@ -160,10 +160,6 @@ fn start(filter: &FilterArgs) -> anyhow::Result<Started> {
     // container's network namespace when pointed at one.
     let netns = target.as_ref().map(|t| t.netns_path.clone());
     table.seed(holders::existing_sockets(netns.as_deref())?);
-    eprintln!(
-        "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
-        probes.mode
-    );
     Ok(Started {
         probes,
         table,

@@ -211,6 +211,12 @@ fn lost_events_are_reported_on_exit() {
     // SAFETY: as above.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
     let finished = tracer.stop();
+    assert_eq!(
+        finished.code,
+        Some(0),
+        "a clean stop: {:?}",
+        finished.stderr
+    );
     let lost_line = finished
         .stderr
         .iter()

@@ -277,7 +277,7 @@ fn http_client_reusing_one_connection_is_healthy() {
     let (server, port) = http_server("1");
     let mut watch = Watch::port(port, &[]);
     let client = http_client(port, "reuse", "0.1", "120", &["--nofile", CLIENT_NOFILE]);
-    let done = client.expect("done");
+    let done = client.expect_within("done", Duration::from_secs(60));
     let (client_pid, server_endpoint) = (client.pid(), loopback(port));
     watch.wait_for("the client's last close", Duration::from_secs(10), |line| {
         is_process_of(line, client_pid)
@@ -456,16 +456,25 @@ fn high_churn_with_prompt_closes_is_healthy() {
 
 /// 6. A server that drops idle connections after 2 s, and a client that
 ///    comes back every 3 s, finds its connection dropped and reconnects:
-///    socktrace infers the peer's idle timeout, ≈ 2 s.
+///    socktrace infers the peer's idle timeout, ≈ 2 s: what the server
+///    actually waited before each close (a little longer on a busy machine).
 #[test]
 fn peer_idle_timeout_is_inferred() {
     if !require_root("peer_idle_timeout_is_inferred") {
         return;
     }
-    let (_server, port) = http_server("2");
+    let (server, port) = http_server("2");
     let mut watch = Watch::port(port, &[]);
     let client = http_client(port, "reuse", "3", "5", &[]);
-    let done = client.expect("done");
+    let done = client.expect_within("done", Duration::from_secs(60));
+    // One connection per request: each was dropped before the next one. The
+    // server dropped the first four; the client closes the last one.
+    assert_eq!(done["connections"], 5, "{done}");
+    let mut idle_closes: Vec<f64> = (0..4)
+        .map(|_| number(&server.expect("idle_closed_s")["idle_closed_s"]))
+        .collect();
+    idle_closes.sort_by(f64::total_cmp);
+    let actual = (idle_closes[1] + idle_closes[2]) / 2.0;
     let (client_pid, server_endpoint) = (client.pid(), loopback(port));
     let with_timeout = |line: &Value| {
         is_process_of(line, client_pid)
@@ -474,16 +483,18 @@ fn peer_idle_timeout_is_inferred() {
     };
     let report = watch.wait_for(
         "the peer's idle timeout",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         with_timeout,
     );
     let lines = watch.stop();
 
     let to_server = peer(&report, &server_endpoint);
     let timeout = number(&to_server["peer_idle_timeout_s"]);
-    assert!((1.8..=2.5).contains(&timeout), "{to_server:#}");
-    // One connection per request: each was dropped before the next one.
-    assert_eq!(done["connections"], 5, "{done}");
+    println!("inferred idle timeout {timeout} s; the server's idle closes: {idle_closes:?}");
+    assert!(
+        (timeout - actual).abs() <= 0.15 * actual,
+        "inferred {timeout} s, but the server closed after {idle_closes:?} s: {to_server:#}"
+    );
     assert_eq!(to_server["opened"], 5, "{to_server:#}");
     assert!(
         number(&to_server["peer_closed_first"]) >= 3.0,

@@ -10,7 +10,7 @@
 //!    interleaved round by round) so that drift hits both sides of a pair;
 //! 4. tiny ring buffer: losses are reported, not silent;
 //! 5. fixed rate (10k connections/s): each tracer's CPU per connection, and
-//!    the kernel time in its BPF programs (`kernel.bpf_stats_enabled`).
+//!    the kernel time in its BPF programs (`BPF_ENABLE_STATS`).
 //!
 //! Ratios, not absolute times, are what carry over to other machines.
 
@@ -104,6 +104,13 @@ pub struct StormRun {
     pub secs: f64,
     /// Share of the machine's CPU that was busy.
     pub machine_busy: f64,
+    /// Share of the machine's CPU used by anything but the storm and the
+    /// tracer (other processes, the hypervisor's steal): other load that
+    /// blurs the comparison.
+    pub foreign_share: f64,
+    /// Other processes with attached BPF programs at the end of the window:
+    /// their programs slow the storm down too.
+    pub other_tracers: usize,
     /// CPU time of the storm's threads and of ksoftirqd (with tick-based
     /// accounting, softirq work is charged to the task it interrupts, on
     /// loopback mostly the storm itself).
@@ -301,12 +308,17 @@ fn saturation_phase(
             let base = storm_run(None, &options.shape, None, window)?;
             let traced = storm_run(Some(tracer), &options.shape, None, window)?;
             println!(
-                "  round {round}: {:<28} {:>7.0}/s vs {:>7.0}/s untraced: {:.3}{}",
+                "  round {round}: {:<28} {:>7.0}/s vs {:>7.0}/s untraced: {:.3}{} \
+                 (other load {:.0} % / {:.0} %, other tracers {} / {})",
                 tracer.name,
                 traced.rate(),
                 base.rate(),
                 traced.rate() / base.rate(),
-                lost_note(&traced)
+                lost_note(&traced),
+                base.foreign_share * 100.0,
+                traced.foreign_share * 100.0,
+                base.other_tracers,
+                traced.other_tracers,
             );
             pairs.push((base, traced));
         }
@@ -326,7 +338,7 @@ fn fixed_rate_phase(
     };
     // Counts the time spent in each BPF program; only for these runs, as the
     // counting has a cost of its own.
-    let _stats = SysctlGuard::set("kernel/bpf_stats_enabled", "1")?;
+    let _stats = proc::BpfRunTimeStats::enable()?;
     let mut runs = Vec::new();
     for tracer in std::iter::once(None).chain(tracers.iter().map(Some)) {
         let run = storm_run(tracer, &options.shape, Some(options.rate), window)?;
@@ -349,7 +361,7 @@ fn background_check() -> anyhow::Result<report::Background> {
     let before = MachineCpu::read()?;
     thread::sleep(Duration::from_secs(2));
     let busy = MachineCpu::read()?.busy_since(&before);
-    let tracers = proc::other_bpf_holders();
+    let tracers = proc::other_bpf_holders(None);
     if busy > 0.05 {
         println!(
             "warning: the machine is {:.0} % busy before the bench starts; \
@@ -455,6 +467,7 @@ fn storm_run(
     let before = Snapshot::take(&storm, running.as_ref())?;
     thread::sleep(window.measured);
     let after = Snapshot::take(&storm, running.as_ref())?;
+    let other_tracers = proc::other_bpf_holders(running.as_ref().map(Running::pid)).len();
     storm.stop()?;
 
     let sample = match running.as_mut() {
@@ -480,9 +493,23 @@ fn storm_run(
         failed: after.failed - before.failed,
         secs: (after.at - before.at).as_secs_f64(),
         machine_busy: after.machine.busy_since(&before.machine),
+        foreign_share: foreign_share(&before, &after),
+        other_tracers,
         storm_cpu_secs: after.storm_cpu - before.storm_cpu,
         tracer: sample,
     })
+}
+
+fn foreign_share(before: &Snapshot, after: &Snapshot) -> f64 {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let window = (after.at - before.at).as_secs_f64() * cpus;
+    let ours = (after.storm_cpu - before.storm_cpu) + (after.tracer_cpu - before.tracer_cpu);
+    let busy = after.machine.busy_secs_since(&before.machine);
+    if window > 0.0 {
+        ((busy - ours) / window).clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
 }
 
 fn measure_idle(socktrace: &Tracer) -> anyhow::Result<Idle> {

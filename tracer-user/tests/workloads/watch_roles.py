@@ -3,7 +3,8 @@
 
     watch_roles.py http-server IDLE_S
         HTTP/1.1 keep-alive server on 127.0.0.1 that closes a connection
-        after IDLE_S seconds without a request (the server closes first).
+        after IDLE_S seconds without a request (the server closes first),
+        and reports how long each connection it closed had been idle.
     watch_roles.py http-client PORT MODE PERIOD_S REQUESTS [options]
         POSTs to PORT every PERIOD_S seconds, REQUESTS times at most.
         MODE leak: a new connection per request, never closed (each one
@@ -44,9 +45,15 @@ LOOPBACK = "127.0.0.1"
 MAX_WAIT_S = 60
 
 
+SAY = threading.Lock()
+
+
 def say(**fields):
     fields["pid"] = os.getpid()
-    print(json.dumps(fields), flush=True)
+    # One write per line: the HTTP server's handler threads report too.
+    with SAY:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
 
 
 def hold_until_eof():
@@ -77,6 +84,10 @@ def http_server(idle_s):
         # times out in handle_one_request, and the server closes it.
         timeout = idle_s
 
+        def setup(self):
+            super().setup()
+            self.answered = time.monotonic()
+
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             body = b"ok\n"
@@ -84,6 +95,13 @@ def http_server(idle_s):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+            self.answered = time.monotonic()
+
+        def log_error(self, format, *args):
+            # How handle_one_request reports the idle timeout, just before
+            # the server closes the connection.
+            if format.startswith("Request timed out"):
+                say(idle_closed_s=time.monotonic() - self.answered)
 
         def log_message(self, *args):
             pass

@@ -1,6 +1,10 @@
 //! What the bench reads from /proc about a tracer process and the machine.
 
-use std::{fs, path::Path};
+use std::{
+    fs, io,
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -100,6 +104,11 @@ impl MachineCpu {
         })
     }
 
+    /// CPU seconds spent busy, all CPUs together, between `earlier` and `self`.
+    pub fn busy_secs_since(&self, earlier: &Self) -> f64 {
+        self.busy.saturating_sub(earlier.busy) as f64 / clock_ticks_per_second()
+    }
+
     /// Share of the machine that was busy between `earlier` and `self`.
     pub fn busy_since(&self, earlier: &Self) -> f64 {
         let total = self.total.saturating_sub(earlier.total);
@@ -114,7 +123,7 @@ impl MachineCpu {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BpfStats {
     /// Kernel time in the programs and how often they ran: counted only
-    /// while `kernel.bpf_stats_enabled` is 1.
+    /// while stats are enabled ([`BpfRunTimeStats`]).
     pub run_time_ns: u64,
     pub run_count: u64,
     /// Runs the kernel skipped because a BPF program was already running on
@@ -167,6 +176,41 @@ impl BpfStats {
     }
 }
 
+/// Keeps the kernel counting the run time of every BPF program while it
+/// lives (`BPF_ENABLE_STATS`): unlike `kernel.bpf_stats_enabled`, the kernel
+/// stops counting when the fd closes, even if the bench is killed.
+pub struct BpfRunTimeStats {
+    _fd: OwnedFd,
+}
+
+impl BpfRunTimeStats {
+    pub fn enable() -> anyhow::Result<Self> {
+        /// `enum bpf_cmd` and `enum bpf_stats_type` in `linux/bpf.h`.
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr` for this command: `struct { __u32 type; } enable_stats`.
+        let attr: u32 = BPF_STATS_RUN_TIME;
+        // SAFETY: bpf() reads `size_of::<u32>()` bytes of `attr`, which lives
+        // across the call; on success it returns a new fd that we own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                &attr as *const u32,
+                std::mem::size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error())
+                .context("enabling BPF run-time stats (BPF_ENABLE_STATS)");
+        }
+        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+        Ok(Self {
+            _fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        })
+    }
+}
+
 /// A sysctl under /proc/sys, as `net/ipv4/tcp_tw_reuse`.
 pub fn sysctl(name: &str) -> anyhow::Result<String> {
     let path = format!("/proc/sys/{name}");
@@ -181,7 +225,8 @@ pub fn set_sysctl(name: &str, value: &str) -> anyhow::Result<()> {
 
 /// Other processes that hold attached BPF programs ("pid comm"): tracers
 /// left running would slow every run down alike and blur the comparison.
-pub fn other_bpf_holders() -> Vec<String> {
+/// `except` names the tracer under test, if any.
+pub fn other_bpf_holders(except: Option<u32>) -> Vec<String> {
     let me = std::process::id();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -189,7 +234,7 @@ pub fn other_bpf_holders() -> Vec<String> {
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me && has_attached_bpf(pid))
+        .filter(|&pid| pid != me && Some(pid) != except && has_attached_bpf(pid))
         .map(|pid| {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             format!("{pid} {}", comm.trim())
