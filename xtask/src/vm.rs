@@ -55,7 +55,8 @@ const MATRIX: [KernelSpec; 2] = [
     },
 ];
 
-/// Measured: one guest runs the whole suite in about N minutes under TCG.
+/// A guest under TCG is far slower than the host; the per-guest timeout
+/// (`--vm-timeout`) bounds each run.
 const DEFAULT_TIMEOUT_SECS: u64 = 1200;
 
 #[derive(Args)]
