@@ -55,6 +55,20 @@ const MATRIX: [KernelSpec; 2] = [
     },
 ];
 
+/// Test binaries the guests leave out: they test nothing that depends on the
+/// kernel, the native run covers them, and emulation makes them slow.
+const HOST_ONLY_BINARIES: [(&str, &str); 1] = [(
+    "serve",
+    "the Prometheus endpoint; runs Prometheus itself, minutes under emulation",
+)];
+
+/// Single tests the guests skip: (binary, test, why).
+const HOST_ONLY_TESTS: [(&str, &str, &str); 1] = [(
+    "watch",
+    "high_churn_with_prompt_closes_is_healthy",
+    "asserts a connection rate that emulation cannot reach",
+)];
+
 /// A guest under TCG is far slower than the host; the per-guest timeout
 /// (`--vm-timeout`) bounds each run.
 const DEFAULT_TIMEOUT_SECS: u64 = 1200;
@@ -78,6 +92,14 @@ pub struct TestBuild {
     pub package_dir: PathBuf,
 }
 
+/// A test binary as a guest runs it.
+pub struct SuiteBinary {
+    pub name: String,
+    pub path: PathBuf,
+    /// libtest arguments: the skips and the caller's own.
+    pub args: Vec<String>,
+}
+
 /// How one kernel of the matrix fared.
 enum Outcome {
     Skipped(String),
@@ -95,6 +117,7 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
         which(tool).with_context(|| format!("`{tool}` is missing; run `cargo xtask setup`"))?;
     }
     let build = build_tests()?;
+    let suite = guest_suite(&build, test_args);
     let work = cmd::target_dir()?.join("vm");
     let mut apt = debian::Apt::new(work.join("cache"))?;
     let busybox = apt
@@ -117,8 +140,8 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
                     kernel: &kernel,
                     busybox: &busybox,
                     build: &build,
+                    suite: &suite,
                     env: vec![(EXPECT_MODES, spec.modes.join(","))],
-                    test_args,
                     dir: work.join(spec.name),
                     timeout: Duration::from_secs(options.vm_timeout),
                 };
@@ -128,6 +151,30 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
         results.push((spec, outcome, started.elapsed()));
     }
     summarize(&results)
+}
+
+/// The binaries the guests run, less what only the host needs to run; says
+/// what is left out and why.
+fn guest_suite(build: &TestBuild, test_args: &[String]) -> Vec<SuiteBinary> {
+    let mut suite = Vec::new();
+    for (name, path) in &build.binaries {
+        if let Some((_, why)) = HOST_ONLY_BINARIES.iter().find(|(n, _)| n == name) {
+            println!("guests leave out {name}: {why} (the native run covers it)");
+            continue;
+        }
+        let mut args = Vec::new();
+        for (_, test, why) in HOST_ONLY_TESTS.iter().filter(|(n, ..)| n == name) {
+            println!("guests skip {name}::{test}: {why} (the native run covers it)");
+            args.extend(["--skip".to_owned(), (*test).to_owned()]);
+        }
+        args.extend(test_args.iter().cloned());
+        suite.push(SuiteBinary {
+            name: name.clone(),
+            path: path.clone(),
+            args,
+        });
+    }
+    suite
 }
 
 fn selected(names: &[String]) -> anyhow::Result<Vec<&'static KernelSpec>> {
@@ -275,6 +322,29 @@ mod tests {
         assert_eq!(build.package_dir, Path::new("/w/tracer-user"));
         let names: Vec<_> = build.binaries.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["cli", "trace"]);
+    }
+
+    #[test]
+    fn guests_leave_out_host_only_tests() {
+        let build = TestBuild {
+            socktrace: "/t/socktrace".into(),
+            binaries: vec![
+                ("serve".into(), "/t/serve-1".into()),
+                ("watch".into(), "/t/watch-2".into()),
+            ],
+            package_dir: "/w/tracer-user".into(),
+        };
+        let suite = guest_suite(&build, &["--nocapture".into()]);
+        assert_eq!(suite.len(), 1);
+        assert_eq!(suite[0].name, "watch");
+        assert_eq!(
+            suite[0].args,
+            [
+                "--skip",
+                "high_churn_with_prompt_closes_is_healthy",
+                "--nocapture"
+            ]
+        );
     }
 
     #[test]

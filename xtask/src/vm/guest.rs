@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 
 use super::{
-    TestBuild,
+    SuiteBinary, TestBuild,
     debian::{self, Kernel},
     initramfs,
 };
@@ -49,10 +49,10 @@ pub struct Run<'a> {
     pub kernel: &'a Kernel,
     pub busybox: &'a Path,
     pub build: &'a TestBuild,
+    /// The test binaries to run, in order.
+    pub suite: &'a [SuiteBinary],
     /// Environment for the test binaries.
     pub env: Vec<(&'a str, String)>,
-    /// Arguments for every test binary.
-    pub test_args: &'a [String],
     /// Where the initramfs, the guest script and the console log go.
     pub dir: PathBuf,
     pub timeout: Duration,
@@ -246,41 +246,55 @@ fn qemu_command(run: &Run, initramfs: &Path) -> Command {
 fn guest_script(run: &Run) -> String {
     let build = run.build;
     let mut script = String::from("# Stage 2 of a socktrace test guest (pid 1).\n");
-    // The host's PATH and HOME find python3 and the other tools the tests run
-    // (a pyenv python needs HOME, for one).
-    for name in ["PATH", "HOME"] {
-        if let Some(value) = std::env::var_os(name) {
-            let value = shell_quote(&value.to_string_lossy());
-            script.push_str(&format!("export {name}={value}\n"));
-        }
+    // The host's PATH and HOME find python3 and the other tools the tests run.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = match python_dir() {
+        Some(dir) => format!("{}:{}", dir.display(), path.to_string_lossy()),
+        None => path.to_string_lossy().into_owned(),
+    };
+    script.push_str(&format!("export PATH={}\n", shell_quote(&path)));
+    if let Some(home) = std::env::var_os("HOME") {
+        let home = shell_quote(&home.to_string_lossy());
+        script.push_str(&format!("export HOME={home}\n"));
     }
     script.push_str("export SOCKTRACE_REQUIRE_ROOT_TESTS=1\n");
     for (name, value) in &run.env {
         script.push_str(&format!("export {name}={}\n", shell_quote(value)));
     }
     script.push_str("ip link set lo up\n");
-    script.push_str(&format!(
-        "cd {}\n",
-        shell_quote(&build.package_dir.to_string_lossy())
-    ));
+    let package_dir = shell_quote(&build.package_dir.to_string_lossy());
+    script.push_str(&format!("cd {package_dir}\n"));
     script.push_str("echo \"VM-BEGIN $(uname -r)\"\n");
     script.push_str("echo VM-DOCTOR-BEGIN\n");
+    let socktrace = shell_quote(&build.socktrace.to_string_lossy());
     script.push_str(&format!(
-        "{} doctor 2>&1\necho \"{END_DOCTOR}status=$?\"\n",
-        shell_quote(&build.socktrace.to_string_lossy())
+        "{socktrace} doctor 2>&1\necho \"{END_DOCTOR}status=$?\"\n"
     ));
-    let args: Vec<String> = run.test_args.iter().map(|a| shell_quote(a)).collect();
-    for (name, binary) in &build.binaries {
+    for binary in run.suite {
+        let name = &binary.name;
+        let mut command = vec![shell_quote(&binary.path.to_string_lossy())];
+        command.extend(["--test-threads=1", "--color=never"].map(str::to_owned));
+        command.extend(binary.args.iter().map(|arg| shell_quote(arg)));
         script.push_str(&format!(
-            "echo \"{BEGIN_TEST}{name}\"\n{} --test-threads=1 --color=never {} 2>&1\necho \"{END_TEST}{name} status=$?\"\n",
-            shell_quote(&binary.to_string_lossy()),
-            args.join(" "),
+            "echo \"{BEGIN_TEST}{name}\"\n{} 2>&1\necho \"{END_TEST}{name} status=$?\"\n",
+            command.join(" ")
         ));
     }
     script.push_str(&format!("echo {DONE}\n"));
-    // Power off now: pid 1 exiting would be a kernel panic.
+    // Power off. The request runs asynchronously, and pid 1 exiting before it
+    // completes would be a kernel panic, hence the sleep.
     script.push_str("echo o >/proc/sysrq-trigger\nsleep 60\n");
     script
+}
+
+/// The directory of the python3 the host runs, put first on the guest's
+/// PATH: a shim in front of it (pyenv's is a shell script that runs several
+/// more) costs seconds per start under emulation.
+fn python_dir() -> Option<PathBuf> {
+    let mut python = Command::new("python3");
+    python.args(["-c", "import sys; print(sys.executable)"]);
+    let executable = crate::cmd::output(&mut python)?;
+    Path::new(executable.trim()).parent().map(Path::to_path_buf)
 }
 
 /// `value` as one word for sh.
