@@ -136,7 +136,9 @@ pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
         );
     }
     // Mmap: only the few structs we look up are parsed, not the whole file.
+    // Kernels before 6.16 cannot mmap sysfs BTF (ENODEV); those parse it all.
     Btf::from_file_with_backend(path, Backend::Mmap)
+        .or_else(|_| Btf::from_file_with_backend(path, Backend::Cache))
         .with_context(|| format!("reading kernel BTF from {}", path.display()))
 }
 
