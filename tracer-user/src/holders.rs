@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use tracer_common::{OwnerSource, tcp_state};
 
 use crate::{
+    decode::Comm,
     procfs, seed,
     sockets::{ExistingSocket, HolderLookup, Owner},
     tcp::TcpState,
@@ -24,16 +25,21 @@ pub fn existing_sockets(netns: Option<&Path>) -> anyhow::Result<Vec<ExistingSock
     let mut seeded = seed::seed(netns).context("reading the existing sockets (sock_diag)")?;
     // Listeners first, so connections accepted from them are known as inbound.
     seeded.sort_by_key(|s| s.state != tcp_state::LISTEN);
+    // One /proc read per process, not per socket: a server may hold 100k.
+    let mut comms: HashMap<u32, Comm> = HashMap::new();
     Ok(seeded
         .into_iter()
         .filter_map(|s| {
             let pid = *s.owners.first()?;
+            let comm = *comms
+                .entry(pid)
+                .or_insert_with(|| procfs::comm(pid).as_deref().unwrap_or_default().into());
             Some(ExistingSocket {
                 sock_id: s.inode,
                 owner: Owner {
                     pid: Some(pid),
                     nspid: None,
-                    comm: procfs::comm(pid).as_deref().unwrap_or_default().into(),
+                    comm,
                     source: OwnerSource::ProcFd,
                 },
                 local: s.local,

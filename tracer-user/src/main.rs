@@ -211,11 +211,18 @@ async fn trace(filter: FilterArgs, json: bool) -> anyhow::Result<()> {
 
 async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let started = start(&args.filter)?;
+    // `--once` waits an interval so that its single report has rates; a
+    // continuous watch shows the sockets that exist at start right away.
+    let first_report_ns = if args.once {
+        started.start_ns + watch::duration_ns(args.report.interval)
+    } else {
+        started.start_ns
+    };
     let feed = WatchFeed::new(
         Watch::new(args.report.config(&args.filter.pids), started.start_ns),
         scope(&args.filter, started.target.as_ref()),
         args.report.interval,
-        started.start_ns,
+        first_report_ns,
     );
     let mut sink = WatchSink::new(
         feed,

@@ -94,13 +94,13 @@ pub fn exists(pid: u32) -> bool {
 /// process for a thread.
 pub fn tgid_of(pid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_status_tgid(&status)
+    field(&status, "Tgid")
 }
 
-fn parse_status_tgid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Tgid:"))
+/// The value of `name` in a "name:\tvalue" file (status, fdinfo).
+pub fn field<T: std::str::FromStr>(text: &str, name: &str) -> Option<T> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|value| value.trim().parse().ok())
 }
 
@@ -204,10 +204,13 @@ mod tests {
     }
 
     #[test]
-    fn status_tgid_parses() {
+    fn named_fields_parse() {
         let status = "Name:\tpython3\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nNgid:\t0\nPid:\t4243\n";
-        assert_eq!(parse_status_tgid(status), Some(4242));
-        assert_eq!(parse_status_tgid("Name:\tx\n"), None);
+        assert_eq!(field::<u32>(status, "Tgid"), Some(4242));
+        assert_eq!(field::<u32>("Name:\tx\n", "Tgid"), None);
+        let fdinfo = "prog_id:\t77\nrun_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t15\n";
+        assert_eq!(field::<u64>(fdinfo, "recursion_misses"), Some(15));
+        assert_eq!(field::<u64>(fdinfo, "recursion"), None);
     }
 
     // These read our own process, which needs no privileges.

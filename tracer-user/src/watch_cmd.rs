@@ -31,7 +31,8 @@ pub struct WatchArgs {
     /// Print JSON Lines (also whenever stdout is not a terminal).
     #[arg(long)]
     pub json: bool,
-    /// Print one report (after one interval) and exit.
+    /// Print one report, after one interval, and exit (without it, the
+    /// first report shows the sockets found at start right away).
     #[arg(long)]
     pub once: bool,
     #[command(flatten)]
@@ -97,13 +98,13 @@ pub struct WatchFeed {
 }
 
 impl WatchFeed {
-    pub fn new(watch: Watch, scope: Scope, interval: Duration, start_ns: u64) -> Self {
-        let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+    /// Reports every `interval`, the first at `first_report_ns`.
+    pub fn new(watch: Watch, scope: Scope, interval: Duration, first_report_ns: u64) -> Self {
         Self {
             watch,
             scope,
-            interval_ns,
-            next_report_ns: start_ns.saturating_add(interval_ns),
+            interval_ns: crate::watch::duration_ns(interval),
+            next_report_ns: first_report_ns,
         }
     }
 
@@ -266,7 +267,7 @@ impl<W: Write> Sink for WatchSink<W> {
         if (self.once && self.reported) || !self.feed.due(now_ns) {
             return Ok(());
         }
-        self.report(now_ns, counters.lost_events)?;
+        self.report(now_ns, counters.lost())?;
         self.reported = true;
         Ok(())
     }

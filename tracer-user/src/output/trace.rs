@@ -202,6 +202,12 @@ pub fn report_losses(counters: Counters) {
             counters.undecodable
         );
     }
+    if counters.missed_runs > 0 {
+        eprintln!(
+            "socktrace: {} probe runs skipped by the kernel (another BPF program was running on that CPU); their events are missing",
+            counters.missed_runs
+        );
+    }
     if counters.socket_map_full > 0 {
         eprintln!(
             "socktrace: {} sockets untracked (socket map full); raise --max-sockets",

@@ -5,7 +5,10 @@
 pub mod features;
 pub mod layout;
 
-use std::path::PathBuf;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -19,6 +22,8 @@ use tracer_common::{
 };
 
 pub use features::{ModeRequest, ProbeMode};
+
+use crate::procfs;
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -68,6 +73,16 @@ pub struct Counters {
     pub socket_map_full: u64,
     /// Records the collector could not decode (counted in userspace).
     pub undecodable: u64,
+    /// Program runs the kernel skipped because another BPF program was
+    /// running on that CPU (`recursion_misses`); their events never exist.
+    pub missed_runs: u64,
+}
+
+impl Counters {
+    /// Events that never reached the reports, whatever the reason.
+    pub fn lost(&self) -> u64 {
+        self.lost_events + self.undecodable + self.missed_runs
+    }
 }
 
 impl Probes {
@@ -146,7 +161,22 @@ impl Probes {
             lost_events: sum(counter::LOST_EVENTS)?,
             socket_map_full: sum(counter::SOCKET_MAP_FULL)?,
             undecodable: 0,
+            missed_runs: self.missed_runs(),
         })
+    }
+
+    /// `recursion_misses` summed over our loaded programs, from their fdinfo
+    /// (aya does not expose it); 0 on kernels before 5.12, which lack it.
+    fn missed_runs(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .filter_map(|fd| {
+                let fd = fd.as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                procfs::field::<u64>(&info, "recursion_misses")
+            })
+            .sum()
     }
 
     /// Stops restricting reports to one container (it has stopped).

@@ -275,6 +275,7 @@ impl ProcessSeries {
 struct Losses {
     ring_buffer_full: u64,
     undecodable: u64,
+    missed_runs: u64,
     untracked_sockets: u64,
 }
 
@@ -313,6 +314,7 @@ impl Exporter {
         self.losses = Losses {
             ring_buffer_full: counters.lost_events,
             undecodable: counters.undecodable,
+            missed_runs: counters.missed_runs,
             untracked_sockets: counters.socket_map_full,
         };
         self.tracked_processes = snapshot.processes.len();
@@ -526,13 +528,14 @@ impl Exporter {
 
         let mut lost = encoder.encode_descriptor(
             "lost_events",
-            "Socket events lost before reaching socktrace (reason: ring_buffer_full, undecodable); figures may be low by this much.",
+            "Socket events lost before reaching socktrace (reason: ring_buffer_full, undecodable, probe_skipped); figures may be low by this much.",
             None,
             MetricType::Counter,
         )?;
         for (reason, count) in [
             ("ring_buffer_full", self.losses.ring_buffer_full),
             ("undecodable", self.losses.undecodable),
+            ("probe_skipped", self.losses.missed_runs),
         ] {
             lost.encode_family(&[("reason", reason)])?
                 .encode_counter::<NoLabelSet, _, u64>(&count, None)?;

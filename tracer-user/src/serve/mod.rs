@@ -129,7 +129,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Watch::new(args.report.config(&args.filter.pids), started.start_ns),
         crate::scope(&args.filter, started.target.as_ref()),
         args.report.interval,
-        started.start_ns,
+        started.start_ns + crate::watch::duration_ns(args.report.interval),
     );
     let mut sink = ServeSink {
         feed,
@@ -168,7 +168,7 @@ struct ServeSink {
 
 impl ServeSink {
     fn report(&mut self, now_ns: u64, counters: Counters) {
-        let snapshot = self.feed.report(now_ns, counters.lost_events);
+        let snapshot = self.feed.report(now_ns, counters.lost());
         log_alerts(&snapshot);
         let watch = self.feed.watch();
         let left_out = self.metrics.exporter().update(

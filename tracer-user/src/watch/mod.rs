@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use crate::containers::Labels;
+use crate::decode::Comm;
 use crate::sockets::{ExistingSocket, Owner, Transition};
 use crate::tcp::TcpState;
 
@@ -226,7 +227,7 @@ impl Watch {
             Attribution::Excluded => return,
         };
         let (local_port, start_ns) = (seeded.local.port(), self.start_ns);
-        let process = pid.map(|pid| self.process_mut(pid, &seeded.owner.comm, start_ns));
+        let process = pid.map(|pid| self.process_mut(pid, seeded.owner.comm, start_ns));
         let inbound = process
             .as_ref()
             .is_some_and(|process| process.listen_ports.contains(&local_port));
@@ -257,8 +258,8 @@ impl Watch {
             let process = self
                 .processes
                 .entry(pid)
-                .or_insert_with(|| Process::new(config, &t.owner.comm, t.ktime_ns));
-            process.set_comm(&t.owner.comm);
+                .or_insert_with(|| Process::new(config, t.owner.comm, t.ktime_ns));
+            process.set_comm(t.owner.comm);
             process
         });
         let record = match self.sockets.entry(t.sock_id) {
@@ -315,7 +316,7 @@ impl Watch {
         let process = self
             .processes
             .entry(pid)
-            .or_insert_with(|| Process::new(&self.config, &owner.comm, ktime_ns));
+            .or_insert_with(|| Process::new(&self.config, owner.comm, ktime_ns));
         process.apply(&missed, peer, ktime_ns);
     }
 
@@ -365,7 +366,7 @@ impl Watch {
         for &pid in config.pids.iter().filter(|pid| samples.contains_key(pid)) {
             self.processes
                 .entry(pid)
-                .or_insert_with(|| Process::new(config, "", now));
+                .or_insert_with(|| Process::new(config, Comm::default(), now));
         }
         self.count_sockets(now);
 
@@ -410,7 +411,7 @@ impl Watch {
         Attribution::Owner(pid)
     }
 
-    fn process_mut(&mut self, pid: u32, comm: &str, now_ns: u64) -> &mut Process {
+    fn process_mut(&mut self, pid: u32, comm: Comm, now_ns: u64) -> &mut Process {
         let process = self
             .processes
             .entry(pid)
@@ -489,6 +490,6 @@ fn round3(value: f64) -> f64 {
     (value * 1e3).round() / 1e3
 }
 
-fn duration_ns(duration: Duration) -> u64 {
+pub fn duration_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -2,9 +2,9 @@
 //! closes first, how long connections live, and the peer's idle timeout
 //! inferred from when it hangs up.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::round3;
@@ -252,18 +252,17 @@ const OTHER: &str = "other";
 /// The peers of one process.
 #[derive(Clone, Debug, Default)]
 pub struct PeerTable {
-    peers: HashMap<PeerKey, PeerStats>,
+    peers: FxHashMap<PeerKey, PeerStats>,
     other: PeerStats,
 }
 
 impl PeerTable {
     /// The entry of `key`, created while there is room; "other" after that.
     pub fn stats_mut(&mut self, key: PeerKey) -> &mut PeerStats {
-        if self.peers.len() < MAX_PEERS || self.peers.contains_key(&key) {
-            self.peers.entry(key).or_default()
-        } else {
-            &mut self.other
+        if self.peers.len() < MAX_PEERS {
+            return self.peers.entry(key).or_default();
         }
+        self.peers.get_mut(&key).unwrap_or(&mut self.other)
     }
 
     /// The entry of `key` if it has one, else "other"; never inserts.

@@ -12,7 +12,7 @@ use super::peers::{PeerKey, PeerTable};
 use super::rates::Rates;
 use super::verdicts::Evidence;
 use super::{DwellSummary, ProcSample, ProcessReport, WatchConfig, round3};
-use crate::tcp::TcpState;
+use crate::{decode::Comm, tcp::TcpState};
 
 const NS_PER_US: u64 = 1_000;
 
@@ -31,7 +31,7 @@ struct Current {
 
 #[derive(Debug)]
 pub struct Process {
-    pub comm: String,
+    pub comm: Comm,
     opens: Rates,
     closes: Rates,
     pub peers: PeerTable,
@@ -49,9 +49,9 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn new(config: &WatchConfig, comm: &str, now_ns: u64) -> Self {
+    pub fn new(config: &WatchConfig, comm: Comm, now_ns: u64) -> Self {
         Self {
-            comm: comm.to_string(),
+            comm,
             opens: Rates::new(config.short_window, config.long_window),
             closes: Rates::new(config.short_window, config.long_window),
             peers: PeerTable::default(),
@@ -67,11 +67,10 @@ impl Process {
         }
     }
 
-    /// Keeps the name current without allocating when it did not change.
-    pub fn set_comm(&mut self, comm: &str) {
-        if !comm.is_empty() && self.comm != comm {
-            self.comm.clear();
-            self.comm.push_str(comm);
+    /// Keeps the name current (it changes at exec).
+    pub fn set_comm(&mut self, comm: Comm) {
+        if !comm.is_empty() {
+            self.comm = comm;
         }
     }
 
@@ -249,7 +248,7 @@ impl Process {
             .or(self.distributions.close_wait_dwell.histogram());
         let report = ProcessReport {
             pid,
-            comm: self.comm.clone(),
+            comm: self.comm.to_string(),
             exited: self.exited,
             connects_per_s,
             closes_per_s,
