@@ -22,9 +22,11 @@ pub const NS_FILTER_MAP: &str = "NS_FILTER";
 /// Load-time configuration global, see [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
-/// Default ring buffer size: 8 MiB holds ~100k events, about 10 ms of a
-/// saturated loopback connect/close storm even if the collector stalls.
-pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+/// Default ring buffer size: 4 MiB holds about 30k events, a quarter of a
+/// second of a saturated loopback connect/close storm on two cores (about 11
+/// events per connection), while the collector drains it every 100 ms. It
+/// counts twice in RSS: the kernel maps the data pages twice.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default capacity of the socket ownership map.
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 /// Size of the pid filter map (`-p` may be given this many times).

@@ -15,7 +15,7 @@ use crate::{
     clock::monotonic_ns,
     containers::{Target, pidns_of},
     decode::{Event, decode},
-    probes::{Counters, Probes},
+    probes::{self, Counters, Probes},
     sockets::{HolderLookup, Output, SocketTable},
 };
 
@@ -89,6 +89,10 @@ pub async fn run(
 
     let result: io::Result<()> = async {
         pass_on(&mut table, &mut probes, sink, container.as_ref())?;
+        // The sockets found at start are with the sink now; what it took to
+        // find them (netlink replies, /proc scans, the output queue) is free.
+        table.shrink_output();
+        probes::release_freed_memory();
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {

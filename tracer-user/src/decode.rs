@@ -42,9 +42,15 @@ impl Comm {
     /// valid UTF-8, so `as_str` never fails.
     pub fn from_kernel(raw: &[u8; TASK_COMM_LEN]) -> Self {
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let valid = match std::str::from_utf8(&raw[..end]) {
-            Ok(text) => text.len(),
-            Err(e) => e.valid_up_to(),
+        let text = &raw[..end];
+        // Nearly every name is ASCII; this runs for every event.
+        let valid = if text.is_ascii() {
+            end
+        } else {
+            match std::str::from_utf8(text) {
+                Ok(text) => text.len(),
+                Err(e) => e.valid_up_to(),
+            }
         };
         let mut bytes = [0; TASK_COMM_LEN];
         bytes[..valid].copy_from_slice(&raw[..valid]);

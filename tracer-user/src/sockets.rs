@@ -101,6 +101,13 @@ pub struct ExistingSocket {
 /// namespace.
 type AddressKey = (u32, SocketAddr, SocketAddr);
 
+/// What a pre-existing socket needs until the kernel programs see it; the
+/// addresses are in the key. Kept small: a server may hold 100k of them.
+struct Seeded {
+    sock_id: u64,
+    owner: Owner,
+}
+
 /// What this stage hands downstream, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -157,11 +164,11 @@ pub struct SocketTable {
     /// Looked up for every event: a fast hash for kernel addresses.
     sockets: FxHashMap<u64, Tracked>,
     /// Pre-existing sockets not yet seen by the kernel programs.
-    existing: HashMap<AddressKey, ExistingSocket>,
+    existing: FxHashMap<AddressKey, Seeded>,
     /// Live sockets per owner, to know whose forks and exits matter.
     owned: FxHashMap<u32, u32>,
     /// Processes forked by socket owners, for re-homing on the owner's exit.
-    children: HashMap<u32, Vec<u32>>,
+    children: FxHashMap<u32, Vec<u32>>,
     /// Sockets whose owner exited, with the time to look for a new holder.
     orphans: Vec<(u64, u64)>,
     /// How long transitions may wait for their owner.
@@ -176,9 +183,9 @@ impl SocketTable {
     pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64) -> Self {
         Self {
             sockets: FxHashMap::default(),
-            existing: HashMap::new(),
+            existing: FxHashMap::default(),
             owned: FxHashMap::default(),
-            children: HashMap::new(),
+            children: FxHashMap::default(),
             orphans: Vec::new(),
             owner_grace_ns,
             rehome_delay_ns,
@@ -189,15 +196,25 @@ impl SocketTable {
     /// Registers the sockets found at start.
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
         for socket in sockets {
-            self.out.push(Output::Existing(socket.clone()));
+            let seeded = Seeded {
+                sock_id: socket.sock_id,
+                owner: socket.owner,
+            };
             self.existing
-                .insert((socket.netns, socket.local, socket.remote), socket);
+                .insert((socket.netns, socket.local, socket.remote), seeded);
+            self.out.push(Output::Existing(socket));
         }
     }
 
     /// Everything produced since the last call.
     pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
         self.out.drain(..)
+    }
+
+    /// Frees the output queue's room once drained: seeding fills it with one
+    /// entry per existing socket, far more than events ever need.
+    pub fn shrink_output(&mut self) {
+        self.out.shrink_to_fit();
     }
 
     pub fn on_event(&mut self, event: Event) {

@@ -241,9 +241,9 @@ fn attach_tracepoint(
     Ok(())
 }
 
-/// Parsing kernel BTF takes tens of MB that are free once the programs are
-/// loaded; hand them back to the system instead of keeping them as heap.
-fn release_freed_memory() {
+/// Hands freed heap back to the system instead of keeping it: parsing kernel
+/// BTF, and seeding with many existing sockets, take tens of MB for a moment.
+pub fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no
     // preconditions.
     unsafe { libc::malloc_trim(0) };

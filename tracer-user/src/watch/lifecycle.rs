@@ -8,6 +8,8 @@
 //! straight to CLOSE); peer close first ESTABLISHED -> CLOSE_WAIT, then the
 //! owner's close CLOSE_WAIT -> LAST_ACK -> CLOSE; resets go to CLOSE directly.
 
+use std::num::NonZeroU64;
+
 use crate::sockets::Transition;
 use crate::tcp::TcpState;
 
@@ -56,6 +58,19 @@ pub struct Effects {
     pub listen_stopped: Option<u16>,
 }
 
+/// A kernel timestamp (ns) that may be unknown, in 8 bytes: ktime is never
+/// 0, and a busy server has 100k records.
+pub type Stamp = Option<NonZeroU64>;
+
+pub fn stamp(ktime_ns: u64) -> Stamp {
+    NonZeroU64::new(ktime_ns)
+}
+
+/// Time from `since` to `now_ns`, if `since` is known.
+pub fn elapsed(now_ns: u64, since: Stamp) -> Option<u64> {
+    since.map(|since| now_ns.saturating_sub(since.get()))
+}
+
 /// One socket while it lives.
 #[derive(Clone, Debug)]
 pub struct SocketRecord {
@@ -70,9 +85,9 @@ pub struct SocketRecord {
     pub open_pending: bool,
     pub released: bool,
     pub closer_known: bool,
-    pub syn_sent_at_ns: Option<u64>,
-    pub established_at_ns: Option<u64>,
-    pub close_wait_since_ns: Option<u64>,
+    pub syn_sent_at_ns: Stamp,
+    pub established_at_ns: Stamp,
+    pub close_wait_since_ns: Stamp,
     /// In CLOSE_WAIT since before socktrace started: its age is a lower bound.
     pub close_wait_before_start: bool,
     pub last_event_ns: u64,
@@ -112,7 +127,7 @@ impl SocketRecord {
             closer_known: seeded_closer(state).is_some(),
             syn_sent_at_ns: None,
             established_at_ns: None,
-            close_wait_since_ns: close_wait.then_some(start_ns),
+            close_wait_since_ns: stamp(start_ns).filter(|_| close_wait),
             close_wait_before_start: close_wait,
             last_event_ns: start_ns,
         }
@@ -130,7 +145,9 @@ impl SocketRecord {
         let now = t.ktime_ns;
         let mut effects = Effects::default();
         // The kernel's dwell dates the entry into `old` when we missed it.
-        let entered_old = t.dwell_ns.map(|dwell| now.saturating_sub(dwell));
+        let entered_old = t
+            .dwell_ns
+            .and_then(|dwell| stamp(now.saturating_sub(dwell)));
         if t.old == TcpState::Established && self.established_at_ns.is_none() {
             self.established_at_ns = entered_old;
         }
@@ -147,32 +164,28 @@ impl SocketRecord {
         }
 
         if t.old == TcpState::CloseWait {
-            effects.close_wait_dwell_ns = t.dwell_ns.or_else(|| {
-                self.close_wait_since_ns
-                    .map(|since| now.saturating_sub(since))
-            });
+            effects.close_wait_dwell_ns = t
+                .dwell_ns
+                .or_else(|| elapsed(now, self.close_wait_since_ns));
             self.close_wait_since_ns = None;
             self.close_wait_before_start = false;
         }
         let mut closer = None;
         match t.new {
-            TcpState::SynSent => self.syn_sent_at_ns = Some(now),
+            TcpState::SynSent => self.syn_sent_at_ns = stamp(now),
             TcpState::Established => {
                 if t.old == TcpState::SynSent {
-                    effects.connect_latency_ns = t
-                        .dwell_ns
-                        .or_else(|| self.syn_sent_at_ns.map(|since| now.saturating_sub(since)));
+                    effects.connect_latency_ns =
+                        t.dwell_ns.or_else(|| elapsed(now, self.syn_sent_at_ns));
                 }
-                self.established_at_ns = Some(now);
+                self.established_at_ns = stamp(now);
             }
             TcpState::CloseWait => {
                 closer = Some(Closer::Peer);
-                self.close_wait_since_ns = Some(now);
+                self.close_wait_since_ns = stamp(now);
                 if t.old == TcpState::Established {
-                    effects.peer_close_after_ns = t.dwell_ns.or_else(|| {
-                        self.established_at_ns
-                            .map(|established| now.saturating_sub(established))
-                    });
+                    effects.peer_close_after_ns =
+                        t.dwell_ns.or_else(|| elapsed(now, self.established_at_ns));
                 }
             }
             TcpState::FinWait1 => {
@@ -193,9 +206,7 @@ impl SocketRecord {
                     effects.listen_stopped = Some(t.local.port());
                 }
                 effects.released = true;
-                effects.lifetime_ns = self
-                    .established_at_ns
-                    .map(|established| now.saturating_sub(established));
+                effects.lifetime_ns = elapsed(now, self.established_at_ns);
             }
             TcpState::Listen => {
                 self.listener = true;
@@ -269,20 +280,21 @@ mod tests {
     #[test]
     fn peer_closes_first_then_owner_closes() {
         use TcpState::*;
-        let (mut record, opened) = client(0);
+        // ktime is never 0: the clock counts from boot.
+        let (mut record, opened) = client(1);
         assert!(opened.opened);
         assert_eq!(
-            step(&mut record, 2, SynSent, Established).connect_latency_ns,
+            step(&mut record, 3, SynSent, Established).connect_latency_ns,
             Some(2 * S)
         );
-        let fin = step(&mut record, 10, Established, CloseWait);
+        let fin = step(&mut record, 11, Established, CloseWait);
         assert_eq!(fin.closer, Some(Closer::Peer));
         assert_eq!(fin.peer_close_after_ns, Some(8 * S));
         assert!(record.is_held_connection());
-        let close = step(&mut record, 70, CloseWait, LastAck);
+        let close = step(&mut record, 71, CloseWait, LastAck);
         assert!(close.released);
         assert_eq!(close.close_wait_dwell_ns, Some(60 * S));
-        let end = step(&mut record, 71, LastAck, Close);
+        let end = step(&mut record, 72, LastAck, Close);
         assert!(!end.released, "released once");
         assert_eq!(end.closer, None, "closer decided once");
         assert_eq!(end.lifetime_ns, Some(69 * S));
@@ -338,7 +350,7 @@ mod tests {
         let record = SocketRecord::seeded(TcpState::CloseWait, None, false, 7 * S);
         assert!(record.is_held_connection());
         assert!(record.close_wait_before_start);
-        assert_eq!(record.close_wait_since_ns, Some(7 * S));
+        assert_eq!(record.close_wait_since_ns, stamp(7 * S));
         assert!(!SocketRecord::seeded(TcpState::FinWait2, None, false, 0).is_held_connection());
     }
 }

@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 
 use super::distribution::{Distributions, empty_histogram};
 use super::forecast::{self, History, Sample};
-use super::lifecycle::{Effects, SocketRecord, seeded_closer};
+use super::lifecycle::{Effects, SocketRecord, elapsed, seeded_closer};
 use super::peers::{PeerKey, PeerTable};
 use super::rates::Rates;
 use super::verdicts::Evidence;
@@ -150,11 +150,8 @@ impl Process {
             return;
         }
         self.current.held += 1;
-        let close_wait_age_ns = (record.state == TcpState::CloseWait).then(|| {
-            record
-                .close_wait_since_ns
-                .map(|since| now_ns.saturating_sub(since))
-        });
+        let close_wait_age_ns = (record.state == TcpState::CloseWait)
+            .then(|| elapsed(now_ns, record.close_wait_since_ns));
         if let Some(age_ns) = close_wait_age_ns {
             self.count_close_wait(age_ns, record.close_wait_before_start);
         }
@@ -164,8 +161,8 @@ impl Process {
         let stats = self.peers.existing_mut(&key);
         stats.held += 1;
         stats.close_wait += u64::from(close_wait_age_ns.is_some());
-        if let Some(established) = record.established_at_ns {
-            stats.oldest_open_ns = stats.oldest_open_ns.max(now_ns.saturating_sub(established));
+        if let Some(open_ns) = elapsed(now_ns, record.established_at_ns) {
+            stats.oldest_open_ns = stats.oldest_open_ns.max(open_ns);
         }
     }
 

@@ -11,6 +11,7 @@ use std::{
     env,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     process::{Child, Command, Stdio},
 };
 
@@ -59,7 +60,36 @@ pub fn hold(options: &HoldOptions) -> anyhow::Result<()> {
     stdout.flush()?;
     // Hold everything until the bench closes our stdin (or exits).
     io::stdin().read_to_end(&mut Vec::new())?;
+    // Reset instead of closing politely: 100k connections in FIN_WAIT and
+    // TIME_WAIT would outlive the bench for a minute and push the machine
+    // past tcp_max_orphans, which makes the kernel reset other programs'
+    // closing sockets.
+    for socket in &held {
+        reset_on_close(socket)?;
+    }
     drop(held);
+    Ok(())
+}
+
+fn reset_on_close(socket: &TcpStream) -> anyhow::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` (whose size we pass) and changes
+    // only the socket behind this open fd.
+    let status = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if status != 0 {
+        return Err(io::Error::last_os_error()).context("setting SO_LINGER on a held socket");
+    }
     Ok(())
 }
 
