@@ -60,6 +60,11 @@ impl Comm {
         }
     }
 
+    /// Without the UTF-8 check `as_str` makes: this runs for every event.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ever holds a valid UTF-8 prefix (see the constructors).
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
