@@ -240,6 +240,12 @@ pub struct ExitEvent {
     pub header: EventHeader,
 }
 
+/// Bytes of the `sock:inet_sock_set_state` record the kernel program copies
+/// in one read; every field it uses must end within them. The record is 72
+/// bytes on every kernel that has it, and it sits at the start of a per-CPU
+/// buffer of several KiB, so the copy never runs past readable memory.
+pub const SET_STATE_RECORD_BYTES: usize = 96;
+
 /// Byte offsets of the fields the kernel programs read, taken from the running
 /// kernel (tracefs `format` files and BTF) and written into [`CONFIG_GLOBAL`]
 /// before load, so nothing here depends on one kernel build's layout.

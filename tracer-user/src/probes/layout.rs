@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Backend, Btf, Type};
-use tracer_common::Layout;
+use tracer_common::{Layout, SET_STATE_RECORD_BYTES};
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -149,7 +149,7 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
     let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
     let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
     let fork = tracepoint_fields(tracefs, "sched", "sched_process_fork")?;
-    Ok(Layout {
+    let layout = Layout {
         set_state_skaddr: field(&set_state, tp, "skaddr")?,
         set_state_oldstate: field(&set_state, tp, "oldstate")?,
         set_state_newstate: field(&set_state, tp, "newstate")?,
@@ -173,7 +173,35 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         socket_sk: member_offset(btf, "socket", "sk")?,
         sock_common_net: member_offset(btf, "sock_common", "skc_net")?,
         net_ns_inum: member_offset(btf, "net", "ns")? + member_offset(btf, "ns_common", "inum")?,
-    })
+    };
+    check_set_state_record(&layout)?;
+    Ok(layout)
+}
+
+/// The kernel program copies the first [`SET_STATE_RECORD_BYTES`] of the
+/// record and reads every field from that copy.
+fn check_set_state_record(layout: &Layout) -> anyhow::Result<()> {
+    let ends = [
+        (layout.set_state_skaddr, 8),
+        (layout.set_state_oldstate, 4),
+        (layout.set_state_newstate, 4),
+        (layout.set_state_sport, 2),
+        (layout.set_state_dport, 2),
+        (layout.set_state_family, 2),
+        (layout.set_state_protocol, 2),
+        (layout.set_state_saddr, 4),
+        (layout.set_state_daddr, 4),
+        (layout.set_state_saddr_v6, 16),
+        (layout.set_state_daddr_v6, 16),
+    ]
+    .map(|(offset, size)| usize::from(offset) + size);
+    let end = ends.into_iter().max().unwrap_or_default();
+    if end > SET_STATE_RECORD_BYTES {
+        bail!(
+            "sock:inet_sock_set_state has an unexpected layout on this kernel: its fields end at byte {end}, past the {SET_STATE_RECORD_BYTES} socktrace reads"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -230,5 +258,23 @@ print fmt: \"family=%s\"";
         assert_eq!(fields["common_type"], 0);
         assert_eq!(fields["parent_comm"], 8);
         assert!(!fields.contains_key("print"));
+    }
+
+    #[test]
+    fn set_state_fields_must_end_within_the_copied_record() {
+        let layout = Layout {
+            set_state_daddr_v6: 56,
+            ..Layout::default()
+        };
+        assert!(check_set_state_record(&layout).is_ok());
+        let moved = Layout {
+            set_state_daddr_v6: 88,
+            ..Layout::default()
+        };
+        let err = check_set_state_record(&moved).unwrap_err().to_string();
+        assert!(
+            err.contains("ends at byte 104") || err.contains("end at byte 104"),
+            "{err}"
+        );
     }
 }
