@@ -173,7 +173,10 @@ pub struct SocketOwner {
     pub state: u8,
     /// 1 when the owner is in the PID namespace of [`NamespaceFilter`].
     pub in_pidns: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Inode of the socket's network namespace, read once per socket; 0 when
+    /// not read yet.
+    pub netns: u32,
     /// When the socket entered `state` (bpf_ktime_get_ns); 0 when unknown.
     pub state_since_ns: u64,
     /// Owner's command name when it was learned.

@@ -137,16 +137,27 @@ fn bump(index: u32) {
 
 #[inline(always)]
 fn header(kind: EventKind, sock_id: u64) -> EventHeader {
+    header_at(kind, sock_id, ktime_ns())
+}
+
+/// The header of an event that happened at `ktime_ns`.
+#[inline(always)]
+fn header_at(kind: EventKind, sock_id: u64, ktime_ns: u64) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind: kind as u32,
         current_tid: pid_tgid as u32,
-        // SAFETY: a plain helper call with no arguments.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        ktime_ns,
         current_tgid: (pid_tgid >> 32) as u32,
         _pad: 0,
         sock_id,
     }
+}
+
+#[inline(always)]
+fn ktime_ns() -> u64 {
+    // SAFETY: a plain helper call with no arguments.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
@@ -261,16 +272,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let sock_id = record.field::<u64>(layout.set_state_skaddr)?;
     let old_state = record.field::<i32>(layout.set_state_oldstate)? as u8;
     let new_state = record.field::<i32>(layout.set_state_newstate)? as u8;
-    let now = {
-        // SAFETY: a plain helper call with no arguments.
-        unsafe { bpf_ktime_get_ns() }
-    };
+    let now = ktime_ns();
 
-    let (owner, dwell_ns) = record_transition(sock_id, old_state, new_state, now);
+    let (owner, dwell_ns) = record_transition(layout, sock_id, old_state, new_state, now);
     if !owner_wanted(&config, &owner) {
         return Ok(());
     }
-    let netns = socket_netns(layout, sock_id);
+    let netns = owner.netns;
     if let Some(filter) = ns_filter()
         && filter.netns_ino != 0
         && netns != 0
@@ -301,10 +309,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         endpoints.remote_addr = record.field::<[u8; 16]>(layout.set_state_daddr_v6)?;
     }
 
-    let mut header = header(EventKind::StateChange, sock_id);
-    header.ktime_ns = now;
     emit(StateChangeEvent {
-        header,
+        header: header_at(EventKind::StateChange, sock_id, now),
         owner,
         endpoints,
         old_state,
@@ -334,7 +340,13 @@ fn socket_netns(layout: &Layout, sock_id: u64) -> u32 {
 /// Applies a transition to the socket map and returns the socket's owner and
 /// the time spent in the old state.
 #[inline(always)]
-fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (SocketOwner, u64) {
+fn record_transition(
+    layout: &Layout,
+    sock_id: u64,
+    old_state: u8,
+    new_state: u8,
+    now: u64,
+) -> (SocketOwner, u64) {
     let claim = owner_claim(new_state);
     // LISTEN -> SYN_RECV is the birth of a child socket cloned from a
     // listener (inet_csk_clone_lock): whatever the map holds for this address
@@ -357,12 +369,18 @@ fn record_transition(sock_id: u64, old_state: u8, new_state: u8, now: u64) -> (S
         }
         known.state = new_state;
         known.state_since_ns = now;
+        // Entries the collector wrote (owners found in /proc) lack it.
+        if known.netns == 0 {
+            known.netns = socket_netns(layout, sock_id);
+        }
         return (*known, dwell);
     }
 
     let mut owner = SocketOwner {
         state: new_state,
         state_since_ns: now,
+        // A socket never changes namespace: read once, kept in the map.
+        netns: socket_netns(layout, sock_id),
         ..SocketOwner::default()
     };
     if claim != OwnerSource::Unknown {

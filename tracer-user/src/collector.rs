@@ -151,10 +151,19 @@ pub async fn run(
                 _ = sleep_until(deadline) => break,
             }
         }
-        // Whatever is still in the ring when we stop is reported, not lost.
-        undecodable += drain(ring.get_mut(), &mut batch).0;
-        for event in batch.drain(..) {
-            table.on_event(event);
+        // Whatever is still in the ring when we stop is reported, not lost:
+        // detached first, the kernel adds nothing more, so the drain ends
+        // even in the middle of a storm.
+        probes.detach();
+        loop {
+            let (bad, emptied) = drain(ring.get_mut(), &mut batch);
+            undecodable += bad;
+            for event in batch.drain(..) {
+                table.on_event(event);
+            }
+            if emptied {
+                break;
+            }
         }
         // Transitions still waiting for their owner are resolved now or
         // shown as unknown: nothing is dropped at exit.

@@ -14,7 +14,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, TracePoint},
+    programs::{FEntry, KProbe, Program, TracePoint},
 };
 use tracer_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
@@ -64,6 +64,9 @@ pub struct Probes {
     pub mode: ProbeMode,
     /// Owns the aya-log map: it must live as long as the programs.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The programs' skipped runs when they were detached (their fds, which
+    /// report them, are gone then).
+    missed_runs_at_detach: Option<u64>,
 }
 
 /// Loss counters summed over CPUs.
@@ -139,7 +142,12 @@ impl Probes {
         drop(kernel_btf);
         drop(btf);
         release_freed_memory();
-        Ok(Self { ebpf, mode, logger })
+        Ok(Self {
+            ebpf,
+            mode,
+            logger,
+            missed_runs_at_detach: None,
+        })
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
@@ -165,9 +173,34 @@ impl Probes {
         })
     }
 
+    /// Detaches and unloads every program, so that nothing more enters the
+    /// ring buffer and it can be drained to the end. The maps stay readable.
+    pub fn detach(&mut self) {
+        self.missed_runs_at_detach = Some(self.missed_runs());
+        // The probes of the modes not chosen were never loaded.
+        let loaded = self
+            .ebpf
+            .programs_mut()
+            .filter(|(_, program)| program.fd().is_ok());
+        for (name, program) in loaded {
+            let unloaded = match program {
+                Program::TracePoint(p) => p.unload(),
+                Program::KProbe(p) => p.unload(),
+                Program::FEntry(p) => p.unload(),
+                _ => Ok(()),
+            };
+            if let Err(e) = unloaded {
+                log::warn!("detaching {name}: {e}");
+            }
+        }
+    }
+
     /// `recursion_misses` summed over our loaded programs, from their fdinfo
     /// (aya does not expose it); 0 on kernels before 5.12, which lack it.
     fn missed_runs(&self) -> u64 {
+        if let Some(missed) = self.missed_runs_at_detach {
+            return missed;
+        }
         self.ebpf
             .programs()
             .filter_map(|(_, program)| program.fd().ok())
