@@ -23,8 +23,9 @@ use crate::{
 pub trait Sink {
     /// An error of kind `BrokenPipe` ends the run quietly.
     fn output(&mut self, output: Output) -> io::Result<()>;
-    /// Called every `tick` with the loss counters.
-    fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()>;
+    /// Called every `tick`; `counters` reads the loss counters (from the
+    /// kernel, so only when a report needs them).
+    fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()>;
     /// Called once at the end.
     fn finish(&mut self, counters: Counters) -> io::Result<()>;
     /// The container we were pointed at stopped and the run goes on host-wide.
@@ -97,15 +98,12 @@ pub async fn run(
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    let (bad, emptied) = drain(guard.get_inner_mut(), &mut batch);
+                    let (bad, emptied) = feed(guard.get_inner_mut(), &mut batch, &mut table);
                     undecodable += bad;
                     // Stay ready while records remain, so the next turn
                     // drains more after signals and ticks had their chance.
                     if emptied {
                         guard.clear_ready();
-                    }
-                    for event in batch.drain(..) {
-                        table.on_event(event);
                     }
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                 }
@@ -116,14 +114,11 @@ pub async fn run(
                     }
                 }
                 _ = ticker.tick() => {
-                    undecodable += drain(ring.get_mut(), &mut batch).0;
-                    for event in batch.drain(..) {
-                        table.on_event(event);
-                    }
+                    undecodable += feed(ring.get_mut(), &mut batch, &mut table).0;
                     let now = monotonic_ns();
                     table.tick(now, lookup);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
-                    sink.tick(now, counters(&probes, undecodable))?;
+                    sink.tick(now, &|| counters(&probes, undecodable))?;
                     if sink.done() {
                         break;
                     }
@@ -156,11 +151,8 @@ pub async fn run(
         // even in the middle of a storm.
         probes.detach();
         loop {
-            let (bad, emptied) = drain(ring.get_mut(), &mut batch);
+            let (bad, emptied) = feed(ring.get_mut(), &mut batch, &mut table);
             undecodable += bad;
-            for event in batch.drain(..) {
-                table.on_event(event);
-            }
             if emptied {
                 break;
             }
@@ -202,6 +194,19 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Even
         }
     }
     (undecodable, false)
+}
+
+/// [`drain`]s into `batch`, then hands the events to the socket stage.
+fn feed(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    batch: &mut Vec<Event>,
+    table: &mut SocketTable,
+) -> (u64, bool) {
+    let drained = drain(ring, batch);
+    for event in batch.drain(..) {
+        table.on_event(event);
+    }
+    drained
 }
 
 fn pass_on(

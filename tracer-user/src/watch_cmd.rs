@@ -263,11 +263,11 @@ impl<W: Write> Sink for WatchSink<W> {
         Ok(())
     }
 
-    fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()> {
+    fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()> {
         if (self.once && self.reported) || !self.feed.due(now_ns) {
             return Ok(());
         }
-        self.report(now_ns, counters.lost())?;
+        self.report(now_ns, counters().lost())?;
         self.reported = true;
         Ok(())
     }

@@ -173,7 +173,7 @@ impl<W: Write> Sink for TraceSink<W> {
         Ok(())
     }
 
-    fn tick(&mut self, _now_ns: u64, _counters: Counters) -> io::Result<()> {
+    fn tick(&mut self, _now_ns: u64, _counters: &dyn Fn() -> Counters) -> io::Result<()> {
         self.out.flush()
     }
 

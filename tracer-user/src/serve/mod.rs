@@ -224,10 +224,10 @@ impl Sink for ServeSink {
         Ok(())
     }
 
-    fn tick(&mut self, now_ns: u64, counters: Counters) -> io::Result<()> {
+    fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()> {
         self.health.beat();
         if self.feed.due(now_ns) {
-            self.report(now_ns, counters);
+            self.report(now_ns, counters());
         }
         Ok(())
     }
