@@ -101,9 +101,14 @@ impl HolderLookup for ProcHolderLookup {
                 .collect();
             owners.extend(seed::socket_owners(&procfs::all_pids(), missing));
         }
+        // One /proc read per holder, not per socket (see existing_sockets).
+        let mut comms: HashMap<u32, String> = HashMap::new();
         for (inode, pids) in owners {
             if let (Some(&pid), Some(pair)) = (pids.first(), wanted.get(&inode)) {
-                found.insert(*pair, (pid, procfs::comm(pid).unwrap_or_default()));
+                let comm = comms
+                    .entry(pid)
+                    .or_insert_with(|| procfs::comm(pid).unwrap_or_default());
+                found.insert(*pair, (pid, comm.clone()));
             }
         }
         found
