@@ -61,9 +61,9 @@ pub fn hold(options: &HoldOptions) -> anyhow::Result<()> {
     // Hold everything until the bench closes our stdin (or exits).
     io::stdin().read_to_end(&mut Vec::new())?;
     // Reset instead of closing politely: 100k connections in FIN_WAIT and
-    // TIME_WAIT would outlive the bench for a minute and push the machine
-    // past tcp_max_orphans, which makes the kernel reset other programs'
-    // closing sockets.
+    // TIME_WAIT would outlive the bench for a minute and fill the kernel's
+    // orphan and TIME_WAIT limits, which then cut other programs' closing
+    // sockets short.
     for socket in &held {
         reset_on_close(socket)?;
     }
