@@ -14,7 +14,7 @@ use tokio::{
 use crate::{
     clock::monotonic_ns,
     containers::{Target, pidns_of},
-    decode::{Event, decode},
+    decode::decode,
     probes::{self, Counters, Probes},
     sockets::{HolderLookup, Output, SocketTable},
 };
@@ -83,7 +83,6 @@ pub async fn run(
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| Instant::now() + d);
-    let mut batch: Vec<Event> = Vec::with_capacity(4096);
     let mut container = options.container;
     let mut next_container_check = Instant::now() + CONTAINER_CHECK;
     let mut undecodable = 0u64;
@@ -98,7 +97,7 @@ pub async fn run(
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    let (bad, emptied) = feed(guard.get_inner_mut(), &mut batch, &mut table);
+                    let (bad, emptied) = feed(guard.get_inner_mut(), &mut table);
                     undecodable += bad;
                     // Stay ready while records remain, so the next turn
                     // drains more after signals and ticks had their chance.
@@ -114,7 +113,7 @@ pub async fn run(
                     }
                 }
                 _ = ticker.tick() => {
-                    undecodable += feed(ring.get_mut(), &mut batch, &mut table).0;
+                    undecodable += feed(ring.get_mut(), &mut table).0;
                     let now = monotonic_ns();
                     table.tick(now, lookup);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -151,7 +150,7 @@ pub async fn run(
         // even in the middle of a storm.
         probes.detach();
         loop {
-            let (bad, emptied) = feed(ring.get_mut(), &mut batch, &mut table);
+            let (bad, emptied) = feed(ring.get_mut(), &mut table);
             undecodable += bad;
             if emptied {
                 break;
@@ -177,16 +176,17 @@ pub async fn run(
 /// and ticks.
 const MAX_DRAIN: usize = 65_536;
 
-/// Decodes up to [`MAX_DRAIN`] records into `batch`; returns how many could
-/// not be decoded and whether the ring was emptied.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Event>) -> (u64, bool) {
+/// Hands up to [`MAX_DRAIN`] records to the socket stage as they are
+/// decoded; returns how many could not be decoded and whether the ring was
+/// emptied.
+fn feed(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, table: &mut SocketTable) -> (u64, bool) {
     let mut undecodable = 0;
     for _ in 0..MAX_DRAIN {
         let Some(record) = ring.next() else {
             return (undecodable, true);
         };
         match decode(&record) {
-            Ok(event) => batch.push(event),
+            Ok(event) => table.on_event(event),
             Err(e) => {
                 undecodable += 1;
                 log::debug!("undecodable event: {e}");
@@ -194,19 +194,6 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, batch: &mut Vec<Even
         }
     }
     (undecodable, false)
-}
-
-/// [`drain`]s into `batch`, then hands the events to the socket stage.
-fn feed(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    batch: &mut Vec<Event>,
-    table: &mut SocketTable,
-) -> (u64, bool) {
-    let drained = drain(ring, batch);
-    for event in batch.drain(..) {
-        table.on_event(event);
-    }
-    drained
 }
 
 fn pass_on(

@@ -30,44 +30,41 @@ pub enum DecodeError {
 }
 
 /// A task's command name, kept inline (the kernel's 16 bytes) so events
-/// carry it without allocating.
+/// carry it without allocating. Stored as the kernel gives it and checked
+/// for UTF-8 only when shown: it is copied for every event, read rarely.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Comm {
+    /// NUL-padded.
     bytes: [u8; TASK_COMM_LEN],
-    len: u8,
 }
 
 impl Comm {
-    /// From the kernel's NUL-padded bytes; cut at the first byte that is not
-    /// valid UTF-8, so `as_str` never fails.
+    /// From the kernel's NUL-terminated bytes; what follows the first NUL
+    /// is cleared so that equal names compare equal.
     pub fn from_kernel(raw: &[u8; TASK_COMM_LEN]) -> Self {
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let text = &raw[..end];
-        // Nearly every name is ASCII; this runs for every event.
-        let valid = if text.is_ascii() {
-            end
-        } else {
-            match std::str::from_utf8(text) {
-                Ok(text) => text.len(),
-                Err(e) => e.valid_up_to(),
-            }
-        };
-        let mut bytes = [0; TASK_COMM_LEN];
-        bytes[..valid].copy_from_slice(&raw[..valid]);
-        Self {
-            bytes,
-            len: valid as u8,
+        let mut bytes = *raw;
+        if let Some(end) = raw.iter().position(|&b| b == 0) {
+            bytes[end..].fill(0);
         }
+        Self { bytes }
     }
 
-    /// Without the UTF-8 check `as_str` makes: this runs for every event.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.bytes[0] == 0
     }
 
+    /// The name up to its first NUL, or to its first byte that is not valid
+    /// UTF-8.
     pub fn as_str(&self) -> &str {
-        // Only ever holds a valid UTF-8 prefix (see the constructors).
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+        let end = self
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(TASK_COMM_LEN);
+        match std::str::from_utf8(&self.bytes[..end]) {
+            Ok(text) => text,
+            Err(e) => std::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or_default(),
+        }
     }
 }
 
@@ -367,6 +364,14 @@ mod tests {
             "a-very-long-com"
         );
         assert_eq!(Comm::from("héllo").to_string(), "héllo");
+        let mut stale = comm("sh");
+        stale[5] = b'z';
+        assert_eq!(
+            Comm::from_kernel(&stale),
+            Comm::from("sh"),
+            "bytes after the NUL do not count"
+        );
+        assert!(Comm::from("").is_empty() && !Comm::from("sh").is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! that merely happened to be on the CPU.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     net::SocketAddr,
 };
 
@@ -269,11 +269,28 @@ impl SocketTable {
 
     fn on_state_change(&mut self, mut t: Transition, netns: u32, kernel_owner: Option<Owner>) {
         let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
-        if newborn || !self.sockets.contains_key(&t.sock_id) {
-            self.track(&t, netns);
-        }
-        let Some(tracked) = self.sockets.get_mut(&t.sock_id) else {
-            return;
+        // One lookup on the common path: this runs for every event.
+        let tracked = match self.sockets.entry(t.sock_id) {
+            Entry::Occupied(entry) if !newborn => entry.into_mut(),
+            Entry::Occupied(mut entry) => {
+                let fresh = Self::track(
+                    &mut self.existing,
+                    &mut self.out,
+                    &mut self.owned,
+                    &t,
+                    netns,
+                );
+                let stale = entry.insert(fresh);
+                Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);
+                entry.into_mut()
+            }
+            Entry::Vacant(entry) => entry.insert(Self::track(
+                &mut self.existing,
+                &mut self.out,
+                &mut self.owned,
+                &t,
+                netns,
+            )),
         };
         // The port is assigned after CLOSE -> SYN_SENT: keep the latest.
         if t.local.port() != 0 {
@@ -297,8 +314,10 @@ impl SocketTable {
         };
         match release_as {
             Some(owner) => {
-                let pending = std::mem::take(&mut tracked.pending);
-                self.emit_released(pending, owner);
+                if !tracked.pending.is_empty() {
+                    let pending = std::mem::take(&mut tracked.pending);
+                    self.emit_released(pending, owner);
+                }
                 t.owner = owner;
                 self.out.push(Output::Transition(t));
             }
@@ -309,9 +328,15 @@ impl SocketTable {
         }
     }
 
-    /// Starts tracking a socket seen for the first time, linking it to a
+    /// The record of a socket seen for the first time, linked to a
     /// pre-existing socket with the same addresses if there is one.
-    fn track(&mut self, t: &Transition, netns: u32) {
+    fn track(
+        existing: &mut FxHashMap<AddressKey, Seeded>,
+        out: &mut Vec<Output>,
+        owned: &mut FxHashMap<u32, u32>,
+        t: &Transition,
+        netns: u32,
+    ) -> Tracked {
         let mut tracked = Tracked {
             public_id: t.sock_id,
             owner: None,
@@ -321,22 +346,26 @@ impl SocketTable {
             state: t.new,
             pending: Vec::new(),
         };
-        if let Some(existing) = self.existing.remove(&(netns, t.local, t.remote)) {
-            tracked.public_id = existing.sock_id;
-            if let Some(pid) = existing.owner.pid {
-                self.out.push(Output::LearnedOwner {
+        // Most hosts have none left soon after start: skip the hashing.
+        let seeded = if existing.is_empty() {
+            None
+        } else {
+            existing.remove(&(netns, t.local, t.remote))
+        };
+        if let Some(seeded) = seeded {
+            tracked.public_id = seeded.sock_id;
+            if let Some(pid) = seeded.owner.pid {
+                out.push(Output::LearnedOwner {
                     kernel_sock_id: t.sock_id,
                     pid,
-                    comm: existing.owner.comm.to_string(),
+                    comm: seeded.owner.comm.to_string(),
                     state: t.new,
                 });
-                Self::move_ownership(&mut self.owned, None, Some(&existing.owner));
-                tracked.owner = Some(existing.owner);
+                Self::move_ownership(owned, None, Some(&seeded.owner));
+                tracked.owner = Some(seeded.owner);
             }
         }
-        if let Some(old) = self.sockets.insert(t.sock_id, tracked) {
-            Self::move_ownership(&mut self.owned, old.owner.as_ref(), None);
-        }
+        tracked
     }
 
     fn untrack(&mut self, sock_id: u64) {

@@ -197,8 +197,8 @@ pub struct Watch {
     /// Looked up for every event: a fast hash for kernel addresses and pids.
     sockets: FxHashMap<u64, SocketRecord>,
     processes: FxHashMap<u32, Process>,
-    /// pid -> exit time, for [`EXIT_GRACE_NS`].
-    exited: HashMap<u32, u64>,
+    /// pid -> exit time, for [`EXIT_GRACE_NS`]; looked up for every event.
+    exited: FxHashMap<u32, u64>,
     /// Distributions of the processes forgotten at the last tick, so that
     /// exporters can report their final values once.
     forgotten: HashMap<u32, Distributions>,
@@ -212,7 +212,7 @@ impl Watch {
             start_ns: start_ktime_ns,
             sockets: FxHashMap::default(),
             processes: FxHashMap::default(),
-            exited: HashMap::new(),
+            exited: FxHashMap::default(),
             forgotten: HashMap::new(),
             alerts: AlertBook::default(),
         }
