@@ -139,6 +139,20 @@ pub const fn owner_claim(new_state: u8) -> OwnerSource {
     }
 }
 
+/// Where the transitions the kernel programs may leave out
+/// ([`Config::skip_inferable`]) lead from `state`: SYN_SENT or SYN_RECV to
+/// ESTABLISHED, FIN_WAIT1 to FIN_WAIT2. None of them claims an owner or is an
+/// open or a close, and the new state stays in [`SOCKETS_MAP`], so the
+/// collector can infer them: from the old state and dwell of the socket's
+/// next transition, or by reading the map.
+pub const fn inferable_successor(state: u8) -> Option<u8> {
+    match state {
+        tcp_state::SYN_SENT | tcp_state::SYN_RECV => Some(tcp_state::ESTABLISHED),
+        tcp_state::FIN_WAIT1 => Some(tcp_state::FIN_WAIT2),
+        _ => None,
+    }
+}
+
 /// Common prefix of every ring buffer record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -320,6 +334,12 @@ pub struct Config {
     /// between wake-ups it drains on its own timer. Waking it for every event
     /// costs more than the event itself at high rates.
     pub wakeup_bytes: u32,
+    /// Non-zero: do not report the transitions [`inferable_successor`] names
+    /// for sockets whose state the socket map holds. `watch` and `serve` set
+    /// it: those transitions are a third of every connection's records.
+    /// `trace` shows each transition as it happens, so it does not.
+    pub skip_inferable: u32,
+    pub _pad: u32,
 }
 
 macro_rules! assert_size {
@@ -335,7 +355,7 @@ assert_size!(OwnerEvent, 72);
 assert_size!(ForkEvent, 40);
 assert_size!(ExitEvent, 32);
 assert_size!(Layout, 64);
-assert_size!(Config, 64 + 16);
+assert_size!(Config, 64 + 24);
 assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]

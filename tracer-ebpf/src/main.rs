@@ -28,7 +28,7 @@ use tracer_common::{
     AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, DWELL_UNKNOWN, Endpoints,
     EventHeader, EventKind, ExitEvent, ForkEvent, IPPROTO_TCP, Layout, MAX_PID_FILTER,
     NamespaceFilter, OwnerEvent, OwnerSource, SET_STATE_RECORD_BYTES, SocketOwner,
-    StateChangeEvent, TASK_COMM_LEN, counter, owner_claim, tcp_state,
+    StateChangeEvent, TASK_COMM_LEN, counter, inferable_successor, owner_claim, tcp_state,
 };
 
 /// Overwritten by the collector before load (`EbpfLoader::override_global`).
@@ -64,6 +64,8 @@ static CONFIG: Global<Config> = Global::new(Config {
     filter_port: 0,
     filter_family: 0,
     wakeup_bytes: 0,
+    skip_inferable: 0,
+    _pad: 0,
 });
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
@@ -275,6 +277,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let now = ktime_ns();
 
     let (owner, dwell_ns) = record_transition(layout, sock_id, old_state, new_state, now);
+    // The collector infers it; a known dwell means the map holds the socket,
+    // so the new state can be read back from there.
+    if config.skip_inferable != 0
+        && dwell_ns != DWELL_UNKNOWN
+        && inferable_successor(old_state) == Some(new_state)
+    {
+        return Ok(());
+    }
     if !owner_wanted(&config, &owner) {
         return Ok(());
     }

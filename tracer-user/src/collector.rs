@@ -22,7 +22,7 @@ use crate::{
 /// Where the attributed output goes (trace lines, the watch view, ...).
 pub trait Sink {
     /// An error of kind `BrokenPipe` ends the run quietly.
-    fn output(&mut self, output: Output) -> io::Result<()>;
+    fn output(&mut self, output: &Output) -> io::Result<()>;
     /// Called every `tick`; `counters` reads the loss counters (from the
     /// kernel, so only when a report needs them).
     fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()>;
@@ -115,7 +115,7 @@ pub async fn run(
                 _ = ticker.tick() => {
                     undecodable += feed(ring.get_mut(), &mut table).0;
                     let now = monotonic_ns();
-                    table.tick(now, lookup);
+                    table.tick(now, lookup, &probes);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                     sink.tick(now, &|| counters(&probes, undecodable))?;
                     if sink.done() {
@@ -158,7 +158,7 @@ pub async fn run(
         }
         // Transitions still waiting for their owner are resolved now or
         // shown as unknown: nothing is dropped at exit.
-        table.tick(u64::MAX, lookup);
+        table.tick(u64::MAX, lookup, &probes);
         pass_on(&mut table, &mut probes, sink, container.as_ref())
     }
     .await;
@@ -202,23 +202,27 @@ fn pass_on(
     sink: &mut dyn Sink,
     container: Option<&Target>,
 ) -> io::Result<()> {
-    for output in table.drain_output() {
+    // Read in place and cleared after: outputs are too big to copy out one
+    // by one at this rate.
+    let outputs = table.output_queue();
+    let passed = outputs.iter().try_for_each(|output| {
         if let Output::LearnedOwner {
             kernel_sock_id,
             pid,
             comm,
             state,
-        } = &output
+        } = output
         {
             let in_pidns = container.is_none_or(|t| pidns_of(*pid) == Some(t.pidns_ino));
             if let Err(e) = probes.set_owner(*kernel_sock_id, *pid, comm, state.raw(), in_pidns) {
                 log::warn!("recording the owner of a socket in the kernel map: {e:#}");
             }
-            continue;
+            return Ok(());
         }
-        sink.output(output)?;
-    }
-    Ok(())
+        sink.output(output)
+    });
+    outputs.clear();
+    passed
 }
 
 fn counters(probes: &Probes, undecodable: u64) -> Counters {

@@ -126,6 +126,7 @@ fn base_probe_options(probe: &ProbeArgs) -> ProbeOptions {
         max_sockets: probe.max_sockets,
         mode: probe.probe_mode,
         namespace: None,
+        skip_inferable: false,
     }
 }
 
@@ -148,13 +149,19 @@ struct Started {
     start_ns: u64,
 }
 
-fn start(filter: &FilterArgs) -> anyhow::Result<Started> {
+/// `infer_transitions` for the commands that aggregate: the kernel leaves
+/// out the transitions the socket stage can infer, a third of the records.
+fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started> {
     let target = container_target(filter)?;
-    let probes = Probes::load(&probe_options(filter, target.as_ref())?)?;
+    let probes = Probes::load(&ProbeOptions {
+        skip_inferable: infer_transitions,
+        ..probe_options(filter, target.as_ref())?
+    })?;
     let start_ns = clock::monotonic_ns();
     let mut table = SocketTable::new(
         OWNER_GRACE.as_nanos() as u64,
         REHOME_DELAY.as_nanos() as u64,
+        infer_transitions,
     );
     // Seeded after attaching, so no socket falls between the two; from the
     // container's network namespace when pointed at one.
@@ -199,7 +206,8 @@ fn scope(filter: &FilterArgs, target: Option<&Target>) -> Scope {
 }
 
 async fn trace(filter: FilterArgs, json: bool) -> anyhow::Result<()> {
-    let started = start(&filter)?;
+    // Every transition as it happens: none inferred.
+    let started = start(&filter, false)?;
     let mut sink = TraceSink::new(
         std::io::stdout().lock(),
         json,
@@ -210,7 +218,7 @@ async fn trace(filter: FilterArgs, json: bool) -> anyhow::Result<()> {
 }
 
 async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let started = start(&args.filter)?;
+    let started = start(&args.filter, true)?;
     // `--once` waits an interval so that its single report has rates; a
     // continuous watch shows the sockets that exist at start right away.
     let first_report_ns = if args.once {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
-use tracer_common::OwnerSource;
+use tracer_common::{OwnerSource, inferable_successor};
 
 use crate::{
     decode::{Comm, Event, KernelOwner},
@@ -97,6 +97,14 @@ pub struct ExistingSocket {
     pub netns: u32,
 }
 
+/// Passes on transitions that waited for their owner, under `owner`.
+fn release(out: &mut Vec<Output>, pending: Vec<Transition>, owner: Owner) {
+    out.extend(pending.into_iter().map(|mut t| {
+        t.owner = owner;
+        Output::Transition(t)
+    }));
+}
+
 /// Sockets are told apart by their addresses only within one network
 /// namespace.
 type AddressKey = (u32, SocketAddr, SocketAddr);
@@ -147,6 +155,20 @@ pub trait HolderLookup {
     ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)>;
 }
 
+/// What the kernel programs recorded last about a socket, read back for the
+/// transitions they leave out (`tracer_common::inferable_successor`). Only
+/// called off the event path, on ticks.
+pub trait KernelStates {
+    /// The socket's state and when it entered it (ktime ns, 0 when unknown),
+    /// by the kernel's socket id; `None` when the kernel does not hold it.
+    fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)>;
+}
+
+/// How long after a transition its socket counts as settled: from then on
+/// the kernel map is read for it once per this period, not every tick. A
+/// thousand connects to an unreachable peer sit in SYN_SENT for minutes.
+const SETTLED_NS: u64 = 1_000_000_000;
+
 struct Tracked {
     /// The id downstream sees (the kernel id, or the seeded socket's inode).
     public_id: u64,
@@ -156,8 +178,46 @@ struct Tracked {
     local: SocketAddr,
     remote: SocketAddr,
     state: TcpState,
+    /// When it entered `state` (ktime ns).
+    state_since_ns: u64,
     /// Transitions waiting for an owner, oldest first.
     pending: Vec<Transition>,
+}
+
+impl Tracked {
+    /// The transition to `new` at `at_ns` that the kernel left out, if
+    /// `new` is where the current state leads (see `inferable_successor`).
+    fn inferred(
+        &self,
+        new: TcpState,
+        at_ns: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<Transition> {
+        if inferable_successor(self.state.raw()) != Some(new.raw()) {
+            return None;
+        }
+        Some(Transition {
+            ktime_ns: at_ns,
+            sock_id: self.public_id,
+            owner: Owner::unknown(),
+            local,
+            remote,
+            old: self.state,
+            new,
+            dwell_ns: (self.state_since_ns != 0).then(|| at_ns.saturating_sub(self.state_since_ns)),
+        })
+    }
+
+    /// The transition left out before `t`: `t` starts from a state the
+    /// socket was not seen entering, and its dwell dates the entry.
+    fn inferred_before(&self, t: &Transition) -> Option<Transition> {
+        if self.state == t.old {
+            return None;
+        }
+        let entered = t.ktime_ns.saturating_sub(t.dwell_ns.unwrap_or(0));
+        self.inferred(t.old, entered, t.local, t.remote)
+    }
 }
 
 pub struct SocketTable {
@@ -176,11 +236,17 @@ pub struct SocketTable {
     /// How long after an owner's exit to look for the socket's new holder:
     /// the exiting process closes its fds just after the exit event.
     rehome_delay_ns: u64,
+    /// The kernel leaves out the transitions it can infer (`watch`, `serve`).
+    infer_transitions: bool,
+    /// When the settled sockets are next checked against the kernel map.
+    next_settled_check_ns: u64,
     out: Vec<Output>,
 }
 
 impl SocketTable {
-    pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64) -> Self {
+    /// `infer_transitions`: the kernel programs were loaded with
+    /// `skip_inferable`, and this stage puts back what they leave out.
+    pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64, infer_transitions: bool) -> Self {
         Self {
             sockets: FxHashMap::default(),
             existing: FxHashMap::default(),
@@ -189,6 +255,8 @@ impl SocketTable {
             orphans: Vec::new(),
             owner_grace_ns,
             rehome_delay_ns,
+            infer_transitions,
+            next_settled_check_ns: 0,
             out: Vec::new(),
         }
     }
@@ -206,8 +274,13 @@ impl SocketTable {
         }
     }
 
-    /// Everything produced since the last call.
-    pub fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
+    /// Everything produced since the queue was last cleared, oldest first.
+    pub fn output_queue(&mut self) -> &mut Vec<Output> {
+        &mut self.out
+    }
+
+    #[cfg(test)]
+    fn drain_output(&mut self) -> std::vec::Drain<'_, Output> {
         self.out.drain(..)
     }
 
@@ -267,10 +340,11 @@ impl SocketTable {
         }
     }
 
-    fn on_state_change(&mut self, mut t: Transition, netns: u32, kernel_owner: Option<Owner>) {
+    fn on_state_change(&mut self, t: Transition, netns: u32, kernel_owner: Option<Owner>) {
         let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
+        let kernel_sock_id = t.sock_id;
         // One lookup on the common path: this runs for every event.
-        let tracked = match self.sockets.entry(t.sock_id) {
+        let tracked = match self.sockets.entry(kernel_sock_id) {
             Entry::Occupied(entry) if !newborn => entry.into_mut(),
             Entry::Occupied(mut entry) => {
                 let fresh = Self::track(
@@ -292,20 +366,39 @@ impl SocketTable {
                 netns,
             )),
         };
+        if self.infer_transitions
+            && let Some(missed) = tracked.inferred_before(&t)
+        {
+            Self::advance(tracked, &mut self.out, &mut self.owned, missed, None);
+        }
+        if Self::advance(tracked, &mut self.out, &mut self.owned, t, kernel_owner) {
+            self.untrack(kernel_sock_id);
+        }
+    }
+
+    /// Applies `t` to its socket and passes it on, or holds it until the
+    /// owner is known. Returns whether the socket ended.
+    fn advance(
+        tracked: &mut Tracked,
+        out: &mut Vec<Output>,
+        owned: &mut FxHashMap<u32, u32>,
+        mut t: Transition,
+        kernel_owner: Option<Owner>,
+    ) -> bool {
         // The port is assigned after CLOSE -> SYN_SENT: keep the latest.
         if t.local.port() != 0 {
             tracked.local = t.local;
             tracked.remote = t.remote;
         }
         tracked.state = t.new;
-        let kernel_sock_id = t.sock_id;
+        tracked.state_since_ns = t.ktime_ns;
         t.sock_id = tracked.public_id;
         let ended = t.new == TcpState::Close;
         if let Some(owner) = kernel_owner
             && tracked.owner.as_ref() != Some(&owner)
         {
             let previous = tracked.owner.replace(owner);
-            Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
+            Self::move_ownership(owned, previous.as_ref(), Some(&owner));
         }
         let release_as = match &tracked.owner {
             Some(owner) => Some(*owner),
@@ -315,17 +408,14 @@ impl SocketTable {
         match release_as {
             Some(owner) => {
                 if !tracked.pending.is_empty() {
-                    let pending = std::mem::take(&mut tracked.pending);
-                    self.emit_released(pending, owner);
+                    release(out, std::mem::take(&mut tracked.pending), owner);
                 }
                 t.owner = owner;
-                self.out.push(Output::Transition(t));
+                out.push(Output::Transition(t));
             }
             None => tracked.pending.push(t),
         }
-        if ended {
-            self.untrack(kernel_sock_id);
-        }
+        ended
     }
 
     /// The record of a socket seen for the first time, linked to a
@@ -343,7 +433,9 @@ impl SocketTable {
             owner_search_done: false,
             local: t.local,
             remote: t.remote,
-            state: t.new,
+            // Before `t` applies; when it entered that state is unknown.
+            state: t.old,
+            state_since_ns: 0,
             pending: Vec::new(),
         };
         // Most hosts have none left soon after start: skip the hashing.
@@ -384,20 +476,13 @@ impl SocketTable {
         let public_id = tracked.public_id;
         Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         let pending = std::mem::take(&mut tracked.pending);
-        self.emit_released(pending, owner);
+        release(&mut self.out, pending, owner);
         if shown_before {
             self.out.push(Output::OwnerChanged {
                 sock_id: public_id,
                 owner,
                 ktime_ns,
             });
-        }
-    }
-
-    fn emit_released(&mut self, pending: Vec<Transition>, owner: Owner) {
-        for mut t in pending {
-            t.owner = owner;
-            self.out.push(Output::Transition(t));
         }
     }
 
@@ -432,9 +517,10 @@ impl SocketTable {
         }
     }
 
-    /// Periodic work off the event path: owners for sockets that waited too
-    /// long, and new holders for sockets whose owner exited.
-    pub fn tick(&mut self, now_ns: u64, lookup: &mut dyn HolderLookup) {
+    /// Periodic work off the event path: transitions the kernel left out,
+    /// owners for sockets that waited too long, and new holders for sockets
+    /// whose owner exited.
+    pub fn tick(&mut self, now_ns: u64, lookup: &mut dyn HolderLookup, kernel: &dyn KernelStates) {
         let mut wanted: Vec<u64> = Vec::new();
         let mut candidates: HashSet<u32> = HashSet::new();
         self.orphans.retain(|&(sock_id, deadline)| {
@@ -453,7 +539,17 @@ impl SocketTable {
                 self.collect_descendants(pid, &mut candidates);
             }
         }
-        for (&sock_id, tracked) in &self.sockets {
+        let settled_due = now_ns >= self.next_settled_check_ns;
+        if settled_due {
+            self.next_settled_check_ns = now_ns.saturating_add(SETTLED_NS);
+        }
+        for (&sock_id, tracked) in &mut self.sockets {
+            if self.infer_transitions {
+                let young = now_ns.saturating_sub(tracked.state_since_ns) < SETTLED_NS;
+                if young || settled_due {
+                    Self::read_back(sock_id, tracked, kernel, &mut self.out, &mut self.owned);
+                }
+            }
             let waited = tracked
                 .pending
                 .first()
@@ -497,12 +593,33 @@ impl SocketTable {
                     let previous = tracked.owner.take();
                     Self::move_ownership(&mut self.owned, previous.as_ref(), None);
                     let pending = std::mem::take(&mut tracked.pending);
-                    self.emit_released(pending, Owner::unknown());
+                    release(&mut self.out, pending, Owner::unknown());
                 }
             }
         }
         self.children
             .retain(|parent, _| self.owned.contains_key(parent));
+    }
+
+    /// Puts back the transition the kernel left out for this socket, if it
+    /// made one: the kernel map holds the state it leads to.
+    fn read_back(
+        sock_id: u64,
+        tracked: &mut Tracked,
+        kernel: &dyn KernelStates,
+        out: &mut Vec<Output>,
+        owned: &mut FxHashMap<u32, u32>,
+    ) {
+        if inferable_successor(tracked.state.raw()).is_none() {
+            return;
+        }
+        let Some((state, since_ns)) = kernel.state(sock_id).filter(|&(_, since)| since != 0) else {
+            return;
+        };
+        let (local, remote) = (tracked.local, tracked.remote);
+        if let Some(missed) = tracked.inferred(state, since_ns, local, remote) {
+            Self::advance(tracked, out, owned, missed, None);
+        }
     }
 
     fn collect_descendants(&self, pid: u32, into: &mut HashSet<u32>) {
@@ -596,9 +713,157 @@ mod tests {
         }
     }
 
+    /// The kernel socket map, as far as a test sets it.
+    #[derive(Default)]
+    struct FakeKernel {
+        states: HashMap<u64, (TcpState, u64)>,
+        reads: std::cell::Cell<u32>,
+    }
+
+    impl KernelStates for FakeKernel {
+        fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
+            self.reads.set(self.reads.get() + 1);
+            self.states.get(&kernel_sock_id).copied()
+        }
+    }
+
+    const CLIENT_AT: &str = "127.0.0.1:40000";
+    const SERVER_AT: &str = "127.0.0.1:8080";
+
+    /// The client's connect() on socket 9 (its port is not assigned yet).
+    fn connect(at_ns: u64) -> Event {
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        change(
+            at_ns,
+            9,
+            client,
+            "0.0.0.0:0",
+            SERVER_AT,
+            TcpState::Close,
+            TcpState::SynSent,
+        )
+    }
+
+    /// A later transition of socket 9, after `dwell_ns` in `old`.
+    fn client_change(at_ns: u64, dwell_ns: u64, old: TcpState, new: TcpState) -> Event {
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let mut event = change(at_ns, 9, client, CLIENT_AT, SERVER_AT, old, new);
+        if let Event::StateChange {
+            dwell_ns: dwell, ..
+        } = &mut event
+        {
+            *dwell = Some(dwell_ns);
+        }
+        event
+    }
+
+    fn steps(out: &[Transition]) -> Vec<(u64, TcpState, TcpState, Option<u64>)> {
+        out.iter()
+            .map(|t| (t.ktime_ns / MS, t.old, t.new, t.dwell_ns.map(|d| d / MS)))
+            .collect()
+    }
+
+    #[test]
+    fn left_out_transitions_are_inferred_from_the_next_reported_one() {
+        use TcpState::*;
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        // SYN_SENT -> ESTABLISHED at 10 ms was left out; the close tells
+        // when the socket entered ESTABLISHED. So was FIN_WAIT1 -> FIN_WAIT2
+        // at 45 ms.
+        table.on_event(client_change(30 * MS, 20 * MS, Established, FinWait1));
+        table.on_event(client_change(50 * MS, 5 * MS, FinWait2, Close));
+        let out = transitions(&mut table);
+        assert_eq!(
+            steps(&out),
+            [
+                (1, Close, SynSent, None),
+                (10, SynSent, Established, Some(9)),
+                (30, Established, FinWait1, Some(20)),
+                (45, FinWait1, FinWait2, Some(15)),
+                (50, FinWait2, Close, Some(5)),
+            ]
+        );
+        assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
+        assert_eq!(
+            out[1].local,
+            addr(CLIENT_AT),
+            "the inferred one has the assigned port"
+        );
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn left_out_transition_is_read_back_from_the_kernel_map() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        transitions(&mut table);
+        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
+        let mut kernel = FakeKernel::default();
+        // Already past ESTABLISHED: that transition was reported, and is
+        // on its way in the ring buffer.
+        kernel.states.insert(9, (TcpState::CloseWait, 50 * MS));
+        table.tick(100 * MS, &mut lookup, &kernel);
+        assert!(transitions(&mut table).is_empty());
+        kernel.states.insert(9, (TcpState::Established, 7 * MS));
+        table.tick(200 * MS, &mut lookup, &kernel);
+        let out = transitions(&mut table);
+        assert_eq!(
+            steps(&out),
+            [(7, TcpState::SynSent, TcpState::Established, Some(6))]
+        );
+        assert_eq!(out[0].owner.pid, Some(CLIENT));
+        // ESTABLISHED is left only by reported transitions: no more reads.
+        let reads = kernel.reads.get();
+        table.tick(300 * MS, &mut lookup, &kernel);
+        assert!(transitions(&mut table).is_empty());
+        assert_eq!(kernel.reads.get(), reads);
+    }
+
+    #[test]
+    fn settled_sockets_are_read_back_once_per_period() {
+        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
+        table.on_event(connect(0));
+        // An unreachable peer: SYN_SENT for long.
+        let mut kernel = FakeKernel::default();
+        kernel.states.insert(9, (TcpState::SynSent, 1));
+        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
+        for tick in 1..10 {
+            table.tick(tick * 100 * MS, &mut lookup, &kernel);
+        }
+        assert_eq!(kernel.reads.get(), 9, "read every tick while young");
+        for tick in 10..30 {
+            table.tick(tick * 100 * MS, &mut lookup, &kernel);
+        }
+        assert_eq!(kernel.reads.get(), 9 + 2, "then once a second");
+        assert_eq!(transitions(&mut table).len(), 1);
+    }
+
+    #[test]
+    fn without_inference_transitions_pass_as_reported() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        table.on_event(connect(MS));
+        // SYN_SENT -> ESTABLISHED lost in the ring: shown as the gap it is.
+        table.on_event(client_change(
+            30 * MS,
+            20 * MS,
+            TcpState::Established,
+            TcpState::FinWait1,
+        ));
+        let mut kernel = FakeKernel::default();
+        kernel.states.insert(9, (TcpState::FinWait2, 40 * MS));
+        table.tick(
+            100 * MS,
+            &mut FakeLookup(HashMap::new(), Vec::new()),
+            &kernel,
+        );
+        assert_eq!(transitions(&mut table).len(), 2);
+        assert_eq!(kernel.reads.get(), 0);
+    }
+
     #[test]
     fn passive_open_waits_for_accept_then_carries_the_acceptor() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         // The handshake completes in softirq, in the client's context: the
         // kernel knows no owner yet.
@@ -637,7 +902,7 @@ mod tests {
 
     #[test]
     fn unaccepted_socket_is_released_as_unknown_after_the_grace_period() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         table.on_event(change(
             0,
@@ -649,9 +914,9 @@ mod tests {
             TcpState::SynRecv,
         ));
         let mut lookup = FakeLookup(HashMap::new(), Vec::new());
-        table.tick(500 * MS, &mut lookup);
+        table.tick(500 * MS, &mut lookup, &FakeKernel::default());
         assert!(transitions(&mut table).is_empty());
-        table.tick(1_000 * MS, &mut lookup);
+        table.tick(1_000 * MS, &mut lookup, &FakeKernel::default());
         let out = transitions(&mut table);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].owner, Owner::unknown());
@@ -670,7 +935,7 @@ mod tests {
 
     #[test]
     fn accept_after_the_grace_period_announces_the_owner() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         table.on_event(change(
             0,
@@ -681,7 +946,11 @@ mod tests {
             TcpState::Listen,
             TcpState::SynRecv,
         ));
-        table.tick(2_000 * MS, &mut FakeLookup(HashMap::new(), Vec::new()));
+        table.tick(
+            2_000 * MS,
+            &mut FakeLookup(HashMap::new(), Vec::new()),
+            &FakeKernel::default(),
+        );
         assert_eq!(transitions(&mut table)[0].owner, Owner::unknown());
         table.on_event(Event::Owner {
             ktime_ns: 3_000 * MS,
@@ -707,7 +976,7 @@ mod tests {
 
     #[test]
     fn kernel_owner_is_kept_for_softirq_transitions() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(
@@ -744,7 +1013,7 @@ mod tests {
 
     #[test]
     fn seeded_socket_keeps_its_owner_and_identity() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.seed([ExistingSocket {
             sock_id: 4242,
@@ -787,7 +1056,7 @@ mod tests {
 
     #[test]
     fn socket_of_an_exited_owner_is_rehomed_to_the_child_holding_it() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(
@@ -820,12 +1089,12 @@ mod tests {
         let mut holders = HashMap::new();
         holders.insert((addr(local), addr(remote)), (CLIENT, "child".to_string()));
         let mut lookup = FakeLookup(holders, Vec::new());
-        table.tick(50 * MS, &mut lookup);
+        table.tick(50 * MS, &mut lookup, &FakeKernel::default());
         assert!(
             lookup.1.is_empty(),
             "waits for the exiting process to close its fds"
         );
-        table.tick(200 * MS, &mut lookup);
+        table.tick(200 * MS, &mut lookup, &FakeKernel::default());
         assert_eq!(lookup.1, vec![vec![CLIENT]], "the child is searched first");
         let learned: Vec<_> = table
             .drain_output()
@@ -846,7 +1115,7 @@ mod tests {
 
     #[test]
     fn closed_socket_is_forgotten_and_address_reuse_starts_fresh() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS);
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(

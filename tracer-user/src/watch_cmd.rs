@@ -112,7 +112,7 @@ impl WatchFeed {
         &self.watch
     }
 
-    pub fn output(&mut self, output: Output) {
+    pub fn output(&mut self, output: &Output) {
         match output {
             Output::Existing(s) => {
                 // Our own sockets (serve's listener) found at start; the
@@ -124,10 +124,10 @@ impl WatchFeed {
             }
             Output::Transition(t) => {
                 if self.scope.wants(&t.owner, t.local, t.remote) {
-                    self.watch.on_transition(&t);
+                    self.watch.on_transition(t);
                 }
             }
-            Output::ProcessExit { pid, ktime_ns } => {
+            &Output::ProcessExit { pid, ktime_ns } => {
                 self.watch.on_process_exit(pid, ktime_ns);
                 self.scope.process_exited(pid);
             }
@@ -136,8 +136,8 @@ impl WatchFeed {
                 owner,
                 ktime_ns,
             } => {
-                if self.scope.wants_owner(&owner) {
-                    self.watch.on_owner_changed(sock_id, &owner, ktime_ns);
+                if self.scope.wants_owner(owner) {
+                    self.watch.on_owner_changed(*sock_id, owner, *ktime_ns);
                 }
             }
             Output::LearnedOwner { .. } => {}
@@ -258,7 +258,7 @@ fn terminal_size() -> (usize, usize) {
 }
 
 impl<W: Write> Sink for WatchSink<W> {
-    fn output(&mut self, output: Output) -> io::Result<()> {
+    fn output(&mut self, output: &Output) -> io::Result<()> {
         self.feed.output(output);
         Ok(())
     }

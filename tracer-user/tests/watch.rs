@@ -502,3 +502,39 @@ fn peer_idle_timeout_is_inferred() {
     );
     assert_quiet(&lines, client_pid, "client with an idle pool");
 }
+
+/// 7. Connections that open and then stay quiet are ESTABLISHED on both
+///    ends. `watch` gets no record of their handshake's end (the kernel
+///    leaves SYN_SENT/SYN_RECV -> ESTABLISHED out for it), and nothing
+///    follows: socktrace reads their state back from the kernel's map.
+#[test]
+fn quiet_connections_show_as_established() {
+    if !require_root("quiet_connections_show_as_established") {
+        return;
+    }
+    let (server, port) = server(&["hoard-server"]);
+    let mut watch = Watch::port(port, &[]);
+    let connections = 20;
+    let client = Role::spawn(
+        ROLES,
+        &["connect-hold", &port.to_string(), &connections.to_string()],
+    );
+    assert_eq!(client.expect("done")["done"], connections);
+    for pid in [client.pid(), server.pid()] {
+        watch.wait_for(
+            &format!("{connections} ESTABLISHED sockets of pid {pid}"),
+            Duration::from_secs(10),
+            |line| is_process_of(line, pid) && line["sockets"]["ESTABLISHED"] == connections,
+        );
+    }
+    let lines = watch.stop();
+
+    for pid in [client.pid(), server.pid()] {
+        let last = last_report(&lines, pid);
+        assert_eq!(last["held"], connections, "{last:#}");
+        let handshaking = ["SYN_SENT", "SYN_RECV"].map(|state| &last["sockets"][state]);
+        assert!(handshaking.iter().all(|count| count.is_null()), "{last:#}");
+    }
+    let to_server = peer(last_report(&lines, client.pid()), &loopback(port));
+    assert_eq!(to_server["opened"], connections, "{to_server:#}");
+}

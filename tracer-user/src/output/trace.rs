@@ -150,23 +150,23 @@ pub fn human_line(r: &TraceRecord<'_>) -> String {
 }
 
 impl<W: Write> Sink for TraceSink<W> {
-    fn output(&mut self, output: Output) -> io::Result<()> {
+    fn output(&mut self, output: &Output) -> io::Result<()> {
         match output {
             Output::Transition(t) => {
                 if self.scope.wants(&t.owner, t.local, t.remote) {
-                    let record = self.record(&t.owner, &t);
+                    let record = self.record(&t.owner, t);
                     let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
             Output::Existing(s) => {
                 if self.scope.wants(&s.owner, s.local, s.remote) {
-                    let record = self.existing_record(&s, crate::clock::monotonic_ns());
+                    let record = self.existing_record(s, crate::clock::monotonic_ns());
                     let record = self.labelled(record);
                     self.write(&record)?;
                 }
             }
-            Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
+            &Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
             // The socket's next transition shows its new owner.
             Output::OwnerChanged { .. } | Output::LearnedOwner { .. } => {}
         }
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn json_line_has_the_documented_fields() {
         let mut s = sink(true);
-        s.output(Output::Transition(transition())).unwrap();
+        s.output(&Output::Transition(transition())).unwrap();
         let line = String::from_utf8(s.out).unwrap();
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
         assert_eq!(v["pid"], 4242);
@@ -272,8 +272,8 @@ mod tests {
         let mut unknown = transition();
         unknown.owner = Owner::unknown();
         unknown.dwell_ns = None;
-        s.output(Output::Transition(transition())).unwrap();
-        s.output(Output::Transition(unknown)).unwrap();
+        s.output(&Output::Transition(transition())).unwrap();
+        s.output(&Output::Transition(unknown)).unwrap();
         let text = String::from_utf8(s.out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("TIME(UTC)"));
@@ -287,7 +287,7 @@ mod tests {
     fn filtered_out_events_are_not_printed() {
         let mut s = sink(true);
         s.scope.filter.pids = vec![1];
-        s.output(Output::Transition(transition())).unwrap();
+        s.output(&Output::Transition(transition())).unwrap();
         assert!(s.out.is_empty());
     }
 }

@@ -23,7 +23,7 @@ use tracer_common::{
 
 pub use features::{ModeRequest, ProbeMode};
 
-use crate::procfs;
+use crate::{procfs, sockets::KernelStates, tcp::TcpState};
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -57,6 +57,10 @@ pub struct ProbeOptions {
     pub mode: ModeRequest,
     /// Only sockets of one container.
     pub namespace: Option<NamespaceFilter>,
+    /// Leave out the transitions the socket stage can infer
+    /// (`tracer_common::inferable_successor`): for the commands that
+    /// aggregate. `trace` shows each transition as it happens.
+    pub skip_inferable: bool,
 }
 
 pub struct Probes {
@@ -99,6 +103,8 @@ impl Probes {
             filter_port: options.port.unwrap_or(0),
             filter_family: options.family.unwrap_or(0),
             wakeup_bytes: options.ring_bytes / WAKEUP_FRACTION,
+            skip_inferable: u32::from(options.skip_inferable),
+            _pad: 0,
         };
         // Parsed once, for the loader's relocations and the fentry targets.
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
@@ -244,6 +250,15 @@ impl Probes {
         owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
         sockets.insert(sock_id, owner, 0)?;
         Ok(())
+    }
+}
+
+impl KernelStates for Probes {
+    fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
+        let map = self.ebpf.map(SOCKETS_MAP)?;
+        let sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(map).ok()?;
+        let owner = sockets.get(&kernel_sock_id, 0).ok()?;
+        Some((TcpState::from(owner.state), owner.state_since_ns))
     }
 }
 

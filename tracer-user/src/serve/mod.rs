@@ -112,7 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     eprintln!("socktrace: serving metrics on http://{local}/metrics");
 
-    let started = crate::start(&args.filter)?;
+    let started = crate::start(&args.filter, true)?;
     let metrics = Arc::new(Metrics::new(
         Exporter::new(args.max_processes),
         &started.probes.mode.to_string(),
@@ -219,7 +219,7 @@ fn log_alerts(snapshot: &Snapshot) {
 }
 
 impl Sink for ServeSink {
-    fn output(&mut self, output: Output) -> io::Result<()> {
+    fn output(&mut self, output: &Output) -> io::Result<()> {
         self.feed.output(output);
         Ok(())
     }

@@ -88,8 +88,8 @@ pub struct SeededSocket {
     pub state: TcpState,
 }
 
-impl From<ExistingSocket> for SeededSocket {
-    fn from(existing: ExistingSocket) -> Self {
+impl From<&ExistingSocket> for SeededSocket {
+    fn from(existing: &ExistingSocket) -> Self {
         Self {
             sock_id: existing.sock_id,
             owner: existing.owner,

@@ -216,6 +216,12 @@ def connect_close(port, period, count):
     hold_until_eof()
 
 
+def connect_hold(port, count):
+    held = [socket.create_connection((LOOPBACK, port), timeout=10) for _ in range(count)]
+    say(done=len(held))
+    hold_until_eof()
+
+
 def churn_server():
     sock = listener()
 
@@ -257,6 +263,9 @@ def main():
     closer.add_argument("port", type=int)
     closer.add_argument("period", type=float)
     closer.add_argument("count", type=int)
+    holder = roles.add_parser("connect-hold")
+    holder.add_argument("port", type=int)
+    holder.add_argument("count", type=int)
     roles.add_parser("churn-server")
     churn = roles.add_parser("churn-client")
     churn.add_argument("port", type=int)
@@ -271,6 +280,8 @@ def main():
         hoard_server(args.accept_on_command)
     elif args.role == "connect-close":
         connect_close(args.port, args.period, args.count)
+    elif args.role == "connect-hold":
+        connect_hold(args.port, args.count)
     elif args.role == "churn-server":
         churn_server()
     elif args.role == "churn-client":
