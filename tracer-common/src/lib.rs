@@ -281,13 +281,11 @@ pub struct Layout {
     pub set_state_daddr: u16,
     pub set_state_saddr_v6: u16,
     pub set_state_daddr_v6: u16,
-    // tcp:tcp_destroy_sock record.
-    pub destroy_skaddr: u16,
     // syscalls:sys_exit_accept{,4} record.
     pub accept_ret: u16,
     // sched:sched_process_fork record.
     pub fork_child_pid: u16,
-    pub _pad: [u16; 2],
+    pub _pad: [u16; 3],
     // Kernel structs (BTF), walked to find the socket behind an accepted fd:
     // current->files->fdt->fd[n]->private_data (struct socket)->sk.
     pub task_files: u32,

@@ -46,10 +46,9 @@ static CONFIG: Global<Config> = Global::new(Config {
         set_state_daddr: 0,
         set_state_saddr_v6: 0,
         set_state_daddr_v6: 0,
-        destroy_skaddr: 0,
         accept_ret: 0,
         fork_child_pid: 0,
-        _pad: [0; 2],
+        _pad: [0; 3],
         task_files: 0,
         files_fdt: 0,
         fdtable_max_fds: 0,
@@ -75,7 +74,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Not preallocated: most hosts hold far fewer sockets than the capacity.
+/// Not preallocated: most hosts hold far fewer sockets than the capacity,
+/// and a preallocated map pins all of it in kernel memory (29 MB at the
+/// default), though its inserts and deletes cost less.
 #[map(name = "SOCKETS")]
 static SOCKETS: HashMap<u64, SocketOwner> =
     HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
@@ -383,7 +384,14 @@ fn record_transition(
         if known.netns == 0 {
             known.netns = socket_netns(layout, sock_id);
         }
-        return (*known, dwell);
+        let owner = *known;
+        // Every TCP socket passes through CLOSE before it is freed, and a
+        // socket used again after CLOSE (connect() or listen() once more)
+        // claims its owner anew: the entry has served.
+        if new_state == tcp_state::CLOSE {
+            let _ = SOCKETS.remove(sock_id);
+        }
+        return (owner, dwell);
     }
 
     let mut owner = SocketOwner {
@@ -423,14 +431,6 @@ fn claim_socket(sock_id: u64, source: OwnerSource) {
             owner,
         });
     }
-}
-
-#[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
-pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    if let Ok(sock_id) = read_field::<u64>(&ctx, CONFIG.load().layout.destroy_skaddr) {
-        let _ = SOCKETS.remove(sock_id);
-    }
-    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]

@@ -447,12 +447,16 @@ impl SocketTable {
         if let Some(seeded) = seeded {
             tracked.public_id = seeded.sock_id;
             if let Some(pid) = seeded.owner.pid {
-                out.push(Output::LearnedOwner {
-                    kernel_sock_id: t.sock_id,
-                    pid,
-                    comm: seeded.owner.comm.to_string(),
-                    state: t.new,
-                });
+                // The kernel forgets a socket as it closes: tell it the
+                // owners of the sockets that go on.
+                if t.new != TcpState::Close {
+                    out.push(Output::LearnedOwner {
+                        kernel_sock_id: t.sock_id,
+                        pid,
+                        comm: seeded.owner.comm.to_string(),
+                        state: t.new,
+                    });
+                }
                 Self::move_ownership(owned, None, Some(&seeded.owner));
                 tracked.owner = Some(seeded.owner);
             }

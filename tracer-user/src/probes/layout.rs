@@ -146,7 +146,6 @@ pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
 pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
     let tp = "sock:inet_sock_set_state";
     let set_state = tracepoint_fields(tracefs, "sock", "inet_sock_set_state")?;
-    let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
     let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
     let fork = tracepoint_fields(tracefs, "sched", "sched_process_fork")?;
     let layout = Layout {
@@ -161,10 +160,9 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         set_state_daddr: field(&set_state, tp, "daddr")?,
         set_state_saddr_v6: field(&set_state, tp, "saddr_v6")?,
         set_state_daddr_v6: field(&set_state, tp, "daddr_v6")?,
-        destroy_skaddr: field(&destroy, "tcp:tcp_destroy_sock", "skaddr")?,
         accept_ret: field(&accept, "syscalls:sys_exit_accept4", "ret")?,
         fork_child_pid: field(&fork, "sched:sched_process_fork", "child_pid")?,
-        _pad: [0; 2],
+        _pad: [0; 3],
         task_files: member_offset(btf, "task_struct", "files")?,
         files_fdt: member_offset(btf, "files_struct", "fdt")?,
         fdtable_max_fds: member_offset(btf, "fdtable", "max_fds")?,

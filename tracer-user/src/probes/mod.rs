@@ -29,9 +29,8 @@ use crate::{procfs, sockets::KernelStates, tcp::TcpState};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
 
 /// Tracepoints every mode needs: (category, name, program).
-const TRACEPOINTS: [(&str, &str, &str); 6] = [
+const TRACEPOINTS: [(&str, &str, &str); 5] = [
     ("sock", "inet_sock_set_state", "inet_sock_set_state"),
-    ("tcp", "tcp_destroy_sock", "tcp_destroy_sock"),
     ("syscalls", "sys_exit_accept4", "sys_exit_accept4"),
     ("syscalls", "sys_exit_accept", "sys_exit_accept"),
     ("sched", "sched_process_fork", "sched_process_fork"),

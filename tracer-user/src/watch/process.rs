@@ -100,7 +100,13 @@ impl Process {
         if let Some(dwell_ns) = effects.close_wait_dwell_ns {
             distributions.close_wait_dwell.record_ns(dwell_ns);
         }
-        let Some(key) = peer else {
+        // Half the transitions change nothing a peer counts: no lookup.
+        let for_peer = effects.opened
+            || effects.released
+            || effects.closer.is_some()
+            || effects.lifetime_ns.is_some()
+            || effects.peer_close_after_ns.is_some();
+        let Some(key) = peer.filter(|_| for_peer) else {
             return;
         };
         let stats = self.peers.stats_mut(key);
