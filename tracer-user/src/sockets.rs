@@ -18,6 +18,7 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
+use thin_vec::ThinVec;
 use tracer_common::{OwnerSource, inferable_successor};
 
 use crate::{
@@ -98,7 +99,7 @@ pub struct ExistingSocket {
 }
 
 /// Passes on transitions that waited for their owner, under `owner`.
-fn release(out: &mut Vec<Output>, pending: Vec<Transition>, owner: Owner) {
+fn release(out: &mut Vec<Output>, pending: ThinVec<Transition>, owner: Owner) {
     out.extend(pending.into_iter().map(|mut t| {
         t.owner = owner;
         Output::Transition(t)
@@ -180,8 +181,10 @@ struct Tracked {
     state: TcpState,
     /// When it entered `state` (ktime ns).
     state_since_ns: u64,
-    /// Transitions waiting for an owner, oldest first.
-    pending: Vec<Transition>,
+    /// Transitions waiting for an owner, oldest first. A thin vector (one
+    /// pointer, no allocation while empty): few sockets ever wait, and a
+    /// server may track 100k of them.
+    pending: ThinVec<Transition>,
 }
 
 impl Tracked {
@@ -436,7 +439,7 @@ impl SocketTable {
             // Before `t` applies; when it entered that state is unknown.
             state: t.old,
             state_since_ns: 0,
-            pending: Vec::new(),
+            pending: ThinVec::new(),
         };
         // Most hosts have none left soon after start: skip the hashing.
         let seeded = if existing.is_empty() {
