@@ -23,8 +23,9 @@ pub const NS_FILTER_MAP: &str = "NS_FILTER";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 /// Default ring buffer size: 4 MiB holds about 30k events, a quarter of a
-/// second of a saturated loopback connect/close storm on two cores (about 11
-/// events per connection), while the collector drains it every 100 ms. It
+/// second of a saturated loopback connect/close storm on two cores (8 events
+/// per connection for `watch` and `serve`, 11 for `trace`), while the
+/// collector drains it every 100 ms. It
 /// counts twice in RSS: the kernel maps the data pages twice.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default capacity of the socket ownership map.
