@@ -346,28 +346,25 @@ impl SocketTable {
     fn on_state_change(&mut self, t: Transition, netns: u32, kernel_owner: Option<Owner>) {
         let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
         let kernel_sock_id = t.sock_id;
-        // One lookup on the common path: this runs for every event.
-        let tracked = match self.sockets.entry(kernel_sock_id) {
-            Entry::Occupied(entry) if !newborn => entry.into_mut(),
-            Entry::Occupied(mut entry) => {
-                let fresh = Self::track(
-                    &mut self.existing,
-                    &mut self.out,
-                    &mut self.owned,
-                    &t,
-                    netns,
-                );
-                let stale = entry.insert(fresh);
-                Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);
-                entry.into_mut()
-            }
-            Entry::Vacant(entry) => entry.insert(Self::track(
+        let mut fresh = || {
+            Self::track(
                 &mut self.existing,
                 &mut self.out,
                 &mut self.owned,
                 &t,
                 netns,
-            )),
+            )
+        };
+        // One lookup on the common path: this runs for every event.
+        let tracked = match self.sockets.entry(kernel_sock_id) {
+            Entry::Occupied(entry) if !newborn => entry.into_mut(),
+            // A new socket where one whose CLOSE was lost lived.
+            Entry::Occupied(mut entry) => {
+                let stale = entry.insert(fresh());
+                Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);
+                entry.into_mut()
+            }
+            Entry::Vacant(entry) => entry.insert(fresh()),
         };
         if self.infer_transitions
             && let Some(missed) = tracked.inferred_before(&t)
@@ -441,7 +438,8 @@ impl SocketTable {
             state_since_ns: 0,
             pending: ThinVec::new(),
         };
-        // Most hosts have none left soon after start: skip the hashing.
+        // Nothing to hash once every socket that predates socktrace has
+        // been seen again (or none did).
         let seeded = if existing.is_empty() {
             None
         } else {
