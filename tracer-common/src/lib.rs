@@ -25,8 +25,8 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Default ring buffer size: 4 MiB holds about 30k events, a quarter of a
 /// second of a saturated loopback connect/close storm on two cores (8 events
 /// per connection for `watch` and `serve`, 11 for `trace`), while the
-/// collector drains it every 100 ms. It
-/// counts twice in RSS: the kernel maps the data pages twice.
+/// collector drains it every 100 ms. It counts twice in RSS: the kernel maps
+/// the data pages twice.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default capacity of the socket ownership map.
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
@@ -222,9 +222,8 @@ pub struct StateChangeEvent {
     pub endpoints: Endpoints,
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 2],
-    /// Inode of the socket's network namespace; 0 if it could not be read.
-    pub netns: u32,
+    /// The socket's network namespace is `owner.netns`.
+    pub _pad: [u8; 6],
     /// Time spent in `old_state`; [`DWELL_UNKNOWN`] when the socket was not
     /// seen entering it.
     pub dwell_ns: u64,
@@ -335,7 +334,7 @@ pub struct Config {
     pub wakeup_bytes: u32,
     /// Non-zero: do not report the transitions [`inferable_successor`] names
     /// for sockets whose state the socket map holds. `watch` and `serve` set
-    /// it: those transitions are a third of every connection's records.
+    /// it: those are 3 of the 11 records of a connection.
     /// `trace` shows each transition as it happens, so it does not.
     pub skip_inferable: u32,
     pub _pad: u32,

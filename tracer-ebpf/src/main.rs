@@ -326,8 +326,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         endpoints,
         old_state,
         new_state,
-        _pad: [0; 2],
-        netns,
+        _pad: [0; 6],
         dwell_ns,
     });
     Ok(())

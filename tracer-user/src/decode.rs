@@ -172,7 +172,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 old: TcpState::from(e.old_state),
                 new: TcpState::from(e.new_state),
                 dwell_ns: (e.dwell_ns != DWELL_UNKNOWN).then_some(e.dwell_ns),
-                netns: e.netns,
+                netns: e.owner.netns,
             }
         }
         EventKind::Owner => {
@@ -276,8 +276,7 @@ mod tests {
             },
             old_state: tcp_state::ESTABLISHED,
             new_state: tcp_state::CLOSE_WAIT,
-            _pad: [0; 2],
-            netns: 4026531840,
+            _pad: [0; 6],
             dwell_ns: 1_500,
         };
         let event = decode(&as_bytes(&raw)).unwrap();

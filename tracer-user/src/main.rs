@@ -150,7 +150,8 @@ struct Started {
 }
 
 /// `infer_transitions` for the commands that aggregate: the kernel leaves
-/// out the transitions the socket stage can infer, a third of the records.
+/// out the transitions the socket stage can infer, 3 of a connection's 11
+/// records.
 fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started> {
     let target = container_target(filter)?;
     let probes = Probes::load(&ProbeOptions {
