@@ -154,6 +154,13 @@ pub const fn inferable_successor(state: u8) -> Option<u8> {
     }
 }
 
+/// The kernel leaves out an inferable transition only when it comes less
+/// than this long after the socket entered its state; slower ones (a peer
+/// that does not answer) are reported. So the collector reads a socket's
+/// state back from the map at most once per state: when this long has
+/// passed without a reported transition.
+pub const INFER_WINDOW_NS: u64 = 250_000_000;
+
 /// Common prefix of every ring buffer record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -333,9 +340,10 @@ pub struct Config {
     /// costs more than the event itself at high rates.
     pub wakeup_bytes: u32,
     /// Non-zero: do not report the transitions [`inferable_successor`] names
-    /// for sockets whose state the socket map holds. `watch` and `serve` set
-    /// it: those are 3 of the 11 records of a connection.
-    /// `trace` shows each transition as it happens, so it does not.
+    /// for sockets whose state the socket map holds, when they come within
+    /// [`INFER_WINDOW_NS`]. `watch` and `serve` set it: those are 3 of the
+    /// 11 records of a connection. `trace` shows each transition as it
+    /// happens, so it does not.
     pub skip_inferable: u32,
     pub _pad: u32,
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, DWELL_UNKNOWN, Endpoints,
-    EventHeader, EventKind, ExitEvent, ForkEvent, IPPROTO_TCP, Layout, MAX_PID_FILTER,
-    NamespaceFilter, OwnerEvent, OwnerSource, SET_STATE_RECORD_BYTES, SocketOwner,
+    EventHeader, EventKind, ExitEvent, ForkEvent, INFER_WINDOW_NS, IPPROTO_TCP, Layout,
+    MAX_PID_FILTER, NamespaceFilter, OwnerEvent, OwnerSource, SET_STATE_RECORD_BYTES, SocketOwner,
     StateChangeEvent, TASK_COMM_LEN, counter, inferable_successor, owner_claim, tcp_state,
 };
 
@@ -278,10 +278,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let now = ktime_ns();
 
     let (owner, dwell_ns) = record_transition(layout, sock_id, old_state, new_state, now);
-    // The collector infers it; a known dwell means the map holds the socket,
-    // so the new state can be read back from there.
+    // The collector infers it. A known dwell means the map holds the socket,
+    // so the new state can be read back from there; a short one means the
+    // collector has not read it yet (it waits out the window, then reads
+    // once), and a socket stuck in SYN_SENT costs it one read, not one a
+    // tick. DWELL_UNKNOWN is never short.
     if config.skip_inferable != 0
-        && dwell_ns != DWELL_UNKNOWN
+        && dwell_ns < INFER_WINDOW_NS
         && inferable_successor(old_state) == Some(new_state)
     {
         return Ok(());

@@ -19,7 +19,7 @@ use std::{
 
 use rustc_hash::FxHashMap;
 use thin_vec::ThinVec;
-use tracer_common::{OwnerSource, inferable_successor};
+use tracer_common::{INFER_WINDOW_NS, OwnerSource, inferable_successor};
 
 use crate::{
     decode::{Comm, Event, KernelOwner},
@@ -165,10 +165,10 @@ pub trait KernelStates {
     fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)>;
 }
 
-/// How long after a transition its socket counts as settled: from then on
-/// the kernel map is read for it once per this period, not every tick. A
-/// thousand connects to an unreachable peer sit in SYN_SENT for minutes.
-const SETTLED_NS: u64 = 1_000_000_000;
+/// When a socket's state is read back: the kernel's window for leaving a
+/// transition out, plus room for a program that was updating the map as the
+/// window closed.
+const READ_BACK_AFTER_NS: u64 = INFER_WINDOW_NS + 50_000_000;
 
 struct Tracked {
     /// The id downstream sees (the kernel id, or the seeded socket's inode).
@@ -176,6 +176,9 @@ struct Tracked {
     owner: Option<Owner>,
     /// The owner was searched for and not found: stop holding events back.
     owner_search_done: bool,
+    /// The current state was read back from the kernel map after the
+    /// window: any transition out of it from then on is reported.
+    read_back: bool,
     local: SocketAddr,
     remote: SocketAddr,
     state: TcpState,
@@ -241,8 +244,6 @@ pub struct SocketTable {
     rehome_delay_ns: u64,
     /// The kernel leaves out the transitions it can infer (`watch`, `serve`).
     infer_transitions: bool,
-    /// When the settled sockets are next checked against the kernel map.
-    next_settled_check_ns: u64,
     out: Vec<Output>,
 }
 
@@ -259,7 +260,6 @@ impl SocketTable {
             owner_grace_ns,
             rehome_delay_ns,
             infer_transitions,
-            next_settled_check_ns: 0,
             out: Vec::new(),
         }
     }
@@ -392,6 +392,7 @@ impl SocketTable {
         }
         tracked.state = t.new;
         tracked.state_since_ns = t.ktime_ns;
+        tracked.read_back = false;
         t.sock_id = tracked.public_id;
         let ended = t.new == TcpState::Close;
         if let Some(owner) = kernel_owner
@@ -431,6 +432,7 @@ impl SocketTable {
             public_id: t.sock_id,
             owner: None,
             owner_search_done: false,
+            read_back: false,
             local: t.local,
             remote: t.remote,
             // Before `t` applies; when it entered that state is unknown.
@@ -544,16 +546,14 @@ impl SocketTable {
                 self.collect_descendants(pid, &mut candidates);
             }
         }
-        let settled_due = now_ns >= self.next_settled_check_ns;
-        if settled_due {
-            self.next_settled_check_ns = now_ns.saturating_add(SETTLED_NS);
-        }
         for (&sock_id, tracked) in &mut self.sockets {
-            if self.infer_transitions {
-                let young = now_ns.saturating_sub(tracked.state_since_ns) < SETTLED_NS;
-                if young || settled_due {
-                    Self::read_back(sock_id, tracked, kernel, &mut self.out, &mut self.owned);
-                }
+            if self.infer_transitions
+                && !tracked.read_back
+                && inferable_successor(tracked.state.raw()).is_some()
+                && now_ns.saturating_sub(tracked.state_since_ns) >= READ_BACK_AFTER_NS
+            {
+                tracked.read_back = true;
+                Self::read_back(sock_id, tracked, kernel, &mut self.out, &mut self.owned);
             }
             let waited = tracked
                 .pending
@@ -615,9 +615,6 @@ impl SocketTable {
         out: &mut Vec<Output>,
         owned: &mut FxHashMap<u32, u32>,
     ) {
-        if inferable_successor(tracked.state.raw()).is_none() {
-            return;
-        }
         let Some((state, since_ns)) = kernel.state(sock_id).filter(|&(_, since)| since != 0) else {
             return;
         };
@@ -805,13 +802,11 @@ mod tests {
         transitions(&mut table);
         let mut lookup = FakeLookup(HashMap::new(), Vec::new());
         let mut kernel = FakeKernel::default();
-        // Already past ESTABLISHED: that transition was reported, and is
-        // on its way in the ring buffer.
-        kernel.states.insert(9, (TcpState::CloseWait, 50 * MS));
-        table.tick(100 * MS, &mut lookup, &kernel);
-        assert!(transitions(&mut table).is_empty());
         kernel.states.insert(9, (TcpState::Established, 7 * MS));
+        // Within the window, the next reported transition may still come.
         table.tick(200 * MS, &mut lookup, &kernel);
+        assert_eq!(kernel.reads.get(), 0);
+        table.tick(400 * MS, &mut lookup, &kernel);
         let out = transitions(&mut table);
         assert_eq!(
             steps(&out),
@@ -819,29 +814,51 @@ mod tests {
         );
         assert_eq!(out[0].owner.pid, Some(CLIENT));
         // ESTABLISHED is left only by reported transitions: no more reads.
-        let reads = kernel.reads.get();
-        table.tick(300 * MS, &mut lookup, &kernel);
+        table.tick(2_000 * MS, &mut lookup, &kernel);
         assert!(transitions(&mut table).is_empty());
-        assert_eq!(kernel.reads.get(), reads);
+        assert_eq!(kernel.reads.get(), 1);
     }
 
     #[test]
-    fn settled_sockets_are_read_back_once_per_period() {
-        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
-        table.on_event(connect(0));
-        // An unreachable peer: SYN_SENT for long.
+    fn a_later_state_in_the_map_waits_for_its_reported_transition() {
+        use TcpState::*;
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        transitions(&mut table);
         let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (TcpState::SynSent, 1));
+        // Past ESTABLISHED already: that transition was reported, and is on
+        // its way in the ring buffer.
+        kernel.states.insert(9, (CloseWait, 300 * MS));
+        table.tick(
+            400 * MS,
+            &mut FakeLookup(HashMap::new(), Vec::new()),
+            &kernel,
+        );
+        assert!(transitions(&mut table).is_empty());
+        table.on_event(client_change(300 * MS, 290 * MS, Established, CloseWait));
+        assert_eq!(
+            steps(&transitions(&mut table)),
+            [
+                (10, SynSent, Established, Some(9)),
+                (300, Established, CloseWait, Some(290)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_socket_stuck_in_syn_sent_is_read_back_once() {
+        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        // An unreachable peer: SYN_SENT for long. Were it to answer, the
+        // kernel would report the transition: it came after the window.
+        let mut kernel = FakeKernel::default();
+        kernel.states.insert(9, (TcpState::SynSent, MS));
         let mut lookup = FakeLookup(HashMap::new(), Vec::new());
-        for tick in 1..10 {
+        for tick in 1..100 {
             table.tick(tick * 100 * MS, &mut lookup, &kernel);
         }
-        assert_eq!(kernel.reads.get(), 9, "read every tick while young");
-        for tick in 10..30 {
-            table.tick(tick * 100 * MS, &mut lookup, &kernel);
-        }
-        assert_eq!(kernel.reads.get(), 9 + 2, "then once a second");
-        assert_eq!(transitions(&mut table).len(), 1);
+        assert_eq!(kernel.reads.get(), 1);
+        assert_eq!(transitions(&mut table).len(), 1, "the connect only");
     }
 
     #[test]

@@ -538,3 +538,36 @@ fn quiet_connections_show_as_established() {
     let to_server = peer(last_report(&lines, client.pid()), &loopback(port));
     assert_eq!(to_server["opened"], connections, "{to_server:#}");
 }
+
+/// 8. A handshake slower than the window in which the kernel may leave
+///    SYN_SENT -> ESTABLISHED out is reported by the kernel: socktrace read
+///    the socket back once, while it was still in SYN_SENT, and reads it no
+///    more.
+#[test]
+fn slow_handshake_shows_established() {
+    if !require_root("slow_handshake_shows_established") {
+        return;
+    }
+    let (mut server, port) = server(&["hoard-server", "--accept-on-command", "--full-backlog"]);
+    let mut watch = Watch::port(port, &[]);
+    let client = Role::spawn(ROLES, &["connect-hold", &port.to_string(), "1"]);
+    // The client's SYN is dropped; its state is read back in the meantime.
+    watch.wait_for("the client in SYN_SENT", Duration::from_secs(10), |line| {
+        is_process_of(line, client.pid()) && line["sockets"]["SYN_SENT"] == 1
+    });
+    thread::sleep(Duration::from_millis(500));
+    // Room in the queue: the SYN retried about a second after the first
+    // gets through.
+    server.send("accept");
+    assert_eq!(client.expect("done")["done"], 1);
+    watch.wait_for(
+        "the client's connection ESTABLISHED",
+        Duration::from_secs(10),
+        |line| {
+            is_process_of(line, client.pid())
+                && line["sockets"]["ESTABLISHED"] == 1
+                && line["sockets"]["SYN_SENT"].is_null()
+        },
+    );
+    watch.stop();
+}

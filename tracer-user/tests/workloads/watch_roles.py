@@ -13,10 +13,12 @@
         connect again; close it at the end. Options: --nofile N lowers the soft RLIMIT_NOFILE,
         and the client stops at EMFILE; --await-close-wait reports once every
         connection it holds has seen the server's FIN.
-    watch_roles.py hoard-server [--accept-on-command]
+    watch_roles.py hoard-server [--accept-on-command] [--full-backlog]
         Accepts connections and never closes them (nor reads them). With
         --accept-on-command: only once stdin says "accept" (a server that
-        takes its backlog late).
+        takes its backlog late). With --full-backlog: its accept queue is
+        full from the start (backlog 0, taken by a connection of its own),
+        so clients' SYNs are dropped and retried until it accepts.
     watch_roles.py connect-close PORT PERIOD_S COUNT
         Connects and closes at once (the client closes first), COUNT times.
     watch_roles.py churn-server
@@ -61,10 +63,11 @@ def hold_until_eof():
     sys.stdin.read()
 
 
-def listener():
+def listener(backlog=socket.SOMAXCONN, before_ready=lambda port: None):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((LOOPBACK, 0))
-    sock.listen(socket.SOMAXCONN)
+    sock.listen(backlog)
+    before_ready(sock.getsockname()[1])
     say(port=sock.getsockname()[1])
     return sock
 
@@ -190,9 +193,13 @@ def http_client(args):
     hold_until_eof()
 
 
-def hoard_server(accept_on_command):
-    sock = listener()
+def hoard_server(accept_on_command, full_backlog):
     hoard = []
+    if full_backlog:
+        fill = lambda port: hoard.append(socket.create_connection((LOOPBACK, port)))
+        sock = listener(backlog=0, before_ready=fill)
+    else:
+        sock = listener()
     if accept_on_command:
         for line in sys.stdin:
             if line.strip() == "accept":
@@ -258,7 +265,9 @@ def main():
     client.add_argument("requests", type=int)
     client.add_argument("--nofile", type=int)
     client.add_argument("--await-close-wait", action="store_true")
-    roles.add_parser("hoard-server").add_argument("--accept-on-command", action="store_true")
+    hoarder = roles.add_parser("hoard-server")
+    hoarder.add_argument("--accept-on-command", action="store_true")
+    hoarder.add_argument("--full-backlog", action="store_true")
     closer = roles.add_parser("connect-close")
     closer.add_argument("port", type=int)
     closer.add_argument("period", type=float)
@@ -277,7 +286,7 @@ def main():
     elif args.role == "http-client":
         http_client(args)
     elif args.role == "hoard-server":
-        hoard_server(args.accept_on_command)
+        hoard_server(args.accept_on_command, args.full_backlog)
     elif args.role == "connect-close":
         connect_close(args.port, args.period, args.count)
     elif args.role == "connect-hold":
