@@ -13,7 +13,7 @@
 //! that merely happened to be on the CPU.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
     net::SocketAddr,
 };
 
@@ -170,15 +170,55 @@ pub trait KernelStates {
 /// window closed.
 const READ_BACK_AFTER_NS: u64 = INFER_WINDOW_NS + 50_000_000;
 
+/// A socket to look at again once a wait has run: `since_ns` is when the
+/// wait began, and tells whether it is still the socket's current one.
+#[derive(Clone, Copy)]
+struct Wait {
+    since_ns: u64,
+    kernel_sock_id: u64,
+}
+
+/// Sockets to look at again later, so that ticks need not scan them all: a
+/// host may hold 100k quiet connections. Waits begin in about the order
+/// events come (across CPUs to within microseconds; an inferred transition
+/// up to the window earlier), so a queue in arrival order is in due order
+/// but for that: a wait queued behind a later one is seen that much late.
+struct Waits {
+    /// Sockets that entered a state whose left-out successor is read back
+    /// from the kernel map (only when the kernel leaves transitions out).
+    read_backs: Option<VecDeque<Wait>>,
+    /// Sockets whose transitions began waiting for an owner.
+    owners: VecDeque<Wait>,
+}
+
+impl Waits {
+    fn entered(&mut self, kernel_sock_id: u64, state: TcpState, since_ns: u64) {
+        if let Some(queue) = &mut self.read_backs
+            && inferable_successor(state.raw()).is_some()
+        {
+            queue.push_back(Wait {
+                since_ns,
+                kernel_sock_id,
+            });
+        }
+    }
+
+    /// Removes the waits begun `wait_ns` or more before `now_ns`.
+    fn take_due(queue: &mut VecDeque<Wait>, wait_ns: u64, now_ns: u64) -> Vec<Wait> {
+        let due = queue
+            .iter()
+            .take_while(|w| now_ns.saturating_sub(w.since_ns) >= wait_ns)
+            .count();
+        queue.drain(..due).collect()
+    }
+}
+
 struct Tracked {
     /// The id downstream sees (the kernel id, or the seeded socket's inode).
     public_id: u64,
     owner: Option<Owner>,
     /// The owner was searched for and not found: stop holding events back.
     owner_search_done: bool,
-    /// The current state was read back from the kernel map after the
-    /// window: any transition out of it from then on is reported.
-    read_back: bool,
     local: SocketAddr,
     remote: SocketAddr,
     state: TcpState,
@@ -242,8 +282,7 @@ pub struct SocketTable {
     /// How long after an owner's exit to look for the socket's new holder:
     /// the exiting process closes its fds just after the exit event.
     rehome_delay_ns: u64,
-    /// The kernel leaves out the transitions it can infer (`watch`, `serve`).
-    infer_transitions: bool,
+    waits: Waits,
     out: Vec<Output>,
 }
 
@@ -259,7 +298,10 @@ impl SocketTable {
             orphans: Vec::new(),
             owner_grace_ns,
             rehome_delay_ns,
-            infer_transitions,
+            waits: Waits {
+                read_backs: infer_transitions.then(VecDeque::new),
+                owners: VecDeque::new(),
+            },
             out: Vec::new(),
         }
     }
@@ -366,12 +408,13 @@ impl SocketTable {
             }
             Entry::Vacant(entry) => entry.insert(fresh()),
         };
-        if self.infer_transitions
+        let (out, owned, waits) = (&mut self.out, &mut self.owned, &mut self.waits);
+        if waits.read_backs.is_some()
             && let Some(missed) = tracked.inferred_before(&t)
         {
-            Self::advance(tracked, &mut self.out, &mut self.owned, missed, None);
+            Self::advance(tracked, kernel_sock_id, out, owned, waits, missed, None);
         }
-        if Self::advance(tracked, &mut self.out, &mut self.owned, t, kernel_owner) {
+        if Self::advance(tracked, kernel_sock_id, out, owned, waits, t, kernel_owner) {
             self.untrack(kernel_sock_id);
         }
     }
@@ -380,8 +423,10 @@ impl SocketTable {
     /// owner is known. Returns whether the socket ended.
     fn advance(
         tracked: &mut Tracked,
+        kernel_sock_id: u64,
         out: &mut Vec<Output>,
         owned: &mut FxHashMap<u32, u32>,
+        waits: &mut Waits,
         mut t: Transition,
         kernel_owner: Option<Owner>,
     ) -> bool {
@@ -392,7 +437,7 @@ impl SocketTable {
         }
         tracked.state = t.new;
         tracked.state_since_ns = t.ktime_ns;
-        tracked.read_back = false;
+        waits.entered(kernel_sock_id, t.new, t.ktime_ns);
         t.sock_id = tracked.public_id;
         let ended = t.new == TcpState::Close;
         if let Some(owner) = kernel_owner
@@ -414,7 +459,15 @@ impl SocketTable {
                 t.owner = owner;
                 out.push(Output::Transition(t));
             }
-            None => tracked.pending.push(t),
+            None => {
+                if tracked.pending.is_empty() {
+                    waits.owners.push_back(Wait {
+                        since_ns: t.ktime_ns,
+                        kernel_sock_id,
+                    });
+                }
+                tracked.pending.push(t);
+            }
         }
         ended
     }
@@ -432,7 +485,6 @@ impl SocketTable {
             public_id: t.sock_id,
             owner: None,
             owner_search_done: false,
-            read_back: false,
             local: t.local,
             remote: t.remote,
             // Before `t` applies; when it entered that state is unknown.
@@ -546,21 +598,27 @@ impl SocketTable {
                 self.collect_descendants(pid, &mut candidates);
             }
         }
-        for (&sock_id, tracked) in &mut self.sockets {
-            if self.infer_transitions
-                && !tracked.read_back
-                && inferable_successor(tracked.state.raw()).is_some()
-                && now_ns.saturating_sub(tracked.state_since_ns) >= READ_BACK_AFTER_NS
+        let read_backs = self.waits.read_backs.as_mut();
+        let due = read_backs.map(|queue| Waits::take_due(queue, READ_BACK_AFTER_NS, now_ns));
+        for wait in due.into_iter().flatten() {
+            // Only if it is still in the state it entered then.
+            if let Some(tracked) = self
+                .sockets
+                .get_mut(&wait.kernel_sock_id)
+                .filter(|tracked| tracked.state_since_ns == wait.since_ns)
             {
-                tracked.read_back = true;
-                Self::read_back(sock_id, tracked, kernel, &mut self.out, &mut self.owned);
+                let (out, owned, waits) = (&mut self.out, &mut self.owned, &mut self.waits);
+                Self::read_back(wait.kernel_sock_id, tracked, kernel, out, owned, waits);
             }
-            let waited = tracked
-                .pending
-                .first()
-                .is_some_and(|t| now_ns.saturating_sub(t.ktime_ns) >= self.owner_grace_ns);
-            if waited {
-                wanted.push(sock_id);
+        }
+        for wait in Waits::take_due(&mut self.waits.owners, self.owner_grace_ns, now_ns) {
+            // Only if the transitions that began the wait still wait.
+            let first_pending = self
+                .sockets
+                .get(&wait.kernel_sock_id)
+                .and_then(|tracked| tracked.pending.first());
+            if first_pending.is_some_and(|t| t.ktime_ns == wait.since_ns) {
+                wanted.push(wait.kernel_sock_id);
             }
         }
         if wanted.is_empty() {
@@ -614,13 +672,14 @@ impl SocketTable {
         kernel: &dyn KernelStates,
         out: &mut Vec<Output>,
         owned: &mut FxHashMap<u32, u32>,
+        waits: &mut Waits,
     ) {
         let Some((state, since_ns)) = kernel.state(sock_id).filter(|&(_, since)| since != 0) else {
             return;
         };
         let (local, remote) = (tracked.local, tracked.remote);
         if let Some(missed) = tracked.inferred(state, since_ns, local, remote) {
-            Self::advance(tracked, out, owned, missed, None);
+            Self::advance(tracked, sock_id, out, owned, waits, missed, None);
         }
     }
 
@@ -862,6 +921,29 @@ mod tests {
     }
 
     #[test]
+    fn only_the_state_a_socket_is_still_in_is_read_back() {
+        use TcpState::*;
+        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        // It left SYN_SENT (inferred) and entered FIN_WAIT1 at 100 ms, whose
+        // successor FIN_WAIT2 is left out too.
+        table.on_event(client_change(100 * MS, 90 * MS, Established, FinWait1));
+        transitions(&mut table);
+        let mut kernel = FakeKernel::default();
+        kernel.states.insert(9, (FinWait2, 120 * MS));
+        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
+        // SYN_SENT's wait is due, but the socket is no longer in it.
+        table.tick(350 * MS, &mut lookup, &kernel);
+        assert_eq!(kernel.reads.get(), 0);
+        table.tick(450 * MS, &mut lookup, &kernel);
+        assert_eq!(kernel.reads.get(), 1);
+        assert_eq!(
+            steps(&transitions(&mut table)),
+            [(120, FinWait1, FinWait2, Some(20))]
+        );
+    }
+
+    #[test]
     fn without_inference_transitions_pass_as_reported() {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         table.on_event(connect(MS));
@@ -920,6 +1002,10 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|t| t.owner.pid == Some(SERVER)));
         assert_eq!(out[1].new, TcpState::Established);
+        // Its owner known, nobody searches /proc for it after the grace.
+        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
+        table.tick(2_000 * MS, &mut lookup, &FakeKernel::default());
+        assert!(lookup.1.is_empty(), "searched: {:?}", lookup.1);
     }
 
     #[test]

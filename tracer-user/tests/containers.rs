@@ -28,6 +28,7 @@ fn container_filter_labels_and_seeding() {
     for role in [a.role(), b.role()] {
         role.expect_line();
     }
+    host.expect_line();
     let (a_pid, b_pid) = (a.init_host_pid(), b.init_host_pid());
     thread::sleep(Duration::from_millis(100));
 

@@ -139,7 +139,9 @@ fn existing_close_wait_sockets_are_seeded_with_their_owner() {
         return;
     }
     let holder = Role::spawn("close_wait.py", &["4"]);
-    // close_wait.py prints "<pid> <server port> <client port>" (not JSON).
+    // close_wait.py prints "<pid> <server port> <client port>" (not JSON)
+    // once its socket is in CLOSE_WAIT: only then does it predate socktrace.
+    holder.expect_line();
     let tracer = Tracer::start(&["trace", "--json", "-p", &holder.pid().to_string()]);
     thread::sleep(Duration::from_millis(200));
     let finished = tracer.stop();

@@ -168,6 +168,8 @@ pub struct Results {
 pub struct Idle {
     pub memory: Memory,
     pub attach_time: Duration,
+    /// Cores used while nothing happens.
+    pub cores: f64,
 }
 
 pub struct Held {
@@ -176,6 +178,8 @@ pub struct Held {
     pub helpers: usize,
     /// socktrace running while the sockets were opened.
     pub opened_while_tracing: Memory,
+    /// Cores used afterwards, while they stay open and quiet.
+    pub quiet_cores: f64,
     pub untracked_while_tracing: u64,
     /// Events lost while they were opened: reported, and skipped by the kernel.
     pub lost_while_tracing: (Option<u64>, u64),
@@ -516,6 +520,7 @@ fn measure_idle(socktrace: &Tracer) -> anyhow::Result<Idle> {
     let mut running = Running::start(socktrace, Output::Discard)?;
     thread::sleep(Duration::from_secs(3));
     let memory = running.memory()?;
+    let cores = quiet_cores(&running)?;
     running.stop()?;
     println!(
         "  attached in {:.0} ms, RSS {} KiB",
@@ -525,7 +530,18 @@ fn measure_idle(socktrace: &Tracer) -> anyhow::Result<Idle> {
     Ok(Idle {
         memory,
         attach_time: running.attach_time,
+        cores,
     })
+}
+
+/// How long a quiet collector's CPU use is measured: /proc counts it in
+/// 10 ms ticks.
+const QUIET: Duration = Duration::from_secs(10);
+
+fn quiet_cores(running: &Running) -> anyhow::Result<f64> {
+    let before = running.cpu_seconds()?;
+    thread::sleep(QUIET);
+    Ok((running.cpu_seconds()? - before) / QUIET.as_secs_f64())
 }
 
 /// How long socktrace gets to take in the held sockets before we look.
@@ -539,6 +555,7 @@ fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
     let held = held::HeldSockets::open(sockets)?;
     thread::sleep(SETTLE);
     let opened_while_tracing = running.memory()?;
+    let quiet_cores = quiet_cores(&running)?;
     let missed = BpfStats::read(running.pid())?.recursion_misses;
     let finished = running.stop()?;
     println!(
@@ -579,6 +596,7 @@ fn measure_held(socktrace: &Tracer, sockets: u64) -> anyhow::Result<Held> {
         sockets: count,
         helpers,
         opened_while_tracing,
+        quiet_cores,
         untracked_while_tracing: finished.untracked_sockets,
         lost_while_tracing: (finished.lost_events, missed),
         attach_time: running.attach_time,

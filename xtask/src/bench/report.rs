@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{Results, StormRun, loadgen::StormShape, tracer::Tracer};
+use super::{QUIET, Results, StormRun, loadgen::StormShape, tracer::Tracer};
 use crate::cmd;
 
 const BEGIN: &str = "<!-- bench:begin (written by `cargo xtask bench`; edit outside) -->";
@@ -547,6 +547,13 @@ fn memory_table(out: &mut String, r: &Results) -> fmt::Result {
         "| RSS after {n} sockets were opened while tracing (peak) | {} ({}) |",
         mb(held.opened_while_tracing.rss_kib),
         mb(held.opened_while_tracing.peak_kib)
+    )?;
+    writeln!(
+        out,
+        "| collector CPU for {} s, idle / with those {n} sockets open and quiet | {:.4} / {:.4} core |",
+        QUIET.as_secs(),
+        idle.cores,
+        held.quiet_cores
     )?;
     writeln!(
         out,
