@@ -53,8 +53,12 @@ pub struct BenchOptions {
     /// Connections per second of the fixed-rate runs.
     #[arg(long, default_value_t = 10_000.0)]
     rate: f64,
+    /// Rounds of fixed-rate runs (one run per tracer each); the report
+    /// gives each tracer's median run.
+    #[arg(long, default_value_t = 5)]
+    fixed_rounds: usize,
     /// Measured seconds of each fixed-rate run.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 8.0)]
     fixed_secs: f64,
     /// Sockets held open for the memory and start-up measurements.
     #[arg(long, default_value_t = 100_000)]
@@ -129,6 +133,25 @@ impl StormRun {
         let tracer = self.tracer.as_ref().map_or(0.0, |t| t.cpu_secs);
         (self.storm_cpu_secs + tracer) / self.connections.max(1) as f64 * 1e6
     }
+
+    /// The tracer's CPU in cores; 0 for an untraced run.
+    pub fn tracer_cores(&self) -> f64 {
+        self.tracer.as_ref().map_or(0.0, |t| t.cpu_secs / self.secs)
+    }
+
+    /// The storm's own CPU per connection in µs, BPF programs included.
+    pub fn storm_us_per_conn(&self) -> f64 {
+        self.storm_cpu_secs / self.connections.max(1) as f64 * 1e6
+    }
+}
+
+/// The run whose tracer CPU is the median (by rate for untraced runs).
+pub fn median_run(runs: &[StormRun]) -> Option<&StormRun> {
+    let mut sorted: Vec<&StormRun> = runs.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.tracer_cores().total_cmp(&b.tracer_cores())).then(a.rate().total_cmp(&b.rate()))
+    });
+    sorted.get(sorted.len() / 2).copied()
 }
 
 /// A tracer's (untraced, traced) runs at saturation.
@@ -159,8 +182,8 @@ pub struct Results {
     /// Per tracer, the (untraced, traced) pairs.
     pub saturation: Vec<(Tracer, Pairs)>,
     pub tiny_ring: Option<(Tracer, StormRun)>,
-    /// The untraced run first, then one per tracer.
-    pub fixed_rate: Vec<(Option<Tracer>, StormRun)>,
+    /// The untraced runs first, then each tracer's; one run per round.
+    pub fixed_rate: Vec<(Option<Tracer>, Vec<StormRun>)>,
     /// Tracers that could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -193,8 +216,12 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("the bench loads eBPF programs and raises limits: run `cargo xtask bench` as root");
     }
-    if options.pairs == 0 || options.secs <= 0.0 || options.fixed_secs <= 0.0 {
-        bail!("--pairs, --secs and --fixed-secs must be positive");
+    if options.pairs == 0
+        || options.secs <= 0.0
+        || options.fixed_rounds == 0
+        || options.fixed_secs <= 0.0
+    {
+        bail!("--pairs, --secs, --fixed-rounds and --fixed-secs must be positive");
     }
     let binary = match &options.socktrace {
         Some(path) => path.clone(),
@@ -229,6 +256,7 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
             secs: options.secs,
             warmup_secs: options.warmup_secs,
             rate: options.rate,
+            fixed_rounds: options.fixed_rounds,
             fixed_secs: options.fixed_secs,
             shape: options.shape.clone(),
             tw_reuse: proc::sysctl("net/ipv4/tcp_tw_reuse")?,
@@ -330,11 +358,12 @@ fn saturation_phase(
     Ok(saturation)
 }
 
-/// One run per tracer, after one without, at `--rate`.
+/// At `--rate`, rounds of one run without a tracer and one per tracer, so
+/// that drift in the machine's speed spreads over all of them.
 fn fixed_rate_phase(
     tracers: &[Tracer],
     options: &BenchOptions,
-) -> anyhow::Result<Vec<(Option<Tracer>, StormRun)>> {
+) -> anyhow::Result<Vec<(Option<Tracer>, Vec<StormRun>)>> {
     println!("== fixed rate: {:.0} connections/s", options.rate);
     let window = Window {
         warmup: Duration::from_secs_f64(options.warmup_secs),
@@ -343,21 +372,26 @@ fn fixed_rate_phase(
     // Counts the time spent in each BPF program; only for these runs, as the
     // counting has a cost of its own.
     let _stats = proc::BpfRunTimeStats::enable()?;
-    let mut runs = Vec::new();
-    for tracer in std::iter::once(None).chain(tracers.iter().map(Some)) {
-        let run = storm_run(tracer, &options.shape, Some(options.rate), window)?;
-        println!(
-            "  {:<28} {:>7.0}/s, tracer CPU {}",
-            tracer.map_or("no tracer", |t| t.name.as_str()),
-            run.rate(),
-            run.tracer.as_ref().map_or("-".to_owned(), |t| format!(
-                "{:.4} cores",
-                t.cpu_secs / run.secs
-            ))
-        );
-        runs.push((tracer.cloned(), run));
+    let lineup: Vec<Option<&Tracer>> = std::iter::once(None)
+        .chain(tracers.iter().map(Some))
+        .collect();
+    let mut runs: Vec<Vec<StormRun>> = lineup.iter().map(|_| Vec::new()).collect();
+    for round in 1..=options.fixed_rounds {
+        for (tracer, runs) in lineup.iter().zip(&mut runs) {
+            let run = storm_run(*tracer, &options.shape, Some(options.rate), window)?;
+            println!(
+                "  round {round}: {:<28} {:>7.0}/s, tracer CPU {}",
+                tracer.map_or("no tracer", |t| t.name.as_str()),
+                run.rate(),
+                run.tracer.as_ref().map_or("-".to_owned(), |t| format!(
+                    "{:.4} cores",
+                    t.cpu_secs / run.secs
+                ))
+            );
+            runs.push(run);
+        }
     }
-    Ok(runs)
+    Ok(lineup.into_iter().map(|t| t.cloned()).zip(runs).collect())
 }
 
 /// What else the machine was doing before the bench started.

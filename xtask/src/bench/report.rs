@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{QUIET, Results, StormRun, loadgen::StormShape, tracer::Tracer};
+use super::{QUIET, Results, StormRun, loadgen::StormShape, median_run, tracer::Tracer};
 use crate::cmd;
 
 const BEGIN: &str = "<!-- bench:begin (written by `cargo xtask bench`; edit outside) -->";
@@ -72,6 +72,7 @@ pub struct Settings {
     pub secs: f64,
     pub warmup_secs: f64,
     pub rate: f64,
+    pub fixed_rounds: usize,
     pub fixed_secs: f64,
     pub shape: StormShape,
     pub tw_reuse: String,
@@ -309,16 +310,16 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
     let fixed = r
         .fixed_rate
         .iter()
-        .find(|(t, _)| t.as_ref().is_some_and(|t| t.name == r.socktrace.name));
-    if let Some((_, run)) = fixed
-        && let Some(sample) = &run.tracer
-    {
+        .find(|(t, _)| t.as_ref().is_some_and(|t| t.name == r.socktrace.name))
+        .and_then(|(_, runs)| median_run(runs));
+    if let Some(run) = fixed {
         // Scaled to exactly the target rate, in case the storm fell short.
-        let cores = sample.cpu_secs / run.connections.max(1) as f64 * r.settings.rate;
+        let cores = run.tracer_cores() / run.rate().max(1.0) * r.settings.rate;
         writeln!(
             out,
-            "| collector CPU ≤ {MAX_CORES_AT_RATE} core at {} connections/s | {cores:.4} core | {} |",
+            "| collector CPU ≤ {MAX_CORES_AT_RATE} core at {} connections/s | {cores:.4} core (median of {}) | {} |",
             thousands(r.settings.rate),
+            r.settings.fixed_rounds,
             verdict(
                 cores <= MAX_CORES_AT_RATE,
                 format!(
@@ -476,35 +477,46 @@ fn fixed_rate_table(out: &mut String, r: &Results) -> fmt::Result {
     )?;
     writeln!(
         out,
-        "One run of {:.0} s per tracer, with BPF run-time stats on (`BPF_ENABLE_STATS`). BPF time is the \
-         kernel time in the tracer's own programs, which the traced processes pay; it is wall \
-         time inside the programs, interrupts included.\n",
-        r.settings.fixed_secs
+        "{} rounds of one run of {:.0} s per tracer (and one without); each row is the tracer's \
+         median run by tracer CPU, with the range over all its runs. BPF run-time stats are on \
+         (`BPF_ENABLE_STATS`): BPF time is the kernel time in the tracer's own programs, which \
+         the traced processes pay; it is wall time inside the programs, interrupts included.\n",
+        r.settings.fixed_rounds, r.settings.fixed_secs
     )?;
     writeln!(
         out,
-        "| tracer | conn/s | tracer CPU, cores | core-s per 1k conn | peak RSS | \
-         lost events (reported + skipped) | BPF time per conn | BPF runs per conn |"
+        "| tracer | conn/s | storm CPU per conn | tracer CPU, cores | range | core-s per 1k conn | \
+         peak RSS | lost events (reported + skipped) | BPF time per conn | BPF runs per conn |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (tracer, run) in &r.fixed_rate {
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for (tracer, runs) in &r.fixed_rate {
         let name = tracer
             .as_ref()
             .map_or("no tracer".to_owned(), |t| format!("`{}`", t.name));
+        let Some(run) = median_run(runs) else {
+            continue;
+        };
+        let storm = format!("{:.1} µs", run.storm_us_per_conn());
         let Some(sample) = &run.tracer else {
             writeln!(
                 out,
-                "| {name} | {} | - | - | - | - | - | - |",
+                "| {name} | {} | {storm} | - | - | - | - | - | - | - |",
                 thousands(run.rate())
             )?;
             continue;
         };
+        let (low, high) = runs
+            .iter()
+            .map(StormRun::tracer_cores)
+            .fold((f64::MAX, 0.0f64), |(low, high), c| {
+                (low.min(c), high.max(c))
+            });
         let per_conn = |value: u64| value as f64 / run.connections.max(1) as f64;
         writeln!(
             out,
-            "| {name} | {} | {:.4} | {:.5} | {} | {} + {} | {} | {} |",
+            "| {name} | {} | {storm} | {:.4} | {low:.4}–{high:.4} | {:.5} | {} | {} + {} | {} | {} |",
             thousands(run.rate()),
-            sample.cpu_secs / run.secs,
+            run.tracer_cores(),
             sample.cpu_secs / (run.connections.max(1) as f64 / 1e3),
             mb(sample.memory.peak_kib),
             sample
@@ -749,6 +761,7 @@ mod tests {
                 secs: 5.0,
                 warmup_secs: 1.0,
                 rate: 10_000.0,
+                fixed_rounds: 3,
                 fixed_secs: 10.0,
                 shape: StormShape {
                     clients: 8,
@@ -778,8 +791,15 @@ mod tests {
             ],
             tiny_ring: None,
             fixed_rate: vec![
-                (None, run(10_000.0, None)),
-                (Some(socktrace), run(10_000.0, Some((0.5, 0)))),
+                (None, vec![run(10_000.0, None)]),
+                (
+                    Some(socktrace),
+                    vec![
+                        run(10_000.0, Some((0.9, 0))),
+                        run(10_000.0, Some((0.5, 0))),
+                        run(10_000.0, Some((0.1, 0))),
+                    ],
+                ),
             ],
             skipped: Vec::new(),
         }
@@ -804,7 +824,12 @@ mod tests {
         assert!(line("| lower overhead than tcplife").contains("pass, 49.5 points to spare"));
         assert!(line("| zero lost events").ends_with("| pass |"));
         // 0.5 core-s over 50,000 connections, at 10,000/s: 0.1 core.
-        assert!(line("| collector CPU").contains("0.1000 core | **miss** by 0.0800 core, 5.0 ×"));
+        // The median of three runs, not the first or the mean.
+        assert!(
+            line("| collector CPU")
+                .contains("0.1000 core (median of 3) | **miss** by 0.0800 core, 5.0 ×")
+        );
+        assert!(line("| `socktrace watch --json` | 10,000 |").contains("| 0.0200–0.1800 |"));
         assert!(line("| `tcplife` |").contains("| 3 + 0 |"));
     }
 

@@ -200,7 +200,7 @@ impl Running {
     }
 
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        proc::cpu_seconds(self.pid())
+        proc::run_time_seconds(self.pid())
     }
 
     pub fn memory(&self) -> anyhow::Result<Memory> {
