@@ -1,5 +1,5 @@
 //! The event loop: drain the ring buffer, decode, hand off to the socket
-//! stage, and pass its output to a sink. Slow work (/proc reads, formatting,
+//! stage, and pass its output to a sink, record by record. Slow work (/proc reads, formatting,
 //! I/O) happens in the sink or on ticks, never per ring buffer record.
 
 use std::{io, time::Duration};
@@ -97,14 +97,15 @@ pub async fn run(
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    let (bad, emptied) = feed(guard.get_inner_mut(), &mut table);
+                    let ring = guard.get_inner_mut();
+                    let (bad, emptied) =
+                        feed(ring, &mut table, &mut probes, sink, container.as_ref())?;
                     undecodable += bad;
                     // Stay ready while records remain, so the next turn
                     // drains more after signals and ticks had their chance.
                     if emptied {
                         guard.clear_ready();
                     }
-                    pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                 }
                 guard = async { logger.as_mut()?.readable_mut().await.ok() }, if logger.is_some() => {
                     if let Some(mut guard) = guard {
@@ -113,7 +114,8 @@ pub async fn run(
                     }
                 }
                 _ = ticker.tick() => {
-                    undecodable += feed(ring.get_mut(), &mut table).0;
+                    let ring = ring.get_mut();
+                    undecodable += feed(ring, &mut table, &mut probes, sink, container.as_ref())?.0;
                     let now = monotonic_ns();
                     table.tick(now, lookup, &probes);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -150,7 +152,8 @@ pub async fn run(
         // even in the middle of a storm.
         probes.detach();
         loop {
-            let (bad, emptied) = feed(ring.get_mut(), &mut table);
+            let ring = ring.get_mut();
+            let (bad, emptied) = feed(ring, &mut table, &mut probes, sink, container.as_ref())?;
             undecodable += bad;
             if emptied {
                 break;
@@ -177,23 +180,34 @@ pub async fn run(
 const MAX_DRAIN: usize = 65_536;
 
 /// Hands up to [`MAX_DRAIN`] records to the socket stage as they are
-/// decoded; returns how many could not be decoded and whether the ring was
-/// emptied.
-fn feed(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, table: &mut SocketTable) -> (u64, bool) {
+/// decoded, and what each one produces straight on to the sink: a queue
+/// filled by a whole drain (thousands of records at 10k connections/s)
+/// falls out of the cache before the sink reads it. Returns how many
+/// records could not be decoded and whether the ring was emptied.
+fn feed(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    table: &mut SocketTable,
+    probes: &mut Probes,
+    sink: &mut dyn Sink,
+    container: Option<&Target>,
+) -> io::Result<(u64, bool)> {
     let mut undecodable = 0;
     for _ in 0..MAX_DRAIN {
         let Some(record) = ring.next() else {
-            return (undecodable, true);
+            return Ok((undecodable, true));
         };
         match decode(&record) {
-            Ok(event) => table.on_event(event),
+            Ok(event) => {
+                table.on_event(event);
+                pass_on(table, probes, sink, container)?;
+            }
             Err(e) => {
                 undecodable += 1;
                 log::debug!("undecodable event: {e}");
             }
         }
     }
-    (undecodable, false)
+    Ok((undecodable, false))
 }
 
 fn pass_on(

@@ -203,13 +203,15 @@ impl Waits {
         }
     }
 
-    /// Removes the waits begun `wait_ns` or more before `now_ns`.
-    fn take_due(queue: &mut VecDeque<Wait>, wait_ns: u64, now_ns: u64) -> Vec<Wait> {
-        let due = queue
-            .iter()
-            .take_while(|w| now_ns.saturating_sub(w.since_ns) >= wait_ns)
-            .count();
-        queue.drain(..due).collect()
+    /// Removes and returns the oldest wait if it began `wait_ns` or more
+    /// before `now_ns`. Popped one at a time, not collected: at 10k
+    /// connections/s a tick finds thousands due.
+    fn pop_due(queue: &mut VecDeque<Wait>, wait_ns: u64, now_ns: u64) -> Option<Wait> {
+        let due = queue.front()?;
+        if now_ns.saturating_sub(due.since_ns) < wait_ns {
+            return None;
+        }
+        queue.pop_front()
     }
 }
 
@@ -598,9 +600,12 @@ impl SocketTable {
                 self.collect_descendants(pid, &mut candidates);
             }
         }
-        let read_backs = self.waits.read_backs.as_mut();
-        let due = read_backs.map(|queue| Waits::take_due(queue, READ_BACK_AFTER_NS, now_ns));
-        for wait in due.into_iter().flatten() {
+        while let Some(wait) = self
+            .waits
+            .read_backs
+            .as_mut()
+            .and_then(|queue| Waits::pop_due(queue, READ_BACK_AFTER_NS, now_ns))
+        {
             // Only if it is still in the state it entered then.
             if let Some(tracked) = self
                 .sockets
@@ -611,7 +616,7 @@ impl SocketTable {
                 Self::read_back(wait.kernel_sock_id, tracked, kernel, out, owned, waits);
             }
         }
-        for wait in Waits::take_due(&mut self.waits.owners, self.owner_grace_ns, now_ns) {
+        while let Some(wait) = Waits::pop_due(&mut self.waits.owners, self.owner_grace_ns, now_ns) {
             // Only if the transitions that began the wait still wait.
             let first_pending = self
                 .sockets

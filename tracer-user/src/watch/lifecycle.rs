@@ -78,6 +78,9 @@ pub struct SocketRecord {
     pub pid: Option<u32>,
     pub state: TcpState,
     pub peer: Option<PeerKey>,
+    /// Where `peer` was in its owner's peer table last (see
+    /// `PeerTable::stats_mut`).
+    pub peer_hint: u32,
     /// Accepted from a listener (keyed by client address and local port).
     pub inbound: bool,
     pub listener: bool,
@@ -100,6 +103,7 @@ impl SocketRecord {
             pid: None,
             state: t.old,
             peer: None,
+            peer_hint: 0,
             inbound,
             listener: false,
             open_pending: is_socket_start(t.old, t.new) && t.new != TcpState::Listen,
@@ -120,6 +124,7 @@ impl SocketRecord {
             pid: None,
             state,
             peer: peer.filter(|_| state != TcpState::Listen),
+            peer_hint: 0,
             inbound,
             listener: state == TcpState::Listen,
             open_pending: false,

@@ -235,7 +235,7 @@ impl Watch {
         let mut record = SocketRecord::seeded(seeded.state, peer, inbound, start_ns);
         record.pid = pid;
         if let Some(process) = process {
-            process.add_seeded(&record, local_port, start_ns);
+            process.add_seeded(&mut record, local_port, start_ns);
         }
         self.sockets.insert(seeded.sock_id, record);
     }
@@ -283,7 +283,7 @@ impl Watch {
         }
         let effects = record.apply(t, process.is_some());
         if let Some(process) = process {
-            process.apply(&effects, record.peer, t.ktime_ns);
+            process.apply(&effects, record.peer, &mut record.peer_hint, t.ktime_ns);
         }
         if t.new == TcpState::Close {
             self.sockets.remove(&t.sock_id);
@@ -312,12 +312,11 @@ impl Watch {
             }
         }
         record.pid = Some(pid);
-        let peer = record.peer;
         let process = self
             .processes
             .entry(pid)
             .or_insert_with(|| Process::new(&self.config, owner.comm, ktime_ns));
-        process.apply(&missed, peer, ktime_ns);
+        process.apply(&missed, record.peer, &mut record.peer_hint, ktime_ns);
     }
 
     /// The process is reported once more at the next tick, then forgotten

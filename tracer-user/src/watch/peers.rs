@@ -252,52 +252,86 @@ const OTHER: &str = "other";
 /// The peers of one process.
 #[derive(Clone, Debug, Default)]
 pub struct PeerTable {
-    peers: FxHashMap<PeerKey, PeerStats>,
+    /// Where each peer's entry is in `entries`.
+    index: FxHashMap<PeerKey, u32>,
+    entries: Vec<(PeerKey, PeerStats)>,
     other: PeerStats,
 }
 
 impl PeerTable {
     /// The entry of `key`, created while there is room; "other" after that.
-    pub fn stats_mut(&mut self, key: PeerKey) -> &mut PeerStats {
-        if self.peers.len() < MAX_PEERS {
-            return self.peers.entry(key).or_default();
-        }
-        self.peers.get_mut(&key).unwrap_or(&mut self.other)
+    /// `hint` is where the socket found its peer last time: checked by key,
+    /// so a stale hint (the owner changed, peers were evicted) costs only
+    /// the hash lookup it saves when it is right, as it nearly always is.
+    pub fn stats_mut(&mut self, key: PeerKey, hint: &mut u32) -> &mut PeerStats {
+        let at = match self.find(&key, *hint) {
+            Some(at) => at,
+            None if self.entries.len() < MAX_PEERS => {
+                let at = self.entries.len();
+                self.index.insert(key, at as u32);
+                self.entries.push((key, PeerStats::default()));
+                at
+            }
+            None => return &mut self.other,
+        };
+        *hint = at as u32;
+        &mut self.entries[at].1
     }
 
     /// The entry of `key` if it has one, else "other"; never inserts.
-    pub fn existing_mut(&mut self, key: &PeerKey) -> &mut PeerStats {
-        match self.peers.get_mut(key) {
-            Some(stats) => stats,
+    pub fn existing_mut(&mut self, key: &PeerKey, hint: u32) -> &mut PeerStats {
+        match self.find(key, hint) {
+            Some(at) => &mut self.entries[at].1,
             None => &mut self.other,
         }
     }
 
+    fn find(&self, key: &PeerKey, hint: u32) -> Option<usize> {
+        let hint = hint as usize;
+        if self
+            .entries
+            .get(hint)
+            .is_some_and(|(at_hint, _)| at_hint == key)
+        {
+            return Some(hint);
+        }
+        self.index.get(key).map(|&at| at as usize)
+    }
+
     pub fn reset_current(&mut self) {
-        self.peers.values_mut().for_each(PeerStats::reset_current);
+        self.entries
+            .iter_mut()
+            .for_each(|(_, stats)| stats.reset_current());
         self.other.reset_current();
     }
 
     /// Makes room for new peers once the table is full: peers holding
     /// nothing and quiet since `quiet_since_ns` fold into "other".
     pub fn evict_quiet(&mut self, quiet_since_ns: u64) {
-        if self.peers.len() < MAX_PEERS {
+        if self.entries.len() < MAX_PEERS {
             return;
         }
         let other = &mut self.other;
-        self.peers.retain(|_, stats| {
+        self.entries.retain(|(_, stats)| {
             let keep = stats.held > 0 || stats.last_event_ns >= quiet_since_ns;
             if !keep {
                 stats.merge_into(other);
             }
             keep
         });
+        self.index = (self.entries.iter().enumerate())
+            .map(|(at, (key, _))| (*key, at as u32))
+            .collect();
     }
 
     /// The busiest peers first (most held, then most opened), at most
     /// [`REPORTED_PEERS`] of them and then "other" if it has anything.
     pub fn report(&self) -> Vec<PeerReport> {
-        let mut ranked: Vec<(&PeerKey, &PeerStats)> = self.peers.iter().collect();
+        let mut ranked: Vec<(&PeerKey, &PeerStats)> = self
+            .entries
+            .iter()
+            .map(|(key, stats)| (key, stats))
+            .collect();
         ranked.sort_by(|(a_key, a), (b_key, b)| {
             (b.held, b.close_wait, b.opened)
                 .cmp(&(a.held, a.close_wait, a.opened))
@@ -398,9 +432,9 @@ mod tests {
         let mut table = PeerTable::default();
         for port in 0..(MAX_PEERS as u16 + 10) {
             let key = PeerKey::new(addr(&format!("10.0.0.1:{}", 1000 + port)), 1, false).unwrap();
-            table.stats_mut(key).opened += 1;
+            table.stats_mut(key, &mut 0).opened += 1;
         }
-        assert_eq!(table.peers.len(), MAX_PEERS);
+        assert_eq!(table.entries.len(), MAX_PEERS);
         let reports = table.report();
         assert_eq!(reports.len(), REPORTED_PEERS + 1);
         let other = reports.last().unwrap();
@@ -409,10 +443,35 @@ mod tests {
 
         // Quiet peers make room again.
         table.evict_quiet(1);
-        assert!(table.peers.is_empty());
+        assert!(table.entries.is_empty());
         let key = PeerKey::new(addr("10.0.0.2:80"), 1, false).unwrap();
-        table.stats_mut(key).opened += 1;
-        assert_eq!(table.peers.len(), 1);
+        table.stats_mut(key, &mut 0).opened += 1;
+        assert_eq!(table.entries.len(), 1);
+    }
+
+    #[test]
+    fn hints_that_went_stale_are_not_trusted() {
+        let mut table = PeerTable::default();
+        let peer = |port: u16| PeerKey::new(addr(&format!("10.0.0.1:{port}")), 1, false).unwrap();
+        let (mut quiet_hint, mut busy_hint) = (0, 0);
+        table.stats_mut(peer(1), &mut quiet_hint).opened += 1;
+        table.stats_mut(peer(2), &mut busy_hint).held += 1;
+        assert_eq!((quiet_hint, busy_hint), (0, 1));
+        for port in 3..=MAX_PEERS as u16 {
+            table.stats_mut(peer(port), &mut 0).held += 1;
+        }
+
+        // The quiet peer goes, and every other moves down one place.
+        table.evict_quiet(1);
+        assert_eq!(table.entries.len(), MAX_PEERS - 1);
+        table.stats_mut(peer(2), &mut busy_hint).opened += 1;
+        assert_eq!(busy_hint, 0);
+        assert_eq!(table.existing_mut(&peer(2), 1).opened, 1);
+        // A hint that now points at another peer's entry is not used.
+        table.stats_mut(peer(1), &mut quiet_hint).opened += 1;
+        assert_eq!(quiet_hint, MAX_PEERS as u32 - 1);
+        assert_eq!(table.existing_mut(&peer(1), 0).opened, 1);
+        assert_eq!(table.existing_mut(&peer(3), 0).opened, 0);
     }
 
     #[test]

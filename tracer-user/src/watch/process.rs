@@ -74,7 +74,14 @@ impl Process {
         }
     }
 
-    pub fn apply(&mut self, effects: &Effects, peer: Option<PeerKey>, now_ns: u64) {
+    /// `peer_hint`: where the socket's peer was in the table last time.
+    pub fn apply(
+        &mut self,
+        effects: &Effects,
+        peer: Option<PeerKey>,
+        peer_hint: &mut u32,
+        now_ns: u64,
+    ) {
         self.last_event_ns = now_ns;
         if let Some(port) = effects.listen_started {
             self.add_listen_port(port);
@@ -109,7 +116,7 @@ impl Process {
         let Some(key) = peer.filter(|_| for_peer) else {
             return;
         };
-        let stats = self.peers.stats_mut(key);
+        let stats = self.peers.stats_mut(key, peer_hint);
         stats.last_event_ns = now_ns;
         stats.opened += u64::from(effects.opened);
         stats.closed += u64::from(effects.released);
@@ -131,14 +138,14 @@ impl Process {
     }
 
     /// Takes in a socket that existed at start.
-    pub fn add_seeded(&mut self, record: &SocketRecord, local_port: u16, now_ns: u64) {
+    pub fn add_seeded(&mut self, record: &mut SocketRecord, local_port: u16, now_ns: u64) {
         if record.listener {
             self.add_listen_port(local_port);
         }
         let Some(key) = record.peer else {
             return;
         };
-        let stats = self.peers.stats_mut(key);
+        let stats = self.peers.stats_mut(key, &mut record.peer_hint);
         stats.last_event_ns = now_ns;
         if let Some(closer) = seeded_closer(record.state) {
             stats.record_closer(closer);
@@ -164,7 +171,7 @@ impl Process {
         let Some(key) = record.peer else {
             return;
         };
-        let stats = self.peers.existing_mut(&key);
+        let stats = self.peers.existing_mut(&key, record.peer_hint);
         stats.held += 1;
         stats.close_wait += u64::from(close_wait_age_ns.is_some());
         if let Some(open_ns) = elapsed(now_ns, record.established_at_ns) {
