@@ -312,6 +312,10 @@ impl Lineup {
                     Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
                 }
             }
+            match which("bpftrace") {
+                Ok(path) => tracers.push(Tracer::floor(path)),
+                Err(_) => skipped.push("the floor: bpftrace is not installed".to_owned()),
+            }
         }
         Ok(Self {
             socktrace,

@@ -60,6 +60,11 @@ fn test_tools() -> &'static [Tool] {
             why: "a peer tracer that `cargo xtask bench` compares with",
         },
         Tool {
+            command: "bpftrace",
+            package: "bpftrace",
+            why: "an empty program on the TCP state tracepoint: the floor `cargo xtask bench` measures",
+        },
+        Tool {
             command: "prometheus",
             package: "prometheus",
             why: "the server that scrapes `socktrace serve` in its integration tests",

@@ -14,7 +14,12 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{QUIET, Results, StormRun, loadgen::StormShape, median_run, tracer::Tracer};
+use super::{
+    QUIET, Results, StormRun,
+    loadgen::StormShape,
+    median_run,
+    tracer::{Family, Tracer},
+};
 use crate::cmd;
 
 const BEGIN: &str = "<!-- bench:begin (written by `cargo xtask bench`; edit outside) -->";
@@ -275,7 +280,7 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
         )?;
         for peer in saturation
             .iter()
-            .filter(|x| x.tracer.family != st.tracer.family)
+            .filter(|x| x.tracer.family == Family::LibbpfTools)
         {
             let ahead = (st.ratio - peer.ratio) * 100.0;
             writeln!(
@@ -365,7 +370,39 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
             )?,
         }
     }
-    writeln!(out)
+    writeln!(out)?;
+    floor(out, saturation)
+}
+
+/// What an empty program on the state tracepoint costs by itself: no tracer
+/// that sees every state change can do better.
+fn floor(out: &mut String, saturation: &[Saturation]) -> fmt::Result {
+    let Some(floor) = saturation.iter().find(|x| x.tracer.family == Family::Floor) else {
+        return Ok(());
+    };
+    let short = (MIN_THROUGHPUT_RATIO - floor.ratio) * 100.0;
+    writeln!(
+        out,
+        "The floor: with only an empty BPF program on `sock:inet_sock_set_state` \
+         (`{}`), the storm keeps {:.3} × its untraced throughput ({:+.1} µs of CPU per \
+         connection, CPU ratio {:.3} ×); {}\n",
+        floor.tracer.name,
+        floor.ratio,
+        floor.added_cost_us,
+        floor.cost_ratio,
+        if short > 0.0 {
+            format!(
+                "that is {short:.1} points below the {MIN_THROUGHPUT_RATIO} × target before \
+                 a tracer does any work"
+            )
+        } else {
+            format!(
+                "that leaves a tracer {:.1} points of the {MIN_THROUGHPUT_RATIO} × target for \
+                 its own work",
+                -short
+            )
+        }
+    )
 }
 
 fn saturation_table(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Result {
@@ -618,14 +655,17 @@ fn method(out: &mut String, r: &Results) -> fmt::Result {
     )?;
     writeln!(
         out,
-        "- Each tracer is started and attached (socktrace: its \"tracing\" line; libbpf-tools: \
-         an attached BPF link) before the load starts, and stopped with SIGINT after it ends; \
-         lost events are what it prints on exit, plus its programs' `recursion_misses`."
+        "- Each tracer is started and attached (socktrace: its \"tracing\" line; libbpf-tools \
+         and bpftrace: an attached BPF link) before the load starts, and stopped with SIGINT \
+         after it ends; lost events are what it prints on exit, plus its programs' \
+         `recursion_misses`. The floor, bpftrace with an empty program, is no peer: it shows \
+         what the tracepoint and one BPF program run per state change cost by themselves."
     )?;
     writeln!(
         out,
-        "- CPU: utime + stime from /proc/PID/stat over the measured window (tick-based, \
-         {} Hz granularity). Peak RSS: VmHWM from /proc/PID/status just before stopping. \
+        "- CPU: the tracer's from /proc/PID/task/*/schedstat (nanoseconds); the storm's and \
+         ksoftirqd's utime + stime from /proc/PID/stat (tick-based, {} Hz granularity), over \
+         the measured window. Peak RSS: VmHWM from /proc/PID/status just before stopping. \
          RSS includes the ring buffer's pages, which the kernel maps twice. MB = 10⁶ bytes.",
         super::proc::clock_ticks_per_second()
     )?;
@@ -788,6 +828,10 @@ mod tests {
                     peer.clone(),
                     vec![(run(20_000.0, None), run(10_000.0, Some((0.5, 3))))],
                 ),
+                (
+                    Tracer::floor("bpftrace".into()),
+                    vec![(run(20_000.0, None), run(19_000.0, Some((0.0, 0))))],
+                ),
             ],
             tiny_ring: None,
             fixed_rate: vec![
@@ -822,6 +866,17 @@ mod tests {
                 .contains("0.995 × (quiet pairs only: 0.995 × over 1) | pass, 0.5 points to spare")
         );
         assert!(line("| lower overhead than tcplife").contains("pass, 49.5 points to spare"));
+        // The floor is no peer to beat, it bounds what any tracer can reach.
+        assert!(!out.contains("| lower overhead than bpftrace"));
+        let floor = line("The floor:");
+        assert!(
+            floor.contains("keeps 0.950 × its untraced throughput"),
+            "{floor}"
+        );
+        assert!(
+            floor.contains("4.0 points below the 0.99 × target"),
+            "{floor}"
+        );
         assert!(line("| zero lost events").ends_with("| pass |"));
         // 0.5 core-s over 50,000 connections, at 10,000/s: 0.1 core.
         // The median of three runs, not the first or the mean.

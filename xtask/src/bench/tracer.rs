@@ -39,7 +39,14 @@ pub enum Family {
     /// libbpf-tools: no ready line when stdout is not read, and
     /// "lost N events on CPU #C" on stderr.
     LibbpfTools,
+    /// bpftrace running an empty program: the floor, what the tracepoint
+    /// costs before any tracer does anything with it.
+    Floor,
 }
+
+/// The tracepoint every tracer of TCP states needs, with a program that does
+/// nothing.
+const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state {}";
 
 impl Tracer {
     pub fn socktrace(binary: &Path, args: &[&str]) -> Self {
@@ -57,6 +64,15 @@ impl Tracer {
             program,
             args: Vec::new(),
             family: Family::LibbpfTools,
+        }
+    }
+
+    pub fn floor(bpftrace: PathBuf) -> Self {
+        Self {
+            name: format!("bpftrace -e '{FLOOR_PROGRAM}'"),
+            program: bpftrace,
+            args: vec!["-e".to_owned(), FLOOR_PROGRAM.to_owned()],
+            family: Family::Floor,
         }
     }
 
@@ -182,7 +198,7 @@ impl Running {
                         return Ok(());
                     }
                 }
-                Family::LibbpfTools => {
+                Family::LibbpfTools | Family::Floor => {
                     if proc::has_attached_bpf(self.pid()) {
                         // Attached; give it a moment to open its perf buffer.
                         thread::sleep(Duration::from_millis(200));
@@ -255,6 +271,11 @@ impl Running {
             },
             Family::LibbpfTools => Finished {
                 lost_events: Some(libbpf_tools_lost(&lines)),
+                untracked_sockets: 0,
+            },
+            // Its program sends nothing, so nothing can be lost.
+            Family::Floor => Finished {
+                lost_events: Some(0),
                 untracked_sockets: 0,
             },
         })
