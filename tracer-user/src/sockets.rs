@@ -468,6 +468,11 @@ impl SocketTable {
                         kernel_sock_id,
                     });
                 }
+                // Room for exactly what waits, mostly one or two
+                // transitions (a passive open before accept()), not the
+                // four a first push reserves: a burst of 50k connections
+                // not yet accepted would take 28 MB for a moment.
+                tracked.pending.reserve_exact(1);
                 tracked.pending.push(t);
             }
         }
