@@ -385,7 +385,7 @@ fn floor(out: &mut String, saturation: &[Saturation]) -> fmt::Result {
         out,
         "The floor: with only an empty BPF program on `sock:inet_sock_set_state` \
          (`{}`), the storm keeps {:.3} × its untraced throughput ({:+.1} µs of CPU per \
-         connection, CPU ratio {:.3} ×); {}\n",
+         connection, CPU ratio {:.3} ×); {}.\n",
         floor.tracer.name,
         floor.ratio,
         floor.added_cost_us,
