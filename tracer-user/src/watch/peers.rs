@@ -319,7 +319,11 @@ impl PeerTable {
             }
             keep
         });
-        self.index = (self.entries.iter().enumerate())
+        // Entries after an evicted one moved down: index them again.
+        self.index = self
+            .entries
+            .iter()
+            .enumerate()
             .map(|(at, (key, _))| (*key, at as u32))
             .collect();
     }
