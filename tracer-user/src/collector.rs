@@ -1,6 +1,7 @@
 //! The event loop: drain the ring buffer, decode, hand off to the socket
-//! stage, and pass its output to a sink, record by record. Slow work (/proc reads, formatting,
-//! I/O) happens in the sink or on ticks, never per ring buffer record.
+//! stage, and pass its output to a sink, record by record. Slow work (/proc
+//! reads, formatting, I/O) happens in the sink or on ticks, never per ring
+//! buffer record.
 
 use std::{io, time::Duration};
 
