@@ -52,10 +52,12 @@ pub enum EventKind {
     StateChange = 1,
     /// A process took a socket in process context (accept), [`OwnerEvent`].
     Owner = 2,
-    /// A process forked, [`ForkEvent`].
-    Fork = 3,
+    // 3 was a fork event, no longer sent.
     /// A thread-group leader exited, [`ExitEvent`].
     Exit = 4,
+    /// The last file of a socket that had already reached CLOSE was
+    /// released (`close()` or exit), [`ReleaseEvent`].
+    Release = 5,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -64,8 +66,8 @@ impl TryFrom<u32> for EventKind {
         match value {
             1 => Ok(Self::StateChange),
             2 => Ok(Self::Owner),
-            3 => Ok(Self::Fork),
             4 => Ok(Self::Exit),
+            5 => Ok(Self::Release),
             other => Err(other),
         }
     }
@@ -85,9 +87,12 @@ pub enum OwnerSource {
     Listen = 3,
     /// The process closed or shut the socket down (FIN_WAIT1 / LAST_ACK).
     Close = 4,
-    /// Found in the process's /proc fd table (sockets that predate socktrace,
-    /// or re-homed after their owner exited).
+    /// Found holding the socket's file (sockets that predate socktrace, or
+    /// re-homed after their owner exited): by the socket-file iterator.
     ProcFd = 5,
+    /// The process exited and the kernel closed its fds (set by the
+    /// collector, from [`ReleaseEvent::exiting`]).
+    Exit = 6,
 }
 
 impl TryFrom<u8> for OwnerSource {
@@ -100,6 +105,7 @@ impl TryFrom<u8> for OwnerSource {
             3 => Ok(Self::Listen),
             4 => Ok(Self::Close),
             5 => Ok(Self::ProcFd),
+            6 => Ok(Self::Exit),
             other => Err(other),
         }
     }
@@ -195,7 +201,9 @@ pub struct SocketOwner {
     pub state: u8,
     /// 1 when the owner is in the PID namespace of [`NamespaceFilter`].
     pub in_pidns: u8,
-    pub _pad: u8,
+    /// 1 when `state` is CLOSE and a file still holds the socket: the
+    /// network ended the connection, the owner has not let go of it.
+    pub closed_held: u8,
     /// Inode of the socket's network namespace, read once per socket; 0 when
     /// not read yet.
     pub netns: u32,
@@ -219,18 +227,31 @@ pub struct Endpoints {
     pub remote_addr: [u8; 16],
 }
 
+/// Bits of [`StateChangeEvent::flags`].
+pub mod state_flags {
+    /// The transition is to CLOSE and a file still holds the socket.
+    pub const NEW_CLOSED_HELD: u8 = 1;
+    /// The socket left a CLOSE that a file held (it connects again).
+    pub const OLD_CLOSED_HELD: u8 = 2;
+}
+
 /// A TCP state transition (`sock:inet_sock_set_state`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateChangeEvent {
     pub header: EventHeader,
-    /// The socket's owner after this transition was applied.
+    /// The socket's owner after this transition was applied. The socket's
+    /// network namespace is `owner.netns`.
     pub owner: SocketOwner,
     pub endpoints: Endpoints,
     pub old_state: u8,
     pub new_state: u8,
-    /// The socket's network namespace is `owner.netns`.
-    pub _pad: [u8; 6],
+    /// [`state_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// `sk_err` at a transition to CLOSE: why the kernel ended the
+    /// connection (ECONNRESET, ETIMEDOUT, ...), 0 when it gave no error.
+    pub error: u32,
     /// Time spent in `old_state`; [`DWELL_UNKNOWN`] when the socket was not
     /// seen entering it.
     pub dwell_ns: u64,
@@ -247,22 +268,59 @@ pub struct OwnerEvent {
     pub owner: SocketOwner,
 }
 
-/// sched_process_fork: `header.current_tgid` forked `child_pid`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ForkEvent {
-    pub header: EventHeader,
-    /// The new task's id; equals its tgid only when it is a new process.
-    pub child_pid: u32,
-    pub _pad: u32,
-}
-
 /// sched_process_exit of a thread-group leader (`header.current_tgid`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExitEvent {
     pub header: EventHeader,
 }
+
+/// `tcp:tcp_destroy_sock` of a socket that reached CLOSE while a file held
+/// it: the last holder let go. The kernel destroys such a socket in the
+/// releasing task's own `close()` (or exit), so `header.current_tgid` is
+/// that task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseEvent {
+    pub header: EventHeader,
+    /// The owner recorded for the socket (its state CLOSE since
+    /// `owner.state_since_ns`).
+    pub owner: SocketOwner,
+    /// Command of the releasing task.
+    pub releaser_comm: [u8; TASK_COMM_LEN],
+    /// Time from the socket's CLOSE to its release; [`DWELL_UNKNOWN`] when
+    /// the socket was in CLOSE already when socktrace started.
+    pub held_ns: u64,
+    /// 1 when the releasing task was exiting (its fds closed by the kernel).
+    pub exiting: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One TCP socket held by a process, as the socket-file iterator
+/// ([`SOCKET_FILES_PROGRAM`]) writes it: the kernel's own view of which
+/// process holds which socket, in any state (CLOSE included, which no
+/// sock_diag table lists). One record per process and socket: a socket
+/// shared after fork appears once for each holder.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFileRecord {
+    /// Kernel address of the `struct sock`: the socket's identity, as in
+    /// [`EventHeader::sock_id`].
+    pub sock_id: u64,
+    /// The holding process (thread-group id).
+    pub tgid: u32,
+    /// Inode of the socket's network namespace.
+    pub netns: u32,
+    /// `sk_err`: for a socket in CLOSE, why the kernel ended it.
+    pub error: u32,
+    pub state: u8,
+    pub _pad: [u8; 3],
+    pub endpoints: Endpoints,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// The socket-file iterator (`iter/task_file`).
+pub const SOCKET_FILES_PROGRAM: &str = "socket_files";
 
 /// Bytes of the `sock:inet_sock_set_state` record the kernel program copies
 /// in one read; every field it uses must end within them. The record is 72
@@ -290,9 +348,14 @@ pub struct Layout {
     pub set_state_daddr_v6: u16,
     // syscalls:sys_exit_accept{,4} record.
     pub accept_ret: u16,
-    // sched:sched_process_fork record.
-    pub fork_child_pid: u16,
-    pub _pad: [u16; 3],
+    // tcp:tcp_destroy_sock record.
+    pub destroy_skaddr: u16,
+    /// 1 when `file_refs` is a `file_ref_t` (Linux 6.13, commit
+    /// 90ee6ed776c0 "fs: port files to file_ref"): it counts references
+    /// less one, so a file in use reads 0 or more. Before, `f_count` is
+    /// the plain count, above 0 while in use.
+    pub file_refs_less_one: u16,
+    pub _pad: [u16; 2],
     // Kernel structs (BTF), walked to find the socket behind an accepted fd:
     // current->files->fdt->fd[n]->private_data (struct socket)->sk.
     pub task_files: u32,
@@ -304,6 +367,32 @@ pub struct Layout {
     // sk->__sk_common.skc_net.net->ns.inum: the socket's network namespace.
     pub sock_common_net: u32,
     pub net_ns_inum: u32,
+    // Whether a file still holds a socket that reaches CLOSE, and why it
+    // closed: sk->sk_socket->file->f_ref (or f_count), sk->sk_err.
+    pub sock_socket: u32,
+    pub sock_err: u32,
+    pub socket_file: u32,
+    pub file_refs: u32,
+    // The socket-file iterator: file->f_inode->i_mode tells a socket file;
+    // then the socket's family, protocol, type, state and addresses.
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub sock_family: u32,
+    pub sock_state: u32,
+    pub sock_protocol: u32,
+    pub sock_type: u32,
+    pub sock_dport: u32,
+    pub sock_daddr: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// inet_sock.inet_sport: the local port, kept after CLOSE (skc_num is
+    /// cleared when the port is released).
+    pub inet_sport: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    /// task->flags, for PF_EXITING.
+    pub task_flags: u32,
 }
 
 /// Restricts reports to sockets of one container: owned by a process in one
@@ -358,10 +447,11 @@ assert_size!(SocketOwner, 40);
 assert_size!(Endpoints, 40);
 assert_size!(StateChangeEvent, 32 + 40 + 40 + 8 + 8);
 assert_size!(OwnerEvent, 72);
-assert_size!(ForkEvent, 40);
 assert_size!(ExitEvent, 32);
-assert_size!(Layout, 64);
-assert_size!(Config, 64 + 24);
+assert_size!(ReleaseEvent, 32 + 40 + 16 + 8 + 8);
+assert_size!(SocketFileRecord, 24 + 40 + 16);
+assert_size!(Layout, 32 + 4 * 27);
+assert_size!(Config, 32 + 4 * 27 + 24);
 assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]

@@ -17,7 +17,7 @@ use crate::{
     containers::{Target, pidns_of},
     decode::decode,
     probes::{self, Counters, Probes},
-    sockets::{HolderLookup, Output, SocketTable},
+    sockets::{Output, SocketTable},
 };
 
 /// Where the attributed output goes (trace lines, the watch view, ...).
@@ -56,7 +56,6 @@ const CONTAINER_CHECK: Duration = Duration::from_secs(1);
 pub async fn run(
     mut probes: Probes,
     mut table: SocketTable,
-    lookup: &mut dyn HolderLookup,
     sink: &mut dyn Sink,
     options: RunOptions,
 ) -> anyhow::Result<Counters> {
@@ -118,7 +117,7 @@ pub async fn run(
                     let ring = ring.get_mut();
                     undecodable += feed(ring, &mut table, &mut probes, sink, container.as_ref())?.0;
                     let now = monotonic_ns();
-                    table.tick(now, lookup, &probes);
+                    table.tick(now, &mut probes);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                     sink.tick(now, &|| counters(&probes, undecodable))?;
                     if sink.done() {
@@ -162,7 +161,7 @@ pub async fn run(
         }
         // Transitions still waiting for their owner are resolved now or
         // shown as unknown: nothing is dropped at exit.
-        table.tick(u64::MAX, lookup, &probes);
+        table.tick(u64::MAX, &mut probes);
         pass_on(&mut table, &mut probes, sink, container.as_ref())
     }
     .await;

@@ -7,11 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 use tracer_common::{
-    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, ForkEvent,
-    OwnerEvent, OwnerSource, SocketOwner, StateChangeEvent, TASK_COMM_LEN,
+    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, OwnerEvent,
+    OwnerSource, ReleaseEvent, SocketFileRecord, SocketOwner, StateChangeEvent, TASK_COMM_LEN,
+    state_flags,
 };
 
-use crate::tcp::TcpState;
+use crate::tcp::{CloseCause, TcpState};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -121,6 +122,8 @@ pub enum Event {
         old: TcpState,
         new: TcpState,
         dwell_ns: Option<u64>,
+        /// Why the kernel closed the socket, at a transition to CLOSE.
+        cause: Option<CloseCause>,
         /// Inode of the socket's network namespace (0: unknown).
         netns: u32,
     },
@@ -129,15 +132,37 @@ pub enum Event {
         sock_id: u64,
         owner: KernelOwner,
     },
-    Fork {
-        ktime_ns: u64,
-        parent_tgid: u32,
-        child_pid: u32,
-    },
     Exit {
         ktime_ns: u64,
         tgid: u32,
     },
+    /// The last holder of a socket in [`TcpState::ClosedHeld`] let it go.
+    Release {
+        ktime_ns: u64,
+        sock_id: u64,
+        /// The releasing process; its source is `Close`, or `Exit` when its
+        /// exit closed the fd.
+        releaser: KernelOwner,
+        /// Time held after the network closed it; `None` when it was
+        /// already closed when socktrace started.
+        held_ns: Option<u64>,
+    },
+}
+
+/// One TCP socket held by one process, from the socket-file iterator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketFile {
+    /// Kernel address of the socket, as events carry it.
+    pub sock_id: u64,
+    pub pid: u32,
+    pub comm: Comm,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// `ClosedHeld` for a socket in CLOSE: a file holds it.
+    pub state: TcpState,
+    /// For a socket in CLOSE, why the kernel closed it.
+    pub cause: Option<CloseCause>,
+    pub netns: u32,
 }
 
 /// Copies a `#[repr(C)]` wire struct out of a record after checking its length.
@@ -163,15 +188,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::StateChange => {
             let e: StateChangeEvent = read(bytes, "state change")?;
             let (local, remote) = socket_addrs(&e.endpoints)?;
+            let flag = |bit: u8| e.flags & bit != 0;
             Event::StateChange {
                 ktime_ns: header.ktime_ns,
                 sock_id: header.sock_id,
                 owner: owner(&e.owner)?,
                 local,
                 remote,
-                old: TcpState::from(e.old_state),
-                new: TcpState::from(e.new_state),
-                dwell_ns: (e.dwell_ns != DWELL_UNKNOWN).then_some(e.dwell_ns),
+                old: TcpState::from_kernel(e.old_state, flag(state_flags::OLD_CLOSED_HELD)),
+                new: TcpState::from_kernel(e.new_state, flag(state_flags::NEW_CLOSED_HELD)),
+                dwell_ns: known(e.dwell_ns),
+                cause: CloseCause::from_errno(e.error),
                 netns: e.owner.netns,
             }
         }
@@ -183,14 +210,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 owner: owner(&e.owner)?,
             }
         }
-        EventKind::Fork => {
-            let e: ForkEvent = read(bytes, "fork event")?;
-            Event::Fork {
-                ktime_ns: header.ktime_ns,
-                parent_tgid: header.current_tgid,
-                child_pid: e.child_pid,
-            }
-        }
         EventKind::Exit => {
             let _: ExitEvent = read(bytes, "exit event")?;
             Event::Exit {
@@ -198,7 +217,65 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 tgid: header.current_tgid,
             }
         }
+        EventKind::Release => {
+            let e: ReleaseEvent = read(bytes, "release event")?;
+            let recorded = owner(&e.owner)?;
+            Event::Release {
+                ktime_ns: header.ktime_ns,
+                sock_id: header.sock_id,
+                releaser: KernelOwner {
+                    tgid: header.current_tgid,
+                    // The pid inside the container is known for the
+                    // recorded owner only.
+                    nspid: recorded
+                        .nspid
+                        .filter(|_| recorded.tgid == header.current_tgid),
+                    source: if e.exiting != 0 {
+                        OwnerSource::Exit
+                    } else {
+                        OwnerSource::Close
+                    },
+                    comm: Comm::from_kernel(&e.releaser_comm),
+                },
+                held_ns: known(e.held_ns),
+            }
+        }
     })
+}
+
+fn known(ns: u64) -> Option<u64> {
+    (ns != DWELL_UNKNOWN).then_some(ns)
+}
+
+/// Decodes the socket-file iterator's output: fixed-size records, one after
+/// the other (the kernel never splits one across reads).
+pub fn decode_socket_files(bytes: &[u8]) -> Result<Vec<SocketFile>, DecodeError> {
+    let size = size_of::<SocketFileRecord>();
+    if !bytes.len().is_multiple_of(size) {
+        return Err(DecodeError::TooShort {
+            what: "socket file record",
+            len: bytes.len() % size,
+            need: size,
+        });
+    }
+    bytes
+        .chunks_exact(size)
+        .map(|chunk| {
+            let r: SocketFileRecord = read(chunk, "socket file record")?;
+            let (local, remote) = socket_addrs(&r.endpoints)?;
+            Ok(SocketFile {
+                sock_id: r.sock_id,
+                pid: r.tgid,
+                comm: Comm::from_kernel(&r.comm),
+                local,
+                remote,
+                state: TcpState::from_kernel(r.state, true),
+                cause: CloseCause::from_errno(r.error)
+                    .filter(|_| r.state == tracer_common::tcp_state::CLOSE),
+                netns: r.netns,
+            })
+        })
+        .collect()
 }
 
 fn owner(raw: &SocketOwner) -> Result<KernelOwner, DecodeError> {
@@ -261,7 +338,7 @@ mod tests {
                 state: tcp_state::CLOSE_WAIT,
                 in_pidns: 1,
                 ns_tgid: 1,
-                _pad: 0,
+                closed_held: 0,
                 netns: 4026531840,
                 state_since_ns: 5_000,
                 comm: comm("ruler"),
@@ -276,7 +353,9 @@ mod tests {
             },
             old_state: tcp_state::ESTABLISHED,
             new_state: tcp_state::CLOSE_WAIT,
-            _pad: [0; 6],
+            flags: 0,
+            _pad: 0,
+            error: 0,
             dwell_ns: 1_500,
         };
         let event = decode(&as_bytes(&raw)).unwrap();
@@ -296,6 +375,7 @@ mod tests {
                 old: TcpState::Established,
                 new: TcpState::CloseWait,
                 dwell_ns: Some(1_500),
+                cause: None,
                 netns: 4026531840,
             }
         );
@@ -374,23 +454,92 @@ mod tests {
     }
 
     #[test]
-    fn process_events() {
-        let raw = ForkEvent {
+    fn close_while_held_and_its_release() {
+        let mut raw = StateChangeEvent::default();
+        raw.header.kind = EventKind::StateChange as u32;
+        raw.endpoints.family = AF_INET;
+        raw.old_state = tcp_state::CLOSE_WAIT;
+        raw.new_state = tcp_state::CLOSE;
+        raw.flags = state_flags::NEW_CLOSED_HELD;
+        raw.error = libc::EPIPE as u32;
+        let Event::StateChange {
+            old, new, cause, ..
+        } = decode(&as_bytes(&raw)).unwrap()
+        else {
+            panic!("not a state change");
+        };
+        assert_eq!((old, new), (TcpState::CloseWait, TcpState::ClosedHeld));
+        assert_eq!(cause, Some(CloseCause::Reset));
+        // Connecting again from a held CLOSE.
+        raw.old_state = tcp_state::CLOSE;
+        raw.new_state = tcp_state::SYN_SENT;
+        raw.flags = state_flags::OLD_CLOSED_HELD;
+        raw.error = 0;
+        let Event::StateChange { old, cause, .. } = decode(&as_bytes(&raw)).unwrap() else {
+            panic!("not a state change");
+        };
+        assert_eq!((old, cause), (TcpState::ClosedHeld, None));
+
+        let release = ReleaseEvent {
             header: EventHeader {
-                kind: EventKind::Fork as u32,
-                current_tgid: 10,
+                kind: EventKind::Release as u32,
+                current_tgid: 11,
+                ktime_ns: 9,
+                sock_id: 0xffff_0001,
                 ..EventHeader::default()
             },
-            child_pid: 11,
-            _pad: 0,
+            owner: SocketOwner {
+                tgid: 10,
+                ns_tgid: 3,
+                ..SocketOwner::default()
+            },
+            releaser_comm: comm("child"),
+            held_ns: 2_000,
+            exiting: 1,
+            _pad: [0; 7],
         };
         assert_eq!(
-            decode(&as_bytes(&raw)).unwrap(),
-            Event::Fork {
-                ktime_ns: 0,
-                parent_tgid: 10,
-                child_pid: 11
+            decode(&as_bytes(&release)).unwrap(),
+            Event::Release {
+                ktime_ns: 9,
+                sock_id: 0xffff_0001,
+                releaser: KernelOwner {
+                    tgid: 11,
+                    nspid: None,
+                    source: OwnerSource::Exit,
+                    comm: "child".into(),
+                },
+                held_ns: Some(2_000),
             }
         );
+    }
+
+    #[test]
+    fn socket_file_records() {
+        let mut record = SocketFileRecord {
+            sock_id: 0xffff_0002,
+            tgid: 42,
+            netns: 7,
+            error: libc::ECONNRESET as u32,
+            state: tcp_state::CLOSE,
+            comm: comm("leaky"),
+            ..SocketFileRecord::default()
+        };
+        record.endpoints.family = AF_INET6;
+        record.endpoints.remote_port = 17000;
+        let mut bytes = as_bytes(&record);
+        record.state = tcp_state::ESTABLISHED;
+        bytes.extend(as_bytes(&record));
+        let files = decode_socket_files(&bytes).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].state, TcpState::ClosedHeld);
+        assert_eq!(files[0].cause, Some(CloseCause::Reset));
+        assert_eq!(files[0].remote, "[::]:17000".parse().unwrap());
+        assert_eq!(
+            (files[1].state, files[1].cause),
+            (TcpState::Established, None)
+        );
+        assert!(decode_socket_files(&bytes[..100]).is_err());
+        assert_eq!(decode_socket_files(&[]).unwrap(), Vec::new());
     }
 }

@@ -9,12 +9,10 @@ mod clock;
 mod collector;
 mod containers;
 mod decode;
-mod holders;
 mod output;
 mod privileges;
 mod probes;
 mod procfs;
-mod seed;
 mod serve;
 mod sockets;
 mod tcp;
@@ -23,7 +21,7 @@ mod watch_cmd;
 
 use std::{process::ExitCode, time::Duration};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use tracer_common::{AF_INET, AF_INET6, NamespaceFilter};
 
@@ -34,7 +32,7 @@ use crate::{
     containers::Target,
     output::{Filter, Scope, trace::TraceSink},
     probes::{ProbeOptions, Probes},
-    sockets::SocketTable,
+    sockets::{ExistingSocket, SocketTable},
     watch::Watch,
     watch_cmd::{Display, WatchArgs, WatchFeed, WatchSink},
 };
@@ -151,12 +149,11 @@ fn user_filter(filter: &FilterArgs) -> Filter {
     }
 }
 
-/// What every collecting command sets up: probes, the socket stage seeded
-/// with the sockets that already exist, and the owner lookup.
+/// What every collecting command sets up: probes, and the socket stage
+/// seeded with the sockets that already exist.
 struct Started {
     probes: Probes,
     table: SocketTable,
-    lookup: holders::ProcHolderLookup,
     target: Option<Target>,
     start_ns: u64,
 }
@@ -166,7 +163,7 @@ struct Started {
 /// records.
 fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started> {
     let target = container_target(filter)?;
-    let probes = Probes::load(&ProbeOptions {
+    let mut probes = Probes::load(&ProbeOptions {
         skip_inferable: infer_transitions,
         ..probe_options(filter, target.as_ref())?
     })?;
@@ -176,14 +173,15 @@ fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started
         REHOME_DELAY.as_nanos() as u64,
         infer_transitions,
     );
-    // Seeded after attaching, so no socket falls between the two; from the
-    // container's network namespace when pointed at one.
-    let netns = target.as_ref().map(|t| t.netns_path.clone());
-    table.seed(holders::existing_sockets(netns.as_deref())?);
+    // Seeded after attaching, so no socket falls between the two; only the
+    // container's network namespace when pointed at one (a kernel filter).
+    let existing = probes
+        .socket_files()
+        .context("reading the sockets that already exist")?;
+    table.seed(ExistingSocket::from_files(existing));
     Ok(Started {
         probes,
         table,
-        lookup: holders::ProcHolderLookup { netns },
         target,
         start_ns,
     })
@@ -192,15 +190,10 @@ fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started
 impl Started {
     /// Runs the collector into `sink` until a signal, `--duration`, or the
     /// container's end.
-    async fn run(
-        mut self,
-        filter: &FilterArgs,
-        sink: &mut dyn collector::Sink,
-    ) -> anyhow::Result<()> {
+    async fn run(self, filter: &FilterArgs, sink: &mut dyn collector::Sink) -> anyhow::Result<()> {
         collector::run(
             self.probes,
             self.table,
-            &mut self.lookup,
             sink,
             RunOptions {
                 tick: COLLECTOR_TICK,

@@ -79,22 +79,9 @@ fn parse_nofile_limits(limits: &str) -> Option<(u64, u64)> {
     Some((values.next()??, values.next()??))
 }
 
-/// The command name (`/proc/PID/comm`), without the trailing newline.
-pub fn comm(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(text.trim_end_matches('\n').to_owned())
-}
-
 /// True while `pid` (a process or a thread) exists, zombies included.
 pub fn exists(pid: u32) -> bool {
     fs::symlink_metadata(format!("/proc/{pid}")).is_ok()
-}
-
-/// The thread-group id of `pid`: equal to `pid` for a process, the owning
-/// process for a thread.
-pub fn tgid_of(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    field(&status, "Tgid")
 }
 
 /// The value of `name` in a "name:\tvalue" file (status, fdinfo).
@@ -102,29 +89,6 @@ pub fn field<T: std::str::FromStr>(text: &str, name: &str) -> Option<T> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|value| value.trim().parse().ok())
-}
-
-/// Inodes of the sockets (any family) that `pid` holds open, one per fd, so a
-/// socket shared by two fds appears twice.
-pub fn socket_inodes(pid: u32) -> io::Result<Vec<u64>> {
-    let path = format!("/proc/{pid}/fd");
-    // A second handle on the directory lets readlinkat resolve each fd by name
-    // without building and walking a full path per fd.
-    let dir = File::open(&path)?;
-    let mut inodes = Vec::new();
-    let mut link = [0u8; 64];
-    for entry in fs::read_dir(&path)? {
-        // Fails only when the process itself went away under us.
-        let entry = entry?;
-        // An fd closed between readdir and readlink is not an error.
-        let Ok(text) = read_link_at(&dir, &entry.file_name(), &mut link) else {
-            continue;
-        };
-        if let Some(inode) = parse_socket_link(text) {
-            inodes.push(inode);
-        }
-    }
-    Ok(inodes)
 }
 
 /// Reads the symlink `name` inside `dir` into `buf`; a link longer than `buf`
@@ -152,10 +116,45 @@ fn read_link_at<'b>(dir: &File, name: &OsStr, buf: &'b mut [u8]) -> io::Result<&
     Ok(&buf[..len.min(buf.len())])
 }
 
-/// Parses the target of a /proc/PID/fd link, `socket:[12345]`, into the inode.
-pub fn parse_socket_link(link: &[u8]) -> Option<u64> {
-    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
-    std::str::from_utf8(digits).ok()?.parse().ok()
+/// What each of `pid`'s fds is (`crate::watch::fd_kinds::kind_of_link`),
+/// counted. One readlink per fd, and for sockets one getxattr of their
+/// protocol name: only for processes under suspicion, never per event.
+pub fn fd_kinds(pid: u32) -> io::Result<crate::watch::FdKindCounts> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = File::open(&path)?;
+    let mut counts = crate::watch::FdKindCounts::new();
+    let mut link = [0u8; 256];
+    for entry in fs::read_dir(&path)? {
+        let entry = entry?;
+        let Ok(text) = read_link_at(&dir, &entry.file_name(), &mut link) else {
+            continue;
+        };
+        let kind = crate::watch::fd_kinds::kind_of_link(text, || socket_protocol(&entry.path()));
+        *counts.entry(kind).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// The protocol name of the socket behind an fd link (`TCP`, `UDPv6`,
+/// `UNIX-STREAM`, ...), from its `system.sockprotoname` attribute: no
+/// guessing from sock_diag tables, and CLOSE sockets included.
+fn socket_protocol(fd_link: &std::path::Path) -> Option<String> {
+    let path = std::ffi::CString::new(fd_link.as_os_str().as_bytes()).ok()?;
+    let mut name = [0u8; 32];
+    // SAFETY: both strings are NUL-terminated, and the kernel writes at most
+    // `name.len()` bytes into `name`.
+    let len = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"system.sockprotoname".as_ptr(),
+            name.as_mut_ptr().cast(),
+            name.len(),
+        )
+    };
+    let len = usize::try_from(len).ok()?;
+    let name = name.get(..len)?;
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8(name[..end].to_vec()).ok()
 }
 
 /// Every process id in /proc (thread-group leaders; threads are not listed).
@@ -175,18 +174,6 @@ pub fn all_pids() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn socket_links_parse() {
-        assert_eq!(parse_socket_link(b"socket:[12345]"), Some(12345));
-        assert_eq!(parse_socket_link(b"socket:[0]"), Some(0));
-        assert_eq!(parse_socket_link(b"socket:[]"), None);
-        assert_eq!(parse_socket_link(b"socket:[12"), None);
-        assert_eq!(parse_socket_link(b"pipe:[12345]"), None);
-        assert_eq!(parse_socket_link(b"anon_inode:[eventfd]"), None);
-        assert_eq!(parse_socket_link(b"/tmp/socket:[1]"), None);
-        assert_eq!(parse_socket_link(b"socket:[-1]"), None);
-    }
 
     #[test]
     fn limits_file_parses() {
@@ -222,8 +209,6 @@ mod tests {
     fn own_process_facts() {
         let pid = own_pid();
         assert!(exists(pid));
-        assert_eq!(tgid_of(pid), Some(pid));
-        assert!(comm(pid).is_some_and(|name| !name.is_empty() && !name.ends_with('\n')));
         let (soft, hard) = nofile_limits(pid).expect("prlimit on self");
         assert!(soft <= hard);
         assert!(all_pids().contains(&pid));
@@ -243,15 +228,14 @@ mod tests {
     }
 
     #[test]
-    fn own_socket_is_listed() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let own_inode = {
-            use std::os::unix::fs::MetadataExt;
-            let fd = listener.as_raw_fd();
-            fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino()
-        };
-        let inodes = socket_inodes(own_pid()).unwrap();
-        assert!(inodes.contains(&own_inode), "{own_inode} not in {inodes:?}");
+    fn own_fds_by_kind() {
+        let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (_read, _write) = std::io::pipe().unwrap();
+        let kinds = fd_kinds(own_pid()).unwrap();
+        assert!(kinds.get("tcp").is_some_and(|&n| n >= 1), "{kinds:?}");
+        assert!(kinds.get("udp").is_some_and(|&n| n >= 1), "{kinds:?}");
+        assert!(kinds.get("pipe").is_some_and(|&n| n >= 2), "{kinds:?}");
     }
 
     #[test]
@@ -259,10 +243,8 @@ mod tests {
         // Pid numbers stop below 2^22 (PID_MAX_LIMIT), so this one never exists.
         let pid = 1 << 23;
         assert!(!exists(pid));
-        assert_eq!(comm(pid), None);
-        assert_eq!(tgid_of(pid), None);
         assert!(is_vanished(&fd_count(pid).unwrap_err()));
-        assert!(is_vanished(&socket_inodes(pid).unwrap_err()));
+        assert!(is_vanished(&fd_kinds(pid).unwrap_err()));
         assert!(is_vanished(&nofile_limits(pid).unwrap_err()));
     }
 }

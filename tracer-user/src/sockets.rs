@@ -3,17 +3,19 @@
 //!
 //! The kernel already stamps each transition with the owner it learned in
 //! process context. This stage covers what the kernel cannot know:
-//! - sockets that predate socktrace (seeded from sock_diag and /proc fd tables),
+//! - sockets that predate socktrace (seeded from the socket-file iterator),
 //! - transitions that happen before anyone owns the socket (a passive open
 //!   completes before accept()): they are held back until the owner is known,
 //! - sockets whose owner exited while another process (a forked child) still
-//!   holds them: re-homed from the /proc fd tables.
+//!   holds them: re-homed from the kernel's file tables.
 //!
-//! Where no owner can be found the transition says so; it never names the task
-//! that merely happened to be on the CPU.
+//! A socket lives here until its last holder lets go of it, which for a
+//! socket the network closed ([`TcpState::ClosedHeld`]) is its release.
+//! Where no owner can be found the transition says so; it never names the
+//! task that merely happened to be on the CPU.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     net::SocketAddr,
 };
 
@@ -22,8 +24,8 @@ use thin_vec::ThinVec;
 use tracer_common::{INFER_WINDOW_NS, OwnerSource, inferable_successor};
 
 use crate::{
-    decode::{Comm, Event, KernelOwner},
-    tcp::TcpState,
+    decode::{Comm, Event, KernelOwner, SocketFile},
+    tcp::{CloseCause, TcpState},
 };
 
 /// The process a socket belongs to, or unknown. Never the task that merely
@@ -58,11 +60,11 @@ impl Owner {
         })
     }
 
-    fn from_proc(pid: u32, comm: &str) -> Self {
+    fn holder(pid: u32, comm: Comm) -> Self {
         Self {
             pid: Some(pid),
             nspid: None,
-            comm: Comm::from(comm),
+            comm,
             source: OwnerSource::ProcFd,
         }
     }
@@ -74,8 +76,10 @@ pub struct Transition {
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
     pub ktime_ns: u64,
     /// Identity of the socket while it lives: the kernel address of its
-    /// `struct sock`, or for a socket that predates socktrace its inode.
+    /// `struct sock`.
     pub sock_id: u64,
+    /// For the release of a [`TcpState::ClosedHeld`] socket, the process
+    /// that let go (source `Close`, or `Exit` when its exit closed the fd).
     pub owner: Owner,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -83,19 +87,50 @@ pub struct Transition {
     pub new: TcpState,
     /// Time spent in `old`; `None` when the socket was not seen entering it.
     pub dwell_ns: Option<u64>,
+    /// Why the kernel closed the socket (transitions to CLOSE or
+    /// CLOSED_HELD only).
+    pub cause: Option<CloseCause>,
 }
 
-/// A socket that existed before socktrace started (age unknown).
+/// A socket that existed before socktrace started (age unknown): the one
+/// record of it every stage uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExistingSocket {
-    /// Its inode, which later transitions of the socket carry as `sock_id`.
+    /// Its kernel address, which later events of the socket carry.
     pub sock_id: u64,
     pub owner: Owner,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: TcpState,
+    /// For a socket in CLOSED_HELD, why the kernel closed it.
+    pub cause: Option<CloseCause>,
     /// Inode of its network namespace.
     pub netns: u32,
+}
+
+impl ExistingSocket {
+    /// The sockets of the iterator's records, one per socket: when several
+    /// processes share one (after fork), the lowest pid is named, as the
+    /// kernel map does.
+    pub fn from_files(mut files: Vec<SocketFile>) -> Vec<Self> {
+        files.sort_unstable_by_key(|file| (file.sock_id, file.pid));
+        files.dedup_by_key(|file| file.sock_id);
+        // Listeners first, so connections accepted from them are known as
+        // inbound.
+        files.sort_by_key(|file| file.state != TcpState::Listen);
+        files
+            .into_iter()
+            .map(|file| Self {
+                sock_id: file.sock_id,
+                owner: Owner::holder(file.pid, file.comm),
+                local: file.local,
+                remote: file.remote,
+                state: file.state,
+                cause: file.cause,
+                netns: file.netns,
+            })
+            .collect()
+    }
 }
 
 /// Passes on transitions that waited for their owner, under `owner`.
@@ -104,17 +139,6 @@ fn release(out: &mut Vec<Output>, pending: ThinVec<Transition>, owner: Owner) {
         t.owner = owner;
         Output::Transition(t)
     }));
-}
-
-/// Sockets are told apart by their addresses only within one network
-/// namespace.
-type AddressKey = (u32, SocketAddr, SocketAddr);
-
-/// What a pre-existing socket needs until the kernel programs see it; the
-/// addresses are in the key. Kept small: a server may hold 100k of them.
-struct Seeded {
-    sock_id: u64,
-    owner: Owner,
 }
 
 /// What this stage hands downstream, in order.
@@ -144,31 +168,27 @@ pub enum Output {
     },
 }
 
-/// Finds which process holds a socket, from the kernel socket table and the
-/// /proc fd tables. Only called off the event path, batched per tick.
-pub trait HolderLookup {
-    /// For each (local, remote) pair, a process holding that socket; processes
-    /// in `candidates` are searched first.
-    fn holders(
-        &mut self,
-        sockets: &[(SocketAddr, SocketAddr)],
-        candidates: &[u32],
-    ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)>;
-}
-
-/// What the kernel programs recorded last about a socket, read back for the
-/// transitions they leave out (`tracer_common::inferable_successor`). Only
-/// called off the event path, on ticks.
-pub trait KernelStates {
-    /// The socket's state and when it entered it (ktime ns, 0 when unknown),
-    /// by the kernel's socket id; `None` when the kernel does not hold it.
+/// What the kernel knows that events do not carry, asked off the event path
+/// (on ticks) only.
+pub trait KernelView {
+    /// What the kernel programs recorded last about a socket, for the
+    /// transitions they leave out (`tracer_common::inferable_successor`):
+    /// its state and when it entered it (ktime ns, 0 when unknown); `None`
+    /// when the kernel map does not hold it.
     fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)>;
+    /// A process holding each of these sockets, from the kernel's file
+    /// tables (the lowest pid when several share one).
+    fn holders(&mut self, sock_ids: &[u64]) -> HashMap<u64, (u32, Comm)>;
 }
 
 /// When a socket's state is read back: the kernel's window for leaving a
 /// transition out, plus room for a program that was updating the map as the
 /// window closed.
 const READ_BACK_AFTER_NS: u64 = INFER_WINDOW_NS + 50_000_000;
+
+/// Holder lookups walk every process's files in the kernel: batch them, at
+/// most one walk this often.
+const MIN_LOOKUP_GAP_NS: u64 = 500_000_000;
 
 /// A socket to look at again once a wait has run: `since_ns` is when the
 /// wait began, and tells whether it is still the socket's current one.
@@ -195,6 +215,7 @@ impl Waits {
     fn entered(&mut self, kernel_sock_id: u64, state: TcpState, since_ns: u64) {
         if let Some(queue) = &mut self.read_backs
             && inferable_successor(state.raw()).is_some()
+            && state != TcpState::ClosedHeld
         {
             queue.push_back(Wait {
                 since_ns,
@@ -215,9 +236,21 @@ impl Waits {
     }
 }
 
+/// States in which some process still holds the socket's file: after its
+/// owner exits, a socket still in one of them has another holder.
+fn still_held(state: TcpState) -> bool {
+    matches!(
+        state,
+        TcpState::SynSent
+            | TcpState::SynRecv
+            | TcpState::Established
+            | TcpState::CloseWait
+            | TcpState::Listen
+            | TcpState::ClosedHeld
+    )
+}
+
 struct Tracked {
-    /// The id downstream sees (the kernel id, or the seeded socket's inode).
-    public_id: u64,
     owner: Option<Owner>,
     /// The owner was searched for and not found: stop holding events back.
     owner_search_done: bool,
@@ -237,23 +270,27 @@ impl Tracked {
     /// `new` is where the current state leads (see `inferable_successor`).
     fn inferred(
         &self,
+        sock_id: u64,
         new: TcpState,
         at_ns: u64,
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Option<Transition> {
-        if inferable_successor(self.state.raw()) != Some(new.raw()) {
+        if self.state == TcpState::ClosedHeld
+            || inferable_successor(self.state.raw()) != Some(new.raw())
+        {
             return None;
         }
         Some(Transition {
             ktime_ns: at_ns,
-            sock_id: self.public_id,
+            sock_id,
             owner: Owner::unknown(),
             local,
             remote,
             old: self.state,
             new,
             dwell_ns: (self.state_since_ns != 0).then(|| at_ns.saturating_sub(self.state_since_ns)),
+            cause: None,
         })
     }
 
@@ -264,21 +301,20 @@ impl Tracked {
             return None;
         }
         let entered = t.ktime_ns.saturating_sub(t.dwell_ns.unwrap_or(0));
-        self.inferred(t.old, entered, t.local, t.remote)
+        self.inferred(t.sock_id, t.old, entered, t.local, t.remote)
     }
 }
 
 pub struct SocketTable {
     /// Looked up for every event: a fast hash for kernel addresses.
     sockets: FxHashMap<u64, Tracked>,
-    /// Pre-existing sockets not yet seen by the kernel programs.
-    existing: FxHashMap<AddressKey, Seeded>,
-    /// Live sockets per owner, to know whose forks and exits matter.
+    /// Live sockets per owner, to know whose exits matter.
     owned: FxHashMap<u32, u32>,
-    /// Processes forked by socket owners, for re-homing on the owner's exit.
-    children: FxHashMap<u32, Vec<u32>>,
     /// Sockets whose owner exited, with the time to look for a new holder.
     orphans: Vec<(u64, u64)>,
+    /// Sockets due a holder lookup, batched until the next walk.
+    lookups: Vec<u64>,
+    last_lookup_ns: u64,
     /// How long transitions may wait for their owner.
     owner_grace_ns: u64,
     /// How long after an owner's exit to look for the socket's new holder:
@@ -294,10 +330,10 @@ impl SocketTable {
     pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64, infer_transitions: bool) -> Self {
         Self {
             sockets: FxHashMap::default(),
-            existing: FxHashMap::default(),
             owned: FxHashMap::default(),
-            children: FxHashMap::default(),
             orphans: Vec::new(),
+            lookups: Vec::new(),
+            last_lookup_ns: 0,
             owner_grace_ns,
             rehome_delay_ns,
             waits: Waits {
@@ -308,16 +344,24 @@ impl SocketTable {
         }
     }
 
-    /// Registers the sockets found at start.
+    /// Registers the sockets found at start. The iterator that found them
+    /// has already named their holders in the kernel's socket map.
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
         for socket in sockets {
-            let seeded = Seeded {
-                sock_id: socket.sock_id,
-                owner: socket.owner,
+            let tracked = Tracked {
+                owner: Some(socket.owner),
+                owner_search_done: true,
+                local: socket.local,
+                remote: socket.remote,
+                state: socket.state,
+                state_since_ns: 0,
+                pending: ThinVec::new(),
             };
-            self.existing
-                .insert((socket.netns, socket.local, socket.remote), seeded);
-            self.out.push(Output::Existing(socket));
+            if let Entry::Vacant(entry) = self.sockets.entry(socket.sock_id) {
+                Self::move_ownership(&mut self.owned, None, Some(&socket.owner));
+                entry.insert(tracked);
+                self.out.push(Output::Existing(socket));
+            }
         }
     }
 
@@ -348,7 +392,8 @@ impl SocketTable {
                 old,
                 new,
                 dwell_ns,
-                netns,
+                cause,
+                netns: _,
             } => {
                 let transition = Transition {
                     ktime_ns,
@@ -359,8 +404,9 @@ impl SocketTable {
                     old,
                     new,
                     dwell_ns,
+                    cause,
                 };
-                self.on_state_change(transition, netns, Owner::from_kernel(&owner));
+                self.on_state_change(transition, Owner::from_kernel(&owner));
             }
             Event::Owner {
                 sock_id,
@@ -371,33 +417,28 @@ impl SocketTable {
                     self.set_owner(sock_id, owner, ktime_ns);
                 }
             }
-            Event::Fork {
-                parent_tgid,
-                child_pid,
-                ..
-            } => {
-                if self.owned.contains_key(&parent_tgid) {
-                    self.children
-                        .entry(parent_tgid)
-                        .or_default()
-                        .push(child_pid);
-                }
-            }
             Event::Exit { ktime_ns, tgid } => self.on_exit(tgid, ktime_ns),
+            Event::Release {
+                ktime_ns,
+                sock_id,
+                releaser,
+                held_ns,
+            } => self.on_release(sock_id, ktime_ns, &releaser, held_ns),
         }
     }
 
-    fn on_state_change(&mut self, t: Transition, netns: u32, kernel_owner: Option<Owner>) {
+    fn on_state_change(&mut self, t: Transition, kernel_owner: Option<Owner>) {
         let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
         let kernel_sock_id = t.sock_id;
-        let mut fresh = || {
-            Self::track(
-                &mut self.existing,
-                &mut self.out,
-                &mut self.owned,
-                &t,
-                netns,
-            )
+        let fresh = || Tracked {
+            owner: None,
+            owner_search_done: false,
+            local: t.local,
+            remote: t.remote,
+            // Before `t` applies; when it entered that state is unknown.
+            state: t.old,
+            state_since_ns: 0,
+            pending: ThinVec::new(),
         };
         // One lookup on the common path: this runs for every event.
         let tracked = match self.sockets.entry(kernel_sock_id) {
@@ -421,6 +462,37 @@ impl SocketTable {
         }
     }
 
+    /// The last holder of a socket the network had closed let go of it: its
+    /// lifetime ends, under the process that released it.
+    fn on_release(
+        &mut self,
+        sock_id: u64,
+        ktime_ns: u64,
+        releaser: &KernelOwner,
+        held_ns: Option<u64>,
+    ) {
+        let Some(tracked) = self.sockets.get_mut(&sock_id) else {
+            return;
+        };
+        let owner = Owner::from_kernel(releaser)
+            .or(tracked.owner)
+            .unwrap_or_else(Owner::unknown);
+        let pending = std::mem::take(&mut tracked.pending);
+        release(&mut self.out, pending, owner);
+        self.out.push(Output::Transition(Transition {
+            ktime_ns,
+            sock_id,
+            owner,
+            local: tracked.local,
+            remote: tracked.remote,
+            old: TcpState::ClosedHeld,
+            new: TcpState::Close,
+            dwell_ns: held_ns,
+            cause: None,
+        }));
+        self.untrack(sock_id);
+    }
+
     /// Applies `t` to its socket and passes it on, or holds it until the
     /// owner is known. Returns whether the socket ended.
     fn advance(
@@ -440,7 +512,7 @@ impl SocketTable {
         tracked.state = t.new;
         tracked.state_since_ns = t.ktime_ns;
         waits.entered(kernel_sock_id, t.new, t.ktime_ns);
-        t.sock_id = tracked.public_id;
+        // A socket closed while held lives on until its release.
         let ended = t.new == TcpState::Close;
         if let Some(owner) = kernel_owner
             && tracked.owner.as_ref() != Some(&owner)
@@ -479,53 +551,6 @@ impl SocketTable {
         ended
     }
 
-    /// The record of a socket seen for the first time, linked to a
-    /// pre-existing socket with the same addresses if there is one.
-    fn track(
-        existing: &mut FxHashMap<AddressKey, Seeded>,
-        out: &mut Vec<Output>,
-        owned: &mut FxHashMap<u32, u32>,
-        t: &Transition,
-        netns: u32,
-    ) -> Tracked {
-        let mut tracked = Tracked {
-            public_id: t.sock_id,
-            owner: None,
-            owner_search_done: false,
-            local: t.local,
-            remote: t.remote,
-            // Before `t` applies; when it entered that state is unknown.
-            state: t.old,
-            state_since_ns: 0,
-            pending: ThinVec::new(),
-        };
-        // Nothing to hash once every socket that predates socktrace has
-        // been seen again (or none did).
-        let seeded = if existing.is_empty() {
-            None
-        } else {
-            existing.remove(&(netns, t.local, t.remote))
-        };
-        if let Some(seeded) = seeded {
-            tracked.public_id = seeded.sock_id;
-            if let Some(pid) = seeded.owner.pid {
-                // The kernel forgets a socket as it closes: tell it the
-                // owners of the sockets that go on.
-                if t.new != TcpState::Close {
-                    out.push(Output::LearnedOwner {
-                        kernel_sock_id: t.sock_id,
-                        pid,
-                        comm: seeded.owner.comm.to_string(),
-                        state: t.new,
-                    });
-                }
-                Self::move_ownership(owned, None, Some(&seeded.owner));
-                tracked.owner = Some(seeded.owner);
-            }
-        }
-        tracked
-    }
-
     fn untrack(&mut self, sock_id: u64) {
         if let Some(gone) = self.sockets.remove(&sock_id) {
             Self::move_ownership(&mut self.owned, gone.owner.as_ref(), None);
@@ -539,13 +564,12 @@ impl SocketTable {
         let previous = tracked.owner.replace(owner);
         // Its earlier transitions went out under another owner, or none.
         let shown_before = tracked.pending.is_empty() && previous != Some(owner);
-        let public_id = tracked.public_id;
         Self::move_ownership(&mut self.owned, previous.as_ref(), Some(&owner));
         let pending = std::mem::take(&mut tracked.pending);
         release(&mut self.out, pending, owner);
         if shown_before {
             self.out.push(Output::OwnerChanged {
-                sock_id: public_id,
+                sock_id,
                 owner,
                 ktime_ns,
             });
@@ -572,7 +596,6 @@ impl SocketTable {
             ktime_ns,
         });
         if !self.owned.contains_key(&tgid) {
-            self.children.remove(&tgid);
             return;
         }
         let deadline = ktime_ns + self.rehome_delay_ns;
@@ -586,25 +609,19 @@ impl SocketTable {
     /// Periodic work off the event path: transitions the kernel left out,
     /// owners for sockets that waited too long, and new holders for sockets
     /// whose owner exited.
-    pub fn tick(&mut self, now_ns: u64, lookup: &mut dyn HolderLookup, kernel: &dyn KernelStates) {
-        let mut wanted: Vec<u64> = Vec::new();
-        let mut candidates: HashSet<u32> = HashSet::new();
+    pub fn tick(&mut self, now_ns: u64, kernel: &mut dyn KernelView) {
+        let (sockets, lookups) = (&self.sockets, &mut self.lookups);
         self.orphans.retain(|&(sock_id, deadline)| {
             if deadline > now_ns {
                 return true;
             }
-            wanted.push(sock_id);
+            // The exiting process closed its fds by now: a socket it was the
+            // last holder of has moved on (FIN_WAIT1, LAST_ACK) or gone.
+            if sockets.get(&sock_id).is_some_and(|t| still_held(t.state)) {
+                lookups.push(sock_id);
+            }
             false
         });
-        for &sock_id in &wanted {
-            if let Some(pid) = self
-                .sockets
-                .get(&sock_id)
-                .and_then(|t| t.owner.as_ref()?.pid)
-            {
-                self.collect_descendants(pid, &mut candidates);
-            }
-        }
         while let Some(wait) = self
             .waits
             .read_backs
@@ -618,7 +635,7 @@ impl SocketTable {
                 .filter(|tracked| tracked.state_since_ns == wait.since_ns)
             {
                 let (out, owned, waits) = (&mut self.out, &mut self.owned, &mut self.waits);
-                Self::read_back(wait.kernel_sock_id, tracked, kernel, out, owned, waits);
+                Self::read_back(wait.kernel_sock_id, tracked, &*kernel, out, owned, waits);
             }
         }
         while let Some(wait) = Waits::pop_due(&mut self.waits.owners, self.owner_grace_ns, now_ns) {
@@ -628,21 +645,22 @@ impl SocketTable {
                 .get(&wait.kernel_sock_id)
                 .and_then(|tracked| tracked.pending.first());
             if first_pending.is_some_and(|t| t.ktime_ns == wait.since_ns) {
-                wanted.push(wait.kernel_sock_id);
+                self.lookups.push(wait.kernel_sock_id);
             }
         }
-        if wanted.is_empty() {
+        // At the end of a run (now_ns = u64::MAX) nothing may wait longer.
+        let gap_ok = now_ns.saturating_sub(self.last_lookup_ns) >= MIN_LOOKUP_GAP_NS;
+        if self.lookups.is_empty() || !gap_ok {
             return;
         }
-        let pairs: Vec<_> = wanted
-            .iter()
-            .filter_map(|id| self.sockets.get(id).map(|t| (t.local, t.remote)))
-            .collect();
-        let candidates: Vec<u32> = candidates.into_iter().collect();
-        let found = lookup.holders(&pairs, &candidates);
+        self.last_lookup_ns = now_ns;
+        let mut wanted = std::mem::take(&mut self.lookups);
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = kernel.holders(&wanted);
         log::debug!(
             "looked up the holders of {} sockets: {} found",
-            pairs.len(),
+            wanted.len(),
             found.len()
         );
         for sock_id in wanted {
@@ -650,17 +668,16 @@ impl SocketTable {
                 continue;
             };
             tracked.owner_search_done = true;
-            let holder = found.get(&(tracked.local, tracked.remote)).cloned();
             let state = tracked.state;
-            match holder {
-                Some((pid, comm)) => {
+            match found.get(&sock_id) {
+                Some(&(pid, comm)) => {
                     self.out.push(Output::LearnedOwner {
                         kernel_sock_id: sock_id,
                         pid,
-                        comm: comm.clone(),
+                        comm: comm.to_string(),
                         state,
                     });
-                    self.set_owner(sock_id, Owner::from_proc(pid, &comm), now_ns);
+                    self.set_owner(sock_id, Owner::holder(pid, comm), now_ns);
                 }
                 None => {
                     let previous = tracked.owner.take();
@@ -670,8 +687,6 @@ impl SocketTable {
                 }
             }
         }
-        self.children
-            .retain(|parent, _| self.owned.contains_key(parent));
     }
 
     /// Puts back the transition the kernel left out for this socket, if it
@@ -679,7 +694,7 @@ impl SocketTable {
     fn read_back(
         sock_id: u64,
         tracked: &mut Tracked,
-        kernel: &dyn KernelStates,
+        kernel: &dyn KernelView,
         out: &mut Vec<Output>,
         owned: &mut FxHashMap<u32, u32>,
         waits: &mut Waits,
@@ -688,22 +703,14 @@ impl SocketTable {
             return;
         };
         let (local, remote) = (tracked.local, tracked.remote);
-        if let Some(missed) = tracked.inferred(state, since_ns, local, remote) {
+        if let Some(missed) = tracked.inferred(sock_id, state, since_ns, local, remote) {
             Self::advance(tracked, sock_id, out, owned, waits, missed, None);
-        }
-    }
-
-    fn collect_descendants(&self, pid: u32, into: &mut HashSet<u32>) {
-        for &child in self.children.get(&pid).into_iter().flatten() {
-            if into.insert(child) {
-                self.collect_descendants(child, into);
-            }
         }
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.sockets.len() + self.existing.len()
+        self.sockets.len()
     }
 }
 
@@ -747,6 +754,7 @@ mod tests {
             old,
             new,
             dwell_ns: None,
+            cause: None,
             netns: NETNS,
         }
     }
@@ -765,36 +773,28 @@ mod tests {
             .collect()
     }
 
-    struct FakeLookup(
-        HashMap<(SocketAddr, SocketAddr), (u32, String)>,
-        Vec<Vec<u32>>,
-    );
-
-    impl HolderLookup for FakeLookup {
-        fn holders(
-            &mut self,
-            sockets: &[(SocketAddr, SocketAddr)],
-            candidates: &[u32],
-        ) -> HashMap<(SocketAddr, SocketAddr), (u32, String)> {
-            self.1.push(candidates.to_vec());
-            sockets
-                .iter()
-                .filter_map(|k| self.0.get(k).map(|v| (*k, v.clone())))
-                .collect()
-        }
-    }
-
-    /// The kernel socket map, as far as a test sets it.
+    /// The kernel socket map and file tables, as far as a test sets them.
     #[derive(Default)]
     struct FakeKernel {
         states: HashMap<u64, (TcpState, u64)>,
         reads: std::cell::Cell<u32>,
+        holders: HashMap<u64, (u32, Comm)>,
+        /// The sockets of each holder lookup.
+        lookups: Vec<Vec<u64>>,
     }
 
-    impl KernelStates for FakeKernel {
+    impl KernelView for FakeKernel {
         fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
             self.reads.set(self.reads.get() + 1);
             self.states.get(&kernel_sock_id).copied()
+        }
+
+        fn holders(&mut self, sock_ids: &[u64]) -> HashMap<u64, (u32, Comm)> {
+            self.lookups.push(sock_ids.to_vec());
+            sock_ids
+                .iter()
+                .filter_map(|id| self.holders.get(id).map(|holder| (*id, *holder)))
+                .collect()
         }
     }
 
@@ -869,13 +869,12 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
         table.on_event(connect(MS));
         transitions(&mut table);
-        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
         let mut kernel = FakeKernel::default();
         kernel.states.insert(9, (TcpState::Established, 7 * MS));
         // Within the window, the next reported transition may still come.
-        table.tick(200 * MS, &mut lookup, &kernel);
+        table.tick(200 * MS, &mut kernel);
         assert_eq!(kernel.reads.get(), 0);
-        table.tick(400 * MS, &mut lookup, &kernel);
+        table.tick(400 * MS, &mut kernel);
         let out = transitions(&mut table);
         assert_eq!(
             steps(&out),
@@ -883,7 +882,7 @@ mod tests {
         );
         assert_eq!(out[0].owner.pid, Some(CLIENT));
         // ESTABLISHED is left only by reported transitions: no more reads.
-        table.tick(2_000 * MS, &mut lookup, &kernel);
+        table.tick(2_000 * MS, &mut kernel);
         assert!(transitions(&mut table).is_empty());
         assert_eq!(kernel.reads.get(), 1);
     }
@@ -898,11 +897,7 @@ mod tests {
         // Past ESTABLISHED already: that transition was reported, and is on
         // its way in the ring buffer.
         kernel.states.insert(9, (CloseWait, 300 * MS));
-        table.tick(
-            400 * MS,
-            &mut FakeLookup(HashMap::new(), Vec::new()),
-            &kernel,
-        );
+        table.tick(400 * MS, &mut kernel);
         assert!(transitions(&mut table).is_empty());
         table.on_event(client_change(300 * MS, 290 * MS, Established, CloseWait));
         assert_eq!(
@@ -922,9 +917,8 @@ mod tests {
         // kernel would report the transition: it came after the window.
         let mut kernel = FakeKernel::default();
         kernel.states.insert(9, (TcpState::SynSent, MS));
-        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
         for tick in 1..100 {
-            table.tick(tick * 100 * MS, &mut lookup, &kernel);
+            table.tick(tick * 100 * MS, &mut kernel);
         }
         assert_eq!(kernel.reads.get(), 1);
         assert_eq!(transitions(&mut table).len(), 1, "the connect only");
@@ -941,11 +935,10 @@ mod tests {
         transitions(&mut table);
         let mut kernel = FakeKernel::default();
         kernel.states.insert(9, (FinWait2, 120 * MS));
-        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
         // SYN_SENT's wait is due, but the socket is no longer in it.
-        table.tick(350 * MS, &mut lookup, &kernel);
+        table.tick(350 * MS, &mut kernel);
         assert_eq!(kernel.reads.get(), 0);
-        table.tick(450 * MS, &mut lookup, &kernel);
+        table.tick(450 * MS, &mut kernel);
         assert_eq!(kernel.reads.get(), 1);
         assert_eq!(
             steps(&transitions(&mut table)),
@@ -966,11 +959,7 @@ mod tests {
         ));
         let mut kernel = FakeKernel::default();
         kernel.states.insert(9, (TcpState::FinWait2, 40 * MS));
-        table.tick(
-            100 * MS,
-            &mut FakeLookup(HashMap::new(), Vec::new()),
-            &kernel,
-        );
+        table.tick(100 * MS, &mut kernel);
         assert_eq!(transitions(&mut table).len(), 2);
         assert_eq!(kernel.reads.get(), 0);
     }
@@ -1012,10 +1001,10 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|t| t.owner.pid == Some(SERVER)));
         assert_eq!(out[1].new, TcpState::Established);
-        // Its owner known, nobody searches /proc for it after the grace.
-        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
-        table.tick(2_000 * MS, &mut lookup, &FakeKernel::default());
-        assert!(lookup.1.is_empty(), "searched: {:?}", lookup.1);
+        // Its owner known, nobody searches the file tables after the grace.
+        let mut kernel = FakeKernel::default();
+        table.tick(2_000 * MS, &mut kernel);
+        assert!(kernel.lookups.is_empty(), "searched: {:?}", kernel.lookups);
     }
 
     #[test]
@@ -1031,10 +1020,10 @@ mod tests {
             TcpState::Listen,
             TcpState::SynRecv,
         ));
-        let mut lookup = FakeLookup(HashMap::new(), Vec::new());
-        table.tick(500 * MS, &mut lookup, &FakeKernel::default());
+        let mut kernel = FakeKernel::default();
+        table.tick(500 * MS, &mut kernel);
         assert!(transitions(&mut table).is_empty());
-        table.tick(1_000 * MS, &mut lookup, &FakeKernel::default());
+        table.tick(1_000 * MS, &mut kernel);
         let out = transitions(&mut table);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].owner, Owner::unknown());
@@ -1064,11 +1053,7 @@ mod tests {
             TcpState::Listen,
             TcpState::SynRecv,
         ));
-        table.tick(
-            2_000 * MS,
-            &mut FakeLookup(HashMap::new(), Vec::new()),
-            &FakeKernel::default(),
-        );
+        table.tick(2_000 * MS, &mut FakeKernel::default());
         assert_eq!(transitions(&mut table)[0].owner, Owner::unknown());
         table.on_event(Event::Owner {
             ktime_ns: 3_000 * MS,
@@ -1134,15 +1119,17 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.seed([ExistingSocket {
-            sock_id: 4242,
-            owner: Owner::from_proc(CLIENT, "client"),
+            sock_id: 0xffff_0001,
+            owner: Owner::holder(CLIENT, "client".into()),
             local: addr(local),
             remote: addr(remote),
             state: TcpState::CloseWait,
+            cause: None,
             netns: NETNS,
         }]);
         let first = table.drain_output().collect::<Vec<_>>();
-        assert!(matches!(first[0], Output::Existing(_)));
+        assert!(matches!(first[..], [Output::Existing(_)]));
+        // The kernel map knows nothing more of it than the iterator told it.
         table.on_event(change(
             5,
             0xffff_0001,
@@ -1152,28 +1139,66 @@ mod tests {
             TcpState::CloseWait,
             TcpState::LastAck,
         ));
-        let out: Vec<_> = table.drain_output().collect();
-        assert!(out.iter().any(|o| matches!(
-            o,
-            Output::LearnedOwner {
-                kernel_sock_id: 0xffff_0001,
-                pid: CLIENT,
-                ..
-            }
-        )));
-        let t = out
-            .iter()
-            .find_map(|o| match o {
-                Output::Transition(t) => Some(t),
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(t.sock_id, 4242);
-        assert_eq!(t.owner.pid, Some(CLIENT));
+        let out = transitions(&mut table);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].sock_id, 0xffff_0001);
+        assert_eq!(out[0].owner.pid, Some(CLIENT));
+        assert_eq!(out[0].owner.source, OwnerSource::ProcFd);
+    }
+
+    /// The client of a connection the peer reset, holding the fd.
+    fn closed_while_held(table: &mut SocketTable) {
+        use TcpState::*;
+        table.on_event(connect(MS));
+        table.on_event(client_change(2 * MS, MS, SynSent, Established));
+        let mut reset = client_change(50 * MS, 48 * MS, Established, ClosedHeld);
+        if let Event::StateChange { cause, .. } = &mut reset {
+            *cause = Some(CloseCause::Reset);
+        }
+        table.on_event(reset);
     }
 
     #[test]
-    fn socket_of_an_exited_owner_is_rehomed_to_the_child_holding_it() {
+    fn a_socket_closed_while_held_lives_until_its_release() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        closed_while_held(&mut table);
+        let out = transitions(&mut table);
+        assert_eq!(out[2].new, TcpState::ClosedHeld);
+        assert_eq!(out[2].cause, Some(CloseCause::Reset));
+        assert_eq!(table.len(), 1, "still held");
+        table.on_event(Event::Release {
+            ktime_ns: 2_050 * MS,
+            sock_id: 9,
+            releaser: kernel_owner(CLIENT, "client", OwnerSource::Close),
+            held_ns: Some(2_000 * MS),
+        });
+        let out = transitions(&mut table);
+        assert_eq!(
+            steps(&out),
+            [(2_050, TcpState::ClosedHeld, TcpState::Close, Some(2_000))]
+        );
+        assert_eq!(out[0].owner.source, OwnerSource::Close);
+        assert_eq!(out[0].local, addr(CLIENT_AT), "the addresses it had");
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn a_socket_closed_while_held_may_connect_again() {
+        use TcpState::*;
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        closed_while_held(&mut table);
+        table.on_event(client_change(60 * MS, 10 * MS, ClosedHeld, SynSent));
+        let out = transitions(&mut table);
+        assert_eq!(
+            out.last().map(|t| (t.old, t.new)),
+            Some((ClosedHeld, SynSent))
+        );
+        assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn socket_of_an_exited_owner_is_rehomed_to_the_process_holding_it() {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
@@ -1195,32 +1220,49 @@ mod tests {
             TcpState::SynSent,
             TcpState::Established,
         ));
-        table.on_event(Event::Fork {
-            ktime_ns: 3,
-            parent_tgid: SERVER,
-            child_pid: CLIENT,
-        });
+        // A second socket of the parent's, closed by its exit.
+        table.on_event(change(
+            2,
+            10,
+            parent,
+            "127.0.0.1:40001",
+            remote,
+            TcpState::SynSent,
+            TcpState::Established,
+        ));
         table.on_event(Event::Exit {
             ktime_ns: 4 * MS,
             tgid: SERVER,
         });
-        let mut holders = HashMap::new();
-        holders.insert((addr(local), addr(remote)), (CLIENT, "child".to_string()));
-        let mut lookup = FakeLookup(holders, Vec::new());
-        table.tick(50 * MS, &mut lookup, &FakeKernel::default());
+        table.on_event(change(
+            5 * MS,
+            10,
+            unknown(),
+            "127.0.0.1:40001",
+            remote,
+            TcpState::Established,
+            TcpState::FinWait1,
+        ));
+        let mut kernel = FakeKernel::default();
+        kernel.holders.insert(9, (CLIENT, "child".into()));
+        table.tick(50 * MS, &mut kernel);
         assert!(
-            lookup.1.is_empty(),
+            kernel.lookups.is_empty(),
             "waits for the exiting process to close its fds"
         );
-        table.tick(200 * MS, &mut lookup, &FakeKernel::default());
-        assert_eq!(lookup.1, vec![vec![CLIENT]], "the child is searched first");
+        table.tick(600 * MS, &mut kernel);
+        assert_eq!(
+            kernel.lookups,
+            vec![vec![9]],
+            "only the socket still held is looked up"
+        );
         let learned: Vec<_> = table
             .drain_output()
             .filter(|o| matches!(o, Output::LearnedOwner { pid: CLIENT, .. }))
             .collect();
         assert_eq!(learned.len(), 1);
         table.on_event(change(
-            300 * MS,
+            700 * MS,
             9,
             kernel_owner(CLIENT, "child", OwnerSource::ProcFd),
             local,
@@ -1229,6 +1271,27 @@ mod tests {
             TcpState::CloseWait,
         ));
         assert_eq!(transitions(&mut table)[0].owner.pid, Some(CLIENT));
+    }
+
+    #[test]
+    fn holder_lookups_are_batched() {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut kernel = FakeKernel::default();
+        for (id, at) in [(7, 0), (8, 200 * MS), (9, 400 * MS)] {
+            table.on_event(change(
+                at,
+                id,
+                unknown(),
+                "127.0.0.1:8080",
+                &format!("127.0.0.1:{}", 40_000 + id),
+                TcpState::Listen,
+                TcpState::SynRecv,
+            ));
+        }
+        for tick in 10..=20 {
+            table.tick(tick * 100 * MS, &mut kernel);
+        }
+        assert_eq!(kernel.lookups, vec![vec![7], vec![8, 9]]);
     }
 
     #[test]

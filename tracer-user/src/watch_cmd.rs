@@ -119,7 +119,7 @@ impl WatchFeed {
                 // kernel programs already skip our events.
                 let ours = s.owner.pid == Some(std::process::id());
                 if !ours && self.scope.wants(&s.owner, s.local, s.remote) {
-                    self.watch.on_seeded(s.into());
+                    self.watch.on_seeded(s);
                 }
             }
             Output::Transition(t) => {
@@ -154,12 +154,30 @@ impl WatchFeed {
         true
     }
 
-    /// Samples fds and limits, judges every process, labels the reports.
+    /// Called every collector tick: the held counts for the seconds scale
+    /// of the trends (from the event stream, no /proc read).
+    pub fn sample(&mut self, now_ns: u64) {
+        self.watch.sample_fast(now_ns);
+    }
+
+    /// Samples fds and limits, judges every process, labels the reports;
+    /// reads the fd kinds of the processes whose fds rise for reasons
+    /// other than TCP.
     pub fn report(&mut self, now_ns: u64, lost_events: u64) -> Snapshot {
         let samples = sample(&self.watch.pids_to_sample());
         let mut snapshot = self.watch.tick(now_ns, &samples, lost_events);
         for process in &mut snapshot.processes {
             process.labels = self.scope.labels(process.pid).clone();
+        }
+        for &pid in &snapshot.fd_kinds_wanted {
+            if !self.watch.fd_kinds_due(pid, now_ns) {
+                continue;
+            }
+            match procfs::fd_kinds(pid) {
+                Ok(kinds) => self.watch.record_fd_kinds(pid, kinds, now_ns),
+                Err(e) if procfs::is_vanished(&e) => {}
+                Err(e) => log::debug!("reading the fd kinds of pid {pid}: {e}"),
+            }
         }
         snapshot
     }
@@ -264,6 +282,7 @@ impl<W: Write> Sink for WatchSink<W> {
     }
 
     fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()> {
+        self.feed.sample(now_ns);
         if (self.once && self.reported) || !self.feed.due(now_ns) {
             return Ok(());
         }

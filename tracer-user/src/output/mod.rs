@@ -20,6 +20,7 @@ pub fn owner_source_name(source: OwnerSource) -> &'static str {
         OwnerSource::Listen => "listen",
         OwnerSource::Close => "close",
         OwnerSource::ProcFd => "proc_fd",
+        OwnerSource::Exit => "exit",
     }
 }
 

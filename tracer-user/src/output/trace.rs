@@ -11,6 +11,7 @@ use crate::{
     containers::Container,
     probes::Counters,
     sockets::{ExistingSocket, Output, Owner, Transition},
+    tcp::TcpState,
 };
 
 /// One JSON line; the schema is documented in the README.
@@ -25,8 +26,14 @@ pub struct TraceRecord<'a> {
     /// Null for a socket that existed before socktrace started.
     pub old: Option<&'static str>,
     pub new: &'static str,
-    /// Time spent in `old`; null when unknown.
+    /// Time spent in `old`; null when unknown. For the release of a
+    /// CLOSED_HELD socket, the time it was held after the network closed it.
     pub dwell_ns: Option<u64>,
+    /// Why the kernel closed the socket (`reset`, `timed_out`, `refused`,
+    /// `unreachable`, `other_error`); null when it gave no error.
+    pub cause: Option<&'static str>,
+    /// How the owner was learned; for a release, `close` or `exit`: how
+    /// the process named in `pid` let go of the socket.
     pub owner_source: &'static str,
     /// True for sockets found at start (their age is unknown).
     pub existing: bool,
@@ -79,6 +86,7 @@ impl<W: Write> TraceSink<W> {
             old: Some(t.old.name()),
             new: t.new.name(),
             dwell_ns: t.dwell_ns,
+            cause: t.cause.map(|cause| cause.name()),
             owner_source: owner_source_name(owner.source),
             existing: false,
             sock: format!("{:#x}", t.sock_id),
@@ -98,6 +106,7 @@ impl<W: Write> TraceSink<W> {
             old: None,
             new: s.state.name(),
             dwell_ns: None,
+            cause: s.cause.map(|cause| cause.name()),
             owner_source: owner_source_name(s.owner.source),
             existing: true,
             sock: format!("{:#x}", s.sock_id),
@@ -116,7 +125,7 @@ impl<W: Write> TraceSink<W> {
             self.header_done = true;
             writeln!(
                 self.out,
-                "{:<15} {:>7} {:<15} {:<22} {:<22} {:<27} {:>9}",
+                "{:<15} {:>7} {:<15} {:<22} {:<22} {:<27} {:>9} CAUSE",
                 "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "OLD -> NEW", "DWELL"
             )?;
         }
@@ -143,10 +152,19 @@ pub fn human_line(r: &TraceRecord<'_>) -> String {
     };
     let change = format!("{} -> {}", r.old.unwrap_or("EXISTING"), r.new);
     let dwell = r.dwell_ns.map_or_else(|| "-".to_string(), human_duration);
-    format!(
-        "{time:<15} {pid:>7} {:<15} {:<22} {:<22} {change:<27} {dwell:>9}",
+    // The release of a socket the network had closed: who let go, and how.
+    let released = r.old == Some(TcpState::ClosedHeld.name()) && r.new == TcpState::Close.name();
+    let cause = match (r.cause, r.owner_source) {
+        (Some(cause), _) => cause,
+        (None, "exit") if released => "released at exit",
+        (None, _) if released => "released by close",
+        (None, _) => "",
+    };
+    let line = format!(
+        "{time:<15} {pid:>7} {:<15} {:<22} {:<22} {change:<27} {dwell:>9} {cause}",
         r.comm, r.local, r.remote
-    )
+    );
+    line.trim_end().to_string()
 }
 
 impl<W: Write> Sink for TraceSink<W> {
@@ -223,7 +241,7 @@ mod tests {
     use tracer_common::OwnerSource;
 
     use super::*;
-    use crate::{output::Filter, tcp::TcpState};
+    use crate::{output::Filter, tcp::CloseCause};
 
     fn sink(json: bool) -> TraceSink<Vec<u8>> {
         let clock = Clock::fixed(0, UNIX_EPOCH + Duration::from_secs(1_795_000_000));
@@ -245,6 +263,7 @@ mod tests {
             old: TcpState::Established,
             new: TcpState::CloseWait,
             dwell_ns: Some(10_002_000_000),
+            cause: None,
         }
     }
 
@@ -263,7 +282,38 @@ mod tests {
         assert_eq!(v["dwell_ns"], 10_002_000_000u64);
         assert_eq!(v["owner_source"], "connect");
         assert_eq!(v["existing"], false);
+        assert_eq!(v["cause"], serde_json::Value::Null);
         assert_eq!(v["ts"], "2026-11-18T11:06:40.001500Z");
+    }
+
+    #[test]
+    fn closed_held_and_its_release_read_as_such() {
+        let mut s = sink(false);
+        let mut reset = transition();
+        reset.old = TcpState::CloseWait;
+        reset.new = TcpState::ClosedHeld;
+        reset.cause = Some(CloseCause::Reset);
+        let mut release = transition();
+        release.old = TcpState::ClosedHeld;
+        release.new = TcpState::Close;
+        release.owner.source = OwnerSource::Exit;
+        s.output(&Output::Transition(reset)).unwrap();
+        s.output(&Output::Transition(release)).unwrap();
+        let text = String::from_utf8(s.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("CAUSE"), "{}", lines[0]);
+        assert!(
+            lines[1].contains("CLOSE_WAIT -> CLOSED_HELD"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].ends_with(" reset"), "{}", lines[1]);
+        assert!(lines[2].contains("CLOSED_HELD -> CLOSE"), "{}", lines[2]);
+        assert!(
+            lines[2].ends_with("10.002s released at exit"),
+            "{}",
+            lines[2]
+        );
     }
 
     #[test]

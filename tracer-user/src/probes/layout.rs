@@ -97,35 +97,64 @@ fn field(fields: &HashMap<String, u16>, tracepoint: &str, name: &str) -> anyhow:
 /// Byte offset of `member` in `struct name`, looking inside anonymous
 /// structs and unions (the kernel nests many members in them).
 pub fn member_offset(btf: &Btf, name: &str, member: &str) -> anyhow::Result<u32> {
+    Ok(find_struct_member(btf, name, member)?.0)
+}
+
+/// As [`member_offset`], for a member the kernel programs read as a whole
+/// integer: a bitfield (as `sk_protocol` was before Linux 5.6) is refused.
+fn whole_member_offset(btf: &Btf, name: &str, member: &str) -> anyhow::Result<u32> {
+    match find_struct_member(btf, name, member)? {
+        (offset, false) => Ok(offset),
+        (_, true) => bail!(
+            "BTF struct {name} has {member} as a bitfield; socktrace needs Linux 5.6 or later"
+        ),
+    }
+}
+
+/// The byte offset of the member and whether it is a bitfield.
+fn find_struct_member(btf: &Btf, name: &str, member: &str) -> anyhow::Result<(u32, bool)> {
     let types = btf
         .resolve_types_by_name(name)
         .with_context(|| format!("BTF has no type {name}"))?;
     for ty in types {
         if let Type::Struct(s) = ty
-            && let Some(bits) = find_member(btf, &s, member)?
+            && let Some((bits, bitfield)) = find_member(btf, &s, member)?
         {
-            return Ok(bits / 8);
+            return Ok((bits / 8, bitfield));
         }
     }
     bail!("BTF struct {name} has no member {member}")
 }
 
-fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Option<u32>> {
+fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Option<(u32, bool)>> {
     for m in &s.members {
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == member {
-            return Ok(Some(m.bit_offset()));
+            return Ok(Some((
+                m.bit_offset(),
+                m.bitfield_size().is_some_and(|size| size > 0),
+            )));
         }
         if name.is_empty() {
             let inner = btf.resolve_chained_type(m)?;
             if let Type::Struct(inner) | Type::Union(inner) = inner
-                && let Some(bits) = find_member(btf, &inner, member)?
+                && let Some((bits, bitfield)) = find_member(btf, &inner, member)?
             {
-                return Ok(Some(m.bit_offset() + bits));
+                return Ok(Some((m.bit_offset() + bits, bitfield)));
             }
         }
     }
     Ok(None)
+}
+
+/// Where `struct file` counts its references, and whether that count is
+/// one less than the references (`file_ref_t`, Linux 6.13 and later) or
+/// the plain count (`f_count` before).
+fn file_refs(btf: &Btf) -> anyhow::Result<(u32, bool)> {
+    match member_offset(btf, "file", "f_ref") {
+        Ok(offset) => Ok((offset, true)),
+        Err(_) => Ok((member_offset(btf, "file", "f_count")?, false)),
+    }
 }
 
 pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
@@ -147,7 +176,8 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
     let tp = "sock:inet_sock_set_state";
     let set_state = tracepoint_fields(tracefs, "sock", "inet_sock_set_state")?;
     let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
-    let fork = tracepoint_fields(tracefs, "sched", "sched_process_fork")?;
+    let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
+    let (file_refs, file_refs_less_one) = file_refs(btf)?;
     let layout = Layout {
         set_state_skaddr: field(&set_state, tp, "skaddr")?,
         set_state_oldstate: field(&set_state, tp, "oldstate")?,
@@ -161,8 +191,9 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         set_state_saddr_v6: field(&set_state, tp, "saddr_v6")?,
         set_state_daddr_v6: field(&set_state, tp, "daddr_v6")?,
         accept_ret: field(&accept, "syscalls:sys_exit_accept4", "ret")?,
-        fork_child_pid: field(&fork, "sched:sched_process_fork", "child_pid")?,
-        _pad: [0; 3],
+        destroy_skaddr: field(&destroy, "tcp:tcp_destroy_sock", "skaddr")?,
+        file_refs_less_one: u16::from(file_refs_less_one),
+        _pad: [0; 2],
         task_files: member_offset(btf, "task_struct", "files")?,
         files_fdt: member_offset(btf, "files_struct", "fdt")?,
         fdtable_max_fds: member_offset(btf, "fdtable", "max_fds")?,
@@ -171,6 +202,26 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         socket_sk: member_offset(btf, "socket", "sk")?,
         sock_common_net: member_offset(btf, "sock_common", "skc_net")?,
         net_ns_inum: member_offset(btf, "net", "ns")? + member_offset(btf, "ns_common", "inum")?,
+        sock_socket: member_offset(btf, "sock", "sk_socket")?,
+        sock_err: member_offset(btf, "sock", "sk_err")?,
+        socket_file: member_offset(btf, "socket", "file")?,
+        file_refs,
+        file_inode: member_offset(btf, "file", "f_inode")?,
+        inode_mode: member_offset(btf, "inode", "i_mode")?,
+        // struct sock starts with its sock_common (__sk_common).
+        sock_family: member_offset(btf, "sock_common", "skc_family")?,
+        sock_state: member_offset(btf, "sock_common", "skc_state")?,
+        sock_protocol: whole_member_offset(btf, "sock", "sk_protocol")?,
+        sock_type: whole_member_offset(btf, "sock", "sk_type")?,
+        sock_dport: member_offset(btf, "sock_common", "skc_dport")?,
+        sock_daddr: member_offset(btf, "sock_common", "skc_daddr")?,
+        sock_rcv_saddr: member_offset(btf, "sock_common", "skc_rcv_saddr")?,
+        sock_v6_daddr: member_offset(btf, "sock_common", "skc_v6_daddr")?,
+        sock_v6_rcv_saddr: member_offset(btf, "sock_common", "skc_v6_rcv_saddr")?,
+        inet_sport: member_offset(btf, "inet_sock", "inet_sport")?,
+        task_tgid: member_offset(btf, "task_struct", "tgid")?,
+        task_comm: member_offset(btf, "task_struct", "comm")?,
+        task_flags: member_offset(btf, "task_struct", "flags")?,
     };
     check_set_state_record(&layout)?;
     Ok(layout)

@@ -6,6 +6,8 @@ pub mod features;
 pub mod layout;
 
 use std::{
+    collections::HashMap as StdHashMap,
+    io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
 };
@@ -14,16 +16,21 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, Program, TracePoint},
+    programs::{FEntry, Iter, KProbe, Program, TracePoint},
 };
 use tracer_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
-    PID_FILTER_MAP, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN, counter,
+    PID_FILTER_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN, counter,
 };
 
 pub use features::{ModeRequest, ProbeMode};
 
-use crate::{procfs, sockets::KernelStates, tcp::TcpState};
+use crate::{
+    decode::{Comm, SocketFile, decode_socket_files},
+    procfs,
+    sockets::KernelView,
+    tcp::TcpState,
+};
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -31,9 +38,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Tracepoints every mode needs: (category, name, program).
 const TRACEPOINTS: [(&str, &str, &str); 5] = [
     ("sock", "inet_sock_set_state", "inet_sock_set_state"),
+    ("tcp", "tcp_destroy_sock", "tcp_destroy_sock"),
     ("syscalls", "sys_exit_accept4", "sys_exit_accept4"),
     ("syscalls", "sys_exit_accept", "sys_exit_accept"),
-    ("sched", "sched_process_fork", "sched_process_fork"),
     ("sched", "sched_process_exit", "sched_process_exit"),
 ];
 
@@ -143,6 +150,7 @@ impl Probes {
         for (category, name, program) in TRACEPOINTS {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
+        load_socket_files(&mut ebpf, &kernel_btf)?;
         let mode = attach_owner_probes(&mut ebpf, &kernel_btf, options.mode)?;
         drop(kernel_btf);
         drop(btf);
@@ -153,6 +161,31 @@ impl Probes {
             logger,
             missed_runs_at_detach: None,
         })
+    }
+
+    /// Every TCP socket that a process holds, from the kernel's file tables
+    /// (one record per holder), and each holder recorded in the socket map
+    /// for sockets the probes had no owner for. Sockets in CLOSE come as
+    /// [`TcpState::ClosedHeld`].
+    pub fn socket_files(&mut self) -> anyhow::Result<Vec<SocketFile>> {
+        let iter: &mut Iter = self
+            .ebpf
+            .program_mut(SOCKET_FILES_PROGRAM)
+            .context("program socket_files missing")?
+            .try_into()?;
+        // Each pass needs a link of its own: reading one to the end
+        // consumes it.
+        let link = iter
+            .attach()
+            .and_then(|id| iter.take_link(id))
+            .context("attaching the socket-file iterator")?;
+        let mut file = link
+            .into_file()
+            .context("opening the socket-file iterator")?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .context("reading the socket-file iterator")?;
+        Ok(decode_socket_files(&bytes)?)
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
@@ -192,6 +225,7 @@ impl Probes {
                 Program::TracePoint(p) => p.unload(),
                 Program::KProbe(p) => p.unload(),
                 Program::FEntry(p) => p.unload(),
+                Program::Iter(p) => p.unload(),
                 _ => Ok(()),
             };
             if let Err(e) = unloaded {
@@ -252,13 +286,47 @@ impl Probes {
     }
 }
 
-impl KernelStates for Probes {
+impl KernelView for Probes {
     fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
         let map = self.ebpf.map(SOCKETS_MAP)?;
         let sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(map).ok()?;
         let owner = sockets.get(&kernel_sock_id, 0).ok()?;
-        Some((TcpState::from(owner.state), owner.state_since_ns))
+        let state = TcpState::from_kernel(owner.state, owner.closed_held != 0);
+        Some((state, owner.state_since_ns))
     }
+
+    fn holders(&mut self, sock_ids: &[u64]) -> StdHashMap<u64, (u32, Comm)> {
+        let files = match self.socket_files() {
+            Ok(files) => files,
+            Err(e) => {
+                log::warn!("looking up socket holders: {e:#}");
+                return StdHashMap::new();
+            }
+        };
+        let wanted: std::collections::HashSet<u64> = sock_ids.iter().copied().collect();
+        let mut found: StdHashMap<u64, (u32, Comm)> = StdHashMap::new();
+        for file in files.iter().filter(|file| wanted.contains(&file.sock_id)) {
+            // When several processes share one, the lowest pid is named.
+            let holder = found.entry(file.sock_id).or_insert((file.pid, file.comm));
+            if file.pid < holder.0 {
+                *holder = (file.pid, file.comm);
+            }
+        }
+        found
+    }
+}
+
+/// Loads the socket-file iterator; it is attached for each pass.
+fn load_socket_files(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    let iter: &mut Iter = ebpf
+        .program_mut(SOCKET_FILES_PROGRAM)
+        .context("program socket_files missing from the eBPF object")?
+        .try_into()?;
+    iter.load("task_file", btf).map_err(|e| {
+        anyhow!(
+            "loading the socket-file iterator (iter/task_file, Linux 5.8 or later) failed: {e:#}"
+        )
+    })
 }
 
 fn set_namespace_filter(ebpf: &mut Ebpf, filter: NamespaceFilter) -> anyhow::Result<()> {

@@ -27,7 +27,6 @@ use prometheus_client::registry::{Registry, Unit};
 use super::exposition::{self, Format};
 use crate::probes::Counters;
 use crate::watch::distribution::{Distribution, Distributions, Timing};
-use crate::watch::verdicts::AlertKind;
 use crate::watch::{ProcessReport, Snapshot};
 
 pub const PREFIX: &str = "socktrace";
@@ -98,14 +97,6 @@ fn timing_help(timing: Timing) -> &'static str {
     }
 }
 
-fn alert_name(kind: AlertKind) -> &'static str {
-    match kind {
-        AlertKind::FdExhaustion => "fd_exhaustion",
-        AlertKind::CloseWait => "close_wait",
-        AlertKind::SocketGrowth => "socket_growth",
-    }
-}
-
 /// A histogram as Prometheus wants it: the count in each bucket (not
 /// cumulative; the encoder adds them up), the last one `+Inf`.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,6 +157,7 @@ struct PeerFigures {
     peer: String,
     held: u64,
     close_wait: u64,
+    closed_held: u64,
 }
 
 /// Gauges of a live process, from its last report.
@@ -174,6 +166,8 @@ struct Figures {
     sockets: Vec<(&'static str, u64)>,
     close_wait: u64,
     close_wait_oldest_s: Option<f64>,
+    /// CLOSED_HELD sockets by cause.
+    closed_held: Vec<(&'static str, u64)>,
     fds: Option<u64>,
     /// `None` when unlimited.
     fd_soft_limit: Option<u64>,
@@ -188,11 +182,16 @@ impl Figures {
             sockets: report.sockets.iter().map(|(&s, &n)| (s, n)).collect(),
             close_wait: report.close_wait,
             close_wait_oldest_s: report.close_wait_oldest_s,
+            closed_held: report
+                .closed_held_causes
+                .iter()
+                .map(|(&cause, &n)| (cause, n))
+                .collect(),
             fds: report.fds,
             fd_soft_limit: report.fd_soft_limit.filter(|&limit| limit != u64::MAX),
             eta_s: report.eta_s,
             peers: top_peers(report),
-            alerts: report.alerts.iter().map(|a| alert_name(a.kind)).collect(),
+            alerts: report.alerts.iter().map(|a| a.kind.name()).collect(),
         }
     }
 }
@@ -205,6 +204,7 @@ fn top_peers(report: &ProcessReport) -> Vec<PeerFigures> {
         peer: OTHER_PEERS.to_string(),
         held: 0,
         close_wait: 0,
+        closed_held: 0,
     };
     // The report lists peers busiest first, "other" last.
     for peer in report.peers.iter().filter(|peer| peer.held > 0) {
@@ -213,10 +213,12 @@ fn top_peers(report: &ProcessReport) -> Vec<PeerFigures> {
                 peer: peer.remote.clone(),
                 held: peer.held,
                 close_wait: peer.close_wait,
+                closed_held: peer.closed_held,
             });
         } else {
             other.held += peer.held;
             other.close_wait += peer.close_wait;
+            other.closed_held += peer.closed_held;
         }
     }
     if other.held > 0 {
@@ -449,6 +451,18 @@ impl Exporter {
             Some(&Unit::Seconds),
             self.live().map(|(l, f)| (l, f.close_wait_oldest_s)),
         )?;
+        let mut closed_held = encoder.encode_descriptor(
+            "closed_held_sockets",
+            "Sockets the network closed (reset, timed out, refused, unreachable) whose fd the process still holds, by cause.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, figures) in self.live() {
+            for &(cause, count) in &figures.closed_held {
+                let labels = (labels.as_slice(), [("cause", cause)]);
+                closed_held.encode_family(&labels)?.encode_gauge(&count)?;
+            }
+        }
         gauge(
             encoder,
             "open_fds",
@@ -494,6 +508,11 @@ impl Exporter {
                 "peer_close_wait_sockets",
                 "CLOSE_WAIT sockets of the process, by peer (the busiest peers, then other).",
                 |peer: &PeerFigures| peer.close_wait,
+            ),
+            (
+                "peer_closed_held_sockets",
+                "CLOSED_HELD sockets of the process (closed by the network, fd still open), by peer.",
+                |peer: &PeerFigures| peer.closed_held,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -660,7 +679,7 @@ mod tests {
     use super::*;
     use crate::containers::{Container, Labels};
     use crate::watch::peers::PeerReport;
-    use crate::watch::verdicts::Alert;
+    use crate::watch::verdicts::{Alert, AlertKind, AlertState};
 
     const S: u64 = 1_000_000_000;
 
@@ -683,11 +702,17 @@ mod tests {
             close_wait_oldest_s: None,
             close_wait_oldest_lower_bound: false,
             close_wait_dwell_s: None,
+            closed_held: 0,
+            closed_held_causes: BTreeMap::new(),
+            closed_held_oldest_s: None,
             fds: None,
             fd_soft_limit: None,
             fd_hard_limit: None,
             fd_growth_per_s: None,
             eta_s: None,
+            eta_window_s: None,
+            fd_kinds: None,
+            fd_kinds_rising: Vec::new(),
             alerts: Vec::new(),
             peers: Vec::new(),
             labels: Labels::default(),
@@ -702,9 +727,15 @@ mod tests {
             closed: 0,
             held,
             close_wait,
+            closed_held: 0,
             local_closed_first: 0,
             peer_closed_first: close_wait,
+            network_closed_first: 0,
             reset: 0,
+            timed_out: 0,
+            refused: 0,
+            unreachable: 0,
+            other_error: 0,
             lifetime_mean_s: None,
             lifetime_max_s: None,
             peer_idle_timeout_s: None,
@@ -724,13 +755,17 @@ mod tests {
         leaker.fds = Some(40);
         leaker.fd_soft_limit = Some(1024);
         leaker.eta_s = Some(3000.0);
+        leaker.closed_held = 5;
+        leaker.closed_held_causes = BTreeMap::from([("reset", 5)]);
         leaker.alerts = vec![Alert {
             kind: AlertKind::CloseWait,
+            state: AlertState::Raised,
             pid: 4242,
             comm: "leaker".to_string(),
             remote: None,
             eta_s: None,
             close_wait: 20,
+            closed_held: 5,
             held: 30,
             fds: Some(40),
             fd_soft_limit: Some(1024),
@@ -756,6 +791,7 @@ mod tests {
             lost_events: 0,
             processes,
             new_alerts: Vec::new(),
+            fd_kinds_wanted: Vec::new(),
         }
     }
 
@@ -825,6 +861,9 @@ mod tests {
         )));
         assert!(text.contains(&format!(
             "socktrace_peer_close_wait_sockets{{{labels},peer=\"127.0.0.1:8080\"}} 20\n"
+        )));
+        assert!(text.contains(&format!(
+            "socktrace_closed_held_sockets{{{labels},cause=\"reset\"}} 5\n"
         )));
         assert!(text.contains("socktrace_lost_events_total{reason=\"ring_buffer_full\"} 3\n"));
         assert!(text.contains("socktrace_build_info{version=\""));

@@ -226,6 +226,7 @@ impl Sink for ServeSink {
 
     fn tick(&mut self, now_ns: u64, counters: &dyn Fn() -> Counters) -> io::Result<()> {
         self.health.beat();
+        self.feed.sample(now_ns);
         if self.feed.due(now_ns) {
             self.report(now_ns, counters());
         }

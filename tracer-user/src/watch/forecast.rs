@@ -6,6 +6,11 @@
 //! median of pairwise slopes) and growth must be significant by the
 //! Mann–Kendall test (are later samples larger than earlier ones more often
 //! than chance allows).
+//!
+//! Leaks run at every pace, from ten sockets a second to one every half
+//! minute for weeks, so each process keeps its samples at four time scales
+//! ([`Trends`]): seconds (from the event stream, every collector tick), a
+//! minute, ten minutes and an hour, each at most [`CAPACITY`] samples.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -22,14 +27,34 @@ const MIN_SPAN_S: f64 = 5.0;
 /// normal distribution; five strictly rising samples just pass it.
 const MIN_TREND_Z: f64 = 1.96;
 
-/// What the collector saw of a process at one tick.
+/// What the collector saw of a process at one tick. Kept small: a process
+/// keeps up to 256 of them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sample {
     pub ktime_ns: u64,
-    /// `None` when the fd table could not be read.
-    pub fds: Option<u64>,
-    pub held: u64,
-    pub close_wait: u64,
+    /// [`NO_FDS`] when the fd table could not be read.
+    fds: u32,
+    pub held: u32,
+    /// Held sockets whose connection has ended (CLOSE_WAIT, CLOSED_HELD).
+    pub stranded: u32,
+}
+
+const NO_FDS: u32 = u32::MAX;
+
+impl Sample {
+    pub fn new(ktime_ns: u64, fds: Option<u64>, held: u64, stranded: u64) -> Self {
+        let narrow = |value: u64| u32::try_from(value).unwrap_or(NO_FDS - 1);
+        Self {
+            ktime_ns,
+            fds: fds.map_or(NO_FDS, narrow),
+            held: narrow(held),
+            stranded: narrow(stranded),
+        }
+    }
+
+    pub fn fds(&self) -> Option<u64> {
+        (self.fds != NO_FDS).then_some(u64::from(self.fds))
+    }
 }
 
 /// The samples of the last `window`, thinned to at most [`CAPACITY`].
@@ -47,9 +72,28 @@ impl History {
             window_ns,
             // A little under window/CAPACITY, so ticks that arrive slightly
             // early are still kept while fast ticks are thinned.
-            min_spacing_ns: window_ns / (CAPACITY as u64 * 5 / 4),
-            samples: VecDeque::with_capacity(CAPACITY),
+            // So that the samples kept span the whole window.
+            min_spacing_ns: window_ns / CAPACITY as u64,
+            // Grown as samples come: most processes never fill the long
+            // scales.
+            samples: VecDeque::new(),
         }
+    }
+
+    pub fn window_s(&self) -> f64 {
+        self.window_ns as f64 / 1e9
+    }
+
+    /// Seconds between the first and the last sample.
+    pub fn span_s(&self) -> f64 {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(first), Some(last)) => (last.ktime_ns - first.ktime_ns) as f64 / 1e9,
+            _ => 0.0,
+        }
+    }
+
+    pub fn last(&self) -> Option<&Sample> {
+        self.samples.back()
     }
 
     pub fn push(&mut self, sample: Sample) {
@@ -100,8 +144,13 @@ pub struct Trend {
 impl Trend {
     /// `points` must be in time order.
     pub fn fit(points: &[(f64, f64)]) -> Option<Self> {
+        Self::fit_spanning(points, MIN_SPAN_S)
+    }
+
+    /// As [`Trend::fit`], over at least `min_span_s`.
+    fn fit_spanning(points: &[(f64, f64)], min_span_s: f64) -> Option<Self> {
         let (&(first_t, first_value), &(last_t, _)) = (points.first()?, points.last()?);
-        if points.len() < MIN_POINTS || last_t - first_t < MIN_SPAN_S {
+        if points.len() < MIN_POINTS || last_t - first_t < min_span_s {
             return None;
         }
         // Most processes hold a steady count: skip the pairwise work.
@@ -168,10 +217,23 @@ pub struct FdForecast {
     pub growth_per_s: f64,
     /// Seconds until the soft limit; `None` unless fds are significantly rising.
     pub eta_s: Option<f64>,
+    /// The window the slope was measured over, in seconds.
+    pub window_s: f64,
+    /// The growth is steady over that window (see [`keeps_growing`]), not
+    /// only a significant slope: what a verdict needs.
+    pub steady: bool,
 }
 
 pub fn fd_forecast(fd_points: &[(f64, f64)], soft_limit: u64) -> Option<FdForecast> {
-    let trend = Trend::fit(fd_points)?;
+    fd_forecast_spanning(fd_points, soft_limit, MIN_SPAN_S)
+}
+
+fn fd_forecast_spanning(
+    fd_points: &[(f64, f64)],
+    soft_limit: u64,
+    min_span_s: f64,
+) -> Option<FdForecast> {
+    let trend = Trend::fit_spanning(fd_points, min_span_s)?;
     let eta_s = trend.is_rising().then(|| {
         let level = fd_points
             .last()
@@ -181,7 +243,140 @@ pub fn fd_forecast(fd_points: &[(f64, f64)], soft_limit: u64) -> Option<FdForeca
     Some(FdForecast {
         growth_per_s: trend.slope_per_s,
         eta_s,
+        window_s: 0.0,
+        steady: keeps_growing(fd_points, 0.0),
     })
+}
+
+/// The time scales: the seconds scale is fed every collector tick from the
+/// event stream (held sockets; fds estimated from them), the others at
+/// each report from /proc.
+pub const SCALES: [Duration; 4] = [
+    Duration::from_secs(5),
+    Duration::from_secs(60),
+    Duration::from_secs(600),
+    Duration::from_secs(3_600),
+];
+const SECONDS: usize = 0;
+/// A slower scale speaks once it spans this share of its window; before,
+/// the shorter scales do.
+const MIN_SPAN_SHARE: f64 = 0.5;
+/// A shorter scale overrides a longer one when its forecast is this much
+/// sooner: the leak sped up. Noise at a short scale moves a forecast far
+/// less (a staircase of one socket per 30 s seen over a minute: ±50%).
+const SPED_UP: f64 = 3.0;
+/// The seconds scale forecasts only exhaustion this near: beyond, a few
+/// seconds of growth (a pool warming up) say too little.
+pub const FAST_ETA_MAX_S: f64 = 60.0;
+/// The seconds scale needs this much steady growth first.
+const FAST_MIN_SPAN_S: f64 = 2.0;
+
+/// One process's samples at every scale.
+#[derive(Clone, Debug)]
+pub struct Trends {
+    scales: [History; SCALES.len()],
+}
+
+impl Default for Trends {
+    fn default() -> Self {
+        Self {
+            scales: SCALES.map(History::new),
+        }
+    }
+}
+
+impl Trends {
+    /// A sample from the event stream (every collector tick).
+    pub fn push_fast(&mut self, sample: Sample) {
+        self.scales[SECONDS].push(sample);
+    }
+
+    /// A sample with the fd count read from /proc (every report).
+    pub fn push(&mut self, sample: Sample) {
+        for history in &mut self.scales {
+            history.push(sample);
+        }
+    }
+
+    /// The last sample of the seconds scale.
+    pub fn last_fast(&self) -> Option<&Sample> {
+        self.scales[SECONDS].last()
+    }
+
+    /// When the soft limit is reached, from the longest scale that has
+    /// enough history and sees fds rising, unless a shorter one sees them
+    /// rising [`SPED_UP`] times faster. `None` before any scale can say.
+    pub fn fd_forecast(&self, soft_limit: u64) -> Option<FdForecast> {
+        let mut best: Option<FdForecast> = None;
+        let mut flat: Option<FdForecast> = None;
+        for (index, history) in self.scales.iter().enumerate().rev() {
+            let points = history.points(Sample::fds);
+            let enough = index == SECONDS
+                || index == 1
+                || history.span_s() >= MIN_SPAN_SHARE * history.window_s();
+            if !enough {
+                continue;
+            }
+            let forecast = if index == SECONDS {
+                // Few seconds are noisy: steady growth only, and only for
+                // an exhaustion that near.
+                if !keeps_growing(&points, FAST_MIN_SPAN_S) {
+                    continue;
+                }
+                fd_forecast_spanning(&points, soft_limit, FAST_MIN_SPAN_S)
+                    .filter(|f| f.eta_s.is_some_and(|eta| eta <= FAST_ETA_MAX_S))
+            } else {
+                fd_forecast(&points, soft_limit)
+            };
+            let Some(mut forecast) = forecast else {
+                continue;
+            };
+            forecast.window_s = history.window_s();
+            let Some(eta) = forecast.eta_s else {
+                flat.get_or_insert(forecast);
+                continue;
+            };
+            match best {
+                Some(longer) if longer.eta_s.is_some_and(|then| eta * SPED_UP >= then) => {}
+                _ => best = Some(forecast),
+            }
+        }
+        best.or(flat)
+    }
+
+    /// The window (seconds) over which `measure` keeps growing, if any
+    /// slow scale with enough history shows it; `min_span_share` of the
+    /// one-minute window at least (a pool filling over some seconds is no
+    /// leak). The longest scale that shows it is named.
+    pub fn keeps_growing(
+        &self,
+        measure: impl Fn(&Sample) -> Option<u64> + Copy,
+        min_span_share: f64,
+    ) -> Option<f64> {
+        self.scales
+            .iter()
+            .enumerate()
+            .skip(1)
+            .rev()
+            .find(|(index, history)| {
+                let share = if *index == 1 {
+                    min_span_share
+                } else {
+                    min_span_share.max(MIN_SPAN_SHARE)
+                };
+                keeps_growing(&history.points(measure), share * history.window_s())
+            })
+            .map(|(_, history)| history.window_s())
+    }
+
+    /// The fitted rise of `measure` over the scale of `window_s`.
+    pub fn rise(&self, window_s: f64, measure: impl Fn(&Sample) -> Option<u64>) -> f64 {
+        self.scales
+            .iter()
+            .find(|history| history.window_s() == window_s)
+            .and_then(|history| Trend::fit(&history.points(measure)))
+            .map_or(0.0, |trend| trend.rise)
+    }
 }
 
 /// Whether a count keeps growing over at least `min_span_s`: significantly
@@ -196,7 +391,7 @@ pub fn keeps_growing(points: &[(f64, f64)], min_span_s: f64) -> bool {
     };
     if span_s < min_span_s
         || points.len() < 2 * MIN_POINTS
-        || !Trend::fit(points).is_some_and(|trend| trend.z >= MIN_TREND_Z)
+        || !Trend::fit_spanning(points, 0.0).is_some_and(|trend| trend.z >= MIN_TREND_Z)
     {
         return false;
     }
@@ -346,17 +541,80 @@ mod tests {
     fn history_keeps_the_window_and_thins_fast_ticks() {
         let mut history = History::new(Duration::from_secs(60));
         for tick in 0..1_000u64 {
-            history.push(Sample {
-                ktime_ns: tick * 100_000_000, // every 0.1 s
-                fds: Some(tick),
-                held: 0,
-                close_wait: 0,
-            });
+            // Every 0.1 s.
+            history.push(Sample::new(tick * 100_000_000, Some(tick), 0, 0));
         }
-        let points = history.points(|sample| sample.fds);
+        let points = history.points(Sample::fds);
         assert!(points.len() <= CAPACITY);
         let span = points.last().unwrap().0 - points.first().unwrap().0;
         assert!(span > 50.0 && span <= 60.0, "{span}");
+    }
+
+    /// One sample per second of `fds(t)` over `seconds`, fed like the
+    /// collector feeds them (seconds scale every 0.1 s, with the same value).
+    fn trends(seconds: u64, fds: impl Fn(f64) -> f64) -> Trends {
+        let mut trends = Trends::default();
+        for tenth in 0..seconds * 10 {
+            let t = tenth as f64 / 10.0;
+            let at = 1_000_000_000_000 + tenth * 100_000_000;
+            let value = fds(t).round() as u64;
+            if tenth % 10 == 0 {
+                trends.push(Sample::new(at, Some(value), value, 0));
+            } else {
+                trends.push_fast(Sample::new(at, Some(value), value, 0));
+            }
+        }
+        trends
+    }
+
+    #[test]
+    fn a_slow_leak_is_forecast_from_ten_minutes() {
+        // One fd every 30 s (the incident), 65,535 allowed.
+        let trends = trends(600, |t| 100.0 + (t / 30.0).floor());
+        let forecast = trends.fd_forecast(65_535).unwrap();
+        let truth = (65_535.0 - 119.0) * 30.0;
+        let eta = forecast.eta_s.unwrap();
+        assert!((eta - truth).abs() <= 0.25 * truth, "{eta} vs {truth}");
+        assert_eq!(forecast.window_s, 600.0);
+        assert_eq!(
+            trends.keeps_growing(|s| s.fds(), 0.9),
+            Some(600.0),
+            "steady growth over ten minutes"
+        );
+    }
+
+    #[test]
+    fn a_fast_leak_is_forecast_within_seconds() {
+        // 10 fds/s against 256: exhausted 25 s in.
+        let trends = trends(3, |t| 6.0 + 10.0 * t);
+        let forecast = trends.fd_forecast(256).unwrap();
+        let eta = forecast.eta_s.unwrap();
+        assert!((eta - 22.0).abs() < 3.0, "{eta}");
+        assert_eq!(forecast.window_s, 5.0);
+    }
+
+    #[test]
+    fn a_pool_that_filled_at_once_has_no_forecast() {
+        let filled = trends(120, |t| if t < 3.0 { 10.0 } else { 60.0 });
+        assert_eq!(filled.fd_forecast(1_024).and_then(|f| f.eta_s), None);
+        assert_eq!(filled.keeps_growing(|s| s.fds(), 0.9), None);
+        // Warming up over two seconds towards a far limit: no forecast either.
+        let warming = trends(3, |t| 10.0 + 10.0 * t.min(2.0));
+        assert_eq!(warming.fd_forecast(65_535).and_then(|f| f.eta_s), None);
+    }
+
+    #[test]
+    fn a_leak_that_sped_up_is_forecast_from_its_new_pace() {
+        // One a second for ten minutes, then 20 a second.
+        let trends = trends(660, |t| {
+            if t < 600.0 {
+                t
+            } else {
+                600.0 + 20.0 * (t - 600.0)
+            }
+        });
+        let forecast = trends.fd_forecast(100_000).unwrap();
+        assert!(forecast.growth_per_s > 10.0, "{forecast:?}");
     }
 
     #[test]

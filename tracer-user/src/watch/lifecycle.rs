@@ -7,11 +7,14 @@
 //! CLOSE (TIME_WAIT lives in a separate mini socket, so the full socket goes
 //! straight to CLOSE); peer close first ESTABLISHED -> CLOSE_WAIT, then the
 //! owner's close CLOSE_WAIT -> LAST_ACK -> CLOSE; resets go to CLOSE directly.
+//! A reset, timeout or refused connect while the owner still holds the fd
+//! goes to CLOSED_HELD instead, and the owner's release (close or exit) ends
+//! it: CLOSED_HELD -> CLOSE.
 
 use std::num::NonZeroU64;
 
 use crate::sockets::Transition;
-use crate::tcp::TcpState;
+use crate::tcp::{CloseCause, TcpState};
 
 use super::peers::{Closer, PeerKey};
 
@@ -20,9 +23,10 @@ use super::peers::{Closer, PeerKey};
 pub fn is_socket_start(old: TcpState, new: TcpState) -> bool {
     matches!(
         (old, new),
-        (TcpState::Close, TcpState::SynSent)
-            | (TcpState::Listen, TcpState::SynRecv)
-            | (TcpState::Close, TcpState::Listen)
+        (
+            TcpState::Close | TcpState::ClosedHeld,
+            TcpState::SynSent | TcpState::Listen
+        ) | (TcpState::Listen, TcpState::SynRecv)
     )
 }
 
@@ -35,6 +39,7 @@ pub fn is_held_state(state: TcpState) -> bool {
             | TcpState::Established
             | TcpState::CloseWait
             | TcpState::Listen
+            | TcpState::ClosedHeld
     )
 }
 
@@ -52,8 +57,10 @@ pub struct Effects {
     pub lifetime_ns: Option<u64>,
     /// ESTABLISHED to the peer's FIN.
     pub peer_close_after_ns: Option<u64>,
-    /// CLOSE_WAIT to the owner's close.
+    /// CLOSE_WAIT to the owner's close (or to the network's close).
     pub close_wait_dwell_ns: Option<u64>,
+    /// Why the kernel ended the connection, when it did with an error.
+    pub cause: Option<CloseCause>,
     pub listen_started: Option<u16>,
     pub listen_stopped: Option<u16>,
 }
@@ -93,6 +100,14 @@ pub struct SocketRecord {
     pub close_wait_since_ns: Stamp,
     /// In CLOSE_WAIT since before socktrace started: its age is a lower bound.
     pub close_wait_before_start: bool,
+    /// When the connection ended while the owner held on: the peer's FIN
+    /// (CLOSE_WAIT) or, if none came first, the network's close
+    /// (CLOSED_HELD). How long the owner has been sitting on a dead socket.
+    pub stranded_since_ns: Stamp,
+    /// Stranded since before socktrace started.
+    pub stranded_before_start: bool,
+    /// In CLOSED_HELD: why the kernel closed it.
+    pub cause: Option<CloseCause>,
     pub last_event_ns: u64,
 }
 
@@ -113,13 +128,23 @@ impl SocketRecord {
             established_at_ns: None,
             close_wait_since_ns: None,
             close_wait_before_start: false,
+            stranded_since_ns: None,
+            stranded_before_start: false,
+            cause: None,
             last_event_ns: t.ktime_ns,
         }
     }
 
     /// A socket that existed when socktrace started, at `start_ns`.
-    pub fn seeded(state: TcpState, peer: Option<PeerKey>, inbound: bool, start_ns: u64) -> Self {
+    pub fn seeded(
+        state: TcpState,
+        cause: Option<CloseCause>,
+        peer: Option<PeerKey>,
+        inbound: bool,
+        start_ns: u64,
+    ) -> Self {
         let close_wait = state == TcpState::CloseWait;
+        let stranded = close_wait || state == TcpState::ClosedHeld;
         Self {
             pid: None,
             state,
@@ -134,8 +159,17 @@ impl SocketRecord {
             established_at_ns: None,
             close_wait_since_ns: stamp(start_ns).filter(|_| close_wait),
             close_wait_before_start: close_wait,
+            stranded_since_ns: stamp(start_ns).filter(|_| stranded),
+            stranded_before_start: stranded,
+            cause,
             last_event_ns: start_ns,
         }
+    }
+
+    /// Held, but its connection is over: in CLOSE_WAIT or CLOSED_HELD.
+    pub fn is_stranded(&self) -> bool {
+        self.is_held_connection()
+            && matches!(self.state, TcpState::CloseWait | TcpState::ClosedHeld)
     }
 
     /// Still held by its owner and not a listener: a connection that uses
@@ -175,6 +209,9 @@ impl SocketRecord {
             self.close_wait_since_ns = None;
             self.close_wait_before_start = false;
         }
+        if matches!(t.new, TcpState::Close | TcpState::ClosedHeld) && t.cause.is_some() {
+            effects.cause = t.cause;
+        }
         let mut closer = None;
         match t.new {
             TcpState::SynSent => self.syn_sent_at_ns = stamp(now),
@@ -188,6 +225,7 @@ impl SocketRecord {
             TcpState::CloseWait => {
                 closer = Some(Closer::Peer);
                 self.close_wait_since_ns = stamp(now);
+                self.stranded_since_ns = stamp(now);
                 if t.old == TcpState::Established {
                     effects.peer_close_after_ns =
                         t.dwell_ns.or_else(|| elapsed(now, self.established_at_ns));
@@ -200,18 +238,35 @@ impl SocketRecord {
                 effects.released = true;
             }
             TcpState::LastAck => effects.released = true,
+            // The network ended it; the owner holds on to the fd.
+            TcpState::ClosedHeld => {
+                if matches!(
+                    t.old,
+                    TcpState::Established | TcpState::SynSent | TcpState::SynRecv
+                ) {
+                    closer = Some(Closer::Network);
+                }
+                if self.stranded_since_ns.is_none() {
+                    self.stranded_since_ns = stamp(now);
+                }
+                self.cause = t.cause;
+                effects.lifetime_ns = elapsed(now, self.established_at_ns);
+            }
             TcpState::Close => {
                 if matches!(
                     t.old,
                     TcpState::Established | TcpState::SynSent | TcpState::SynRecv
                 ) {
-                    closer = Some(Closer::Reset);
+                    closer = Some(Closer::Network);
                 }
                 if t.old == TcpState::Listen {
                     effects.listen_stopped = Some(t.local.port());
                 }
                 effects.released = true;
-                effects.lifetime_ns = elapsed(now, self.established_at_ns);
+                // Counted when the network closed it.
+                if t.old != TcpState::ClosedHeld {
+                    effects.lifetime_ns = elapsed(now, self.established_at_ns);
+                }
             }
             TcpState::Listen => {
                 self.listener = true;
@@ -223,6 +278,10 @@ impl SocketRecord {
             effects.closer = closer;
             self.closer_known = closer.is_some();
         }
+        if !matches!(t.new, TcpState::CloseWait | TcpState::ClosedHeld) {
+            self.stranded_since_ns = None;
+            self.stranded_before_start = false;
+        }
         // A listener's close is not a connection's close.
         effects.released &= !self.released && !self.listener;
         self.released |= effects.released;
@@ -232,7 +291,8 @@ impl SocketRecord {
     }
 }
 
-/// Who closed first, as far as a seeded socket's state tells.
+/// Who closed first, as far as a seeded socket's state tells (a CLOSED_HELD
+/// one may have been in CLOSE_WAIT before: unknown).
 pub fn seeded_closer(state: TcpState) -> Option<Closer> {
     match state {
         TcpState::CloseWait | TcpState::LastAck => Some(Closer::Peer),
@@ -264,6 +324,7 @@ mod tests {
             old,
             new,
             dwell_ns: None,
+            cause: None,
         }
     }
 
@@ -327,14 +388,63 @@ mod tests {
         let (mut record, _) = client(0);
         step(&mut record, 1, SynSent, Established);
         let reset = step(&mut record, 5, Established, Close);
-        assert_eq!(reset.closer, Some(Closer::Reset));
+        assert_eq!(reset.closer, Some(Closer::Network));
         assert!(reset.released);
 
         let (mut refused, _) = client(0);
         assert_eq!(
             step(&mut refused, 0, SynSent, Close).closer,
-            Some(Closer::Reset)
+            Some(Closer::Network)
         );
+    }
+
+    fn with_cause(mut t: Transition, cause: CloseCause) -> Transition {
+        t.cause = Some(cause);
+        t
+    }
+
+    #[test]
+    fn reset_while_held_is_held_until_released() {
+        use TcpState::*;
+        let (mut record, _) = client(0);
+        step(&mut record, 1, SynSent, Established);
+        let t = with_cause(transition(5, Established, ClosedHeld), CloseCause::Reset);
+        let reset = record.apply(&t, true);
+        assert_eq!(reset.closer, Some(Closer::Network));
+        assert_eq!(reset.cause, Some(CloseCause::Reset));
+        assert_eq!(reset.lifetime_ns, Some(4 * S));
+        assert!(!reset.released, "the owner still holds it");
+        assert!(record.is_held_connection() && record.is_stranded());
+        assert_eq!(record.stranded_since_ns, stamp(5 * S));
+        let release = step(&mut record, 65, ClosedHeld, Close);
+        assert!(release.released);
+        assert_eq!(release.lifetime_ns, None, "counted once");
+        assert!(!record.is_held_connection());
+    }
+
+    #[test]
+    fn close_wait_then_reset_stays_stranded_since_the_fin() {
+        use TcpState::*;
+        let (mut record, _) = client(0);
+        step(&mut record, 1, SynSent, Established);
+        step(&mut record, 2, Established, CloseWait);
+        let t = with_cause(transition(70, CloseWait, ClosedHeld), CloseCause::Reset);
+        let keepalive_reset = record.apply(&t, true);
+        assert_eq!(keepalive_reset.closer, None, "the peer closed first");
+        assert_eq!(keepalive_reset.close_wait_dwell_ns, Some(68 * S));
+        assert!(!keepalive_reset.released);
+        assert_eq!(record.stranded_since_ns, stamp(2 * S));
+        assert_eq!(record.cause, Some(CloseCause::Reset));
+    }
+
+    #[test]
+    fn refused_connect_kept_open_is_held() {
+        use TcpState::*;
+        let (mut record, _) = client(0);
+        let t = with_cause(transition(0, SynSent, ClosedHeld), CloseCause::Refused);
+        assert_eq!(record.apply(&t, true).closer, Some(Closer::Network));
+        assert!(record.is_held_connection());
+        assert!(is_socket_start(ClosedHeld, SynSent), "connecting again");
     }
 
     #[test]
@@ -352,10 +462,21 @@ mod tests {
 
     #[test]
     fn seeded_close_wait_is_held_and_dated_from_start() {
-        let record = SocketRecord::seeded(TcpState::CloseWait, None, false, 7 * S);
+        let record = SocketRecord::seeded(TcpState::CloseWait, None, None, false, 7 * S);
         assert!(record.is_held_connection());
         assert!(record.close_wait_before_start);
         assert_eq!(record.close_wait_since_ns, stamp(7 * S));
-        assert!(!SocketRecord::seeded(TcpState::FinWait2, None, false, 0).is_held_connection());
+        assert!(
+            !SocketRecord::seeded(TcpState::FinWait2, None, None, false, 0).is_held_connection()
+        );
+        let closed = SocketRecord::seeded(
+            TcpState::ClosedHeld,
+            Some(CloseCause::Reset),
+            None,
+            false,
+            7 * S,
+        );
+        assert!(closed.is_stranded());
+        assert_eq!(closed.stranded_since_ns, stamp(7 * S));
     }
 }

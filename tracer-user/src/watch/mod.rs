@@ -10,9 +10,11 @@
 //! JSON Lines or a table.
 
 pub mod distribution;
+pub mod fd_kinds;
 mod forecast;
 mod lifecycle;
 pub mod peers;
+pub mod phrases;
 mod process;
 mod rates;
 pub mod render;
@@ -25,7 +27,6 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -35,11 +36,13 @@ use crate::decode::Comm;
 use crate::sockets::{ExistingSocket, Owner, Transition};
 use crate::tcp::TcpState;
 
+pub use fd_kinds::FdKindCounts;
+
 use distribution::Distributions;
 use lifecycle::SocketRecord;
 use peers::{PeerKey, PeerReport};
 use process::Process;
-use verdicts::{Alert, AlertBook};
+use verdicts::{Alert, AlertBook, Measures};
 
 /// Sockets of an exited process keep closing for a moment (the kernel
 /// closes its fds); events for them in this time are not pinned on the pid.
@@ -59,8 +62,6 @@ pub struct WatchConfig {
     pub short_window: Duration,
     /// Window of the `_long` rates and of "opens outpace closes".
     pub long_window: Duration,
-    /// Samples the fd forecast and the growth tests look back on.
-    pub trend_window: Duration,
 }
 
 impl Default for WatchConfig {
@@ -72,30 +73,6 @@ impl Default for WatchConfig {
             pids: Vec::new(),
             short_window: Duration::from_secs(10),
             long_window: Duration::from_secs(300),
-            trend_window: Duration::from_secs(60),
-        }
-    }
-}
-
-/// A socket that existed when socktrace started (its age is unknown).
-/// Later transitions of it arrive with the same `sock_id`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SeededSocket {
-    pub sock_id: u64,
-    pub owner: Owner,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub state: TcpState,
-}
-
-impl From<&ExistingSocket> for SeededSocket {
-    fn from(existing: &ExistingSocket) -> Self {
-        Self {
-            sock_id: existing.sock_id,
-            owner: existing.owner,
-            local: existing.local,
-            remote: existing.remote,
-            state: existing.state,
         }
     }
 }
@@ -151,6 +128,12 @@ pub struct ProcessReport {
     /// counted from the start, so it is at least that old.
     pub close_wait_oldest_lower_bound: bool,
     pub close_wait_dwell_s: Option<DwellSummary>,
+    /// Held sockets the network closed (CLOSED_HELD)...
+    pub closed_held: u64,
+    /// ... by why the kernel closed them (`reset`, `timed_out`, ...).
+    pub closed_held_causes: BTreeMap<&'static str, u64>,
+    /// Time since the connection of the oldest of them ended.
+    pub closed_held_oldest_s: Option<f64>,
     pub fds: Option<u64>,
     pub fd_soft_limit: Option<u64>,
     pub fd_hard_limit: Option<u64>,
@@ -158,6 +141,14 @@ pub struct ProcessReport {
     pub fd_growth_per_s: Option<f64>,
     /// Seconds until the soft limit; `None` unless fds are rising.
     pub eta_s: Option<f64>,
+    /// The window the ETA's trend was measured over (5 s to 1 h).
+    pub eta_window_s: Option<f64>,
+    /// What the process's fds are, read from /proc when they rise faster
+    /// than its TCP sockets explain; `None` otherwise.
+    pub fd_kinds: Option<FdKindCounts>,
+    /// The kinds that grew between the last two reads, most first.
+    #[serde(serialize_with = "fd_kinds::serialize_rising")]
+    pub fd_kinds_rising: Vec<(&'static str, u64)>,
     /// Conditions in force now (serialized as their kinds).
     #[serde(serialize_with = "alert_kinds")]
     pub alerts: Vec<Alert>,
@@ -180,8 +171,11 @@ pub struct Snapshot {
     pub lost_events: u64,
     /// Worst first.
     pub processes: Vec<ProcessReport>,
-    /// Alerts raised for the first time, or again because they got worse.
+    /// Alerts raised, worse, or resolved at this tick.
     pub new_alerts: Vec<Alert>,
+    /// Processes whose fd kinds the collector should read from /proc:
+    /// their fds rise faster than their TCP sockets explain.
+    pub fd_kinds_wanted: Vec<u32>,
 }
 
 enum Attribution {
@@ -220,7 +214,7 @@ impl Watch {
 
     /// Takes in a socket found at start. Seed listeners first so that the
     /// connections accepted from them are recognised as inbound.
-    pub fn on_seeded(&mut self, seeded: SeededSocket) {
+    pub fn on_seeded(&mut self, seeded: &ExistingSocket) {
         let pid = match self.attribute(&seeded.owner, self.start_ns) {
             Attribution::Owner(pid) => Some(pid),
             Attribution::Unknown => None,
@@ -232,7 +226,7 @@ impl Watch {
             .as_ref()
             .is_some_and(|process| process.listen_ports.contains(&local_port));
         let peer = PeerKey::new(seeded.remote, local_port, inbound);
-        let mut record = SocketRecord::seeded(seeded.state, peer, inbound, start_ns);
+        let mut record = SocketRecord::seeded(seeded.state, seeded.cause, peer, inbound, start_ns);
         record.pid = pid;
         if let Some(process) = process {
             process.add_seeded(&mut record, local_port, start_ns);
@@ -249,9 +243,21 @@ impl Watch {
                 return;
             }
         };
-        if lifecycle::is_socket_start(t.old, t.new) {
-            // A record still under this id lost its CLOSE event.
-            self.sockets.remove(&t.sock_id);
+        if lifecycle::is_socket_start(t.old, t.new)
+            && let Some(mut earlier) = self.sockets.remove(&t.sock_id)
+        {
+            // The record of a socket that connects again after the network
+            // closed it (or that lost its CLOSE event): that connection is
+            // over for its owner.
+            let process = earlier.pid.and_then(|pid| self.processes.get_mut(&pid));
+            if let Some(process) = process.filter(|_| earlier.is_held_connection()) {
+                let released = lifecycle::Effects {
+                    released: true,
+                    ..lifecycle::Effects::default()
+                };
+                process.held_live -= 1;
+                process.apply(&released, earlier.peer, &mut earlier.peer_hint, t.ktime_ns);
+            }
         }
         let config = &self.config;
         let mut process = owner.map(|pid| {
@@ -281,8 +287,10 @@ impl Watch {
             // Carried from an earlier event.
             None => process = record.pid.and_then(|pid| self.processes.get_mut(&pid)),
         }
+        let held_before = record.is_held_connection();
         let effects = record.apply(t, process.is_some());
         if let Some(process) = process {
+            process.held_live += i64::from(record.is_held_connection()) - i64::from(held_before);
             process.apply(&effects, record.peer, &mut record.peer_hint, t.ktime_ns);
         }
         if t.new == TcpState::Close {
@@ -370,31 +378,68 @@ impl Watch {
         self.count_sockets(now);
 
         let mut processes = Vec::with_capacity(self.processes.len());
+        let mut new_alerts = Vec::new();
+        let mut fd_kinds_wanted = Vec::new();
+        let quiet_for_ns = duration_ns(self.config.long_window);
         for (&pid, process) in &mut self.processes {
             let sample = samples.get(&pid).copied();
             let (mut report, evidence) = process.report(pid, now, self.start_ns, sample);
-            if !process.exited {
-                report.alerts = verdicts::evaluate(&report, &evidence, &self.config, lost_events);
+            if evidence.fds_unexplained {
+                fd_kinds_wanted.push(pid);
             }
+            let conditions = if process.exited {
+                Vec::new()
+            } else {
+                verdicts::evaluate(&report, &evidence, &self.config, lost_events)
+            };
+            let measures = Measures::of(&report);
+            let (in_force, announced) =
+                self.alerts
+                    .update(pid, conditions, measures, process.exited, now, quiet_for_ns);
+            report.alerts = in_force;
+            new_alerts.extend(announced);
             processes.push(report);
         }
         processes.sort_by(worst_first);
-
-        let forget_after_ns = duration_ns(self.config.trend_window);
-        let mut new_alerts = Vec::new();
-        for report in &processes {
-            new_alerts.extend(
-                self.alerts
-                    .update(report.pid, &report.alerts, now, forget_after_ns),
-            );
-        }
+        new_alerts.sort_by_key(|alert| (alert.pid, alert.kind));
         self.forget(now);
         Snapshot {
             ktime_ns: now,
             lost_events,
             processes,
             new_alerts,
+            fd_kinds_wanted,
         }
+    }
+
+    /// A sample of every live process's held count from the event stream,
+    /// for the seconds scale of its trends: called every collector tick.
+    pub fn sample_fast(&mut self, now_ktime_ns: u64) {
+        for process in self.processes.values_mut().filter(|p| !p.exited) {
+            process.sample_fast(now_ktime_ns);
+        }
+    }
+
+    /// The fd kinds the collector read for `pid` (see
+    /// [`Snapshot::fd_kinds_wanted`]).
+    pub fn record_fd_kinds(&mut self, pid: u32, counts: FdKindCounts, now_ktime_ns: u64) {
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process
+                .fd_kinds
+                .get_or_insert_with(Default::default)
+                .update(counts, now_ktime_ns);
+        }
+    }
+
+    /// Whether the fd kinds of `pid` are due a read (at most one every
+    /// [`fd_kinds::READ_EVERY_NS`]).
+    pub fn fd_kinds_due(&self, pid: u32, now_ktime_ns: u64) -> bool {
+        self.processes.get(&pid).is_some_and(|process| {
+            process
+                .fd_kinds
+                .as_ref()
+                .is_none_or(|k| k.due(now_ktime_ns))
+        })
     }
 
     fn attribute(&self, owner: &Owner, ktime_ns: u64) -> Attribution {

@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::round3;
+use crate::tcp::CloseCause;
 
 /// Peers tracked one by one per process; the rest share the "other" entry so
 /// that a process talking to thousands of hosts costs bounded memory.
@@ -70,8 +71,9 @@ pub enum Closer {
     Local,
     /// The peer's FIN came first (ESTABLISHED -> CLOSE_WAIT).
     Peer,
-    /// Straight to CLOSE: a reset, an abort or a failed connect.
-    Reset,
+    /// The network ended it first: straight to CLOSE (or CLOSED_HELD) by a
+    /// reset, a timeout, a failed connect, or the owner's abort.
+    Network,
 }
 
 /// The last few ESTABLISHED dwells before the peer's FIN, in milliseconds.
@@ -124,7 +126,9 @@ pub struct PeerStats {
     pub closed: u64,
     pub local_closed_first: u64,
     pub peer_closed_first: u64,
-    pub reset: u64,
+    pub network_closed_first: u64,
+    /// Connections the kernel ended with an error, by [`CloseCause`].
+    causes: [u64; CloseCause::ALL.len()],
     lifetimes: u64,
     lifetime_total_ns: u128,
     lifetime_max_ns: u64,
@@ -133,6 +137,7 @@ pub struct PeerStats {
     /// Recounted from the socket table at every tick.
     pub held: u64,
     pub close_wait: u64,
+    pub closed_held: u64,
     pub oldest_open_ns: u64,
 }
 
@@ -141,8 +146,12 @@ impl PeerStats {
         match closer {
             Closer::Local => self.local_closed_first += 1,
             Closer::Peer => self.peer_closed_first += 1,
-            Closer::Reset => self.reset += 1,
+            Closer::Network => self.network_closed_first += 1,
         }
+    }
+
+    pub fn record_cause(&mut self, cause: CloseCause) {
+        self.causes[cause as usize] += 1;
     }
 
     /// A connection ended `lifetime_ns` after it was established.
@@ -160,6 +169,7 @@ impl PeerStats {
     pub fn reset_current(&mut self) {
         self.held = 0;
         self.close_wait = 0;
+        self.closed_held = 0;
         self.oldest_open_ns = 0;
     }
 
@@ -170,18 +180,26 @@ impl PeerStats {
         other.closed += self.closed;
         other.local_closed_first += self.local_closed_first;
         other.peer_closed_first += self.peer_closed_first;
-        other.reset += self.reset;
+        other.network_closed_first += self.network_closed_first;
+        for (other, ours) in other.causes.iter_mut().zip(self.causes) {
+            *other += ours;
+        }
         other.lifetimes += self.lifetimes;
         other.lifetime_total_ns += self.lifetime_total_ns;
         other.lifetime_max_ns = other.lifetime_max_ns.max(self.lifetime_max_ns);
         other.last_event_ns = other.last_event_ns.max(self.last_event_ns);
         other.held += self.held;
         other.close_wait += self.close_wait;
+        other.closed_held += self.closed_held;
         other.oldest_open_ns = other.oldest_open_ns.max(self.oldest_open_ns);
     }
 
     fn is_empty(&self) -> bool {
-        self.opened == 0 && self.closed == 0 && self.held == 0 && self.close_wait == 0
+        self.opened == 0 && self.closed == 0 && self.held == 0
+    }
+
+    fn cause_count(&self, cause: CloseCause) -> u64 {
+        self.causes[cause as usize]
     }
 
     fn report(&self, remote: String, local_port: Option<u16>) -> PeerReport {
@@ -193,9 +211,15 @@ impl PeerStats {
             closed: self.closed,
             held: self.held,
             close_wait: self.close_wait,
+            closed_held: self.closed_held,
             local_closed_first: self.local_closed_first,
             peer_closed_first: self.peer_closed_first,
-            reset: self.reset,
+            network_closed_first: self.network_closed_first,
+            reset: self.cause_count(CloseCause::Reset),
+            timed_out: self.cause_count(CloseCause::TimedOut),
+            refused: self.cause_count(CloseCause::Refused),
+            unreachable: self.cause_count(CloseCause::Unreachable),
+            other_error: self.cause_count(CloseCause::Other),
             lifetime_mean_s: (self.lifetimes > 0)
                 .then(|| round3(self.lifetime_total_ns as f64 / self.lifetimes as f64 / 1e9)),
             lifetime_max_s: (lifetime_max_ns > 0).then(|| round3(lifetime_max_ns as f64 / 1e9)),
@@ -213,11 +237,21 @@ pub struct PeerReport {
     pub local_port: Option<u16>,
     pub opened: u64,
     pub closed: u64,
+    /// Connections held: open, in CLOSE_WAIT, or CLOSED_HELD.
     pub held: u64,
     pub close_wait: u64,
+    /// Held sockets the network closed (reset, timed out, ...).
+    pub closed_held: u64,
+    /// Who closed first.
     pub local_closed_first: u64,
     pub peer_closed_first: u64,
+    pub network_closed_first: u64,
+    /// How the kernel ended connections with an error, by cause.
     pub reset: u64,
+    pub timed_out: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    pub other_error: u64,
     /// Mean time from ESTABLISHED to CLOSE of the connections that ended.
     pub lifetime_mean_s: Option<f64>,
     /// Longest lifetime, counting connections still open at their age now.
@@ -230,7 +264,7 @@ pub struct PeerReport {
 impl PeerReport {
     /// Share of the ended or ending connections where the peer closed first.
     pub fn peer_closed_first_share(&self) -> Option<f64> {
-        let decided = self.local_closed_first + self.peer_closed_first + self.reset;
+        let decided = self.local_closed_first + self.peer_closed_first + self.network_closed_first;
         (decided > 0).then(|| self.peer_closed_first as f64 / decided as f64)
     }
 
@@ -484,7 +518,7 @@ mod tests {
         stats.record_closer(Closer::Peer);
         stats.record_closer(Closer::Peer);
         stats.record_closer(Closer::Local);
-        stats.record_closer(Closer::Reset);
+        stats.record_closer(Closer::Network);
         let report = stats.report("10.0.0.7:*".to_string(), Some(8080));
         assert_eq!(report.phrase(), "from 10.0.0.7 on :8080");
         assert_eq!(report.peer_closed_first_share(), Some(0.5));

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 
 use super::distribution::{Distributions, empty_histogram};
-use super::forecast::{self, History, Sample};
+use super::fd_kinds::FdKinds;
+use super::forecast::{Sample, Trends};
 use super::lifecycle::{Effects, SocketRecord, elapsed, seeded_closer};
 use super::peers::{PeerKey, PeerTable};
 use super::rates::Rates;
@@ -15,6 +16,8 @@ use super::{DwellSummary, ProcSample, ProcessReport, WatchConfig, round3};
 use crate::{decode::Comm, tcp::TcpState};
 
 const NS_PER_US: u64 = 1_000;
+/// Name of the cause of a CLOSED_HELD socket the kernel gave no error for.
+const NO_CAUSE: &str = "unknown";
 
 /// Recounted from the socket table at each tick.
 #[derive(Debug, Default)]
@@ -24,7 +27,14 @@ struct Current {
     close_wait: u64,
     oldest_close_wait_ns: Option<u64>,
     oldest_close_wait_before_start: bool,
-    close_wait_before_start: u64,
+    /// Stranded sockets (CLOSE_WAIT, CLOSED_HELD) found at start and still
+    /// there.
+    stranded_before_start: u64,
+    closed_held: u64,
+    closed_held_causes: BTreeMap<&'static str, u64>,
+    oldest_closed_held_ns: Option<u64>,
+    /// Since the connection ended, of the oldest stranded socket.
+    oldest_stranded_ns: Option<u64>,
     /// Ended dwells plus the ages of the sockets still waiting, in µs.
     close_wait_dwell_us: Option<Histogram<u64>>,
 }
@@ -41,8 +51,16 @@ pub struct Process {
     pub closed_total: u64,
     /// Connect latency, lifetime and ended CLOSE_WAIT dwells.
     pub distributions: Distributions,
-    history: History,
-    trend_window_s: f64,
+    trends: Trends,
+    /// Held connections as the events move them, between two recounts (the
+    /// recount at each report is the truth; this is for the seconds scale).
+    pub held_live: i64,
+    /// `held_live` and the fd count at the last report, to estimate fds in
+    /// between from the held count.
+    held_at_report: i64,
+    fds_at_report: Option<u64>,
+    /// What its fds are, read when they rise and TCP does not explain it.
+    pub fd_kinds: Option<FdKinds>,
     pub last_event_ns: u64,
     pub exited: bool,
     current: Current,
@@ -59,8 +77,11 @@ impl Process {
             opened_total: 0,
             closed_total: 0,
             distributions: Distributions::default(),
-            history: History::new(config.trend_window),
-            trend_window_s: config.trend_window.as_secs_f64(),
+            trends: Trends::default(),
+            held_live: 0,
+            held_at_report: 0,
+            fds_at_report: None,
+            fd_kinds: None,
             last_event_ns: now_ns,
             exited: false,
             current: Current::default(),
@@ -111,6 +132,7 @@ impl Process {
         let for_peer = effects.opened
             || effects.released
             || effects.closer.is_some()
+            || effects.cause.is_some()
             || effects.lifetime_ns.is_some()
             || effects.peer_close_after_ns.is_some();
         let Some(key) = peer.filter(|_| for_peer) else {
@@ -122,6 +144,9 @@ impl Process {
         stats.closed += u64::from(effects.released);
         if let Some(closer) = effects.closer {
             stats.record_closer(closer);
+        }
+        if let Some(cause) = effects.cause {
+            stats.record_cause(cause);
         }
         if let Some(lifetime_ns) = effects.lifetime_ns {
             stats.record_lifetime(lifetime_ns);
@@ -142,6 +167,7 @@ impl Process {
         if record.listener {
             self.add_listen_port(local_port);
         }
+        self.held_live += i64::from(record.is_held_connection());
         let Some(key) = record.peer else {
             return;
         };
@@ -162,11 +188,28 @@ impl Process {
         if !record.is_held_connection() {
             return;
         }
-        self.current.held += 1;
+        let current = &mut self.current;
+        current.held += 1;
         let close_wait_age_ns = (record.state == TcpState::CloseWait)
             .then(|| elapsed(now_ns, record.close_wait_since_ns));
         if let Some(age_ns) = close_wait_age_ns {
             self.count_close_wait(age_ns, record.close_wait_before_start);
+        }
+        let closed_held = record.state == TcpState::ClosedHeld;
+        if record.is_stranded() {
+            let current = &mut self.current;
+            if closed_held {
+                current.closed_held += 1;
+                let cause = record.cause.map_or(NO_CAUSE, |cause| cause.name());
+                *current.closed_held_causes.entry(cause).or_default() += 1;
+            }
+            current.stranded_before_start += u64::from(record.stranded_before_start);
+            if let Some(age_ns) = elapsed(now_ns, record.stranded_since_ns) {
+                current.oldest_stranded_ns = current.oldest_stranded_ns.max(Some(age_ns));
+                if closed_held {
+                    current.oldest_closed_held_ns = current.oldest_closed_held_ns.max(Some(age_ns));
+                }
+            }
         }
         let Some(key) = record.peer else {
             return;
@@ -174,6 +217,7 @@ impl Process {
         let stats = self.peers.existing_mut(&key, record.peer_hint);
         stats.held += 1;
         stats.close_wait += u64::from(close_wait_age_ns.is_some());
+        stats.closed_held += u64::from(closed_held);
         if let Some(open_ns) = elapsed(now_ns, record.established_at_ns) {
             stats.oldest_open_ns = stats.oldest_open_ns.max(open_ns);
         }
@@ -182,7 +226,6 @@ impl Process {
     fn count_close_wait(&mut self, age_ns: Option<u64>, before_start: bool) {
         let current = &mut self.current;
         current.close_wait += 1;
-        current.close_wait_before_start += u64::from(before_start);
         let Some(age_ns) = age_ns else {
             return;
         };
@@ -212,6 +255,22 @@ impl Process {
         !self.current.sockets.is_empty()
     }
 
+    /// A sample for the seconds scale, from the event stream: fds moved
+    /// since the last report as the held count did.
+    pub fn sample_fast(&mut self, now_ns: u64) {
+        let held = u64::try_from(self.held_live).unwrap_or(0);
+        let fds = self.fds_at_report.map(|fds| {
+            let moved = self.held_live - self.held_at_report;
+            fds.saturating_add_signed(moved)
+        });
+        let stranded = self
+            .trends
+            .last_fast()
+            .map_or(0, |last| u64::from(last.stranded));
+        self.trends
+            .push_fast(Sample::new(now_ns, fds, held, stranded));
+    }
+
     /// Records this tick's sample and computes the figures; call after the
     /// sockets were counted.
     pub fn report(
@@ -222,30 +281,43 @@ impl Process {
         sample: Option<ProcSample>,
     ) -> (ProcessReport, Evidence) {
         let current = &self.current;
-        self.history.push(Sample {
-            ktime_ns: now_ns,
-            fds: sample.map(|sample| sample.fds),
-            held: current.held,
-            close_wait: current.close_wait,
+        let stranded = current.close_wait + current.closed_held;
+        self.held_live = i64::try_from(current.held).unwrap_or(i64::MAX);
+        self.held_at_report = self.held_live;
+        self.fds_at_report = sample.map(|sample| sample.fds);
+        self.trends.push(Sample::new(
+            now_ns,
+            sample.map(|sample| sample.fds),
+            current.held,
+            stranded,
+        ));
+        let trends = &self.trends;
+        let fd_forecast = sample.and_then(|sample| trends.fd_forecast(sample.soft_limit));
+        let held_growth_window_s = trends.keeps_growing(|s| Some(u64::from(s.held)), 0.9);
+        // Rising fds that the held sockets do not follow: something else
+        // (pipes, files, other sockets) is piling up.
+        let fds_unexplained = fd_forecast.is_some_and(|forecast| {
+            let window = forecast.window_s;
+            let fd_rise = trends.rise(window, Sample::fds);
+            forecast.eta_s.is_some()
+                && fd_rise > 0.0
+                && trends.rise(window, |s| Some(u64::from(s.held))) < 0.5 * fd_rise
         });
-        let fd_points = self.history.points(|sample| sample.fds);
-        let fd_forecast =
-            sample.and_then(|sample| forecast::fd_forecast(&fd_points, sample.soft_limit));
         let evidence = Evidence {
-            fds_keep_growing: forecast::keeps_growing(&fd_points, 0.0),
-            // Over the whole window, so that a pool filling up over some
-            // seconds is not taken for a leak.
-            held_keeps_growing: forecast::keeps_growing(
-                &self.history.points(|sample| Some(sample.held)),
-                0.9 * self.trend_window_s,
-            ),
-            close_wait_keeps_growing: forecast::keeps_growing(
-                &self.history.points(|sample| Some(sample.close_wait)),
-                0.0,
-            ),
+            fds_unexplained,
+            fds_keep_growing: fd_forecast
+                .is_some_and(|forecast| forecast.steady && forecast.eta_s.is_some()),
+            held_growth_window_s,
+            held_rise: held_growth_window_s.map_or(0.0, |window| {
+                trends.rise(window, |s| Some(u64::from(s.held)))
+            }),
+            stranded_keeps_growing: trends
+                .keeps_growing(|s| Some(u64::from(s.stranded)), 0.0)
+                .is_some(),
+            stranded_oldest_s: current.oldest_stranded_ns.map(|age| age as f64 / 1e9),
+            stranded_before_start: current.stranded_before_start,
             opened_long: self.opens.long.count(now_ns),
             closed_long: self.closes.long.count(now_ns),
-            close_wait_before_start: current.close_wait_before_start,
         };
 
         let connects_per_s = round3(self.opens.short.per_second(now_ns, start_ns));
@@ -256,6 +328,7 @@ impl Process {
             .close_wait_dwell_us
             .as_ref()
             .or(self.distributions.close_wait_dwell.histogram());
+        let seconds = |age_ns: u64| round3(age_ns as f64 / 1e9);
         let report = ProcessReport {
             pid,
             comm: self.comm.to_string(),
@@ -271,16 +344,26 @@ impl Process {
             sockets: current.sockets.clone(),
             held: current.held,
             close_wait: current.close_wait,
-            close_wait_oldest_s: current
-                .oldest_close_wait_ns
-                .map(|age_ns| round3(age_ns as f64 / 1e9)),
+            close_wait_oldest_s: current.oldest_close_wait_ns.map(seconds),
             close_wait_oldest_lower_bound: current.oldest_close_wait_before_start,
             close_wait_dwell_s: dwell.and_then(DwellSummary::from_us_histogram),
+            closed_held: current.closed_held,
+            closed_held_causes: current.closed_held_causes.clone(),
+            closed_held_oldest_s: current.oldest_closed_held_ns.map(seconds),
             fds: sample.map(|sample| sample.fds),
             fd_soft_limit: sample.map(|sample| sample.soft_limit),
             fd_hard_limit: sample.map(|sample| sample.hard_limit),
             fd_growth_per_s: fd_forecast.map(|forecast| round3(forecast.growth_per_s)),
             eta_s: fd_forecast.and_then(|forecast| forecast.eta_s).map(round3),
+            eta_window_s: fd_forecast
+                .filter(|forecast| forecast.eta_s.is_some())
+                .map(|forecast| forecast.window_s),
+            fd_kinds: self.fd_kinds.as_ref().map(FdKinds::counts),
+            fd_kinds_rising: self
+                .fd_kinds
+                .as_ref()
+                .map(FdKinds::rising)
+                .unwrap_or_default(),
             alerts: Vec::new(),
             peers: self.peers.report(),
             labels: Default::default(),

@@ -13,6 +13,7 @@
 use serde::Serialize;
 
 use super::peers::PeerReport;
+use super::phrases::{age, count, seconds_phrase};
 use super::verdicts::Alert;
 use super::{ProcessReport, Snapshot};
 
@@ -99,7 +100,7 @@ const fn column(title: &'static str, width: usize, left: bool, drop_order: Optio
     }
 }
 
-const COLUMNS: [Column; 11] = [
+const COLUMNS: [Column; 12] = [
     column("PID", 7, false, None),
     column("COMM", 15, true, None),
     column("CONN/s", 7, false, Some(4)),
@@ -107,9 +108,10 @@ const COLUMNS: [Column; 11] = [
     column("NET/s", 7, false, Some(1)),
     column("ESTAB", 6, false, Some(3)),
     column("CLOSE_WAIT", 10, false, None),
+    column("CLOSED_HELD", 11, false, None),
     column("OLDEST", 7, false, Some(5)),
     column("FDS", 7, false, Some(6)),
-    column("LIMIT", 7, false, Some(5)),
+    column("LIMIT", 7, false, Some(4)),
     column("ETA", 7, false, None),
 ];
 /// The peer with most connections held, and how many.
@@ -214,30 +216,41 @@ fn header(snapshot: &Snapshot) -> String {
         .iter()
         .map(|report| report.close_wait)
         .sum();
+    let closed_held: u64 = snapshot
+        .processes
+        .iter()
+        .map(|report| report.closed_held)
+        .sum();
     let alerting = snapshot
         .processes
         .iter()
         .filter(|report| !report.alerts.is_empty())
         .count();
     format!(
-        "socktrace: {processes} processes, {} held, {} in CLOSE_WAIT, \
+        "socktrace: {processes} processes, {} held, {} in CLOSE_WAIT, {} CLOSED_HELD, \
          {alerting} alerting, {} events lost",
         count(held),
         count(close_wait),
+        count(closed_held),
         count(snapshot.lost_events),
     )
 }
 
 fn cells(report: &ProcessReport) -> Vec<String> {
     let dash = || "-".to_string();
-    let oldest = report.close_wait_oldest_s.map_or_else(dash, |oldest| {
-        let prefix = if report.close_wait_oldest_lower_bound {
-            "≥"
-        } else {
-            ""
-        };
-        format!("{prefix}{}", age(oldest))
-    });
+    // The oldest stranded socket: in CLOSE_WAIT or CLOSED_HELD.
+    let oldest = match (report.close_wait_oldest_s, report.closed_held_oldest_s) {
+        (Some(waiting), closed) if closed.is_none_or(|closed| waiting >= closed) => {
+            let prefix = if report.close_wait_oldest_lower_bound {
+                "≥"
+            } else {
+                ""
+            };
+            format!("{prefix}{}", age(waiting))
+        }
+        (_, Some(closed)) => age(closed),
+        _ => dash(),
+    };
     vec![
         report.pid.to_string(),
         report.comm.clone(),
@@ -251,6 +264,7 @@ fn cells(report: &ProcessReport) -> Vec<String> {
             .unwrap_or(0)
             .to_string(),
         report.close_wait.to_string(),
+        report.closed_held.to_string(),
         oldest,
         report.fds.map_or_else(dash, compact),
         report.fd_soft_limit.map_or_else(dash, compact),
@@ -312,19 +326,6 @@ fn fit(text: &str, width: usize) -> String {
     cut
 }
 
-/// 1034 -> "1,034".
-pub(super) fn count(value: u64) -> String {
-    let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
 /// Table cells: exact up to 7 digits, then "12M"; RLIM_INFINITY is "unlim".
 fn compact(value: u64) -> String {
     match value {
@@ -334,83 +335,12 @@ fn compact(value: u64) -> String {
     }
 }
 
-/// "42s", "9m12s", "3h05m", "2d04h".
-pub(super) fn age(seconds: f64) -> String {
-    let total = seconds.max(0.0).round() as u64;
-    let (days, hours, minutes, secs) = (
-        total / 86_400,
-        total / 3_600 % 24,
-        total / 60 % 60,
-        total % 60,
-    );
-    match total {
-        0..60 => format!("{secs}s"),
-        60..3_600 => format!("{minutes}m{secs:02}s"),
-        3_600..86_400 => format!("{hours}h{minutes:02}m"),
-        _ => format!("{days}d{hours:02}h"),
-    }
-}
-
-/// "~40s", "~12 min", "~5 h", "~20 days".
-pub(super) fn eta_phrase(seconds: f64) -> String {
-    let seconds = seconds.max(0.0);
-    if seconds < 100.0 {
-        format!("~{seconds:.0}s")
-    } else if seconds < 100.0 * 60.0 {
-        format!("~{:.0} min", seconds / 60.0)
-    } else if seconds < 48.0 * 3_600.0 {
-        format!("~{:.0} h", seconds / 3_600.0)
-    } else {
-        format!("~{:.0} days", seconds / 86_400.0)
-    }
-}
-
-/// A rate in the unit that reads best: "12/s", "2.5/s", "2.0/min", "0.5/h".
-pub(super) fn per_second_phrase(per_second: f64) -> String {
-    if per_second <= 0.0 {
-        "0/s".to_string()
-    } else if per_second >= 10.0 {
-        format!("{per_second:.0}/s")
-    } else if per_second >= 1.0 {
-        format!("{per_second:.1}/s")
-    } else if per_second * 60.0 >= 0.1 {
-        format!("{:.1}/min", per_second * 60.0)
-    } else {
-        format!("{:.1}/h", per_second * 3_600.0)
-    }
-}
-
-/// "2.0 s", "10 s".
-pub(super) fn seconds_phrase(seconds: f64) -> String {
-    if seconds < 10.0 {
-        format!("{seconds:.1} s")
-    } else {
-        format!("{seconds:.0} s")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn numbers_read_like_the_issue() {
-        assert_eq!(count(0), "0");
-        assert_eq!(count(999), "999");
-        assert_eq!(count(1_034), "1,034");
-        assert_eq!(count(65_535), "65,535");
-        assert_eq!(count(1_234_567), "1,234,567");
-        assert_eq!(age(552.0), "9m12s");
-        assert_eq!(age(42.4), "42s");
-        assert_eq!(age(3_900.0), "1h05m");
-        assert_eq!(age(187_200.0), "2d04h");
-        assert_eq!(eta_phrase(20.0 * 86_400.0), "~20 days");
-        assert_eq!(eta_phrase(16.2), "~16s");
-        assert_eq!(eta_phrase(720.0), "~12 min");
-        assert_eq!(per_second_phrase(2.0 / 60.0), "2.0/min");
-        assert_eq!(per_second_phrase(10.0), "10/s");
-        assert_eq!(per_second_phrase(0.0), "0/s");
-        assert_eq!(seconds_phrase(2.004), "2.0 s");
+    fn compact_cells() {
         assert_eq!(compact(65_535), "65535");
         assert_eq!(compact(u64::MAX), "unlim");
         assert_eq!(compact(1_073_741_816), "1073M");

@@ -1,55 +1,85 @@
-//! When a process is in trouble, and the one sentence that says why.
+//! When a process is in trouble, the one sentence that says why, and how
+//! long the verdict stays in force.
 //!
 //! Healthy patterns stay quiet by construction: prompt closes keep CLOSE_WAIT
 //! young and opens level with closes; the active closer's TIME_WAIT churn
 //! releases its sockets at FIN_WAIT1; an idle pool holds a flat count;
 //! listeners are not connections.
+//!
+//! A leaked socket ends in whatever state the network leaves it: CLOSE_WAIT
+//! after the peer's FIN, CLOSED_HELD after a reset or a timeout. Both are
+//! "stranded": the connection is over, the process still holds the fd.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
 use super::peers::PeerReport;
-use super::render::{age, count, eta_phrase, per_second_phrase, seconds_phrase};
+use super::phrases::{age, count, eta_phrase, per_second_phrase, seconds_phrase};
 use super::{ProcessReport, WatchConfig};
 
-/// Sockets found in CLOSE_WAIT at start, still there, that flag a process
-/// at once. A process that closes after the peer's FIN does so within
+/// Stranded sockets found at start, still there, that flag a process at
+/// once. A process that closes after the peer's FIN does so within
 /// milliseconds, so even a busy one has only a handful waiting at any instant.
-pub const SEEDED_CLOSE_WAIT_PILE: u64 = 32;
-/// Net sockets gained over the long window before growth is a verdict ...
+pub const SEEDED_STRANDED_PILE: u64 = 32;
+/// Net sockets gained before growth is a verdict ...
 const MIN_NET_GAIN: u64 = 20;
-/// ... and at least this share of the connections opened in it: high churn
-/// leaves a few in flight at the window's edges.
+/// ... and, over the minute, at least this share of the connections opened
+/// over the long window: high churn leaves a few in flight at the edges.
 const MIN_NET_GAIN_SHARE: f64 = 0.05;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// The soft RLIMIT_NOFILE will be reached within `--warn-eta`, or usage
     /// is past the threshold.
     FdExhaustion,
-    /// CLOSE_WAIT sockets keep piling up and are old.
+    /// Stranded sockets (CLOSE_WAIT, CLOSED_HELD) keep piling up and are
+    /// old.
     CloseWait,
     /// Opens outpace closes and the held count keeps growing.
     SocketGrowth,
 }
 
 impl AlertKind {
-    const ALL: [Self; 3] = [Self::FdExhaustion, Self::CloseWait, Self::SocketGrowth];
+    pub const ALL: [Self; 3] = [Self::FdExhaustion, Self::CloseWait, Self::SocketGrowth];
+
+    /// As it appears in JSON and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FdExhaustion => "fd_exhaustion",
+            Self::CloseWait => "close_wait",
+            Self::SocketGrowth => "socket_growth",
+        }
+    }
+}
+
+/// Where an alert is in its life, as its JSON line says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// The condition began to hold.
+    Raised,
+    /// It got twice as bad since it was last announced.
+    Worse,
+    /// The leak stopped (no new high for a long window, or nothing left),
+    /// or the process exited.
+    Resolved,
 }
 
 /// One verdict about one process, with its evidence.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Alert {
     pub kind: AlertKind,
+    pub state: AlertState,
     pub pid: u32,
     pub comm: String,
     /// The remote endpoint most responsible (`ip:port`, or `ip:*` for
-    /// inbound clients), if any.
+    /// inbound clients), if any; none when the fds that grow are not TCP.
     pub remote: Option<String>,
     pub eta_s: Option<f64>,
     pub close_wait: u64,
+    pub closed_held: u64,
     pub held: u64,
     pub fds: Option<u64>,
     pub fd_soft_limit: Option<u64>,
@@ -62,16 +92,23 @@ pub struct Alert {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Evidence {
     pub fds_keep_growing: bool,
-    pub held_keeps_growing: bool,
-    pub close_wait_keeps_growing: bool,
+    /// The fds rise faster than the held sockets explain.
+    pub fds_unexplained: bool,
+    /// The longest window over which the held count keeps growing.
+    pub held_growth_window_s: Option<f64>,
+    /// The fitted rise of the held count over that window.
+    pub held_rise: f64,
+    pub stranded_keeps_growing: bool,
+    /// Since the connection of the oldest stranded socket ended.
+    pub stranded_oldest_s: Option<f64>,
+    /// Stranded sockets that were already there at start.
+    pub stranded_before_start: u64,
     /// Connections opened and closed over the long window.
     pub opened_long: u64,
     pub closed_long: u64,
-    /// Sockets still in CLOSE_WAIT that were already there at start.
-    pub close_wait_before_start: u64,
 }
 
-/// The conditions that hold for `report` now.
+/// The conditions that hold for `report` now, each as a raised alert.
 pub fn evaluate(
     report: &ProcessReport,
     evidence: &Evidence,
@@ -84,23 +121,31 @@ pub fn evaluate(
             && report
                 .eta_s
                 .is_some_and(|eta| eta <= config.warn_eta.as_secs_f64());
-        let crowded = soft_limit > 0 && fds as f64 >= config.fd_usage_threshold * soft_limit as f64;
-        if soon || crowded {
+        if soon || crowded(fds, soft_limit, config) {
             kinds.push(AlertKind::FdExhaustion);
         }
     }
-    let old_enough = report
-        .close_wait_oldest_s
+    let stranded = report.close_wait + report.closed_held;
+    let old_enough = evidence
+        .stranded_oldest_s
         .is_some_and(|age| age >= config.close_wait_age.as_secs_f64());
-    let piling_up = evidence.close_wait_keeps_growing && old_enough;
-    let found_piled = evidence.close_wait_before_start >= SEEDED_CLOSE_WAIT_PILE;
-    if report.close_wait > 0 && (piling_up || found_piled) {
+    let piling_up = evidence.stranded_keeps_growing && old_enough;
+    let found_piled = evidence.stranded_before_start >= SEEDED_STRANDED_PILE;
+    if stranded > 0 && (piling_up || found_piled) {
         kinds.push(AlertKind::CloseWait);
     }
-    let net_gain = evidence.opened_long.saturating_sub(evidence.closed_long);
-    let outpacing = net_gain >= MIN_NET_GAIN
-        && net_gain as f64 >= MIN_NET_GAIN_SHARE * evidence.opened_long as f64;
-    if outpacing && evidence.held_keeps_growing {
+    let growing = match evidence.held_growth_window_s {
+        // Over a minute, opens must outpace closes over the long window.
+        Some(window) if window <= 60.0 => {
+            let net_gain = evidence.opened_long.saturating_sub(evidence.closed_long);
+            net_gain >= MIN_NET_GAIN
+                && net_gain as f64 >= MIN_NET_GAIN_SHARE * evidence.opened_long as f64
+        }
+        // Over ten minutes or an hour, slow leaks: the steady rise says it.
+        Some(_) => evidence.held_rise >= MIN_NET_GAIN as f64,
+        None => false,
+    };
+    if growing {
         kinds.push(AlertKind::SocketGrowth);
     }
     kinds
@@ -109,20 +154,35 @@ pub fn evaluate(
         .collect()
 }
 
+fn crowded(fds: u64, soft_limit: u64, config: &WatchConfig) -> bool {
+    soft_limit > 0 && fds as f64 >= config.fd_usage_threshold * soft_limit as f64
+}
+
+/// The fd kinds that grew, when TCP sockets are not what grows.
+fn not_tcp_growth(report: &ProcessReport) -> Option<&[(&'static str, u64)]> {
+    let rising = report.fd_kinds_rising.as_slice();
+    match rising.first() {
+        Some(&(kind, _)) if kind != "tcp" => Some(rising),
+        _ => None,
+    }
+}
+
 fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_events: u64) -> Alert {
-    // Peers come most-held first; for CLOSE_WAIT the one with most waiting.
+    let other_fds = not_tcp_growth(report);
+    // Peers come most-held first; for stranded sockets the one with most.
     let peer = match kind {
+        _ if other_fds.is_some() && kind == AlertKind::FdExhaustion => None,
         AlertKind::CloseWait => report
             .peers
             .iter()
-            .filter(|peer| peer.close_wait > 0)
-            .max_by_key(|peer| peer.close_wait),
+            .filter(|peer| peer.close_wait + peer.closed_held > 0)
+            .max_by_key(|peer| peer.close_wait + peer.closed_held),
         _ => report.peers.first().filter(|peer| peer.held > 0),
     };
     let mut parts = Vec::new();
     match kind {
         AlertKind::CloseWait => {
-            parts.push(close_wait_phrase(report, peer));
+            parts.push(stranded_phrase(report, peer));
             if let Some(share) = peer.and_then(PeerReport::peer_closed_first_share) {
                 parts.push(format!("the peer closed first in {:.0}%", share * 100.0));
             }
@@ -130,8 +190,10 @@ fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_eve
         }
         AlertKind::FdExhaustion => {
             parts.extend(fd_phrase(report, config));
-            if report.held > 0 {
-                parts.push(held_phrase(report, peer));
+            match other_fds {
+                Some(rising) => parts.push(rising_kinds_phrase(rising)),
+                None if report.held > 0 => parts.push(held_phrase(report, peer)),
+                None => {}
             }
         }
         AlertKind::SocketGrowth => {
@@ -160,11 +222,13 @@ fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_eve
     }
     Alert {
         kind,
+        state: AlertState::Raised,
         pid: report.pid,
         comm: report.comm.clone(),
         remote: peer.map(|peer| peer.remote.clone()),
         eta_s: report.eta_s,
         close_wait: report.close_wait,
+        closed_held: report.closed_held,
         held: report.held,
         fds: report.fds,
         fd_soft_limit: report.fd_soft_limit,
@@ -173,22 +237,86 @@ fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_eve
     }
 }
 
-/// "318 sockets to 10.0.0.5:17000 in CLOSE_WAIT, oldest 9m12s"
-fn close_wait_phrase(report: &ProcessReport, peer: Option<&PeerReport>) -> String {
-    let total = count(report.close_wait);
-    let mut phrase = match peer {
-        Some(peer) if peer.close_wait == report.close_wait => {
-            format!("{total} sockets {} in CLOSE_WAIT", peer.phrase())
+/// "closed by the peer's reset", "timed out", ... for CLOSED_HELD causes.
+fn cause_phrase(cause: &str) -> &'static str {
+    match cause {
+        "reset" => "closed by the peer's reset",
+        "timed_out" => "timed out",
+        "refused" => "refused",
+        "unreachable" => "unreachable",
+        "other_error" => "closed on an error",
+        _ => "closed by the network",
+    }
+}
+
+/// "88 closed by the peer's reset" or "90 closed by the network (88 by the
+/// peer's reset, 2 timed out)".
+fn closed_held_split(report: &ProcessReport) -> String {
+    let total = count(report.closed_held);
+    let causes: Vec<(&str, u64)> = report
+        .closed_held_causes
+        .iter()
+        .map(|(&cause, &n)| (cause, n))
+        .collect();
+    match causes.as_slice() {
+        [(cause, _)] => format!("{total} {}", cause_phrase(cause)),
+        _ => {
+            let split: Vec<String> = causes
+                .iter()
+                .map(|(cause, n)| format!("{} {}", count(*n), cause_phrase(cause)))
+                .collect();
+            format!("{total} closed by the network ({})", split.join(", "))
         }
-        Some(peer) => format!(
-            "{total} sockets in CLOSE_WAIT, {} {}",
-            count(peer.close_wait),
-            peer.phrase()
-        ),
-        None => format!("{total} sockets in CLOSE_WAIT"),
+    }
+}
+
+/// "318 sockets to 10.0.0.5:17000 in CLOSE_WAIT, oldest 9m12s", or with
+/// CLOSED_HELD ones: "150 sockets held to 10.0.0.5:17000 after the
+/// connection ended: 62 in CLOSE_WAIT, 88 closed by the peer's reset but
+/// never closed by the process, oldest 9m12s".
+fn stranded_phrase(report: &ProcessReport, peer: Option<&PeerReport>) -> String {
+    let stranded = report.close_wait + report.closed_held;
+    let total = count(stranded);
+    let peer_stranded = peer.map_or(0, |peer| peer.close_wait + peer.closed_held);
+    let mut phrase = if report.closed_held == 0 {
+        match peer {
+            Some(peer) if peer_stranded == stranded => {
+                format!("{total} sockets {} in CLOSE_WAIT", peer.phrase())
+            }
+            Some(peer) => format!(
+                "{total} sockets in CLOSE_WAIT, {} {}",
+                count(peer_stranded),
+                peer.phrase()
+            ),
+            None => format!("{total} sockets in CLOSE_WAIT"),
+        }
+    } else {
+        let whose = match peer {
+            Some(peer) if peer_stranded == stranded => format!("held {}", peer.phrase()),
+            Some(peer) => format!("held ({} {})", count(peer_stranded), peer.phrase()),
+            None => "held".to_string(),
+        };
+        let mut split = Vec::new();
+        if report.close_wait > 0 {
+            split.push(format!("{} in CLOSE_WAIT", count(report.close_wait)));
+        }
+        split.push(format!(
+            "{} but never closed by the process",
+            closed_held_split(report)
+        ));
+        format!(
+            "{total} sockets {whose} after the connection ended: {}",
+            split.join(", ")
+        )
     };
-    if let Some(oldest) = report.close_wait_oldest_s {
-        if report.close_wait_oldest_lower_bound {
+    let oldest = report
+        .close_wait_oldest_s
+        .into_iter()
+        .chain(report.closed_held_oldest_s)
+        .max_by(f64::total_cmp);
+    if let Some(oldest) = oldest {
+        // Sockets found in CLOSE_WAIT at start are dated from it.
+        if report.close_wait_oldest_lower_bound && report.close_wait_oldest_s == Some(oldest) {
             phrase.push_str(&format!(
                 ", oldest ≥ {} (already waiting when socktrace started)",
                 age(oldest)
@@ -200,7 +328,8 @@ fn close_wait_phrase(report: &ProcessReport, peer: Option<&PeerReport>) -> Strin
     phrase
 }
 
-/// "350 sockets held to 10.0.0.5:17000 (300 in CLOSE_WAIT)"
+/// "350 sockets held to 10.0.0.5:17000 (300 in CLOSE_WAIT, 40 closed by the
+/// peer's reset)"
 fn held_phrase(report: &ProcessReport, peer: Option<&PeerReport>) -> String {
     let held = count(report.held);
     let mut phrase = match peer {
@@ -212,10 +341,27 @@ fn held_phrase(report: &ProcessReport, peer: Option<&PeerReport>) -> String {
         ),
         None => format!("{held} sockets held"),
     };
+    let mut split = Vec::new();
     if report.close_wait > 0 {
-        phrase.push_str(&format!(" ({} in CLOSE_WAIT)", count(report.close_wait)));
+        split.push(format!("{} in CLOSE_WAIT", count(report.close_wait)));
+    }
+    if report.closed_held > 0 {
+        split.push(closed_held_split(report));
+    }
+    if !split.is_empty() {
+        phrase.push_str(&format!(" ({})", split.join(", ")));
     }
     phrase
+}
+
+/// "the rise is pipes (+95 in the last read), not TCP sockets"
+fn rising_kinds_phrase(rising: &[(&str, u64)]) -> String {
+    let kinds: Vec<String> = rising
+        .iter()
+        .take(3)
+        .map(|(kind, grew)| format!("{kind} (+{})", count(*grew)))
+        .collect();
+    format!("the rise is {}, not TCP sockets", kinds.join(", "))
 }
 
 /// "fds 1,034/65,535 rising 2.0/min → limit in ~20 days"
@@ -228,7 +374,7 @@ fn fd_phrase(report: &ProcessReport, config: &WatchConfig) -> Option<String> {
             per_second_phrase(growth),
             eta_phrase(eta)
         )),
-        _ if soft_limit > 0 && fds as f64 >= config.fd_usage_threshold * soft_limit as f64 => {
+        _ if crowded(fds, soft_limit, config) => {
             phrase.push_str(&format!(
                 " ({:.0}% of the soft limit)",
                 fds as f64 * 100.0 / soft_limit as f64
@@ -239,52 +385,71 @@ fn fd_phrase(report: &ProcessReport, config: &WatchConfig) -> Option<String> {
     Some(phrase)
 }
 
-/// What was last raised for one (pid, kind), to raise it again only when
-/// it gets worse.
-#[derive(Clone, Copy, Debug)]
-struct Raised {
-    eta_s: Option<f64>,
-    fd_headroom: Option<u64>,
-    close_wait: u64,
+/// The figure each kind watches to tell whether the leak goes on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Measures {
+    fds: u64,
+    stranded: u64,
     held: u64,
-    quiet_since_ns: Option<u64>,
 }
 
-impl Raised {
-    fn from(alert: &Alert) -> Self {
+impl Measures {
+    pub fn of(report: &ProcessReport) -> Self {
         Self {
-            eta_s: alert.eta_s,
-            fd_headroom: alert
-                .fds
-                .zip(alert.fd_soft_limit)
-                .map(|(fds, limit)| limit.saturating_sub(fds)),
-            close_wait: alert.close_wait,
-            held: alert.held,
-            quiet_since_ns: None,
+            fds: report.fds.unwrap_or(0),
+            stranded: report.close_wait + report.closed_held,
+            held: report.held,
         }
     }
 
-    /// Worse means twice as bad: the ETA or the fd headroom halved, or the
-    /// count behind the alert doubled. A figure already at zero cannot get
-    /// worse (an ETA of 0 s stays 0 s once the limit is reached); without
-    /// this guard, 0 <= 0 / 2 raised the alert again at every tick.
-    fn is_worse(&self, alert: &Alert) -> bool {
-        let now = Raised::from(alert);
-        match alert.kind {
-            AlertKind::FdExhaustion => {
-                let eta_halved = match (self.eta_s, now.eta_s) {
-                    (Some(then), Some(now)) => then > 0.0 && now <= then / 2.0,
-                    _ => false,
-                };
-                let headroom_halved = match (self.fd_headroom, now.fd_headroom) {
-                    (Some(then), Some(now)) => then > 0 && now <= then / 2,
-                    _ => false,
-                };
-                eta_halved || headroom_halved
-            }
-            AlertKind::CloseWait => doubled(self.close_wait, now.close_wait),
-            AlertKind::SocketGrowth => doubled(self.held, now.held),
+    fn get(&self, kind: AlertKind) -> u64 {
+        match kind {
+            AlertKind::FdExhaustion => self.fds,
+            AlertKind::CloseWait => self.stranded,
+            AlertKind::SocketGrowth => self.held,
         }
+    }
+}
+
+/// One alert in force.
+#[derive(Clone, Debug)]
+struct InForce {
+    /// The latest figures and message.
+    alert: Alert,
+    /// The figures last announced, to announce again only when twice as bad.
+    announced: Alert,
+    /// The highest the measure has been, and when.
+    peak: u64,
+    peak_at_ns: u64,
+}
+
+/// Whether `now` is twice as bad as `then`: the ETA or the fd headroom
+/// halved, or the count behind the alert doubled. A figure already at zero
+/// cannot get worse (an ETA of 0 s stays 0 s once the limit is reached).
+fn is_worse(then: &Alert, now: &Alert) -> bool {
+    match now.kind {
+        AlertKind::FdExhaustion => {
+            let eta_halved = match (then.eta_s, now.eta_s) {
+                (Some(then), Some(now)) => then > 0.0 && now <= then / 2.0,
+                _ => false,
+            };
+            let headroom = |alert: &Alert| {
+                alert
+                    .fds
+                    .zip(alert.fd_soft_limit)
+                    .map(|(fds, limit)| limit.saturating_sub(fds))
+            };
+            let headroom_halved = match (headroom(then), headroom(now)) {
+                (Some(then), Some(now)) => then > 0 && now <= then / 2,
+                _ => false,
+            };
+            eta_halved || headroom_halved
+        }
+        AlertKind::CloseWait => doubled(
+            then.close_wait + then.closed_held,
+            now.close_wait + now.closed_held,
+        ),
+        AlertKind::SocketGrowth => doubled(then.held, now.held),
     }
 }
 
@@ -292,61 +457,101 @@ fn doubled(then: u64, now: u64) -> bool {
     then > 0 && now >= then.saturating_mul(2)
 }
 
-/// Raises each condition once per process, again when it worsens, and
-/// forgets it once it has been quiet for a while.
+/// The life of each (process, kind) alert: raised when its condition first
+/// holds; in force while it holds, and after, while the measure behind it
+/// (fds, stranded or held sockets) keeps setting new highs; announced again
+/// when twice as bad; resolved once the measure has set no new high for a
+/// long window (or dropped to nothing), or when the process exits.
 #[derive(Debug, Default)]
 pub struct AlertBook {
-    raised: HashMap<(u32, AlertKind), Raised>,
+    in_force: HashMap<(u32, AlertKind), InForce>,
 }
 
 impl AlertBook {
-    /// `active` are the conditions of `pid` now; returns those to announce.
+    /// `conditions` hold for `pid` now; returns the alerts in force and
+    /// those to announce (raised, worse, resolved).
     pub fn update(
         &mut self,
         pid: u32,
-        active: &[Alert],
+        conditions: Vec<Alert>,
+        measures: Measures,
+        exited: bool,
         now_ns: u64,
-        forget_after_ns: u64,
-    ) -> Vec<Alert> {
+        quiet_for_ns: u64,
+    ) -> (Vec<Alert>, Vec<Alert>) {
+        let mut in_force = Vec::new();
         let mut announce = Vec::new();
+        let mut conditions: Vec<Option<Alert>> = conditions.into_iter().map(Some).collect();
         for kind in AlertKind::ALL {
             let key = (pid, kind);
-            match (
-                active.iter().find(|alert| alert.kind == kind),
-                self.raised.get_mut(&key),
-            ) {
-                (Some(alert), Some(raised)) => {
-                    raised.quiet_since_ns = None;
-                    if raised.is_worse(alert) {
-                        *raised = Raised::from(alert);
-                        announce.push(alert.clone());
-                    }
+            let holding = conditions
+                .iter_mut()
+                .find(|alert| alert.as_ref().is_some_and(|a| a.kind == kind))
+                .and_then(Option::take);
+            let measure = measures.get(kind);
+            let Some(entry) = self.in_force.get_mut(&key) else {
+                if let Some(alert) = holding {
+                    announce.push(alert.clone());
+                    in_force.push(alert.clone());
+                    self.in_force.insert(
+                        key,
+                        InForce {
+                            announced: alert.clone(),
+                            alert,
+                            peak: measure,
+                            peak_at_ns: now_ns,
+                        },
+                    );
                 }
-                (Some(alert), None) => {
-                    self.raised.insert(key, Raised::from(alert));
+                continue;
+            };
+            if measure > entry.peak {
+                entry.peak = measure;
+                entry.peak_at_ns = now_ns;
+            }
+            let quiet = now_ns.saturating_sub(entry.peak_at_ns) >= quiet_for_ns;
+            let resolution = if exited {
+                Some("the process exited".to_string())
+            } else if holding.is_none() && measure == 0 {
+                Some("none left".to_string())
+            } else if holding.is_none() && quiet {
+                Some(format!(
+                    "no new high for {}",
+                    age(quiet_for_ns as f64 / 1e9)
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = resolution {
+                let mut resolved = entry.alert.clone();
+                resolved.state = AlertState::Resolved;
+                resolved.message = format!("{}; resolved: {why}", entry.alert.message);
+                announce.push(resolved);
+                self.in_force.remove(&key);
+                continue;
+            }
+            if let Some(mut alert) = holding {
+                if is_worse(&entry.announced, &alert) {
+                    alert.state = AlertState::Worse;
+                    entry.announced = alert.clone();
                     announce.push(alert.clone());
                 }
-                (None, Some(raised)) => {
-                    let quiet_since = *raised.quiet_since_ns.get_or_insert(now_ns);
-                    if now_ns.saturating_sub(quiet_since) >= forget_after_ns {
-                        self.raised.remove(&key);
-                    }
-                }
-                (None, None) => {}
+                entry.alert = alert;
             }
+            in_force.push(entry.alert.clone());
         }
-        announce
+        (in_force, announce)
     }
 
     pub fn has_pid(&self, pid: u32) -> bool {
         AlertKind::ALL
             .iter()
-            .any(|&kind| self.raised.contains_key(&(pid, kind)))
+            .any(|&kind| self.in_force.contains_key(&(pid, kind)))
     }
 
     pub fn forget_pid(&mut self, pid: u32) {
         for kind in AlertKind::ALL {
-            self.raised.remove(&(pid, kind));
+            self.in_force.remove(&(pid, kind));
         }
     }
 }
@@ -358,16 +563,18 @@ mod tests {
     fn fd_alert(eta_s: Option<f64>, fds: u64) -> Alert {
         Alert {
             kind: AlertKind::FdExhaustion,
+            state: AlertState::Raised,
             pid: 7,
             comm: "leaky".to_string(),
             remote: None,
             eta_s,
             close_wait: 0,
+            closed_held: 0,
             held: 0,
             fds: Some(fds),
             fd_soft_limit: Some(1_000),
             lost_events: 0,
-            message: String::new(),
+            message: "m".to_string(),
         }
     }
 
@@ -379,92 +586,159 @@ mod tests {
         }
     }
 
+    fn measures(fds: u64, stranded: u64) -> Measures {
+        Measures {
+            fds,
+            stranded,
+            held: stranded,
+        }
+    }
+
     const S: u64 = 1_000_000_000;
+    const QUIET: u64 = 300 * S;
+
+    /// The states announced at one update.
+    fn states(announced: &[Alert]) -> Vec<AlertState> {
+        announced.iter().map(|alert| alert.state).collect()
+    }
 
     #[test]
     fn raised_once_then_again_when_eta_halves() {
+        use AlertState::*;
         let mut book = AlertBook::default();
-        let forget = 60 * S;
-        assert_eq!(
-            book.update(7, &[fd_alert(Some(100.0), 500)], S, forget)
-                .len(),
-            1
-        );
-        assert!(
-            book.update(7, &[fd_alert(Some(80.0), 600)], 2 * S, forget)
-                .is_empty()
-        );
-        assert!(
-            book.update(7, &[fd_alert(Some(51.0), 700)], 3 * S, forget)
-                .is_empty()
-        );
-        assert_eq!(
-            book.update(7, &[fd_alert(Some(50.0), 700)], 4 * S, forget)
-                .len(),
-            1
-        );
+        let at = |book: &mut AlertBook, eta: f64, fds: u64, t: u64| {
+            let (_, out) = book.update(
+                7,
+                vec![fd_alert(Some(eta), fds)],
+                measures(fds, 0),
+                false,
+                t * S,
+                QUIET,
+            );
+            states(&out)
+        };
+        assert_eq!(at(&mut book, 100.0, 500, 1), [Raised]);
+        assert!(at(&mut book, 80.0, 600, 2).is_empty());
+        assert!(at(&mut book, 51.0, 700, 3).is_empty());
+        assert_eq!(at(&mut book, 50.0, 700, 4), [Worse]);
         // Measured from the last announcement now.
-        assert!(
-            book.update(7, &[fd_alert(Some(30.0), 700)], 5 * S, forget)
-                .is_empty()
-        );
+        assert!(at(&mut book, 30.0, 700, 5).is_empty());
     }
 
     #[test]
     fn limit_reached_is_not_raised_again_at_every_tick() {
         let mut book = AlertBook::default();
-        let forget = 60 * S;
         // fds at the soft limit: ETA 0 s, no headroom left.
-        let at_limit = || fd_alert(Some(0.0), 1_000);
-        assert_eq!(book.update(7, &[at_limit()], S, forget).len(), 1);
+        let at_limit = || vec![fd_alert(Some(0.0), 1_000)];
+        let (_, out) = book.update(7, at_limit(), measures(1_000, 0), false, S, QUIET);
+        assert_eq!(out.len(), 1);
         for tick in 2..10 {
-            assert!(book.update(7, &[at_limit()], tick * S, forget).is_empty());
+            let (in_force, out) =
+                book.update(7, at_limit(), measures(1_000, 0), false, tick * S, QUIET);
+            assert!(out.is_empty());
+            assert_eq!(in_force.len(), 1);
         }
     }
 
     #[test]
-    fn raised_again_when_close_wait_doubles() {
+    fn raised_again_when_stranded_sockets_double() {
         let mut book = AlertBook::default();
-        let forget = 60 * S;
-        assert_eq!(book.update(7, &[close_wait_alert(10)], S, forget).len(), 1);
-        assert!(
-            book.update(7, &[close_wait_alert(19)], 2 * S, forget)
-                .is_empty()
-        );
-        assert_eq!(
-            book.update(7, &[close_wait_alert(20)], 3 * S, forget).len(),
-            1
-        );
-        // Other kinds and pids are separate.
-        assert_eq!(
-            book.update(8, &[close_wait_alert(20)], 3 * S, forget).len(),
-            1
-        );
-        assert_eq!(
-            book.update(7, &[fd_alert(None, 950)], 3 * S, forget).len(),
-            1
-        );
+        let mut update = |pid: u32, alert: Alert, t: u64| {
+            let stranded = alert.close_wait + alert.closed_held;
+            book.update(pid, vec![alert], measures(0, stranded), false, t * S, QUIET)
+                .1
+                .len()
+        };
+        assert_eq!(update(7, close_wait_alert(10), 1), 1);
+        assert_eq!(update(7, close_wait_alert(19), 2), 0);
+        let half_closed_held = Alert {
+            closed_held: 10,
+            ..close_wait_alert(10)
+        };
+        assert_eq!(update(7, half_closed_held, 3), 1, "20 stranded in all");
+        // Other pids are separate.
+        assert_eq!(update(8, close_wait_alert(20), 3), 1);
     }
 
     #[test]
-    fn forgotten_after_quiet_then_raised_anew() {
+    fn in_force_while_rising_resolved_after_a_quiet_window() {
+        use AlertState::*;
         let mut book = AlertBook::default();
-        let forget = 10 * S;
-        book.update(7, &[close_wait_alert(10)], S, forget);
-        book.update(7, &[], 2 * S, forget);
-        assert!(book.has_pid(7));
-        // Back before the quiet period is over: still the same alert.
+        let (in_force, out) = book.update(
+            7,
+            vec![close_wait_alert(10)],
+            measures(0, 10),
+            false,
+            S,
+            QUIET,
+        );
+        assert_eq!((in_force.len(), states(&out)), (1, vec![Raised]));
+        // The condition no longer holds at some tick, but the pile still
+        // grows: the alert stays in force.
+        for (tick, stranded) in (2..200).zip(11..) {
+            let (in_force, out) =
+                book.update(7, Vec::new(), measures(0, stranded), false, tick * S, QUIET);
+            assert_eq!(in_force.len(), 1, "tick {tick}");
+            assert!(out.is_empty());
+        }
+        // Flat from there on: resolved once a whole quiet window passed.
+        let flat = 11 + 197;
+        let (in_force, _) = book.update(7, Vec::new(), measures(0, flat), false, 400 * S, QUIET);
+        assert_eq!(in_force.len(), 1);
+        let (in_force, out) = book.update(7, Vec::new(), measures(0, flat), false, 500 * S, QUIET);
+        assert!(in_force.is_empty());
+        assert_eq!(states(&out), [Resolved]);
         assert!(
-            book.update(7, &[close_wait_alert(10)], 5 * S, forget)
-                .is_empty()
+            out[0].message.ends_with("resolved: no new high for 5m00s"),
+            "{}",
+            out[0].message
         );
-        book.update(7, &[], 6 * S, forget);
-        book.update(7, &[], 16 * S, forget);
         assert!(!book.has_pid(7));
-        assert_eq!(
-            book.update(7, &[close_wait_alert(10)], 17 * S, forget)
-                .len(),
-            1
+    }
+
+    #[test]
+    fn resolved_when_the_process_exits_or_nothing_is_left() {
+        use AlertState::*;
+        let mut book = AlertBook::default();
+        book.update(
+            7,
+            vec![close_wait_alert(10)],
+            measures(0, 10),
+            false,
+            S,
+            QUIET,
         );
+        let (in_force, out) = book.update(7, Vec::new(), measures(0, 10), true, 2 * S, QUIET);
+        assert!(in_force.is_empty());
+        assert_eq!(states(&out), [Resolved]);
+        assert!(out[0].message.ends_with("resolved: the process exited"));
+
+        book.update(
+            8,
+            vec![close_wait_alert(10)],
+            measures(0, 10),
+            false,
+            S,
+            QUIET,
+        );
+        let (_, out) = book.update(8, Vec::new(), measures(0, 0), false, 2 * S, QUIET);
+        assert_eq!(states(&out), [Resolved]);
+    }
+
+    #[test]
+    fn a_condition_that_still_holds_keeps_it_in_force_when_flat() {
+        let mut book = AlertBook::default();
+        // 95% of the limit, flat: crowded is a condition of its own.
+        for tick in 1..1_000 {
+            let (in_force, _) = book.update(
+                7,
+                vec![fd_alert(None, 950)],
+                measures(950, 0),
+                false,
+                tick * S,
+                QUIET,
+            );
+            assert_eq!(in_force.len(), 1);
+        }
     }
 }

@@ -1,0 +1,119 @@
+//! Owners learned outside a state change: accept() returning a socket, and,
+//! where the kernel allows, tcp_connect and tcp_close, which always run in
+//! the owner's context (including closes of sockets already reset by the
+//! peer, which no state transition reveals).
+
+use aya_ebpf::{
+    helpers::bpf_get_current_task,
+    macros::{fentry, kprobe, tracepoint},
+    programs::{FEntryContext, ProbeContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use tracer_common::{EventKind, Layout, OwnerEvent, OwnerSource};
+
+use crate::{
+    CONFIG, SOCKETS, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr,
+    set_owner_to_current,
+};
+
+/// Records `current` as the owner of `sock_id` (only for sockets already
+/// tracked) and tells the collector when the owner changed.
+#[inline(always)]
+fn claim_socket(sock_id: u64, source: OwnerSource) {
+    let Some(known) = SOCKETS.get_ptr_mut(sock_id) else {
+        return;
+    };
+    // SAFETY: the pointer comes from a successful lookup in a hash map and
+    // stays valid for this program run (RCU).
+    let known = unsafe { &mut *known };
+    if known.tgid == current_tgid() {
+        return;
+    }
+    set_owner_to_current(known, source);
+    let owner = *known;
+    if owner_wanted(&CONFIG.load(), &owner) {
+        emit(OwnerEvent {
+            header: header(EventKind::Owner, sock_id),
+            owner,
+        });
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+/// accept() returned a new fd in the caller's context: find the socket behind
+/// it and record the caller as its owner.
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    let layout = CONFIG.load().layout;
+    // SAFETY: bpf_probe_read of the tracepoint record.
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(usize::from(layout.accept_ret)) }) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    match socket_of_fd(&layout, fd as u64) {
+        Ok(sock_id) => claim_socket(sock_id, OwnerSource::Accept),
+        Err(_) => warn!(ctx, "accept: could not read the socket behind fd {}", fd),
+    }
+}
+
+/// current->files->fdt->fd[fd]->private_data->sk, with offsets from BTF.
+#[inline(always)]
+fn socket_of_fd(layout: &Layout, fd: u64) -> Result<u64, i64> {
+    // SAFETY: every step is a bpf_probe_read_kernel of a kernel pointer; a
+    // stale or bad pointer makes the helper fail, it cannot fault.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let files = read_ptr(task, layout.task_files)?;
+        let fdt = read_ptr(files, layout.files_fdt)?;
+        let max_fds: u32 = read_kernel(fdt, layout.fdtable_max_fds)?;
+        if fd >= u64::from(max_fds) {
+            return Err(-1);
+        }
+        let fd_array = read_ptr(fdt, layout.fdtable_fd)?;
+        let file = read_ptr(fd_array, (fd * 8) as u32)?;
+        let socket = read_ptr(file, layout.file_private_data)?;
+        let sk = read_ptr(socket, layout.socket_sk)?;
+        Ok(sk as u64)
+    }
+}
+
+#[fentry(function = "tcp_connect")]
+pub fn tcp_connect_fentry(ctx: FEntryContext) -> u32 {
+    claim_socket(ctx.arg::<u64>(0), OwnerSource::Connect);
+    0
+}
+
+#[fentry(function = "tcp_close")]
+pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
+    claim_socket(ctx.arg::<u64>(0), OwnerSource::Close);
+    0
+}
+
+#[kprobe]
+pub fn tcp_connect_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        claim_socket(sk, OwnerSource::Connect);
+    }
+    0
+}
+
+#[kprobe]
+pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        claim_socket(sk, OwnerSource::Close);
+    }
+    0
+}

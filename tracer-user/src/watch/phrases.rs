@@ -1,0 +1,95 @@
+//! The words and numbers shared by the verdicts and the views: counts with
+//! digit grouping, ages, ETAs and rates as a person reads them.
+
+/// 1034 -> "1,034".
+pub fn count(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// "42s", "9m12s", "3h05m", "2d04h".
+pub fn age(seconds: f64) -> String {
+    let total = seconds.max(0.0).round() as u64;
+    let (days, hours, minutes, secs) = (
+        total / 86_400,
+        total / 3_600 % 24,
+        total / 60 % 60,
+        total % 60,
+    );
+    match total {
+        0..60 => format!("{secs}s"),
+        60..3_600 => format!("{minutes}m{secs:02}s"),
+        3_600..86_400 => format!("{hours}h{minutes:02}m"),
+        _ => format!("{days}d{hours:02}h"),
+    }
+}
+
+/// "~40s", "~12 min", "~5 h", "~20 days".
+pub fn eta_phrase(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    if seconds < 100.0 {
+        format!("~{seconds:.0}s")
+    } else if seconds < 100.0 * 60.0 {
+        format!("~{:.0} min", seconds / 60.0)
+    } else if seconds < 48.0 * 3_600.0 {
+        format!("~{:.0} h", seconds / 3_600.0)
+    } else {
+        format!("~{:.0} days", seconds / 86_400.0)
+    }
+}
+
+/// A rate in the unit that reads best: "12/s", "2.5/s", "2.0/min", "0.5/h".
+pub fn per_second_phrase(per_second: f64) -> String {
+    if per_second <= 0.0 {
+        "0/s".to_string()
+    } else if per_second >= 10.0 {
+        format!("{per_second:.0}/s")
+    } else if per_second >= 1.0 {
+        format!("{per_second:.1}/s")
+    } else if per_second * 60.0 >= 0.1 {
+        format!("{:.1}/min", per_second * 60.0)
+    } else {
+        format!("{:.1}/h", per_second * 3_600.0)
+    }
+}
+
+/// "2.0 s", "10 s".
+pub fn seconds_phrase(seconds: f64) -> String {
+    if seconds < 10.0 {
+        format!("{seconds:.1} s")
+    } else {
+        format!("{seconds:.0} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_like_the_issue() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_034), "1,034");
+        assert_eq!(count(65_535), "65,535");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(age(552.0), "9m12s");
+        assert_eq!(age(42.4), "42s");
+        assert_eq!(age(3_900.0), "1h05m");
+        assert_eq!(age(187_200.0), "2d04h");
+        assert_eq!(eta_phrase(20.0 * 86_400.0), "~20 days");
+        assert_eq!(eta_phrase(16.2), "~16s");
+        assert_eq!(eta_phrase(720.0), "~12 min");
+        assert_eq!(per_second_phrase(2.0 / 60.0), "2.0/min");
+        assert_eq!(per_second_phrase(10.0), "10/s");
+        assert_eq!(per_second_phrase(0.0), "0/s");
+        assert_eq!(seconds_phrase(2.004), "2.0 s");
+    }
+}
