@@ -616,3 +616,46 @@ fn other_than_loopback_is_served_with_a_warning() {
         finished.stderr
     );
 }
+
+/// Sockets the network closed while their process keeps the fds are
+/// exported by cause and by peer, and the state is in `sockets`.
+#[test]
+fn closed_held_sockets_are_exported_by_cause() {
+    if !require_root("closed_held_sockets_are_exported_by_cause") {
+        return;
+    }
+    let holder = Role::spawn("closed_roles.py", &["reset-many", "12"]);
+    let server_port = holder.expect("reset")["server_port"]
+        .as_u64()
+        .expect("a port");
+    let pid = holder.pid();
+    let (served, addr) = serve(&["--interval", "0.2", "-p", &pid.to_string()]);
+    let text = wait_for("the CLOSED_HELD sockets", Duration::from_secs(20), || {
+        let text = get(&addr, "/metrics", None).ok()?.body;
+        sample(&text, "socktrace_closed_held_sockets", pid)
+            .filter(|&n| n == 12.0)
+            .map(|_| text)
+    });
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
+    let closed_held: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("socktrace_closed_held_sockets{"))
+        .collect();
+    assert_eq!(closed_held.len(), 1, "{closed_held:?}");
+    // Found at start, after the process had not read the error: "reset".
+    assert!(
+        closed_held[0].contains("cause=\"reset\""),
+        "{closed_held:?}"
+    );
+    assert!(text.contains("state=\"CLOSED_HELD\"} 12\n"), "{text}");
+    let peer = format!("peer=\"127.0.0.1:{server_port}\"");
+    assert!(
+        text.lines().any(
+            |line| line.starts_with("socktrace_peer_closed_held_sockets{")
+                && line.contains(&peer)
+                && line.ends_with(" 12")
+        ),
+        "{text}"
+    );
+}

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::{thread, time::Duration};
 
-use common::{Role, Tracer, require_root};
+use common::{
+    Role, Tracer, Watch, assert_quiet, find_peer, is_process_of, last_report, lines_of, loopback,
+    number, peer, require_root,
+};
 use serde_json::Value;
 
 const ROLES: &str = "watch_roles.py";
@@ -18,132 +18,14 @@ const ROLES: &str = "watch_roles.py";
 /// out of file descriptors after about 35 s.
 const CLIENT_NOFILE: &str = "360";
 
-/// A running `socktrace watch --json` and the lines it printed so far.
-struct Watch {
-    tracer: Tracer,
-    lines: Vec<Value>,
-}
-
-impl Watch {
-    fn start(args: &[&str]) -> Self {
-        let args: Vec<&str> = ["watch", "--json"].iter().chain(args).copied().collect();
-        Self {
-            tracer: Tracer::start(&args),
-            lines: Vec::new(),
-        }
-    }
-
-    /// Watches only the connections of one server port, so that other tests
-    /// running at the same time stay out of the figures.
-    fn port(port: u16, args: &[&str]) -> Self {
-        let port = port.to_string();
-        let args: Vec<&str> = ["--port", port.as_str()]
-            .iter()
-            .chain(args)
-            .copied()
-            .collect();
-        Self::start(&args)
-    }
-
-    /// Takes in what socktrace printed so far; returns where the new lines
-    /// start.
-    fn collect(&mut self) -> usize {
-        let mut text = Vec::new();
-        self.tracer.lines_so_far(&mut text);
-        let before = self.lines.len();
-        self.lines.extend(text.iter().map(|line| parse(line)));
-        before
-    }
-
-    /// The first line printed from now on that satisfies `wanted`.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        wanted: impl Fn(&Value) -> bool,
-    ) -> Value {
-        self.collect();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let new = self.collect();
-            if let Some(found) = self.lines[new..].iter().find(|line| wanted(line)) {
-                return found.clone();
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}",
-            self.lines.iter().rev().take(4).collect::<Vec<_>>()
-        );
-    }
-
-    /// Stops socktrace: everything it printed.
-    fn stop(mut self) -> Vec<Value> {
-        let finished = self.tracer.stop();
-        assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
-        self.lines.extend(finished.json());
-        self.lines
-    }
-}
-
-fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"))
-}
-
-/// Lines of one type (`process` or `alert`) about one pid, in time order.
-fn lines_of<'a>(lines: &'a [Value], kind: &str, pid: u32) -> Vec<&'a Value> {
-    lines
-        .iter()
-        .filter(|line| line["type"] == kind && line["pid"] == pid)
-        .collect()
-}
-
-fn last_report(lines: &[Value], pid: u32) -> &Value {
-    lines_of(lines, "process", pid)
-        .last()
-        .copied()
-        .unwrap_or_else(|| panic!("no process line for pid {pid}"))
-}
-
-/// The entry of `remote` in a process line's `peers`, if it has one.
-fn find_peer<'a>(report: &'a Value, remote: &str) -> Option<&'a Value> {
-    report["peers"]
-        .as_array()?
-        .iter()
-        .find(|peer| peer["remote"] == remote)
-}
-
-fn peer<'a>(report: &'a Value, remote: &str) -> &'a Value {
-    find_peer(report, remote).unwrap_or_else(|| panic!("no peer {remote} in {report:#}"))
-}
-
-fn number(value: &Value) -> f64 {
-    value
-        .as_f64()
-        .unwrap_or_else(|| panic!("not a number: {value}"))
-}
-
-fn is_process_of(line: &Value, pid: u32) -> bool {
-    line["type"] == "process" && line["pid"] == pid
-}
-
-/// No alert was raised for `pid`, and none was ever in force.
-fn assert_quiet(lines: &[Value], pid: u32, who: &str) {
-    let alerts = lines_of(lines, "alert", pid);
-    assert!(
-        alerts.is_empty(),
-        "{who} (pid {pid}) was flagged: {alerts:#?}"
-    );
-    let reports = lines_of(lines, "process", pid);
-    assert!(!reports.is_empty(), "socktrace never reported the {who}");
-    for report in reports {
-        assert_eq!(report["alerts"], serde_json::json!([]), "{who}: {report:#}");
-    }
-}
-
 /// Each condition is raised once, and again only when it got worse: never
 /// twice in a row with figures that are no worse.
 fn assert_raised_again_only_when_worse(alerts: &[&Value]) {
+    let alerts: Vec<&Value> = alerts
+        .iter()
+        .copied()
+        .filter(|alert| alert["state"] != "resolved")
+        .collect();
     let headroom = |alert: &Value| number(&alert["fd_soft_limit"]) - number(&alert["fds"]);
     for (i, later) in alerts.iter().enumerate() {
         let Some(earlier) = alerts[..i]
@@ -166,10 +48,6 @@ fn assert_raised_again_only_when_worse(alerts: &[&Value]) {
         };
         assert!(worse, "raised again, no worse: {earlier:#} then {later:#}");
     }
-}
-
-fn loopback(port: u16) -> String {
-    format!("127.0.0.1:{port}")
 }
 
 /// A workload that reports its listening port first.

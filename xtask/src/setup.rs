@@ -50,6 +50,11 @@ fn test_tools() -> &'static [Tool] {
             why: "setting up network namespaces",
         },
         Tool {
+            command: "go",
+            package: "golang-go",
+            why: "building the Go HTTP heartbeat of the incident the tests replay",
+        },
+        Tool {
             command: "tcpstates",
             package: "libbpf-tools",
             why: "a peer tracer that `cargo xtask bench` compares with",

@@ -63,11 +63,18 @@ const HOST_ONLY_BINARIES: [(&str, &str); 1] = [(
 )];
 
 /// Single tests the guests skip: (binary, test, why).
-const HOST_ONLY_TESTS: [(&str, &str, &str); 1] = [(
-    "watch",
-    "high_churn_with_prompt_closes_is_healthy",
-    "asserts a connection rate that emulation cannot reach",
-)];
+const HOST_ONLY_TESTS: [(&str, &str, &str); 2] = [
+    (
+        "watch",
+        "high_churn_with_prompt_closes_is_healthy",
+        "asserts a connection rate that emulation cannot reach",
+    ),
+    (
+        "acceptance",
+        "a_slow_leak_is_forecast_within_ten_minutes_and_a_pool_is_not",
+        "ten minutes of wall-clock time for a forecast that does not depend on the kernel",
+    ),
+];
 
 /// A guest under TCG is far slower than the host; the per-guest timeout
 /// (`--vm-timeout`) bounds each run.

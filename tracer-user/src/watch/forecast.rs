@@ -249,8 +249,7 @@ fn fd_forecast_spanning(
 }
 
 /// The time scales: the seconds scale is fed every collector tick from the
-/// event stream (held sockets; fds estimated from them), the others at
-/// each report from /proc.
+/// event stream (held sockets), the others at each report (fds from /proc).
 pub const SCALES: [Duration; 4] = [
     Duration::from_secs(5),
     Duration::from_secs(60),
@@ -269,7 +268,7 @@ const SPED_UP: f64 = 3.0;
 /// seconds of growth (a pool warming up) say too little.
 pub const FAST_ETA_MAX_S: f64 = 60.0;
 /// The seconds scale needs this much steady growth first.
-const FAST_MIN_SPAN_S: f64 = 2.0;
+const FAST_MIN_SPAN_S: f64 = 1.5;
 
 /// One process's samples at every scale.
 #[derive(Clone, Debug)]
@@ -306,27 +305,17 @@ impl Trends {
     /// When the soft limit is reached, from the longest scale that has
     /// enough history and sees fds rising, unless a shorter one sees them
     /// rising [`SPED_UP`] times faster. `None` before any scale can say.
-    pub fn fd_forecast(&self, soft_limit: u64) -> Option<FdForecast> {
+    /// `fds_now` is the count just read.
+    pub fn fd_forecast(&self, fds_now: u64, soft_limit: u64) -> Option<FdForecast> {
         let mut best: Option<FdForecast> = None;
         let mut flat: Option<FdForecast> = None;
         for (index, history) in self.scales.iter().enumerate().rev() {
-            let points = history.points(Sample::fds);
-            let enough = index == SECONDS
-                || index == 1
-                || history.span_s() >= MIN_SPAN_SHARE * history.window_s();
-            if !enough {
-                continue;
-            }
             let forecast = if index == SECONDS {
-                // Few seconds are noisy: steady growth only, and only for
-                // an exhaustion that near.
-                if !keeps_growing(&points, FAST_MIN_SPAN_S) {
-                    continue;
-                }
-                fd_forecast_spanning(&points, soft_limit, FAST_MIN_SPAN_S)
-                    .filter(|f| f.eta_s.is_some_and(|eta| eta <= FAST_ETA_MAX_S))
+                Self::fast_forecast(history, fds_now, soft_limit)
+            } else if index == 1 || history.span_s() >= MIN_SPAN_SHARE * history.window_s() {
+                fd_forecast(&history.points(Sample::fds), soft_limit)
             } else {
-                fd_forecast(&points, soft_limit)
+                None
             };
             let Some(mut forecast) = forecast else {
                 continue;
@@ -342,6 +331,24 @@ impl Trends {
             }
         }
         best.or(flat)
+    }
+
+    /// The seconds scale sees the held sockets, from the event stream, and
+    /// forecasts from their growth: only steady growth, and only for an
+    /// exhaustion near enough that a few seconds of growth say enough.
+    fn fast_forecast(history: &History, fds_now: u64, soft_limit: u64) -> Option<FdForecast> {
+        let points = history.points(|sample| Some(u64::from(sample.held)));
+        if !keeps_growing(&points, FAST_MIN_SPAN_S) {
+            return None;
+        }
+        let trend = Trend::fit_spanning(&points, FAST_MIN_SPAN_S).filter(Trend::is_rising)?;
+        let eta_s = soft_limit.saturating_sub(fds_now) as f64 / trend.slope_per_s;
+        (eta_s <= FAST_ETA_MAX_S).then_some(FdForecast {
+            growth_per_s: trend.slope_per_s,
+            eta_s: Some(eta_s),
+            window_s: 0.0,
+            steady: true,
+        })
     }
 
     /// The window (seconds) over which `measure` keeps growing, if any
@@ -571,7 +578,7 @@ mod tests {
     fn a_slow_leak_is_forecast_from_ten_minutes() {
         // One fd every 30 s (the incident), 65,535 allowed.
         let trends = trends(600, |t| 100.0 + (t / 30.0).floor());
-        let forecast = trends.fd_forecast(65_535).unwrap();
+        let forecast = trends.fd_forecast(119, 65_535).unwrap();
         let truth = (65_535.0 - 119.0) * 30.0;
         let eta = forecast.eta_s.unwrap();
         assert!((eta - truth).abs() <= 0.25 * truth, "{eta} vs {truth}");
@@ -586,21 +593,21 @@ mod tests {
     #[test]
     fn a_fast_leak_is_forecast_within_seconds() {
         // 10 fds/s against 256: exhausted 25 s in.
-        let trends = trends(3, |t| 6.0 + 10.0 * t);
-        let forecast = trends.fd_forecast(256).unwrap();
+        let trends = trends(2, |t| 6.0 + 10.0 * t);
+        let forecast = trends.fd_forecast(26, 256).unwrap();
         let eta = forecast.eta_s.unwrap();
-        assert!((eta - 22.0).abs() < 3.0, "{eta}");
+        assert!((eta - 23.0).abs() < 3.0, "{eta}");
         assert_eq!(forecast.window_s, 5.0);
     }
 
     #[test]
     fn a_pool_that_filled_at_once_has_no_forecast() {
         let filled = trends(120, |t| if t < 3.0 { 10.0 } else { 60.0 });
-        assert_eq!(filled.fd_forecast(1_024).and_then(|f| f.eta_s), None);
+        assert_eq!(filled.fd_forecast(60, 1_024).and_then(|f| f.eta_s), None);
         assert_eq!(filled.keeps_growing(|s| s.fds(), 0.9), None);
         // Warming up over two seconds towards a far limit: no forecast either.
         let warming = trends(3, |t| 10.0 + 10.0 * t.min(2.0));
-        assert_eq!(warming.fd_forecast(65_535).and_then(|f| f.eta_s), None);
+        assert_eq!(warming.fd_forecast(30, 65_535).and_then(|f| f.eta_s), None);
     }
 
     #[test]
@@ -613,7 +620,7 @@ mod tests {
                 600.0 + 20.0 * (t - 600.0)
             }
         });
-        let forecast = trends.fd_forecast(100_000).unwrap();
+        let forecast = trends.fd_forecast(1_800, 100_000).unwrap();
         assert!(forecast.growth_per_s > 10.0, "{forecast:?}");
     }
 

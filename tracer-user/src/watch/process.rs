@@ -55,10 +55,6 @@ pub struct Process {
     /// Held connections as the events move them, between two recounts (the
     /// recount at each report is the truth; this is for the seconds scale).
     pub held_live: i64,
-    /// `held_live` and the fd count at the last report, to estimate fds in
-    /// between from the held count.
-    held_at_report: i64,
-    fds_at_report: Option<u64>,
     /// What its fds are, read when they rise and TCP does not explain it.
     pub fd_kinds: Option<FdKinds>,
     pub last_event_ns: u64,
@@ -79,8 +75,6 @@ impl Process {
             distributions: Distributions::default(),
             trends: Trends::default(),
             held_live: 0,
-            held_at_report: 0,
-            fds_at_report: None,
             fd_kinds: None,
             last_event_ns: now_ns,
             exited: false,
@@ -255,20 +249,15 @@ impl Process {
         !self.current.sockets.is_empty()
     }
 
-    /// A sample for the seconds scale, from the event stream: fds moved
-    /// since the last report as the held count did.
+    /// A sample for the seconds scale, from the event stream.
     pub fn sample_fast(&mut self, now_ns: u64) {
         let held = u64::try_from(self.held_live).unwrap_or(0);
-        let fds = self.fds_at_report.map(|fds| {
-            let moved = self.held_live - self.held_at_report;
-            fds.saturating_add_signed(moved)
-        });
         let stranded = self
             .trends
             .last_fast()
             .map_or(0, |last| u64::from(last.stranded));
         self.trends
-            .push_fast(Sample::new(now_ns, fds, held, stranded));
+            .push_fast(Sample::new(now_ns, None, held, stranded));
     }
 
     /// Records this tick's sample and computes the figures; call after the
@@ -283,8 +272,6 @@ impl Process {
         let current = &self.current;
         let stranded = current.close_wait + current.closed_held;
         self.held_live = i64::try_from(current.held).unwrap_or(i64::MAX);
-        self.held_at_report = self.held_live;
-        self.fds_at_report = sample.map(|sample| sample.fds);
         self.trends.push(Sample::new(
             now_ns,
             sample.map(|sample| sample.fds),
@@ -292,7 +279,8 @@ impl Process {
             stranded,
         ));
         let trends = &self.trends;
-        let fd_forecast = sample.and_then(|sample| trends.fd_forecast(sample.soft_limit));
+        let fd_forecast =
+            sample.and_then(|sample| trends.fd_forecast(sample.fds, sample.soft_limit));
         let held_growth_window_s = trends.keeps_growing(|s| Some(u64::from(s.held)), 0.9);
         // Rising fds that the held sockets do not follow: something else
         // (pipes, files, other sockets) is piling up.

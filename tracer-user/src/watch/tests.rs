@@ -7,8 +7,9 @@ use std::time::Duration;
 use tracer_common::OwnerSource;
 
 use super::render::{self, TableStyle};
-use super::verdicts::AlertKind;
+use super::verdicts::{AlertKind, AlertState};
 use super::*;
+use crate::tcp::CloseCause;
 use crate::tcp::TcpState::{self, *};
 
 const MS: u64 = 1_000_000;
@@ -856,4 +857,115 @@ fn distributions_and_totals_per_process() {
     assert_eq!(watch.distributions(4242).unwrap().lifetime.count(), 2);
     tick(&mut watch, START + 9 * S, &[], 0);
     assert!(watch.distributions(4242).is_none());
+}
+
+/// The network closes a socket: ESTABLISHED or CLOSE_WAIT -> CLOSED_HELD.
+fn network_close(watch: &mut Watch, sock_id: u64, at: u64, old: TcpState, cause: CloseCause) {
+    let ends = (local_end(sock_id), SERVER.to_string());
+    let mut t = SOFTIRQ.event(at, sock_id, (&ends.0, &ends.1), (old, ClosedHeld));
+    t.cause = Some(cause);
+    watch.on_transition(&t);
+}
+
+/// The incident past its first minute: a leaked socket a second, the peer
+/// closes each after 2 s (CLOSE_WAIT), and 10 s later a keep-alive probe
+/// gets a reset (CLOSED_HELD). The process never closes any; when it exits
+/// the kernel releases them.
+fn incident(watch: &mut Watch, seconds: u64) -> Vec<Snapshot> {
+    let mut snapshots = Vec::new();
+    for second in 0..seconds {
+        let at = START + second * S;
+        connect(watch, RULER, second, at, SERVER);
+        if second >= 2 {
+            let fin = second - 2;
+            peer_fin(watch, fin, at + 2 * MS, (&local_end(fin), SERVER));
+        }
+        if second >= 12 {
+            network_close(
+                watch,
+                second - 12,
+                at + 3 * MS,
+                CloseWait,
+                CloseCause::Reset,
+            );
+        }
+        let fds = 20 + second + 1;
+        snapshots.push(tick(watch, at + S - MS, &[(4242, fds, 65_535)], 0));
+    }
+    snapshots
+}
+
+#[test]
+fn sockets_the_network_closed_stay_held_and_in_the_verdict() {
+    let config = WatchConfig {
+        close_wait_age: Duration::from_secs(5),
+        ..WatchConfig::default()
+    };
+    let mut watch = Watch::new(config, START);
+    let snapshots = incident(&mut watch, 90);
+    let last = report(snapshots.last().unwrap(), 4242);
+    // Every socket ever opened is still held: 78 reset, 10 in CLOSE_WAIT.
+    assert_eq!(last.held, 90);
+    assert_eq!((last.close_wait, last.closed_held), (10, 78));
+    assert_eq!(last.sockets["CLOSED_HELD"], 78);
+    assert_eq!(last.closed_held_causes["reset"], 78);
+    assert_eq!(last.closes_total, 0, "the process closed nothing");
+    let peer = &last.peers[0];
+    assert_eq!((peer.held, peer.close_wait, peer.closed_held), (90, 10, 78));
+    assert_eq!(peer.reset, 78);
+    assert_eq!(peer.peer_closed_first, 88);
+
+    // Raised once the pile kept growing and got old enough, and in force
+    // at every report from then on.
+    let raised = snapshots
+        .iter()
+        .position(|s| s.new_alerts.iter().any(|a| a.kind == AlertKind::CloseWait))
+        .expect("a close_wait alert");
+    assert!(raised < 30, "raised after {raised} s");
+    for snapshot in &snapshots[raised..] {
+        let kinds: Vec<AlertKind> = snapshot.processes[0]
+            .alerts
+            .iter()
+            .map(|a| a.kind)
+            .collect();
+        assert!(kinds.contains(&AlertKind::CloseWait), "{kinds:?}");
+    }
+    let alert = last
+        .alerts
+        .iter()
+        .find(|a| a.kind == AlertKind::CloseWait)
+        .unwrap();
+    assert!(
+        alert.message.contains(&format!(
+            "88 sockets held to {SERVER} after the connection ended: 10 in CLOSE_WAIT, 78 closed by the peer's reset but never closed by the process"
+        )),
+        "{}",
+        alert.message
+    );
+
+    // It exits: the kernel closes the fds, the alerts resolve.
+    watch.on_process_exit(4242, START + 91 * S);
+    for sock_id in 0..90 {
+        let ends = (local_end(sock_id), SERVER.to_string());
+        let old = if sock_id < 78 { ClosedHeld } else { CloseWait };
+        let new = if old == ClosedHeld { Close } else { LastAck };
+        watch.on_transition(&RULER.event(
+            START + 91 * S + MS,
+            sock_id,
+            (&ends.0, &ends.1),
+            (old, new),
+        ));
+    }
+    let after = tick(&mut watch, START + 92 * S, &[], 0);
+    let resolved: Vec<&Alert> = after.new_alerts.iter().collect();
+    assert!(!resolved.is_empty());
+    assert!(
+        resolved.iter().all(|a| a.state == AlertState::Resolved),
+        "{resolved:#?}"
+    );
+    assert!(
+        resolved
+            .iter()
+            .all(|a| a.message.ends_with("resolved: the process exited"))
+    );
 }

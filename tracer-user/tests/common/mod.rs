@@ -153,14 +153,20 @@ pub struct Role {
 }
 
 impl Role {
+    /// `python3 tests/workloads/<script> <args>`.
     pub fn spawn(script: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("python3")
-            .arg(workload(script))
-            .args(args)
+        let mut python = Command::new("python3");
+        python.arg(workload(script)).args(args);
+        Self::spawn_command(python)
+    }
+
+    /// Any workload command (a Go workload, or one inside a [`NetNs`]).
+    pub fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawning python3");
+            .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
         let stdin = child.stdin.take();
         let stdout = line_reader(child.stdout.take().expect("stdout"));
         Self {
@@ -168,6 +174,12 @@ impl Role {
             stdin,
             stdout,
         }
+    }
+
+    /// Closes the workload's stdin: it lets go of everything and exits.
+    pub fn finish(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 
     /// The next reported step that has `key`.
@@ -325,5 +337,213 @@ impl Role {
         .map(|line| serde_json::from_str::<Value>(&line).expect("workload prints JSON"))
         .find(|value| value.get(key).is_some());
         found.unwrap_or_else(|| panic!("workload never reported {key:?} within {timeout:?}"))
+    }
+}
+
+/// A running `socktrace watch --json` and the lines it printed so far.
+pub struct Watch {
+    tracer: Tracer,
+    lines: Vec<Value>,
+}
+
+impl Watch {
+    pub fn start(args: &[&str]) -> Self {
+        let args: Vec<&str> = ["watch", "--json"].iter().chain(args).copied().collect();
+        Self {
+            tracer: Tracer::start(&args),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Watches only the connections of one server port, so that other tests
+    /// running at the same time stay out of the figures.
+    pub fn port(port: u16, args: &[&str]) -> Self {
+        let port = port.to_string();
+        let args: Vec<&str> = ["--port", port.as_str()]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        Self::start(&args)
+    }
+
+    /// Takes in what socktrace printed so far; returns where the new lines
+    /// start.
+    pub fn collect(&mut self) -> usize {
+        let mut text = Vec::new();
+        self.tracer.lines_so_far(&mut text);
+        let before = self.lines.len();
+        self.lines.extend(text.iter().map(|line| parse(line)));
+        before
+    }
+
+    /// The first line printed from now on that satisfies `wanted`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.collect();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let new = self.collect();
+            if let Some(found) = self.lines[new..].iter().find(|line| wanted(line)) {
+                return found.clone();
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}",
+            self.lines.iter().rev().take(4).collect::<Vec<_>>()
+        );
+    }
+
+    /// Stops socktrace: everything it printed.
+    pub fn stop(mut self) -> Vec<Value> {
+        let finished = self.tracer.stop();
+        assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
+        self.lines.extend(finished.json());
+        self.lines
+    }
+}
+
+pub fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"))
+}
+
+/// Lines of one type (`process` or `alert`) about one pid, in time order.
+pub fn lines_of<'a>(lines: &'a [Value], kind: &str, pid: u32) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|line| line["type"] == kind && line["pid"] == pid)
+        .collect()
+}
+
+pub fn last_report(lines: &[Value], pid: u32) -> &Value {
+    lines_of(lines, "process", pid)
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!("no process line for pid {pid}"))
+}
+
+/// The entry of `remote` in a process line's `peers`, if it has one.
+pub fn find_peer<'a>(report: &'a Value, remote: &str) -> Option<&'a Value> {
+    report["peers"]
+        .as_array()?
+        .iter()
+        .find(|peer| peer["remote"] == remote)
+}
+
+pub fn peer<'a>(report: &'a Value, remote: &str) -> &'a Value {
+    find_peer(report, remote).unwrap_or_else(|| panic!("no peer {remote} in {report:#}"))
+}
+
+pub fn number(value: &Value) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+pub fn is_process_of(line: &Value, pid: u32) -> bool {
+    line["type"] == "process" && line["pid"] == pid
+}
+
+/// No alert was raised for `pid`, and none was ever in force.
+pub fn assert_quiet(lines: &[Value], pid: u32, who: &str) {
+    let alerts = lines_of(lines, "alert", pid);
+    assert!(
+        alerts.is_empty(),
+        "{who} (pid {pid}) was flagged: {alerts:#?}"
+    );
+    let reports = lines_of(lines, "process", pid);
+    assert!(!reports.is_empty(), "socktrace never reported the {who}");
+    for report in reports {
+        assert_eq!(report["alerts"], serde_json::json!([]), "{who}: {report:#}");
+    }
+}
+
+pub fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// A Go workload of `tests/workloads/<name>/main.go`, built once (and again
+/// only when its source is newer), into cargo's temporary directory.
+pub fn go_workload(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let source = workload(name).join("main.go");
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let binary = tmp.join(format!("workload-{name}"));
+    let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if modified(&binary).is_some_and(|built| modified(&source).is_some_and(|src| built >= src)) {
+        return binary;
+    }
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .env("GOCACHE", tmp.join("go-cache"))
+        .env("GOPATH", tmp.join("go-path"))
+        // The workloads use the standard library only: nothing to fetch.
+        .env("GOPROXY", "off")
+        .status()
+        .expect("running go build (golang-go is installed by `cargo xtask test`)");
+    assert!(status.success(), "go build of {} failed", source.display());
+    binary
+}
+
+/// A network namespace of the test's own, with loopback up and the given
+/// sysctls (`net.ipv4.tcp_fin_timeout=2`): time compressed where only this
+/// test lives. Deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: &str, sysctls: &[&str]) -> Self {
+        let name = format!("st-{name}-{}", std::process::id());
+        let run = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("running ip");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        // A namespace left by an earlier run that was killed.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &name])
+            .stderr(Stdio::null())
+            .status();
+        run(&["netns", "add", &name]);
+        let netns = Self { name };
+        netns.run(&["ip", "link", "set", "lo", "up"]);
+        for sysctl in sysctls {
+            netns.run(&["sysctl", "-qw", sysctl]);
+        }
+        netns
+    }
+
+    /// Runs a setup command inside, which must succeed.
+    pub fn run(&self, command: &[&str]) {
+        let status = self
+            .command(command)
+            .status()
+            .expect("running ip netns exec");
+        assert!(status.success(), "{command:?} in {} failed", self.name);
+    }
+
+    /// `command` to run inside (`ip netns exec` execs it: same pid).
+    pub fn command(&self, command: &[&str]) -> Command {
+        let mut exec = Command::new("ip");
+        exec.args(["netns", "exec", &self.name]).args(command);
+        exec
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
     }
 }

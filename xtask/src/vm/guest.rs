@@ -22,11 +22,9 @@ use super::{
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// Modules loaded at boot (built-in ones are skipped): 9p over virtio and
-/// overlayfs, to mount the host's root writable; tcp_diag, which a stock
-/// system would load on demand with modprobe, for socktrace's sock_diag dump
-/// of existing sockets. The guest cannot load modules on demand: the host's
-/// /lib/modules has none of its kernel's.
-const MODULES: [&str; 5] = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "tcp_diag"];
+/// overlayfs, to mount the host's root writable. The guest cannot load
+/// modules on demand: the host's /lib/modules has none of its kernel's.
+const MODULES: [&str; 4] = ["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 /// virtio-rng seeds the guest's entropy pool at once, so nothing waits on
 /// getrandom() at boot.
 const OPTIONAL_MODULES: [&str; 1] = ["virtio_rng"];
