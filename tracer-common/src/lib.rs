@@ -14,6 +14,13 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Socket address (`struct sock *`) -> [`SocketOwner`]: who holds each socket.
 pub const SOCKETS_MAP: &str = "SOCKETS";
+/// Socket-local storage of [`SocketOwner`]s, for the programs on BTF
+/// tracepoints (Linux 5.11+).
+pub const SK_STORE_MAP: &str = "SK_STORE";
+/// Socket address -> [`SocketOwner`] for sockets found at start, and
+/// owners found in userspace, when the state lives in [`SK_STORE_MAP`]:
+/// moved there at the socket's first event.
+pub const SEEDED_MAP: &str = "SEEDED";
 /// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
 /// One [`NamespaceFilter`]: restricts reports to one container. A map, not a
@@ -322,6 +329,11 @@ pub struct SocketFileRecord {
 /// The socket-file iterator (`iter/task_file`).
 pub const SOCKET_FILES_PROGRAM: &str = "socket_files";
 
+/// Bytes of `struct sock_common` the BTF tracepoint programs copy in one
+/// read: the family, ports and IPv4 and IPv6 addresses all end within them
+/// (the collector checks it against the running kernel).
+pub const SOCK_COMMON_BYTES: usize = 96;
+
 /// Bytes of the `sock:inet_sock_set_state` record the kernel program copies
 /// in one read; every field it uses must end within them. The record is 72
 /// bytes on every kernel that has it, and it sits at the start of a per-CPU
@@ -434,7 +446,9 @@ pub struct Config {
     /// 11 records of a connection. `trace` shows each transition as it
     /// happens, so it does not.
     pub skip_inferable: u32,
-    pub _pad: u32,
+    /// Non-zero: the state lives in socket storage ([`SK_STORE_MAP`]), and
+    /// the iterator records holders in [`SEEDED_MAP`].
+    pub sk_storage: u32,
 }
 
 macro_rules! assert_size {

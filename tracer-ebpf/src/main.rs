@@ -23,23 +23,25 @@ mod owners;
 mod processes;
 mod socket_files;
 mod state;
+mod store;
 
 use aya_ebpf::{
     Global,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
     },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::map,
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, EventHeader, EventKind, Layout,
-    MAX_PID_FILTER, NamespaceFilter, OwnerSource, SET_STATE_RECORD_BYTES, SocketOwner,
-    TASK_COMM_LEN, counter,
+    MAX_PID_FILTER, NamespaceFilter, OwnerSource, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES,
+    SocketOwner, TASK_COMM_LEN, counter,
 };
 
 /// Overwritten by the collector before load (`EbpfLoader::override_global`).
@@ -95,7 +97,7 @@ static CONFIG: Global<Config> = Global::new(Config {
     filter_family: 0,
     wakeup_bytes: 0,
     skip_inferable: 0,
-    _pad: 0,
+    sk_storage: 0,
 });
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
@@ -112,6 +114,16 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static SOCKETS: HashMap<u64, SocketOwner> =
     HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
+/// The same state on the socket itself, for the BTF tracepoint programs.
+#[btf_map(name = "SK_STORE")]
+static SK_STORE: SkStorage<SocketOwner> = SkStorage::new();
+
+/// Sockets found at start (and owners found in userspace) when the state
+/// lives in `SK_STORE`, until their first event moves them there.
+#[map(name = "SEEDED")]
+static SEEDED: HashMap<u64, SocketOwner> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
 #[map(name = "PID_FILTER")]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PID_FILTER, 0);
 
@@ -124,6 +136,10 @@ static NS_FILTER: Array<NamespaceFilter> = Array::with_max_entries(1, 0);
 #[map(name = "SET_STATE_RECORD")]
 static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Room for the copy of a socket's `sock_common` (see `state::SockFields`).
+#[map(name = "SOCK_COMMON")]
+static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn ns_filter() -> Option<NamespaceFilter> {

@@ -3,40 +3,78 @@
 //! the owner's context (including closes of sockets already reset by the
 //! peer, which no state transition reveals).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     helpers::bpf_get_current_task,
     macros::{fentry, kprobe, tracepoint},
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{EventKind, Layout, OwnerEvent, OwnerSource};
+use tracer_common::{EventKind, IPPROTO_TCP, Layout, OwnerEvent, OwnerSource, SocketOwner};
 
 use crate::{
-    CONFIG, SOCKETS, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr,
-    set_owner_to_current,
+    CONFIG, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
+    store::{HashStore, SkStore, SocketStore, leave_owner},
 };
 
-/// Records `current` as the owner of `sock_id` (only for sockets already
-/// tracked) and tells the collector when the owner changed.
+/// Records `current` as the owner of a socket already tracked, and tells
+/// the collector when the owner changed. `sk` must be the typed pointer when
+/// `S` is [`SkStore`].
 #[inline(always)]
-fn claim_socket(sock_id: u64, source: OwnerSource) {
-    let Some(known) = SOCKETS.get_ptr_mut(sock_id) else {
+fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
+    let Some(known) = S::get(sk) else {
         return;
     };
-    // SAFETY: the pointer comes from a successful lookup in a hash map and
-    // stays valid for this program run (RCU).
-    let known = unsafe { &mut *known };
     if known.tgid == current_tgid() {
         return;
     }
     set_owner_to_current(known, source);
-    let owner = *known;
+    announce(sk as u64, *known);
+}
+
+#[inline(always)]
+fn announce(sock_id: u64, owner: SocketOwner) {
     if owner_wanted(&CONFIG.load(), &owner) {
         emit(OwnerEvent {
             header: header(EventKind::Owner, sock_id),
             owner,
         });
     }
+}
+
+/// A claim from a program that sees the socket as an address only.
+#[inline(always)]
+fn claim_by_address(sock_id: u64, source: OwnerSource) {
+    if CONFIG.load().sk_storage == 0 {
+        claim_socket::<HashStore>(sock_id as *const c_void, source);
+    }
+    // With the state in socket storage, connect() and close() are claimed
+    // by their own state changes (owner_claim); only the close that resets
+    // a connection goes unnamed (the collector keeps its owner).
+}
+
+/// accept() returned `sock_id`. With the state in socket storage, the owner
+/// is left for the socket's next event to take (this program cannot reach
+/// the storage), and the collector is told at once: the transitions of the
+/// handshake wait there for their owner.
+#[inline(always)]
+fn claim_accepted(layout: &Layout, sock_id: u64) {
+    if CONFIG.load().sk_storage == 0 {
+        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept);
+        return;
+    }
+    // accept() returns any kind of socket: only TCP ones are tracked (an
+    // entry left for another would stay until that socket is freed).
+    // SAFETY: read_kernel tolerates any address.
+    let protocol = unsafe { read_kernel::<u16>(sock_id as *const u8, layout.sock_protocol) };
+    if protocol != Ok(IPPROTO_TCP) {
+        return;
+    }
+    let mut owner = SocketOwner::default();
+    set_owner_to_current(&mut owner, OwnerSource::Accept);
+    leave_owner(sock_id, &owner);
+    announce(sock_id, owner);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -64,7 +102,7 @@ fn on_accept_exit(ctx: &TracePointContext) {
         return;
     }
     match socket_of_fd(&layout, fd as u64) {
-        Ok(sock_id) => claim_socket(sock_id, OwnerSource::Accept),
+        Ok(sock_id) => claim_accepted(&layout, sock_id),
         Err(_) => warn!(ctx, "accept: could not read the socket behind fd {}", fd),
     }
 }
@@ -92,20 +130,30 @@ fn socket_of_fd(layout: &Layout, fd: u64) -> Result<u64, i64> {
 
 #[fentry(function = "tcp_connect")]
 pub fn tcp_connect_fentry(ctx: FEntryContext) -> u32 {
-    claim_socket(ctx.arg::<u64>(0), OwnerSource::Connect);
+    claim_typed(ctx.arg(0), OwnerSource::Connect);
     0
 }
 
 #[fentry(function = "tcp_close")]
 pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
-    claim_socket(ctx.arg::<u64>(0), OwnerSource::Close);
+    claim_typed(ctx.arg(0), OwnerSource::Close);
     0
+}
+
+/// fentry's `sk` is the kernel's typed pointer: socket storage takes it.
+#[inline(always)]
+fn claim_typed(sk: *const c_void, source: OwnerSource) {
+    if CONFIG.load().sk_storage == 0 {
+        claim_socket::<HashStore>(sk, source);
+    } else {
+        claim_socket::<SkStore>(sk, source);
+    }
 }
 
 #[kprobe]
 pub fn tcp_connect_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        claim_socket(sk, OwnerSource::Connect);
+        claim_by_address(sk, OwnerSource::Connect);
     }
     0
 }
@@ -113,7 +161,7 @@ pub fn tcp_connect_kprobe(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        claim_socket(sk, OwnerSource::Close);
+        claim_by_address(sk, OwnerSource::Close);
     }
     0
 }

@@ -16,7 +16,9 @@ use tracer_common::{
     TASK_COMM_LEN, tcp_state,
 };
 
-use crate::{CONFIG, SOCKETS, netns_wanted, owner_wanted, read_kernel, read_ptr, socket_netns};
+use crate::{
+    CONFIG, SEEDED, SOCKETS, netns_wanted, owner_wanted, read_kernel, read_ptr, socket_netns,
+};
 
 /// File type bits of `i_mode` and the socket type (include/uapi/linux/stat.h,
 /// include/linux/net.h).
@@ -145,9 +147,15 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
 }
 
 /// Names the holder in the socket map unless the probes already know the
-/// socket's owner: the first holder found (the lowest pid) wins.
+/// socket's owner: the first holder found (the lowest pid) wins. With the
+/// state in socket storage, which this program cannot reach, the holder goes
+/// to `SEEDED`, from where the socket's next event takes it.
 #[inline(always)]
 fn record_holder(sock_id: u64, owner: &mut SocketOwner) {
+    if CONFIG.load().sk_storage != 0 {
+        let _ = SEEDED.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
+        return;
+    }
     match SOCKETS.get_ptr_mut(sock_id) {
         Some(known) => {
             // SAFETY: the pointer comes from a successful lookup and stays

@@ -1,27 +1,47 @@
 //! Every TCP state change (`sock:inet_sock_set_state`), and the release of
 //! a socket that reached CLOSE while a file still held it
-//! (`tcp:tcp_destroy_sock`).
+//! (`tcp:tcp_destroy_sock`), each as a classic tracepoint (the record the
+//! kernel builds, state in the hash map) and as a BTF tracepoint (the
+//! kernel's own arguments, state in socket storage). One handler serves
+//! both, generic over how the fields are read and where the state lives.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_current_task, bpf_probe_read_kernel_buf},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventKind, INFER_WINDOW_NS, IPPROTO_TCP, Layout,
-    OwnerSource, ReleaseEvent, SET_STATE_RECORD_BYTES, SocketOwner, StateChangeEvent,
-    inferable_successor, owner_claim, state_flags, tcp_state,
+    AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, INFER_WINDOW_NS, IPPROTO_TCP, Layout,
+    OwnerSource, ReleaseEvent, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES, SocketOwner,
+    StateChangeEvent, inferable_successor, owner_claim, state_flags, tcp_state,
 };
 
 use crate::{
-    CONFIG, SET_STATE_RECORD, SOCKETS, bump, current_comm, current_tgid, emit, header_at, ktime_ns,
+    CONFIG, SET_STATE_RECORD, SOCK_COMMON, current_comm, current_tgid, emit, header_at, ktime_ns,
     netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current, socket_netns,
+    store::{HashStore, SkStore, SocketStore, forget_seeded},
 };
 
 /// task->flags bit of a task that is exiting (include/linux/sched.h): its
 /// files are being closed by the kernel.
 const PF_EXITING: u32 = 0x4;
+
+/// One TCP state change, however the program got it: the fields the
+/// handler needs, read on demand.
+trait StateChangeFields {
+    fn protocol(&self) -> Result<u16, i64>;
+    fn family(&self) -> Result<u16, i64>;
+    /// The kernel's `struct sock *`, as the store and the helpers want it.
+    fn sk(&self) -> Result<*const c_void, i64>;
+    fn states(&self) -> Result<(u8, u8), i64>;
+    /// (local, remote), host byte order.
+    fn ports(&self) -> Result<(u16, u16), i64>;
+    /// (local, remote); IPv4 in the first 4 bytes.
+    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64>;
+}
 
 /// The `sock:inet_sock_set_state` record, copied with one probe read instead
 /// of one per field: those nine helper calls were a quarter of the program's
@@ -41,44 +61,187 @@ impl SetStateRecord {
             Ok(Self(&*slot))
         }
     }
+}
+
+/// Reads a `T` at `offset` of a copied block, bounds checked.
+#[inline(always)]
+fn copied_field<T: Copy, const N: usize>(block: &[u8; N], offset: u32) -> Result<T, i64> {
+    let offset = offset as usize;
+    // Also the bound the verifier needs for the variable offset; the
+    // collector checked the layout against it before load.
+    if offset > N - size_of::<T>() {
+        return Err(-1);
+    }
+    // SAFETY: in bounds (checked above); any bit pattern is a valid T here
+    // (integers and byte arrays).
+    Ok(unsafe { core::ptr::read_unaligned(block.as_ptr().add(offset).cast::<T>()) })
+}
+
+impl StateChangeFields for SetStateRecord {
+    #[inline(always)]
+    fn protocol(&self) -> Result<u16, i64> {
+        copied_field(self.0, CONFIG.load().layout.set_state_protocol.into())
+    }
 
     #[inline(always)]
-    fn field<T: Copy>(&self, offset: u16) -> Result<T, i64> {
-        let offset = usize::from(offset);
-        // Also the bound the verifier needs for the variable offset; the
-        // collector checked the layout against it before load.
-        if offset > SET_STATE_RECORD_BYTES - size_of::<T>() {
-            return Err(-1);
+    fn family(&self) -> Result<u16, i64> {
+        copied_field(self.0, CONFIG.load().layout.set_state_family.into())
+    }
+
+    #[inline(always)]
+    fn sk(&self) -> Result<*const c_void, i64> {
+        copied_field::<u64, _>(self.0, CONFIG.load().layout.set_state_skaddr.into())
+            .map(|sk| sk as *const c_void)
+    }
+
+    #[inline(always)]
+    fn states(&self) -> Result<(u8, u8), i64> {
+        let layout = CONFIG.load().layout;
+        let old = copied_field::<i32, _>(self.0, layout.set_state_oldstate.into())?;
+        let new = copied_field::<i32, _>(self.0, layout.set_state_newstate.into())?;
+        Ok((old as u8, new as u8))
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> Result<(u16, u16), i64> {
+        let layout = CONFIG.load().layout;
+        Ok((
+            copied_field(self.0, layout.set_state_sport.into())?,
+            copied_field(self.0, layout.set_state_dport.into())?,
+        ))
+    }
+
+    #[inline(always)]
+    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
+        let layout = CONFIG.load().layout;
+        let (mut local, mut remote) = ([0; 16], [0; 16]);
+        if family == AF_INET {
+            local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
+                self.0,
+                layout.set_state_saddr.into(),
+            )?);
+            remote[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
+                self.0,
+                layout.set_state_daddr.into(),
+            )?);
+        } else {
+            local = copied_field(self.0, layout.set_state_saddr_v6.into())?;
+            remote = copied_field(self.0, layout.set_state_daddr_v6.into())?;
         }
-        // SAFETY: in bounds (checked above); any bit pattern is a valid T
-        // here (integers and byte arrays).
-        Ok(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(offset).cast::<T>()) })
+        Ok((local, remote))
+    }
+}
+
+/// A BTF tracepoint's arguments: the socket itself, its `sock_common` (the
+/// family, ports and addresses) copied with one probe read.
+struct SockFields {
+    sk: *const c_void,
+    old: u8,
+    new: u8,
+    common: &'static [u8; SOCK_COMMON_BYTES],
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn read(ctx: &BtfTracePointContext) -> Result<Self, i64> {
+        let sk: *const c_void = ctx.arg(0);
+        let old: i32 = ctx.arg(1);
+        let new: i32 = ctx.arg(2);
+        let slot = SOCK_COMMON.get_ptr_mut(0).ok_or(-1i64)?;
+        // SAFETY: this CPU's slot, as in SetStateRecord::read; the probe read
+        // tolerates any address.
+        unsafe {
+            bpf_probe_read_kernel_buf(sk.cast::<u8>(), &mut *slot).map_err(i64::from)?;
+            Ok(Self {
+                sk,
+                old: old as u8,
+                new: new as u8,
+                common: &*slot,
+            })
+        }
+    }
+}
+
+impl StateChangeFields for SockFields {
+    #[inline(always)]
+    fn protocol(&self) -> Result<u16, i64> {
+        // SAFETY: read_kernel tolerates any address.
+        unsafe { read_kernel(self.sk.cast(), CONFIG.load().layout.sock_protocol) }
+    }
+
+    #[inline(always)]
+    fn family(&self) -> Result<u16, i64> {
+        copied_field(self.common, CONFIG.load().layout.sock_family)
+    }
+
+    #[inline(always)]
+    fn sk(&self) -> Result<*const c_void, i64> {
+        Ok(self.sk)
+    }
+
+    #[inline(always)]
+    fn states(&self) -> Result<(u8, u8), i64> {
+        Ok((self.old, self.new))
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> Result<(u16, u16), i64> {
+        let layout = CONFIG.load().layout;
+        // SAFETY: read_kernel tolerates any address.
+        let sport: u16 = unsafe { read_kernel(self.sk.cast(), layout.inet_sport) }?;
+        let dport: u16 = copied_field(self.common, layout.sock_dport)?;
+        Ok((u16::from_be(sport), u16::from_be(dport)))
+    }
+
+    #[inline(always)]
+    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
+        let layout = CONFIG.load().layout;
+        let (mut local, mut remote) = ([0; 16], [0; 16]);
+        if family == AF_INET {
+            local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
+                self.common,
+                layout.sock_rcv_saddr,
+            )?);
+            remote[..4]
+                .copy_from_slice(&copied_field::<[u8; 4], _>(self.common, layout.sock_daddr)?);
+        } else {
+            local = copied_field(self.common, layout.sock_v6_rcv_saddr)?;
+            remote = copied_field(self.common, layout.sock_v6_daddr)?;
+        }
+        Ok((local, remote))
     }
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = try_inet_sock_set_state(&ctx);
+    if let Ok(record) = SetStateRecord::read(&ctx) {
+        let _ = on_state_change::<HashStore>(&record);
+    }
     0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    if let Ok(fields) = SockFields::read(&ctx) {
+        let _ = on_state_change::<SkStore>(&fields);
+    }
+    0
+}
+
+fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<(), i64> {
     let config = CONFIG.load();
-    let layout = &config.layout;
-    let record = SetStateRecord::read(ctx)?;
-    if record.field::<u16>(layout.set_state_protocol)? != IPPROTO_TCP {
+    if fields.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
-    let family = record.field::<u16>(layout.set_state_family)?;
+    let family = fields.family()?;
     if config.filter_family != 0 && family != config.filter_family {
         return Ok(());
     }
-    let sock_id = record.field::<u64>(layout.set_state_skaddr)?;
-    let old_state = record.field::<i32>(layout.set_state_oldstate)? as u8;
-    let new_state = record.field::<i32>(layout.set_state_newstate)? as u8;
+    let sk = fields.sk()?;
+    let (old_state, new_state) = fields.states()?;
     let now = ktime_ns();
 
-    let change = record_transition(layout, sock_id, old_state, new_state, now);
+    let change = record_transition::<S>(&config.layout, sk, old_state, new_state, now);
     // The collector infers it. A known dwell means the map holds the socket,
     // so the new state can be read back from there; a short one means the
     // collector has not read it yet (it waits out the window, then reads
@@ -93,33 +256,25 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if !owner_wanted(&config, &change.owner) || !netns_wanted(change.owner.netns) {
         return Ok(());
     }
-
-    let mut endpoints = Endpoints {
-        family,
-        local_port: record.field::<u16>(layout.set_state_sport)?,
-        remote_port: record.field::<u16>(layout.set_state_dport)?,
-        ..Endpoints::default()
-    };
+    let (local_port, remote_port) = fields.ports()?;
     if config.filter_port != 0
-        && endpoints.local_port != config.filter_port
-        && endpoints.remote_port != config.filter_port
+        && local_port != config.filter_port
+        && remote_port != config.filter_port
     {
         return Ok(());
     }
-    if family == AF_INET {
-        let saddr = record.field::<[u8; 4]>(layout.set_state_saddr)?;
-        let daddr = record.field::<[u8; 4]>(layout.set_state_daddr)?;
-        endpoints.local_addr[..4].copy_from_slice(&saddr);
-        endpoints.remote_addr[..4].copy_from_slice(&daddr);
-    } else if family == AF_INET6 {
-        endpoints.local_addr = record.field::<[u8; 16]>(layout.set_state_saddr_v6)?;
-        endpoints.remote_addr = record.field::<[u8; 16]>(layout.set_state_daddr_v6)?;
-    }
-
+    let (local_addr, remote_addr) = fields.addresses(family)?;
     emit(StateChangeEvent {
-        header: header_at(EventKind::StateChange, sock_id, now),
+        header: header_at(EventKind::StateChange, sk as u64, now),
         owner: change.owner,
-        endpoints,
+        endpoints: Endpoints {
+            family,
+            local_port,
+            remote_port,
+            _pad: 0,
+            local_addr,
+            remote_addr,
+        },
         old_state,
         new_state,
         flags: change.flags,
@@ -177,20 +332,22 @@ fn close_error(layout: &Layout, sk: *const u8) -> u32 {
     unsafe { read_kernel::<i32>(sk, layout.sock_err) }.map_or(0, |err| err.unsigned_abs())
 }
 
-/// Applies a transition to the socket map.
+/// Applies a transition to the socket's entry in the store.
 #[inline(always)]
-fn record_transition(
+fn record_transition<S: SocketStore>(
     layout: &Layout,
-    sock_id: u64,
+    sk: *const c_void,
     old_state: u8,
     new_state: u8,
     now: u64,
 ) -> Change {
-    let sk = sock_id as *const u8;
     let claim = owner_claim(new_state);
     let closing = new_state == tcp_state::CLOSE;
     let (held, error) = if closing {
-        (held_by_a_file(layout, sk), close_error(layout, sk))
+        (
+            held_by_a_file(layout, sk.cast()),
+            close_error(layout, sk.cast()),
+        )
     } else {
         (false, 0)
     };
@@ -201,12 +358,10 @@ fn record_transition(
     };
     // LISTEN -> SYN_RECV is the birth of a child socket cloned from a
     // listener (inet_csk_clone_lock): whatever the map holds for this address
-    // belongs to a dead socket.
+    // belongs to a dead socket. (Socket storage is not cloned: a new socket
+    // has none.)
     let newborn = old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV;
-    if !newborn && let Some(known) = SOCKETS.get_ptr_mut(sock_id) {
-        // SAFETY: the pointer comes from a successful lookup in a hash map
-        // and stays valid for this program run (RCU).
-        let known = unsafe { &mut *known };
+    if !newborn && let Some(known) = S::get(sk) {
         let dwell_ns = if known.state_since_ns != 0 && known.state == old_state {
             now.saturating_sub(known.state_since_ns)
         } else {
@@ -228,7 +383,7 @@ fn record_transition(
         known.closed_held = u8::from(held);
         // Entries the collector wrote (owners found in /proc) lack it.
         if known.netns == 0 {
-            known.netns = socket_netns(layout, sk);
+            known.netns = socket_netns(layout, sk.cast());
         }
         let owner = *known;
         // A socket that closed with no file left is done with: the entry
@@ -236,7 +391,7 @@ fn record_transition(
         // (tcp_destroy_sock), or until it connects again and claims its
         // owner anew.
         if closing && !held {
-            let _ = SOCKETS.remove(sock_id);
+            S::remove(sk);
         }
         return Change {
             owner,
@@ -251,15 +406,15 @@ fn record_transition(
         state_since_ns: now,
         closed_held: u8::from(held),
         // A socket never changes namespace: read once, kept in the map.
-        netns: socket_netns(layout, sk),
+        netns: socket_netns(layout, sk.cast()),
         ..SocketOwner::default()
     };
     if claim != OwnerSource::Unknown {
         set_owner_to_current(&mut owner, claim);
     }
     // A socket first seen closing with no file left has nothing to track.
-    if (!closing || held) && SOCKETS.insert(sock_id, owner, 0).is_err() {
-        bump(tracer_common::counter::SOCKET_MAP_FULL);
+    if !closing || held {
+        let _ = S::create(sk, owner);
     }
     Change {
         owner,
@@ -271,32 +426,45 @@ fn record_transition(
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let _ = try_tcp_destroy_sock(&ctx);
+    let offset = usize::from(CONFIG.load().layout.destroy_skaddr);
+    // SAFETY: bpf_probe_read of the tracepoint record.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(offset) } {
+        let owner = HashStore::get(sk as *const c_void).map(|known| *known);
+        HashStore::remove(sk as *const c_void);
+        on_destroy(sk, owner);
+    }
     0
 }
 
-/// The socket is freed: forget it, and if a file held it after CLOSE, say
-/// who let go. For a socket closed while held, the kernel destroys it in the
-/// release of its last file, in that task's context (close(), or the fds
-/// closed at exit).
-fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    // SAFETY: bpf_probe_read of the tracepoint record.
-    let sock_id = unsafe { ctx.read_at::<u64>(usize::from(config.layout.destroy_skaddr)) }
-        .map_err(i64::from)?;
-    // Most sockets left the map at CLOSE: one failed lookup.
-    let Some(known) = SOCKETS.get_ptr_mut(sock_id) else {
-        return Ok(());
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const c_void = ctx.arg(0);
+    // Storage goes with the socket; a socket found at start with no event
+    // since is still in SEEDED.
+    let owner = SkStore::get(sk).map(|known| *known);
+    // Whatever SEEDED still has for it (an owner the collector wrote for a
+    // socket whose storage named one already) goes with it too.
+    forget_seeded(sk as u64);
+    on_destroy(sk as u64, owner);
+    0
+}
+
+/// The socket is freed: if a file held it after CLOSE, say who let go. For
+/// a socket closed while held, the kernel destroys it in the release of its
+/// last file, in that task's context (close(), or the fds closed at exit).
+/// Most sockets left the store at CLOSE: `owner` is `None`.
+#[inline(always)]
+fn on_destroy(sock_id: u64, owner: Option<SocketOwner>) {
+    let Some(owner) = owner else {
+        return;
     };
-    // SAFETY: see record_transition.
-    let owner = unsafe { *known };
-    let _ = SOCKETS.remove(sock_id);
+    let config = CONFIG.load();
     // Any other entry is one whose CLOSE event was never seen.
     if owner.closed_held == 0 || owner.state != tcp_state::CLOSE {
-        return Ok(());
+        return;
     }
     if !owner_wanted(&config, &owner) || !netns_wanted(owner.netns) {
-        return Ok(());
+        return;
     }
     let now = ktime_ns();
     emit(ReleaseEvent {
@@ -311,7 +479,6 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
         exiting: u8::from(current_task_exiting(&config.layout)),
         _pad: [0; 7],
     });
-    Ok(())
 }
 
 #[inline(always)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tracer_common::{DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES};
 
-use crate::probes::ModeRequest;
+use crate::probes::{AttachRequest, ModeRequest};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,10 +69,16 @@ pub struct ProbeArgs {
     /// How socket owners are probed besides tracepoints.
     #[arg(long, value_enum, default_value = "auto")]
     pub probe_mode: ModeRequest,
+    /// How the TCP state tracepoints are attached: tp_btf (BTF-typed, state
+    /// in socket storage, Linux 5.11+) or classic tracepoints (state in a
+    /// hash map sized by --max-sockets).
+    #[arg(long, value_enum, default_value = "auto", env = "SOCKTRACE_ATTACH")]
+    pub attach: AttachRequest,
     /// Size of the kernel-to-collector ring buffer (a power of two, in KiB).
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BYTES / 1024, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
-    /// How many sockets the kernel can track owners for.
+    /// How many sockets the kernel can track owners for (with tp_btf: only
+    /// the sockets that exist at start; the others live in socket storage).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
     pub max_sockets: u32,
 }

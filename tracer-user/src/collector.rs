@@ -77,8 +77,10 @@ pub async fn run(
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Only now, with the signal handlers in place, is a Ctrl-C a clean stop.
     eprintln!(
-        "socktrace: tracing TCP sockets ({} mode); Ctrl-C to stop",
-        probes.mode
+        "socktrace: tracing TCP sockets ({} mode; {} attach, per-socket state in {}); Ctrl-C to stop",
+        probes.mode,
+        probes.attach,
+        probes.attach.store()
     );
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);

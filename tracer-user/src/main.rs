@@ -135,6 +135,7 @@ fn base_probe_options(probe: &ProbeArgs) -> ProbeOptions {
         ring_bytes: probe.ring_buffer_kib * 1024,
         max_sockets: probe.max_sockets,
         mode: probe.probe_mode,
+        attach: probe.attach,
         namespace: None,
         skip_inferable: false,
     }
@@ -171,7 +172,7 @@ fn start(filter: &FilterArgs, infer_transitions: bool) -> anyhow::Result<Started
     let mut table = SocketTable::new(
         OWNER_GRACE.as_nanos() as u64,
         REHOME_DELAY.as_nanos() as u64,
-        infer_transitions,
+        probes.skips_inferable(infer_transitions),
     );
     // Seeded after attaching, so no socket falls between the two; only the
     // container's network namespace when pointed at one (a kernel filter).
@@ -254,8 +255,13 @@ fn doctor(args: &ProbeArgs) -> anyhow::Result<()> {
         println!("{mark} {:<12} {}", check.name, check.detail);
     }
     match mode {
-        Some(mode) => {
-            println!("mode: {mode}");
+        Some(chosen) => {
+            println!("mode: {}", chosen.mode);
+            println!(
+                "attach: {} (per-socket state in {})",
+                chosen.attach,
+                chosen.attach.store()
+            );
             Ok(())
         }
         None => bail!("socktrace cannot run on this kernel (see the failures above)"),

@@ -252,6 +252,10 @@ fn still_held(state: TcpState) -> bool {
 
 struct Tracked {
     owner: Option<Owner>,
+    /// The exited owner this socket was re-homed from. The kernel may go on
+    /// naming it (socket storage cannot be written from here) until the new
+    /// holder's own system call claims the socket: not believed meanwhile.
+    rehomed_from: Option<u32>,
     /// The owner was searched for and not found: stop holding events back.
     owner_search_done: bool,
     local: SocketAddr,
@@ -350,6 +354,7 @@ impl SocketTable {
         for socket in sockets {
             let tracked = Tracked {
                 owner: Some(socket.owner),
+                rehomed_from: None,
                 owner_search_done: true,
                 local: socket.local,
                 remote: socket.remote,
@@ -432,6 +437,7 @@ impl SocketTable {
         let kernel_sock_id = t.sock_id;
         let fresh = || Tracked {
             owner: None,
+            rehomed_from: None,
             owner_search_done: false,
             local: t.local,
             remote: t.remote,
@@ -514,7 +520,9 @@ impl SocketTable {
         waits.entered(kernel_sock_id, t.new, t.ktime_ns);
         // A socket closed while held lives on until its release.
         let ended = t.new == TcpState::Close;
-        if let Some(owner) = kernel_owner
+        let stale = kernel_owner
+            .is_some_and(|owner| owner.pid.is_some() && owner.pid == tracked.rehomed_from);
+        if let Some(owner) = kernel_owner.filter(|_| !stale)
             && tracked.owner.as_ref() != Some(&owner)
         {
             let previous = tracked.owner.replace(owner);
@@ -671,6 +679,10 @@ impl SocketTable {
             let state = tracked.state;
             match found.get(&sock_id) {
                 Some(&(pid, comm)) => {
+                    tracked.rehomed_from = tracked
+                        .owner
+                        .and_then(|owner| owner.pid)
+                        .filter(|&previous| previous != pid);
                     self.out.push(Output::LearnedOwner {
                         kernel_sock_id: sock_id,
                         pid,

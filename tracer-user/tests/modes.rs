@@ -6,6 +6,11 @@
 //! each kernel of its matrix). Then doctor must report exactly those as usable
 //! and choose the first. Without it, on whatever kernel the tests run on, they
 //! check that doctor is consistent and exercise every mode it finds usable.
+//!
+//! The attach types are checked the same way: `SOCKTRACE_EXPECT_ATTACH` is
+//! the one `auto` must choose here (`tp_btf` where BTF tracepoints can use
+//! socket storage, `tracepoint` before Linux 5.11), and every attach type
+//! the kernel allows traces with the right owners.
 
 mod common;
 
@@ -14,6 +19,9 @@ use std::{process::Command, thread, time::Duration};
 use common::{Role, SOCKTRACE, Tracer, find, on_port, port_of, require_root};
 
 const EXPECT_MODES: &str = "SOCKTRACE_EXPECT_MODES";
+const EXPECT_ATTACH: &str = "SOCKTRACE_EXPECT_ATTACH";
+/// Set to force an attach type for the whole suite (the fallback's run).
+const FORCED_ATTACH: &str = "SOCKTRACE_ATTACH";
 /// Richest first, the order in which `--probe-mode auto` tries them.
 const MODES: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
 
@@ -21,6 +29,9 @@ struct Doctor {
     report: String,
     chosen: String,
     usable: Vec<&'static str>,
+    /// The `attach:` line's attach type.
+    attach: String,
+    tp_btf_usable: bool,
 }
 
 fn doctor() -> Doctor {
@@ -50,10 +61,22 @@ fn doctor() -> Doctor {
                 })
         })
         .collect();
+    let attach = report
+        .lines()
+        .find_map(|line| line.strip_prefix("attach: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no attach line in {report}"))
+        .to_owned();
+    let tp_btf_usable = report.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("ok") && words.next() == Some("tp_btf")
+    });
     Doctor {
         report,
         chosen,
         usable,
+        attach,
+        tp_btf_usable,
     }
 }
 
@@ -86,6 +109,50 @@ fn doctor_chooses_the_expected_mode() {
 }
 
 #[test]
+fn doctor_chooses_the_expected_attach() {
+    if !require_root("doctor_chooses_the_expected_attach") {
+        return;
+    }
+    let doctor = doctor();
+    let natural = if doctor.tp_btf_usable {
+        "tp_btf"
+    } else {
+        "tracepoint"
+    };
+    match std::env::var(FORCED_ATTACH) {
+        Ok(forced) if forced != "auto" => assert_eq!(doctor.attach, forced, "{}", doctor.report),
+        _ => assert_eq!(doctor.attach, natural, "{}", doctor.report),
+    }
+    match std::env::var(EXPECT_ATTACH) {
+        Ok(expected) => assert_eq!(natural, expected, "{}", doctor.report),
+        Err(_) => println!("{EXPECT_ATTACH} is not set: checking only that doctor is consistent"),
+    }
+}
+
+/// Both attach types trace with the right owners where the kernel allows
+/// them; forcing tp_btf where it does not is one clear line.
+#[test]
+fn every_attach_type_attributes_owners() {
+    if !require_root("every_attach_type_attributes_owners") {
+        return;
+    }
+    let doctor = doctor();
+    server_closes_first("tracepoint", "tracepoint");
+    if doctor.tp_btf_usable {
+        server_closes_first("tracepoint", "tp_btf");
+        return;
+    }
+    let out = Command::new(SOCKTRACE)
+        .args(["trace", "--attach", "tp_btf", "--duration", "1"])
+        .output()
+        .expect("running socktrace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    println!("SKIPPED: tp_btf is not usable on this kernel; forcing it fails with: {stderr}");
+}
+
+#[test]
 fn fentry_mode_attributes_owners() {
     if require_root("fentry_mode_attributes_owners") {
         traces_in("fentry");
@@ -112,7 +179,7 @@ fn tracepoint_mode_attributes_owners() {
 fn traces_in(mode: &str) {
     let doctor = doctor();
     if doctor.usable.contains(&mode) {
-        server_closes_first(mode);
+        server_closes_first(mode, &doctor.attach);
         return;
     }
     if let Some(expected) = expected_modes() {
@@ -141,8 +208,8 @@ fn traces_in(mode: &str) {
 /// A server that closes first against a client that holds its socket in
 /// CLOSE_WAIT: every transition of both sockets belongs to its owner, though
 /// the peer's packets drive half of them.
-fn server_closes_first(mode: &str) {
-    let tracer = Tracer::start(&["trace", "--json", "--probe-mode", mode]);
+fn server_closes_first(mode: &str, attach: &str) {
+    let tracer = Tracer::start(&["trace", "--json", "--probe-mode", mode, "--attach", attach]);
     let server = Role::spawn("tcp_roles.py", &["server", "4", "close-first"]);
     let server_port = server.expect("port")["port"].as_u64().unwrap();
     let mut client = Role::spawn("tcp_roles.py", &["client", "4", &server_port.to_string()]);
@@ -154,10 +221,10 @@ fn server_closes_first(mode: &str) {
     thread::sleep(Duration::from_millis(300));
     let finished = tracer.stop();
     assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
-    let announced = format!("({mode} mode)");
+    let announced = format!("({mode} mode; {attach} attach");
     assert!(
         finished.stderr.iter().any(|line| line.contains(&announced)),
-        "socktrace did not run in {mode} mode: {:?}",
+        "socktrace did not run in {mode} mode with {attach}: {:?}",
         finished.stderr
     );
 

@@ -28,6 +28,61 @@ impl fmt::Display for ProbeMode {
     }
 }
 
+/// How the hooks with a BTF-typed variant (TCP state changes, socket
+/// destruction, process exit) are attached, which decides where the
+/// per-socket state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// BTF tracepoints (`tp_btf`): the kernel's own arguments, no record
+    /// built per event, and only re-entry of the same program refused (not
+    /// any other tracing program on the CPU); state in socket storage
+    /// (Linux 5.11+).
+    TpBtf,
+    /// Classic tracepoints: a record per event, the per-CPU guard shared
+    /// with every kprobe and classic-tracepoint program; state in a hash
+    /// map sized by `--max-sockets`.
+    Tracepoint,
+}
+
+impl Attach {
+    /// Where the per-socket state lives with this attach type.
+    pub fn store(self) -> &'static str {
+        match self {
+            Self::TpBtf => "sk_storage",
+            Self::Tracepoint => "hash map",
+        }
+    }
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TpBtf => "tp_btf",
+            Self::Tracepoint => "tracepoint",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachRequest {
+    /// BTF tracepoints with socket storage where the kernel allows, else
+    /// classic tracepoints with the hash map.
+    Auto,
+    #[value(name = "tp_btf")]
+    TpBtf,
+    Tracepoint,
+}
+
+impl AttachRequest {
+    pub fn candidates(self) -> &'static [Attach] {
+        match self {
+            Self::Auto => &[Attach::TpBtf, Attach::Tracepoint],
+            Self::TpBtf => &[Attach::TpBtf],
+            Self::Tracepoint => &[Attach::Tracepoint],
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeRequest {
     /// The richest mode the kernel allows: fentry, then kprobe, then tracepoint.
@@ -56,7 +111,7 @@ pub struct Check {
 }
 
 /// Probes the kernel feature by feature, then the mode `auto` would choose.
-pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
+pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<Chosen>) {
     let mut checks = Vec::new();
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     checks.push(Check {
@@ -86,7 +141,9 @@ pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
         },
     });
     if let Ok(tracefs) = &tracefs {
-        for (category, name, _) in super::TRACEPOINTS {
+        let typed = super::TYPED_HOOKS.map(|(category, name, ..)| (category, name));
+        let classic = super::CLASSIC_ONLY.map(|(category, name, _)| (category, name));
+        for (category, name) in typed.into_iter().chain(classic) {
             let found = tracefs.join("events").join(category).join(name).is_dir();
             checks.push(Check {
                 name: "tracepoint",
@@ -103,6 +160,18 @@ pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
             Ok(true) => "BPF_MAP_TYPE_RINGBUF".into(),
             Ok(false) => "not supported (needs Linux 5.8)".into(),
             Err(e) => format!("probe failed: {e}"),
+        },
+    });
+    let typed = Probes::load(&ProbeOptions {
+        attach: AttachRequest::TpBtf,
+        ..options.clone()
+    });
+    checks.push(Check {
+        name: "tp_btf",
+        ok: typed.is_ok(),
+        detail: match typed {
+            Ok(_) => "BTF tracepoints attach, socket storage usable".into(),
+            Err(e) => format!("{:#}", e.root_cause()),
         },
     });
     for (name, request) in [
@@ -126,7 +195,10 @@ pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
         mode: ModeRequest::Auto,
         ..options.clone()
     })
-    .map(|p| p.mode);
+    .map(|p| Chosen {
+        mode: p.mode,
+        attach: p.attach,
+    });
     if let Err(e) = &chosen {
         checks.push(Check {
             name: "load",
@@ -135,4 +207,10 @@ pub fn doctor(options: &ProbeOptions) -> (Vec<Check>, Option<ProbeMode>) {
         });
     }
     (checks, chosen.ok())
+}
+
+/// What `auto` chooses on this kernel.
+pub struct Chosen {
+    pub mode: ProbeMode,
+    pub attach: Attach,
 }

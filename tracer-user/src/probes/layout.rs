@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Backend, Btf, Type};
-use tracer_common::{Layout, SET_STATE_RECORD_BYTES};
+use tracer_common::{Layout, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES};
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -224,7 +224,31 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
         task_flags: member_offset(btf, "task_struct", "flags")?,
     };
     check_set_state_record(&layout)?;
+    check_sock_common(&layout)?;
     Ok(layout)
+}
+
+/// The BTF tracepoint programs copy the first [`SOCK_COMMON_BYTES`] of the
+/// socket and read its family, ports and addresses from that copy.
+fn check_sock_common(layout: &Layout) -> anyhow::Result<()> {
+    let end = [
+        (layout.sock_family, 2),
+        (layout.sock_dport, 2),
+        (layout.sock_daddr, 4),
+        (layout.sock_rcv_saddr, 4),
+        (layout.sock_v6_daddr, 16),
+        (layout.sock_v6_rcv_saddr, 16),
+    ]
+    .map(|(offset, size)| offset as usize + size)
+    .into_iter()
+    .max()
+    .unwrap_or_default();
+    if end > SOCK_COMMON_BYTES {
+        bail!(
+            "struct sock_common has an unexpected layout on this kernel: its fields end at byte {end}, past the {SOCK_COMMON_BYTES} socktrace reads"
+        );
+    }
+    Ok(())
 }
 
 /// The kernel program copies the first [`SET_STATE_RECORD_BYTES`] of the

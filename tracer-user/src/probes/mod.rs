@@ -16,14 +16,15 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, Iter, KProbe, Program, TracePoint},
+    programs::{BtfTracePoint, FEntry, Iter, KProbe, Program, TracePoint},
 };
 use tracer_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
-    PID_FILTER_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN, counter,
+    PID_FILTER_MAP, SEEDED_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN,
+    counter,
 };
 
-pub use features::{ModeRequest, ProbeMode};
+pub use features::{Attach, AttachRequest, ModeRequest, ProbeMode};
 
 use crate::{
     decode::{Comm, SocketFile, decode_socket_files},
@@ -35,13 +36,35 @@ use crate::{
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
 
-/// Tracepoints every mode needs: (category, name, program).
-const TRACEPOINTS: [(&str, &str, &str); 5] = [
-    ("sock", "inet_sock_set_state", "inet_sock_set_state"),
-    ("tcp", "tcp_destroy_sock", "tcp_destroy_sock"),
+/// Hooks with a BTF-typed variant: (category, tracepoint, classic program,
+/// BTF program). The BTF programs get the kernel's own arguments (no
+/// record built per event) and keep the state in socket storage.
+const TYPED_HOOKS: [(&str, &str, &str, &str); 3] = [
+    (
+        "sock",
+        "inet_sock_set_state",
+        "inet_sock_set_state",
+        "inet_sock_set_state_btf",
+    ),
+    (
+        "tcp",
+        "tcp_destroy_sock",
+        "tcp_destroy_sock",
+        "tcp_destroy_sock_btf",
+    ),
+    (
+        "sched",
+        "sched_process_exit",
+        "sched_process_exit",
+        "sched_process_exit_btf",
+    ),
+];
+
+/// Classic tracepoints either way: system call tracepoints have no
+/// BTF-typed variant. (category, name, program).
+const CLASSIC_ONLY: [(&str, &str, &str); 2] = [
     ("syscalls", "sys_exit_accept4", "sys_exit_accept4"),
     ("syscalls", "sys_exit_accept", "sys_exit_accept"),
-    ("sched", "sched_process_exit", "sched_process_exit"),
 ];
 
 /// The collector is woken once an eighth of the ring buffer is waiting;
@@ -61,6 +84,7 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     pub max_sockets: u32,
     pub mode: ModeRequest,
+    pub attach: AttachRequest,
     /// Only sockets of one container.
     pub namespace: Option<NamespaceFilter>,
     /// Leave out the transitions the socket stage can infer
@@ -72,6 +96,9 @@ pub struct ProbeOptions {
 pub struct Probes {
     ebpf: Ebpf,
     pub mode: ProbeMode,
+    /// How the hooks with a BTF-typed variant are attached, and so where
+    /// the per-socket state lives.
+    pub attach: Attach,
     /// Owns the aya-log map: it must live as long as the programs.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The programs' skipped runs when they were detached (their fds, which
@@ -102,23 +129,54 @@ impl Probes {
     pub fn load(options: &ProbeOptions) -> anyhow::Result<Self> {
         let tracefs: PathBuf = layout::tracefs()?;
         let btf = layout::load_btf(std::path::Path::new(layout::BTF_PATH))?;
+        let layout = layout::discover(&tracefs, &btf)?;
+        drop(btf);
+        // Parsed once, for the loader's relocations and the BTF targets.
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+        let mut failure = None;
+        for &attach in options.attach.candidates() {
+            match Self::load_as(options, layout, &kernel_btf, attach) {
+                Ok(probes) => {
+                    release_freed_memory();
+                    return Ok(probes);
+                }
+                Err(e) if options.attach == AttachRequest::Auto && attach == Attach::TpBtf => {
+                    log::debug!("{attach} unavailable: {e:#}");
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failure.unwrap_or_else(|| anyhow!("no attach type is usable")))
+    }
+
+    /// Loads the object for one attach type (the globals differ) and
+    /// attaches everything.
+    fn load_as(
+        options: &ProbeOptions,
+        layout: tracer_common::Layout,
+        kernel_btf: &aya::Btf,
+        attach: Attach,
+    ) -> anyhow::Result<Self> {
+        let sk_storage = attach == Attach::TpBtf;
         let config = Config {
-            layout: layout::discover(&tracefs, &btf)?,
+            layout,
             self_tgid: std::process::id(),
             filter_pids: u32::from(!options.pids.is_empty()),
             filter_port: options.port.unwrap_or(0),
             filter_family: options.family.unwrap_or(0),
             wakeup_bytes: options.ring_bytes / WAKEUP_FRACTION,
-            skip_inferable: u32::from(options.skip_inferable),
-            _pad: 0,
+            // Socket storage cannot be read back from userspace by address:
+            // every transition is reported.
+            skip_inferable: u32::from(options.skip_inferable && !sk_storage),
+            sk_storage: u32::from(sk_storage),
         };
-        // Parsed once, for the loader's relocations and the fentry targets.
-        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&kernel_btf))
+            .btf(Some(kernel_btf))
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(EVENTS_MAP, options.ring_bytes)
             .map_max_entries(SOCKETS_MAP, options.max_sockets)
+            .map_max_entries(SEEDED_MAP, options.max_sockets)
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))?;
         // Before any program loads: programs that log need the log map.
@@ -147,20 +205,30 @@ impl Probes {
             set_namespace_filter(&mut ebpf, filter)?;
         }
 
-        for (category, name, program) in TRACEPOINTS {
+        for (category, name, classic, typed) in TYPED_HOOKS {
+            match attach {
+                Attach::TpBtf => attach_btf_tracepoint(&mut ebpf, kernel_btf, name, typed)?,
+                Attach::Tracepoint => attach_tracepoint(&mut ebpf, category, name, classic)?,
+            }
+        }
+        for (category, name, program) in CLASSIC_ONLY {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
-        load_socket_files(&mut ebpf, &kernel_btf)?;
-        let mode = attach_owner_probes(&mut ebpf, &kernel_btf, options.mode)?;
-        drop(kernel_btf);
-        drop(btf);
-        release_freed_memory();
+        load_socket_files(&mut ebpf, kernel_btf)?;
+        let mode = attach_owner_probes(&mut ebpf, kernel_btf, options.mode)?;
         Ok(Self {
             ebpf,
             mode,
+            attach,
             logger,
             missed_runs_at_detach: None,
         })
+    }
+
+    /// Whether the kernel programs leave out the transitions the socket
+    /// stage can infer (asked for, and possible with the hash map only).
+    pub fn skips_inferable(&self, asked: bool) -> bool {
+        asked && self.attach == Attach::Tracepoint
     }
 
     /// Every TCP socket that a process holds, from the kernel's file tables
@@ -225,6 +293,7 @@ impl Probes {
                 Program::TracePoint(p) => p.unload(),
                 Program::KProbe(p) => p.unload(),
                 Program::FEntry(p) => p.unload(),
+                Program::BtfTracePoint(p) => p.unload(),
                 Program::Iter(p) => p.unload(),
                 _ => Ok(()),
             };
@@ -256,8 +325,12 @@ impl Probes {
         set_namespace_filter(&mut self.ebpf, NamespaceFilter::default())
     }
 
-    /// Records an owner learned in userspace (from /proc) in the kernel's
-    /// socket map, so later events carry it and the filters apply.
+    /// Records an owner learned in userspace (from the file tables) in the
+    /// kernel's socket map, so later events carry it and the filters apply.
+    /// Socket storage cannot be written by address from here: the owner
+    /// goes to the map the programs take it from at the socket's next event,
+    /// unless the socket has storage already (the socket stage keeps the
+    /// owner it learned then).
     pub fn set_owner(
         &mut self,
         sock_id: u64,
@@ -266,10 +339,14 @@ impl Probes {
         state: u8,
         in_pidns: bool,
     ) -> anyhow::Result<()> {
+        let name = match self.attach {
+            Attach::TpBtf => SEEDED_MAP,
+            Attach::Tracepoint => SOCKETS_MAP,
+        };
         let mut sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(
             self.ebpf
-                .map_mut(SOCKETS_MAP)
-                .context("map SOCKETS missing")?,
+                .map_mut(name)
+                .with_context(|| format!("map {name} missing"))?,
         )?;
         let mut owner = sockets.get(&sock_id, 0).unwrap_or(SocketOwner {
             state,
@@ -288,6 +365,10 @@ impl Probes {
 
 impl KernelView for Probes {
     fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
+        // With socket storage nothing is left out, so nothing is read back.
+        if self.attach != Attach::Tracepoint {
+            return None;
+        }
         let map = self.ebpf.map(SOCKETS_MAP)?;
         let sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(map).ok()?;
         let owner = sockets.get(&kernel_sock_id, 0).ok()?;
@@ -336,6 +417,23 @@ fn set_namespace_filter(ebpf: &mut Ebpf, filter: NamespaceFilter) -> anyhow::Res
     )?;
     map.set(0, filter, 0)
         .context("setting the namespace filter")?;
+    Ok(())
+}
+
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    tracepoint: &str,
+    program: &str,
+) -> anyhow::Result<()> {
+    let tp: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from the eBPF object"))?
+        .try_into()?;
+    tp.load(tracepoint, btf)
+        .map_err(|e| anyhow!("loading the tp_btf/{tracepoint} program failed: {e:#}"))?;
+    tp.attach()
+        .map_err(|e| anyhow!("attaching to tp_btf/{tracepoint} failed: {e:#}"))?;
     Ok(())
 }
 
