@@ -137,9 +137,16 @@ static NS_FILTER: Array<NamespaceFilter> = Array::with_max_entries(1, 0);
 static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Room for the copy of a socket's `sock_common` (see `state::SockFields`).
+/// Room for the copy of a socket's `sock_common` (see `state::SockFields`):
+/// one for a program's run, one for a run nested in it by a softirq.
 #[map(name = "SOCK_COMMON")]
-static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per CPU, the last event each BPF tracepoint program with a `_nested`
+/// partner took, by `state::Partner` (see
+/// `state::inet_sock_set_state_btf_nested`).
+#[map(name = "TAKEN")]
+static TAKEN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(2, 0);
 
 #[inline(always)]
 fn ns_filter() -> Option<NamespaceFilter> {

@@ -16,12 +16,13 @@ use aya_ebpf::{
 use tracer_common::{
     AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, INFER_WINDOW_NS, IPPROTO_TCP, Layout,
     OwnerSource, ReleaseEvent, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES, SocketOwner,
-    StateChangeEvent, inferable_successor, owner_claim, state_flags, tcp_state,
+    StateChangeEvent, counter, inferable_successor, owner_claim, state_flags, tcp_state,
 };
 
 use crate::{
-    CONFIG, SET_STATE_RECORD, SOCK_COMMON, current_comm, current_tgid, emit, header_at, ktime_ns,
-    netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current, socket_netns,
+    CONFIG, SET_STATE_RECORD, SOCK_COMMON, TAKEN, bump, current_comm, current_tgid, emit,
+    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
+    socket_netns,
     store::{HashStore, SkStore, SocketStore, forget_seeded},
 };
 
@@ -143,11 +144,13 @@ struct SockFields {
 
 impl SockFields {
     #[inline(always)]
-    fn read(ctx: &BtfTracePointContext) -> Result<Self, i64> {
+    /// `depth`: 0 for the outer run on this CPU, 1 for one nested in it
+    /// (each has a buffer of its own).
+    fn read(ctx: &BtfTracePointContext, depth: u32) -> Result<Self, i64> {
         let sk: *const c_void = ctx.arg(0);
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
-        let slot = SOCK_COMMON.get_ptr_mut(0).ok_or(-1i64)?;
+        let slot = SOCK_COMMON.get_ptr_mut(depth).ok_or(-1i64)?;
         // SAFETY: this CPU's slot, as in SetStateRecord::read; the probe read
         // tolerates any address.
         unsafe {
@@ -220,9 +223,31 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+// The kernel refuses to run a BPF tracepoint program inside itself on one
+// CPU: a softirq that changes a socket's state while the program runs for
+// another (an interrupt landed in it) is skipped. So a second program rides
+// the same tracepoint, attached after the first: the first notes each event
+// it takes as it starts, and the second takes the events the first did not
+// note, which are those the kernel skipped it for.
+
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
-    if let Ok(fields) = SockFields::read(&ctx) {
+    if let Ok(fields) = SockFields::read(&ctx, 0) {
+        taken(Partner::SetState, fields.event_id());
+        let _ = on_state_change::<SkStore>(&fields);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const c_void = ctx.arg(0);
+    let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    if was_taken(Partner::SetState, event_id(sk, old as u8, new as u8)) {
+        return 0;
+    }
+    bump(counter::RESCUED);
+    if let Ok(fields) = SockFields::read(&ctx, 1) {
         let _ = on_state_change::<SkStore>(&fields);
     }
     0
@@ -439,6 +464,24 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
+    taken(Partner::Destroy, event_id(sk, 0, 0));
+    on_destroy_btf(sk);
+    0
+}
+
+/// See `inet_sock_set_state_btf_nested`.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const c_void = ctx.arg(0);
+    if !was_taken(Partner::Destroy, event_id(sk, 0, 0)) {
+        bump(counter::RESCUED);
+        on_destroy_btf(sk);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_destroy_btf(sk: *const c_void) {
     // Storage goes with the socket; a socket found at start with no event
     // since is still in SEEDED.
     let owner = SkStore::get(sk).map(|known| *known);
@@ -446,7 +489,6 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     // socket whose storage named one already) goes with it too.
     forget_seeded(sk as u64);
     on_destroy(sk as u64, owner);
-    0
 }
 
 /// The socket is freed: if a file held it after CLOSE, say who let go. For
@@ -479,6 +521,58 @@ fn on_destroy(sock_id: u64, owner: Option<SocketOwner>) {
         exiting: u8::from(current_task_exiting(&config.layout)),
         _pad: [0; 7],
     });
+}
+
+/// The BTF tracepoint programs that have a `_nested` partner.
+#[derive(Clone, Copy)]
+enum Partner {
+    SetState = 0,
+    Destroy = 1,
+}
+
+/// One event at a tracepoint: its socket and, for a state change, the
+/// states. Two hits in a row on one CPU never share it. Kept apart, not
+/// mixed into one number: the verifier allows no arithmetic on the
+/// kernel's typed pointer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct EventId {
+    sk: u64,
+    states: u64,
+}
+
+#[inline(always)]
+fn event_id(sk: *const c_void, old: u8, new: u8) -> EventId {
+    EventId {
+        sk: sk as u64,
+        states: (u64::from(old) << 8) | u64::from(new),
+    }
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn event_id(&self) -> EventId {
+        event_id(self.sk, self.old, self.new)
+    }
+}
+
+/// The first program takes an event: noted as it starts, so that even an
+/// event nested at its very start or end is not left to nobody.
+#[inline(always)]
+fn taken(program: Partner, id: EventId) {
+    if let Some(last) = TAKEN.get_ptr_mut(program as u32) {
+        // SAFETY: this CPU's slot.
+        unsafe { *last = [id.sk, id.states] };
+    }
+}
+
+/// Whether the first program took this event (the partner runs after it
+/// for each event, so the first program's note is for this event unless
+/// the kernel skipped it).
+#[inline(always)]
+fn was_taken(program: Partner, id: EventId) -> bool {
+    TAKEN
+        .get(program as u32)
+        .is_some_and(|last| last[0] == id.sk && last[1] == id.states)
 }
 
 #[inline(always)]

@@ -50,6 +50,9 @@ pub struct RunOptions {
 
 /// How often to check that the container still has processes.
 const CONTAINER_CHECK: Duration = Duration::from_secs(1);
+/// How often to look whether events were lost since the last repair, and
+/// if so to heal the socket stage from the kernel's file tables.
+const HEAL_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT/SIGTERM, `duration`, or a closed output pipe; returns the
 /// final loss counters.
@@ -87,7 +90,11 @@ pub async fn run(
     let deadline = options.duration.map(|d| Instant::now() + d);
     let mut container = options.container;
     let mut next_container_check = Instant::now() + CONTAINER_CHECK;
+    let mut next_heal_check = Instant::now() + HEAL_CHECK;
     let mut undecodable = 0u64;
+    // Losses already healed, and the sockets repaired since start.
+    let mut healed_losses = 0u64;
+    let mut reconciled = 0u64;
 
     let result: io::Result<()> = async {
         pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -121,7 +128,16 @@ pub async fn run(
                     let now = monotonic_ns();
                     table.tick(now, &mut probes);
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
-                    sink.tick(now, &|| counters(&probes, undecodable))?;
+                    if Instant::now() >= next_heal_check {
+                        next_heal_check = Instant::now() + HEAL_CHECK;
+                        let losses = counters(&probes, undecodable, reconciled).losses();
+                        if losses > healed_losses {
+                            healed_losses = losses;
+                            reconciled += heal(&mut probes, &mut table, now);
+                            pass_on(&mut table, &mut probes, sink, container.as_ref())?;
+                        }
+                    }
+                    sink.tick(now, &|| counters(&probes, undecodable, reconciled))?;
                     if sink.done() {
                         break;
                     }
@@ -168,7 +184,7 @@ pub async fn run(
     }
     .await;
 
-    let counters = counters(&probes, undecodable);
+    let counters = counters(&probes, undecodable, reconciled);
     match result.and_then(|()| sink.finish(counters)) {
         Ok(()) => Ok(counters),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(counters),
@@ -241,14 +257,35 @@ fn pass_on(
     passed
 }
 
-fn counters(probes: &Probes, undecodable: u64) -> Counters {
+fn counters(probes: &Probes, undecodable: u64, reconciled: u64) -> Counters {
     let kernel = probes.counters().unwrap_or_else(|e| {
         log::warn!("reading the loss counters: {e:#}");
         Counters::default()
     });
     Counters {
         undecodable,
+        reconciled,
         ..kernel
+    }
+}
+
+/// Events were lost (a full ring, a skipped probe run, a full socket map):
+/// what the socket stage holds may have drifted from the truth. Reads the
+/// kernel's own view of who holds which socket and repairs it; returns how
+/// many sockets were repaired.
+fn heal(probes: &mut Probes, table: &mut SocketTable, now_ns: u64) -> u64 {
+    match probes.socket_files() {
+        Ok(files) => {
+            let repaired = table.reconcile(files, now_ns) as u64;
+            log::info!(
+                "events were lost: {repaired} sockets repaired from the kernel's file tables"
+            );
+            repaired
+        }
+        Err(e) => {
+            log::warn!("healing after lost events: {e:#}");
+            0
+        }
     }
 }
 

@@ -158,6 +158,15 @@ pub enum Output {
         owner: Owner,
         ktime_ns: u64,
     },
+    /// Events were lost, and the kernel's file tables show what they hid: a
+    /// socket tracked as held that no process holds any more (its end was
+    /// lost) ...
+    Gone {
+        sock_id: u64,
+        ktime_ns: u64,
+    },
+    /// ... or one held that was never seen (its start was lost).
+    Found(ExistingSocket),
     /// An owner found in userspace, to be written into the kernel's socket
     /// map so that later events carry it (and `-p` filters by it).
     LearnedOwner {
@@ -699,6 +708,53 @@ impl SocketTable {
                 }
             }
         }
+    }
+
+    /// Heals what lost events left wrong, from `files`, the kernel's own
+    /// view of who holds which socket: sockets tracked as held that no file
+    /// holds are gone, held sockets never seen are found. Sockets still
+    /// waiting for their owner (a passive open before accept(), which no
+    /// file holds yet) are left alone. Returns how many were repaired.
+    pub fn reconcile(&mut self, files: Vec<SocketFile>, now_ns: u64) -> usize {
+        let found = ExistingSocket::from_files(files);
+        let held: rustc_hash::FxHashSet<u64> = found.iter().map(|s| s.sock_id).collect();
+        let gone: Vec<u64> = self
+            .sockets
+            .iter()
+            .filter(|(id, tracked)| {
+                still_held(tracked.state)
+                    && tracked.state != TcpState::SynRecv
+                    && tracked.owner.is_some()
+                    && !held.contains(id)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for &sock_id in &gone {
+            self.untrack(sock_id);
+            self.out.push(Output::Gone {
+                sock_id,
+                ktime_ns: now_ns,
+            });
+        }
+        let mut repaired = gone.len();
+        for socket in found {
+            if let Entry::Vacant(entry) = self.sockets.entry(socket.sock_id) {
+                Self::move_ownership(&mut self.owned, None, Some(&socket.owner));
+                entry.insert(Tracked {
+                    owner: Some(socket.owner),
+                    rehomed_from: None,
+                    owner_search_done: true,
+                    local: socket.local,
+                    remote: socket.remote,
+                    state: socket.state,
+                    state_since_ns: 0,
+                    pending: ThinVec::new(),
+                });
+                self.out.push(Output::Found(socket));
+                repaired += 1;
+            }
+        }
+        repaired
     }
 
     /// Puts back the transition the kernel left out for this socket, if it
@@ -1283,6 +1339,45 @@ mod tests {
             TcpState::CloseWait,
         ));
         assert_eq!(transitions(&mut table)[0].owner.pid, Some(CLIENT));
+    }
+
+    #[test]
+    fn lost_events_are_healed_from_the_file_tables() {
+        use TcpState::*;
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        // Socket 9 is held, but its end was lost; socket 7 waits for
+        // accept(); socket 12 was opened while events were lost.
+        closed_while_held(&mut table);
+        table.on_event(change(
+            5,
+            7,
+            unknown(),
+            SERVER_AT,
+            "127.0.0.1:40007",
+            Listen,
+            SynRecv,
+        ));
+        table.drain_output().for_each(drop);
+        let lost_open = SocketFile {
+            sock_id: 12,
+            pid: CLIENT,
+            comm: "client".into(),
+            local: addr("127.0.0.1:40012"),
+            remote: addr(SERVER_AT),
+            state: Established,
+            cause: None,
+            netns: NETNS,
+        };
+        assert_eq!(table.reconcile(vec![lost_open], 9 * MS), 2);
+        let out: Vec<Output> = table.drain_output().collect();
+        assert!(
+            matches!(
+                &out[..],
+                [Output::Gone { sock_id: 9, .. }, Output::Found(found)] if found.sock_id == 12
+            ),
+            "{out:?}"
+        );
+        assert_eq!(table.len(), 2, "7 still waits for its owner; 12 is tracked");
     }
 
     #[test]

@@ -140,6 +140,12 @@ impl WatchFeed {
                     self.watch.on_owner_changed(*sock_id, owner, *ktime_ns);
                 }
             }
+            &Output::Gone { sock_id, .. } => self.watch.on_gone(sock_id),
+            Output::Found(s) => {
+                if self.scope.wants(&s.owner, s.local, s.remote) {
+                    self.watch.on_found(s);
+                }
+            }
             Output::LearnedOwner { .. } => {}
         }
     }

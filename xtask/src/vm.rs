@@ -28,6 +28,8 @@ use crate::cmd;
 /// Names the probe modes a guest kernel must support, richest first; the
 /// first is the one `auto` must choose. Read by `tracer-user/tests/modes.rs`.
 const EXPECT_MODES: &str = "SOCKTRACE_EXPECT_MODES";
+/// The attach type `auto` must choose there (same reader).
+const EXPECT_ATTACH: &str = "SOCKTRACE_EXPECT_ATTACH";
 
 /// One kernel of the matrix.
 struct KernelSpec {
@@ -37,21 +39,38 @@ struct KernelSpec {
     meta_package: &'static str,
     /// Probe modes socktrace must find usable there, richest first.
     modes: &'static [&'static str],
+    /// The attach type `auto` must choose there.
+    attach: &'static str,
+    /// The Debian release it comes from, when not the host's own.
+    release: Option<&'static str>,
 }
 
-/// Debian bookworm's kernels. Both have kprobes, BTF and fentry (ftrace
-/// direct calls), and no lockdown when booted without Secure Boot.
-const MATRIX: [KernelSpec; 2] = [
+/// Stock Debian kernels. All have kprobes, BTF and fentry (ftrace direct
+/// calls), and no lockdown when booted without Secure Boot; bullseye's 5.10
+/// predates socket storage in tracing programs (5.11), so it runs the
+/// classic-tracepoint fallback.
+const MATRIX: [KernelSpec; 3] = [
+    KernelSpec {
+        name: "5.10",
+        meta_package: "linux-image-amd64",
+        modes: &["fentry", "kprobe", "tracepoint"],
+        attach: "tracepoint",
+        release: Some("bullseye"),
+    },
     KernelSpec {
         name: "6.1",
         meta_package: "linux-image-amd64",
         modes: &["fentry", "kprobe", "tracepoint"],
+        attach: "tp_btf",
+        release: None,
     },
     // Debian's newer kernel for bookworm, from bookworm-security.
     KernelSpec {
         name: "6.12",
         meta_package: "linux-image-6.12-amd64",
         modes: &["fentry", "kprobe", "tracepoint"],
+        attach: "tp_btf",
+        release: None,
     },
 ];
 
@@ -82,7 +101,7 @@ const DEFAULT_TIMEOUT_SECS: u64 = 1200;
 
 #[derive(Args)]
 pub struct VmOptions {
-    /// With --vm: only this kernel of the matrix (repeatable): 6.1, 6.12.
+    /// With --vm: only this kernel of the matrix (repeatable): 5.10, 6.1, 6.12.
     #[arg(long = "kernel", value_name = "SERIES", requires = "vm")]
     kernels: Vec<String>,
     /// With --vm: give up on a guest after this many seconds.
@@ -136,7 +155,16 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
     for spec in specs {
         println!("\n== kernel {} ({})", spec.name, spec.meta_package);
         let started = Instant::now();
-        let outcome = match apt.kernel(spec.meta_package, spec.name) {
+        let kernel = match spec.release {
+            Some(release) => debian::Apt::release(
+                work.join("cache"),
+                &work.join(format!("apt-{release}")),
+                release,
+            )
+            .and_then(|mut other| other.kernel(spec.meta_package, spec.name)),
+            None => apt.kernel(spec.meta_package, spec.name),
+        };
+        let outcome = match kernel {
             Err(err) => {
                 println!("kernel {}: skipped: {err:#}", spec.name);
                 Outcome::Skipped(format!("{err:#}"))
@@ -148,7 +176,10 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
                     busybox: &busybox,
                     build: &build,
                     suite: &suite,
-                    env: vec![(EXPECT_MODES, spec.modes.join(","))],
+                    env: vec![
+                        (EXPECT_MODES, spec.modes.join(",")),
+                        (EXPECT_ATTACH, spec.attach.to_owned()),
+                    ],
                     dir: work.join(spec.name),
                     timeout: Duration::from_secs(options.vm_timeout),
                 };
@@ -358,6 +389,10 @@ mod tests {
     fn kernels_are_chosen_by_series() {
         assert_eq!(selected(&[]).unwrap().len(), MATRIX.len());
         assert_eq!(selected(&["6.12".into()]).unwrap()[0].name, "6.12");
-        assert!(selected(&["5.10".into()]).is_err());
+        assert_eq!(
+            selected(&["5.10".into()]).unwrap()[0].release,
+            Some("bullseye")
+        );
+        assert!(selected(&["4.19".into()]).is_err());
     }
 }

@@ -186,7 +186,11 @@ impl<W: Write> Sink for TraceSink<W> {
             }
             &Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
             // The socket's next transition shows its new owner.
-            Output::OwnerChanged { .. } | Output::LearnedOwner { .. } => {}
+            // Repairs after lost events change counts, not the event log.
+            Output::OwnerChanged { .. }
+            | Output::LearnedOwner { .. }
+            | Output::Gone { .. }
+            | Output::Found(_) => {}
         }
         Ok(())
     }

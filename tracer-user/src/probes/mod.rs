@@ -37,26 +37,28 @@ use crate::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
 
 /// Hooks with a BTF-typed variant: (category, tracepoint, classic program,
-/// BTF program). The BTF programs get the kernel's own arguments (no
-/// record built per event) and keep the state in socket storage.
-const TYPED_HOOKS: [(&str, &str, &str, &str); 3] = [
+/// BTF programs). The BTF programs get the kernel's own arguments (no
+/// record built per event) and keep the state in socket storage; the
+/// `_nested` ones run for the events the kernel does not let the first run
+/// (a softirq that lands in it on the same CPU).
+const TYPED_HOOKS: [(&str, &str, &str, &[&str]); 3] = [
     (
         "sock",
         "inet_sock_set_state",
         "inet_sock_set_state",
-        "inet_sock_set_state_btf",
+        &["inet_sock_set_state_btf", "inet_sock_set_state_btf_nested"],
     ),
     (
         "tcp",
         "tcp_destroy_sock",
         "tcp_destroy_sock",
-        "tcp_destroy_sock_btf",
+        &["tcp_destroy_sock_btf", "tcp_destroy_sock_btf_nested"],
     ),
     (
         "sched",
         "sched_process_exit",
         "sched_process_exit",
-        "sched_process_exit_btf",
+        &["sched_process_exit_btf"],
     ),
 ];
 
@@ -116,12 +118,21 @@ pub struct Counters {
     /// Program runs the kernel skipped because another BPF program was
     /// running on that CPU (`recursion_misses`); their events never exist.
     pub missed_runs: u64,
+    /// Sockets the collector repaired from the kernel's file tables after
+    /// losses (counted in userspace).
+    pub reconciled: u64,
 }
 
 impl Counters {
     /// Events that never reached the reports, whatever the reason.
     pub fn lost(&self) -> u64 {
         self.lost_events + self.undecodable + self.missed_runs
+    }
+
+    /// Everything that can leave the socket stage wrong: lost events and
+    /// sockets the kernel could not track.
+    pub fn losses(&self) -> u64 {
+        self.lost() + self.socket_map_full
     }
 }
 
@@ -143,6 +154,9 @@ impl Probes {
                 Err(e) if options.attach == AttachRequest::Auto && attach == Attach::TpBtf => {
                     log::debug!("{attach} unavailable: {e:#}");
                     failure = Some(e);
+                }
+                Err(e) if options.attach != AttachRequest::Auto => {
+                    return Err(e.context(format!("--attach {attach} is not usable here")));
                 }
                 Err(e) => return Err(e),
             }
@@ -207,7 +221,11 @@ impl Probes {
 
         for (category, name, classic, typed) in TYPED_HOOKS {
             match attach {
-                Attach::TpBtf => attach_btf_tracepoint(&mut ebpf, kernel_btf, name, typed)?,
+                Attach::TpBtf => {
+                    for program in typed {
+                        attach_btf_tracepoint(&mut ebpf, kernel_btf, name, program)?;
+                    }
+                }
                 Attach::Tracepoint => attach_tracepoint(&mut ebpf, category, name, classic)?,
             }
         }
@@ -275,7 +293,10 @@ impl Probes {
             lost_events: sum(counter::LOST_EVENTS)?,
             socket_map_full: sum(counter::SOCKET_MAP_FULL)?,
             undecodable: 0,
-            missed_runs: self.missed_runs(),
+            // The kernel counts as skipped the runs a nested program then
+            // made up for.
+            missed_runs: self.missed_runs().saturating_sub(sum(counter::RESCUED)?),
+            reconciled: 0,
         })
     }
 
@@ -311,6 +332,9 @@ impl Probes {
         }
         self.ebpf
             .programs()
+            // A `_nested` program is skipped only while its partner runs
+            // the event: nothing is lost then.
+            .filter(|(name, _)| !name.ends_with("_nested"))
             .filter_map(|(_, program)| program.fd().ok())
             .filter_map(|fd| {
                 let fd = fd.as_fd().as_raw_fd();
@@ -430,11 +454,28 @@ fn attach_btf_tracepoint(
         .program_mut(program)
         .with_context(|| format!("program {program} missing from the eBPF object"))?
         .try_into()?;
-    tp.load(tracepoint, btf)
-        .map_err(|e| anyhow!("loading the tp_btf/{tracepoint} program failed: {e:#}"))?;
+    tp.load(tracepoint, btf).map_err(|e| {
+        anyhow!(
+            "loading the tp_btf/{tracepoint} program failed: {}",
+            first_line(&e, "loading", tracepoint)
+        )
+    })?;
     tp.attach()
         .map_err(|e| anyhow!("attaching to tp_btf/{tracepoint} failed: {e:#}"))?;
     Ok(())
+}
+
+/// The first line of a load error; the verifier's whole log, which follows
+/// it, goes to the debug log (`-vv`).
+fn first_line(error: &dyn std::fmt::Display, what: &str, program: &str) -> String {
+    let full = format!("{error:#}");
+    let mut lines = full.lines();
+    let first = lines.next().unwrap_or_default().to_owned();
+    if lines.next().is_some() {
+        log::debug!("{what} {program}: {full}");
+        return format!("{first} (-vv shows the verifier's log)");
+    }
+    first
 }
 
 fn attach_tracepoint(
@@ -447,8 +488,12 @@ fn attach_tracepoint(
         .program_mut(program)
         .with_context(|| format!("program {program} missing from the eBPF object"))?
         .try_into()?;
-    tp.load()
-        .map_err(|e| anyhow!("loading the {category}:{name} program failed: {e:#}"))?;
+    tp.load().map_err(|e| {
+        anyhow!(
+            "loading the {category}:{name} program failed: {}",
+            first_line(&e, "loading", program)
+        )
+    })?;
     tp.attach(category, name)
         .map_err(|e| anyhow!("attaching to tracepoint {category}:{name} failed: {e:#}"))?;
     Ok(())

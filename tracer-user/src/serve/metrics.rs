@@ -279,6 +279,7 @@ struct Losses {
     undecodable: u64,
     missed_runs: u64,
     untracked_sockets: u64,
+    reconciled: u64,
 }
 
 /// The exported state, updated at each report and read at each scrape.
@@ -318,6 +319,7 @@ impl Exporter {
             undecodable: counters.undecodable,
             missed_runs: counters.missed_runs,
             untracked_sockets: counters.socket_map_full,
+            reconciled: counters.reconciled,
         };
         self.tracked_processes = snapshot.processes.len();
 
@@ -567,6 +569,14 @@ impl Exporter {
                 MetricType::Counter,
             )?
             .encode_counter::<NoLabelSet, _, u64>(&self.losses.untracked_sockets, None)?;
+        encoder
+            .encode_descriptor(
+                "reconciled_sockets",
+                "Sockets repaired from the kernel's file tables after lost events (their start or end was lost): the figures were healed, not left to drift.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.losses.reconciled, None)?;
         let processes = [
             ("tracked", self.tracked_processes),
             ("exported", self.live().count()),
@@ -715,6 +725,7 @@ mod tests {
             fd_kinds_rising: Vec::new(),
             alerts: Vec::new(),
             peers: Vec::new(),
+            reconciled: 0,
             labels: Labels::default(),
         }
     }

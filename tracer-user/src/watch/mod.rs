@@ -154,6 +154,9 @@ pub struct ProcessReport {
     pub alerts: Vec<Alert>,
     /// Busiest peers first.
     pub peers: Vec<PeerReport>,
+    /// Sockets of the process repaired from the kernel's file tables after
+    /// lost events (their start or end was lost): its figures were healed.
+    pub reconciled: u64,
     /// Container labels (`nspid`, `pidns`, `container`), filled in by the
     /// collector from /proc.
     #[serde(flatten)]
@@ -295,6 +298,31 @@ impl Watch {
         }
         if t.new == TcpState::Close {
             self.sockets.remove(&t.sock_id);
+        }
+    }
+
+    /// The kernel's file tables show that no process holds this socket any
+    /// more: its end was among lost events.
+    pub fn on_gone(&mut self, sock_id: u64) {
+        let Some(record) = self.sockets.remove(&sock_id) else {
+            return;
+        };
+        if let Some(process) = record.pid.and_then(|pid| self.processes.get_mut(&pid)) {
+            process.held_live -= i64::from(record.is_held_connection());
+            process.reconciled += 1;
+        }
+    }
+
+    /// A held socket whose start was among lost events, found in the
+    /// kernel's file tables.
+    pub fn on_found(&mut self, socket: &ExistingSocket) {
+        self.on_seeded(socket);
+        if let Some(process) = socket
+            .owner
+            .pid
+            .and_then(|pid| self.processes.get_mut(&pid))
+        {
+            process.reconciled += 1;
         }
     }
 

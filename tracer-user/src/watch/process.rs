@@ -57,6 +57,8 @@ pub struct Process {
     pub held_live: i64,
     /// What its fds are, read when they rise and TCP does not explain it.
     pub fd_kinds: Option<FdKinds>,
+    /// Sockets repaired after lost events (see `Watch::on_gone`).
+    pub reconciled: u64,
     pub last_event_ns: u64,
     pub exited: bool,
     current: Current,
@@ -76,6 +78,7 @@ impl Process {
             trends: Trends::default(),
             held_live: 0,
             fd_kinds: None,
+            reconciled: 0,
             last_event_ns: now_ns,
             exited: false,
             current: Current::default(),
@@ -354,6 +357,7 @@ impl Process {
                 .unwrap_or_default(),
             alerts: Vec::new(),
             peers: self.peers.report(),
+            reconciled: self.reconciled,
             labels: Default::default(),
         };
         (report, evidence)

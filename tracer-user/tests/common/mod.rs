@@ -357,6 +357,10 @@ impl Watch {
 
     /// Watches only the connections of one server port, so that other tests
     /// running at the same time stay out of the figures.
+    pub fn pid(&self) -> u32 {
+        self.tracer.pid()
+    }
+
     pub fn port(port: u16, args: &[&str]) -> Self {
         let port = port.to_string();
         let args: Vec<&str> = ["--port", port.as_str()]

@@ -21,6 +21,9 @@ per process (for the socket-lifetime tests).
         holding one TCP connection that stays healthy.
     closed_roles.py reset-many COUNT
         COUNT reset connections, all kept.
+    closed_roles.py churn-and-hold TOTAL HOLD
+        Once stdin says "go": TOTAL connections to a listener of its own,
+        the first HOLD kept (both ends), the others closed (both ends).
 
 Every step is one JSON object per line on stdout, with the pid. Each role
 then holds what it has until stdin reaches EOF.
@@ -177,6 +180,25 @@ def pipe_leak(per_s, nofile):
     accepted.close()
 
 
+def churn_and_hold(total, hold):
+    server = listener()
+    say(ready=True)
+    for command in commands():
+        if command == "go":
+            break
+    kept = []
+    for index in range(total):
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        if index < hold:
+            kept.extend([client, accepted])
+        else:
+            client.close()
+            accepted.close()
+    say(done=total, held=len(kept))
+    sys.stdin.read()
+
+
 def main():
     role = sys.argv[1]
     if role == "reset":
@@ -189,6 +211,8 @@ def main():
         timed_out()
     elif role == "fork-holder":
         fork_holder(sys.argv[2] == "1")
+    elif role == "churn-and-hold":
+        churn_and_hold(int(sys.argv[2]), int(sys.argv[3]))
     elif role == "pipe-leak":
         pipe_leak(float(sys.argv[2]), int(sys.argv[3]))
     else:

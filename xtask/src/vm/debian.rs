@@ -28,6 +28,9 @@ pub struct Kernel {
 pub struct Apt {
     cache: PathBuf,
     updated: bool,
+    /// `-o` options of a private package index (another Debian release's),
+    /// so the host's own sources and installed packages stay untouched.
+    options: Vec<String>,
 }
 
 /// The candidate version of a package and what it depends on.
@@ -42,7 +45,49 @@ impl Apt {
         Ok(Self {
             cache,
             updated: false,
+            options: Vec::new(),
         })
+    }
+
+    /// Packages of another Debian release (e.g. "bullseye"), from an index
+    /// of their own under `dir`: apt reads only the sources written there.
+    pub fn release(cache: PathBuf, dir: &Path, release: &str) -> anyhow::Result<Self> {
+        let mut apt = Self::new(cache)?;
+        let lists = dir.join("lists");
+        let archives = dir.join("cache/archives");
+        for needed in [
+            lists.join("partial"),
+            archives.join("partial"),
+            dir.join("parts"),
+        ] {
+            fs::create_dir_all(&needed)
+                .with_context(|| format!("creating {}", needed.display()))?;
+        }
+        let sources = dir.join("sources.list");
+        fs::write(
+            &sources,
+            format!(
+                "deb http://deb.debian.org/debian {release} main\n\
+                 deb http://deb.debian.org/debian-security {release}-security main\n"
+            ),
+        )
+        .with_context(|| format!("writing {}", sources.display()))?;
+        let status = dir.join("status");
+        if !status.exists() {
+            fs::write(&status, "").with_context(|| format!("writing {}", status.display()))?;
+        }
+        let option = |name: &str, path: &Path| format!("{name}={}", path.display());
+        apt.options = [
+            option("Dir::Etc::SourceList", &sources),
+            option("Dir::Etc::SourceParts", &dir.join("parts")),
+            option("Dir::State::Lists", &lists),
+            option("Dir::Cache", &dir.join("cache")),
+            option("Dir::State::status", &status),
+        ]
+        .into_iter()
+        .flat_map(|value| ["-o".to_owned(), value])
+        .collect();
+        Ok(apt)
     }
 
     /// The kernel `meta_package` currently depends on, which must belong to
@@ -97,6 +142,7 @@ impl Apt {
             .with_context(|| format!("creating {}", download.display()))?;
         let mut get = Command::new("apt-get");
         get.current_dir(&download)
+            .args(&self.options)
             // apt's download sandbox user cannot write into the cache.
             .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
             .arg(format!("{package}={version}"));
@@ -117,11 +163,16 @@ impl Apt {
     /// may have no package lists yet: then update them once and ask again.
     fn candidate(&mut self, package: &str) -> anyhow::Result<Candidate> {
         let mut show = Command::new("apt-cache");
-        show.args(["show", "--no-all-versions", package]);
+        show.args(&self.options)
+            .args(["show", "--no-all-versions", package]);
         let mut record = cmd::output(&mut show);
         if record.is_none() && !self.updated {
             self.updated = true;
-            cmd::run(Command::new("apt-get").args(["-q", "update"]))?;
+            cmd::run(
+                Command::new("apt-get")
+                    .args(&self.options)
+                    .args(["-q", "update"]),
+            )?;
             record = cmd::output(&mut show);
         }
         let record = record.with_context(|| format!("apt knows no package {package}"))?;
