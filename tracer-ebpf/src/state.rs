@@ -20,9 +20,9 @@ use tracer_common::{
 };
 
 use crate::{
-    CONFIG, SET_STATE_RECORD, SOCK_COMMON, TAKEN, bump, current_comm, current_tgid, emit,
-    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
-    socket_netns,
+    CONFIG, SET_STATE_RECORD, SOCK_COMMON, TAKEN, TAKEN_KEPT, bump, current_comm, current_tgid,
+    emit, header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr,
+    set_owner_to_current, socket_netns,
     store::{HashStore, SkStore, SocketStore, forget_seeded},
 };
 
@@ -243,17 +243,32 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
     let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
-    if was_taken(Partner::SetState, event_id(sk, old as u8, new as u8)) {
-        return 0;
-    }
-    bump(counter::RESCUED);
-    if let Ok(fields) = SockFields::read(&ctx, 1) {
-        let _ = on_state_change::<SkStore>(&fields);
+    let (old, new) = (old as u8, new as u8);
+    // The first program applies each transition it takes to the socket's
+    // storage: if it is there, the first program had this one. Without
+    // storage (a socket that closed with no file left loses it), the
+    // events it took last on this CPU tell.
+    let taken = match SkStore::peek(sk) {
+        Some(known) => known.state != old,
+        None if new == tcp_state::CLOSE => was_taken(Partner::SetState, event_id(sk, old, new)),
+        None => false,
+    };
+    if !taken && let Ok(fields) = SockFields::read(&ctx, 1) {
+        let _ = on_state_change_counted::<SkStore>(&fields, true);
     }
     0
 }
 
 fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<(), i64> {
+    on_state_change_counted::<S>(fields, false)
+}
+
+/// `rescued`: the partner program handles an event the first one was not
+/// let run for; counted once it is known to be one the first would take.
+fn on_state_change_counted<S: SocketStore>(
+    fields: &impl StateChangeFields,
+    rescued: bool,
+) -> Result<(), i64> {
     let config = CONFIG.load();
     if fields.protocol()? != IPPROTO_TCP {
         return Ok(());
@@ -261,6 +276,9 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
     let family = fields.family()?;
     if config.filter_family != 0 && family != config.filter_family {
         return Ok(());
+    }
+    if rescued {
+        bump(counter::RESCUED);
     }
     let sk = fields.sk()?;
     let (old_state, new_state) = fields.states()?;
@@ -469,11 +487,16 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// See `inet_sock_set_state_btf_nested`.
+/// See `inet_sock_set_state_btf_nested`; the first program marks the
+/// storage of a socket it releases (state 0).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    if !was_taken(Partner::Destroy, event_id(sk, 0, 0)) {
+    let taken = match SkStore::peek(sk) {
+        Some(known) => known.state == 0,
+        None => was_taken(Partner::Destroy, event_id(sk, 0, 0)),
+    };
+    if !taken {
         bump(counter::RESCUED);
         on_destroy_btf(sk);
     }
@@ -484,7 +507,11 @@ pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
 fn on_destroy_btf(sk: *const c_void) {
     // Storage goes with the socket; a socket found at start with no event
     // since is still in SEEDED.
-    let owner = SkStore::get(sk).map(|known| *known);
+    let owner = SkStore::get(sk).map(|known| {
+        let owner = *known;
+        known.state = 0;
+        owner
+    });
     // Whatever SEEDED still has for it (an owner the collector wrote for a
     // socket whose storage named one already) goes with it too.
     forget_seeded(sk as u64);
@@ -561,18 +588,27 @@ impl SockFields {
 fn taken(program: Partner, id: EventId) {
     if let Some(last) = TAKEN.get_ptr_mut(program as u32) {
         // SAFETY: this CPU's slot.
-        unsafe { *last = [id.sk, id.states] };
+        let last = unsafe { &mut *last };
+        let at = (last.next as usize) % TAKEN_KEPT;
+        if let Some(slot) = last.ids.get_mut(at) {
+            *slot = [id.sk, id.states];
+        }
+        last.next = last.next.wrapping_add(1);
     }
 }
 
-/// Whether the first program took this event (the partner runs after it
-/// for each event, so the first program's note is for this event unless
-/// the kernel skipped it).
+/// Whether the first program took this event. The partner runs after it
+/// for each event; a softirq that lands in the partner before it looks
+/// may have the first program take a few events in between, so the last
+/// [`TAKEN_KEPT`] are looked through.
 #[inline(always)]
 fn was_taken(program: Partner, id: EventId) -> bool {
-    TAKEN
-        .get(program as u32)
-        .is_some_and(|last| last[0] == id.sk && last[1] == id.states)
+    let Some(last) = TAKEN.get(program as u32) else {
+        return false;
+    };
+    last.ids
+        .iter()
+        .any(|&[sk, states]| sk == id.sk && states == id.states)
 }
 
 #[inline(always)]

@@ -69,6 +69,19 @@ fn sk_store() -> *mut c_void {
     core::ptr::from_ref(&SK_STORE).cast_mut().cast()
 }
 
+impl SkStore {
+    /// The socket's storage as it is, owner or not, with nothing taken
+    /// from `SEEDED`.
+    #[inline(always)]
+    pub fn peek(sk: *const c_void) -> Option<&'static SocketOwner> {
+        // SAFETY: as in `get`.
+        let entry =
+            unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
+        // SAFETY: as in `get`.
+        unsafe { entry.cast::<SocketOwner>().as_ref() }
+    }
+}
+
 impl SocketStore for SkStore {
     #[inline(always)]
     fn get(sk: *const c_void) -> Option<&'static mut SocketOwner> {
