@@ -313,10 +313,11 @@ fn summarize(results: &[(&KernelSpec, Outcome, Duration)]) -> anyhow::Result<()>
             Outcome::Ran(report) => {
                 ran += 1;
                 println!(
-                    "kernel {:<5} {}: mode {}, {} passed, {} failed, {took} s{}",
+                    "kernel {:<5} {}: mode {}, attach {}, {} passed, {} failed, {took} s{}",
                     spec.name,
                     report.release,
                     report.mode.as_deref().unwrap_or("none (doctor failed)"),
+                    report.attach.as_deref().unwrap_or("none"),
                     report.passed,
                     report.failed,
                     report

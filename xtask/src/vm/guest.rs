@@ -62,6 +62,8 @@ pub struct Report {
     pub release: String,
     /// The `mode:` line of `socktrace doctor`.
     pub mode: Option<String>,
+    /// Its `attach:` line (the attach type and the per-socket store).
+    pub attach: Option<String>,
     pub passed: u32,
     pub failed: u32,
     /// "<binary>: <test>" of each failure.
@@ -92,6 +94,8 @@ impl Report {
             }
         } else if let Some(mode) = line.strip_prefix("mode: ").filter(|_| self.in_doctor) {
             self.mode = Some(mode.trim().to_owned());
+        } else if let Some(attach) = line.strip_prefix("attach: ").filter(|_| self.in_doctor) {
+            self.attach = Some(attach.trim().to_owned());
         } else if let Some(binary) = line.strip_prefix(BEGIN_TEST) {
             self.binary = Some(binary.trim().to_owned());
             self.binary_result_seen = false;
