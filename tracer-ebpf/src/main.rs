@@ -15,10 +15,12 @@
 //! - `state`: state changes and the release of sockets closed while held;
 //! - `owners`: accept() and, where the kernel allows, tcp_connect/tcp_close;
 //! - `processes`: process exits;
-//! - `socket_files`: the iterator over every process's socket files.
+//! - `socket_files`: the iterator over every process's socket files;
+//! - `floor`: empty programs for the benchmark's floor.
 #![no_std]
 #![no_main]
 
+mod floor;
 mod owners;
 mod processes;
 mod socket_files;

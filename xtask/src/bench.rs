@@ -9,8 +9,10 @@
 //! 3. saturation: untraced and traced runs alternate (A/B pairs, tracers
 //!    interleaved round by round) so that drift hits both sides of a pair;
 //! 4. tiny ring buffer: losses are reported, not silent;
-//! 5. fixed rate (10k connections/s): each tracer's CPU per connection, and
-//!    the kernel time in its BPF programs (`BPF_ENABLE_STATS`).
+//! 5. neighbours: a long saturating storm with a second socktrace and
+//!    tcpstates attached beside socktrace: does the kernel skip its runs?
+//! 6. fixed rate (10k connections/s): each tracer's CPU per connection, and
+//!    the kernel time in each of its BPF programs (`BPF_ENABLE_STATS`).
 //!
 //! Ratios, not absolute times, are what carry over to other machines.
 
@@ -63,6 +65,9 @@ pub struct BenchOptions {
     /// Sockets held open for the memory and start-up measurements.
     #[arg(long, default_value_t = 100_000)]
     held_sockets: u64,
+    /// Seconds of the storm with neighbours (0 leaves the phase out).
+    #[arg(long, default_value_t = 60.0)]
+    neighbour_secs: f64,
     #[command(flatten)]
     shape: StormShape,
     /// Benchmark this socktrace binary instead of building one.
@@ -167,7 +172,9 @@ pub struct TracerSample {
     /// Its BPF programs over the measured window (run time only when bpf
     /// stats were on).
     pub bpf: Option<BpfStats>,
-    /// Runs of its programs the kernel skipped, over the whole run.
+    /// Runs of its programs the kernel skipped, over the whole run: as
+    /// socktrace counts them (less those its partner programs made up
+    /// for), from `recursion_misses` for the others.
     pub missed_runs: u64,
 }
 
@@ -182,6 +189,8 @@ pub struct Results {
     /// Per tracer, the (untraced, traced) pairs.
     pub saturation: Vec<(Tracer, Pairs)>,
     pub tiny_ring: Option<(Tracer, StormRun)>,
+    /// socktrace's run beside its neighbours, and who they were.
+    pub neighbours: Option<(StormRun, Vec<String>)>,
     /// The untraced runs first, then each tracer's; one run per round.
     pub fixed_rate: Vec<(Option<Tracer>, Vec<StormRun>)>,
     /// Tracers that could not be measured, and why.
@@ -247,6 +256,7 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
     let tiny = lineup.socktrace.with_args(&["--ring-buffer-kib", "4"]);
     let tiny_ring = storm_run(Some(&tiny), &options.shape, None, window)?;
     println!("  {}{}", tiny.name, lost_note(&tiny_ring));
+    let neighbours = neighbours_phase(&lineup, options)?;
     let fixed_rate = fixed_rate_phase(&lineup.tracers, options)?;
 
     let results = Results {
@@ -269,6 +279,7 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
         held: Some(held),
         saturation,
         tiny_ring: Some((tiny, tiny_ring)),
+        neighbours,
         fixed_rate,
         skipped: lineup.skipped,
     };
@@ -296,6 +307,12 @@ impl Lineup {
         let socktrace = Tracer::socktrace(binary, &[main, "--json"]);
         let mut tracers = vec![socktrace.clone()];
         let mut skipped = Vec::new();
+        // The same command on classic tracepoints with the hash map, the
+        // fallback of older kernels, where this one chooses BTF tracepoints.
+        let help = cmd::output(Command::new(binary).args([main, "--help"])).unwrap_or_default();
+        if help.contains("--attach") {
+            tracers.push(socktrace.with_args(&["--attach", "tracepoint"]));
+        }
         if has("serve") {
             // On a port of the kernel's choosing, never one already in use.
             tracers.push(Tracer::socktrace(
@@ -312,9 +329,13 @@ impl Lineup {
                     Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
                 }
             }
-            match which("bpftrace") {
-                Ok(path) => tracers.push(Tracer::floor(path)),
-                Err(_) => skipped.push("the floor: bpftrace is not installed".to_owned()),
+            let floor = binary.with_file_name("socktrace-floor");
+            if floor.is_file() {
+                for attach in ["tracepoint", "tp_btf"] {
+                    tracers.push(Tracer::floor(floor.clone(), attach));
+                }
+            } else {
+                skipped.push(format!("the floor: {} is missing", floor.display()));
             }
         }
         Ok(Self {
@@ -360,6 +381,58 @@ fn saturation_phase(
         }
     }
     Ok(saturation)
+}
+
+/// A saturating storm of `--neighbour-secs` with a second socktrace and
+/// tcpstates attached beside socktrace, as on hosts where several BPF
+/// agents run side by side: how many of socktrace's runs the kernel skips.
+fn neighbours_phase(
+    lineup: &Lineup,
+    options: &BenchOptions,
+) -> anyhow::Result<Option<(StormRun, Vec<String>)>> {
+    if options.neighbour_secs <= 0.0 {
+        return Ok(None);
+    }
+    let mut neighbours = vec![lineup.socktrace.clone()];
+    neighbours.extend(
+        lineup
+            .tracers
+            .iter()
+            .filter(|t| t.name == "tcpstates")
+            .cloned(),
+    );
+    println!(
+        "== neighbours: {:.0} s at saturation beside {}",
+        options.neighbour_secs,
+        neighbours
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
+    let mut running = neighbours
+        .iter()
+        .map(|t| Running::start(t, Output::Discard))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let window = Window {
+        warmup: Duration::from_secs_f64(options.warmup_secs),
+        measured: Duration::from_secs_f64(options.neighbour_secs),
+    };
+    let run = storm_run(Some(&lineup.socktrace), &options.shape, None, window);
+    for neighbour in &mut running {
+        neighbour.stop()?;
+    }
+    let run = run?;
+    println!(
+        "  {:.0}/s, socktrace's runs skipped by the kernel: {}{}",
+        run.rate(),
+        run.tracer.as_ref().map_or(0, |t| t.missed_runs),
+        lost_note(&run)
+    );
+    Ok(Some((
+        run,
+        neighbours.into_iter().map(|t| t.name).collect(),
+    )))
 }
 
 /// At `--rate`, rounds of one run without a tracer and one per tracer, so
@@ -522,8 +595,12 @@ fn storm_run(
                 memory,
                 lost_events: finished.lost_events,
                 untracked_sockets: finished.untracked_sockets,
-                bpf: after.bpf.zip(before.bpf).map(|(a, b)| a.since(&b)),
-                missed_runs: whole_run.recursion_misses,
+                bpf: after
+                    .bpf
+                    .clone()
+                    .zip(before.bpf.clone())
+                    .map(|(a, b)| a.since(&b)),
+                missed_runs: finished.skipped_runs.unwrap_or(whole_run.recursion_misses),
             })
         }
         None => None,

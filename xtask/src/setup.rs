@@ -67,7 +67,7 @@ fn test_tools() -> &'static [Tool] {
         Tool {
             command: "bpftrace",
             package: "bpftrace",
-            why: "an empty program on the TCP state tracepoint: the floor `cargo xtask bench` measures",
+            why: "a BPF program that spins beside socktrace's in the tests of skipped runs",
         },
         Tool {
             command: "prometheus",

@@ -2,7 +2,7 @@
 
 use std::{
     fs, io,
-    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
 };
 
@@ -142,8 +142,9 @@ impl MachineCpu {
     }
 }
 
-/// Counters of the BPF programs a process holds, summed over them.
-#[derive(Clone, Copy, Debug, Default)]
+/// Counters of the BPF programs a process holds, summed over them, and of
+/// each program by name.
+#[derive(Clone, Debug, Default)]
 pub struct BpfStats {
     /// Kernel time in the programs and how often they ran: counted only
     /// while stats are enabled ([`BpfRunTimeStats`]).
@@ -155,6 +156,8 @@ pub struct BpfStats {
     /// lost without the tracer knowing.
     pub recursion_misses: u64,
     pub programs: usize,
+    /// (name, run_time_ns, run_count) of each program, by name.
+    pub by_program: Vec<(String, u64, u64)>,
 }
 
 impl BpfStats {
@@ -183,11 +186,32 @@ impl BpfStats {
             sum.run_count += field("run_cnt:");
             sum.recursion_misses += field("recursion_misses:");
             sum.programs += 1;
+            let name = program_name(field("prog_id:") as u32)
+                .unwrap_or_else(|| format!("prog {}", field("prog_id:")));
+            sum.by_program
+                .push((name, field("run_time_ns:"), field("run_cnt:")));
         }
+        sum.by_program.sort();
         Ok(sum)
     }
 
     pub fn since(&self, earlier: &Self) -> Self {
+        let by_program = self
+            .by_program
+            .iter()
+            .map(|(name, time, count)| {
+                let (then_time, then_count) = earlier
+                    .by_program
+                    .iter()
+                    .find(|(then, ..)| then == name)
+                    .map_or((0, 0), |(_, t, c)| (*t, *c));
+                (
+                    name.clone(),
+                    time.saturating_sub(then_time),
+                    count.saturating_sub(then_count),
+                )
+            })
+            .collect();
         Self {
             run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
             run_count: self.run_count.saturating_sub(earlier.run_count),
@@ -195,8 +219,66 @@ impl BpfStats {
                 .recursion_misses
                 .saturating_sub(earlier.recursion_misses),
             programs: self.programs,
+            by_program,
         }
     }
+}
+
+/// The name a BPF program was loaded with (at most 15 bytes), from its id:
+/// `BPF_PROG_GET_FD_BY_ID` and `BPF_OBJ_GET_INFO_BY_FD`.
+fn program_name(id: u32) -> Option<String> {
+    /// `enum bpf_cmd` in `linux/bpf.h`.
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// `struct bpf_prog_info` up to and including `name` (offset 64).
+    const INFO_LEN: usize = 80;
+    const NAME_AT: usize = 64;
+    // `union bpf_attr` for GET_FD_BY_ID: { u32 prog_id; u32 next_id; u32 open_flags; }.
+    let by_id: [u32; 3] = [id, 0, 0];
+    // SAFETY: bpf() reads the attr we pass, which lives across the call; on
+    // success it returns a new fd that we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            by_id.as_ptr(),
+            std::mem::size_of_val(&by_id) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut info = [0u8; INFO_LEN];
+    // `union bpf_attr` for GET_INFO_BY_FD: { u32 bpf_fd; u32 info_len; u64 info; }.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which
+    // outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let name = info.get(NAME_AT..)?;
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 /// Keeps the kernel counting the run time of every BPF program while it

@@ -39,14 +39,13 @@ pub enum Family {
     /// libbpf-tools: no ready line when stdout is not read, and
     /// "lost N events on CPU #C" on stderr.
     LibbpfTools,
-    /// bpftrace running an empty program: the floor, what the tracepoint
-    /// costs before any tracer does anything with it.
-    Floor,
+    /// `socktrace-floor`, an empty program on the TCP state tracepoint: the
+    /// floor, what the hook costs (attached as `attach`) before any tracer
+    /// does anything with it.
+    Floor {
+        attach: &'static str,
+    },
 }
-
-/// The tracepoint every tracer of TCP states needs, with a program that does
-/// nothing.
-const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state {}";
 
 impl Tracer {
     pub fn socktrace(binary: &Path, args: &[&str]) -> Self {
@@ -67,12 +66,13 @@ impl Tracer {
         }
     }
 
-    pub fn floor(bpftrace: PathBuf) -> Self {
+    /// `attach`: "tp_btf" or "tracepoint".
+    pub fn floor(binary: PathBuf, attach: &'static str) -> Self {
         Self {
-            name: format!("bpftrace -e '{FLOOR_PROGRAM}'"),
-            program: bpftrace,
-            args: vec!["-e".to_owned(), FLOOR_PROGRAM.to_owned()],
-            family: Family::Floor,
+            name: format!("socktrace-floor --attach {attach}"),
+            program: binary,
+            args: vec!["--attach".to_owned(), attach.to_owned()],
+            family: Family::Floor { attach },
         }
     }
 
@@ -114,6 +114,9 @@ pub struct Finished {
     pub lost_events: Option<u64>,
     /// socktrace only: sockets it could not track (socket map full).
     pub untracked_sockets: u64,
+    /// socktrace only: the probe runs the kernel skipped, as it counts them
+    /// (the runs its partner programs made up for do not count).
+    pub skipped_runs: Option<u64>,
 }
 
 impl Running {
@@ -198,7 +201,7 @@ impl Running {
                         return Ok(());
                     }
                 }
-                Family::LibbpfTools | Family::Floor => {
+                Family::LibbpfTools | Family::Floor { .. } => {
                     if proc::has_attached_bpf(self.pid()) {
                         // Attached; give it a moment to open its perf buffer.
                         thread::sleep(Duration::from_millis(200));
@@ -268,15 +271,18 @@ impl Running {
             Family::Socktrace => Finished {
                 lost_events: Some(socktrace_count(&lines, "events lost")),
                 untracked_sockets: socktrace_count(&lines, "sockets untracked"),
+                skipped_runs: Some(socktrace_count(&lines, "probe runs skipped")),
             },
             Family::LibbpfTools => Finished {
                 lost_events: Some(libbpf_tools_lost(&lines)),
                 untracked_sockets: 0,
+                skipped_runs: None,
             },
             // Its program sends nothing, so nothing can be lost.
-            Family::Floor => Finished {
+            Family::Floor { .. } => Finished {
                 lost_events: Some(0),
                 untracked_sockets: 0,
+                skipped_runs: None,
             },
         })
     }
