@@ -184,13 +184,10 @@ pub const INFER_WINDOW_NS: u64 = 250_000_000;
 pub struct EventHeader {
     /// An [`EventKind`] number.
     pub kind: u32,
-    /// Thread id of the task on the CPU (not necessarily the owner).
-    pub current_tid: u32,
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the event happened.
-    pub ktime_ns: u64,
     /// Thread-group id of the task on the CPU (not necessarily the owner).
     pub current_tgid: u32,
-    pub _pad: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the event happened.
+    pub ktime_ns: u64,
     /// Kernel address of the `struct sock`, used as the socket's identity
     /// while it lives. 0 for process events.
     pub sock_id: u64,
@@ -460,13 +457,13 @@ macro_rules! assert_size {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
     };
 }
-assert_size!(EventHeader, 32);
+assert_size!(EventHeader, 24);
 assert_size!(SocketOwner, 40);
 assert_size!(Endpoints, 40);
-assert_size!(StateChangeEvent, 32 + 40 + 40 + 8 + 8);
-assert_size!(OwnerEvent, 72);
-assert_size!(ExitEvent, 32);
-assert_size!(ReleaseEvent, 32 + 40 + 16 + 8 + 8);
+assert_size!(StateChangeEvent, 24 + 40 + 40 + 8 + 8);
+assert_size!(OwnerEvent, 24 + 40);
+assert_size!(ExitEvent, 24);
+assert_size!(ReleaseEvent, 24 + 40 + 16 + 8 + 8);
 assert_size!(SocketFileRecord, 24 + 40 + 16);
 assert_size!(Layout, 32 + 4 * 27);
 assert_size!(Config, 32 + 4 * 27 + 24);
@@ -474,9 +471,22 @@ assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], made only of integers and byte
-    // arrays with explicit padding, so every bit pattern is valid.
-    unsafe impl aya::Pod for super::SocketOwner {}
-    unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::NamespaceFilter {}
+    macro_rules! pod {
+        ($($t:ident),*) => {$(
+            // SAFETY: #[repr(C)], made only of integers and byte arrays
+            // with explicit padding, so every bit pattern is valid.
+            unsafe impl aya::Pod for super::$t {}
+        )*};
+    }
+    pod!(
+        SocketOwner,
+        Config,
+        NamespaceFilter,
+        EventHeader,
+        StateChangeEvent,
+        OwnerEvent,
+        ExitEvent,
+        ReleaseEvent,
+        SocketFileRecord
+    );
 }

@@ -215,13 +215,10 @@ fn header(kind: EventKind, sock_id: u64) -> EventHeader {
 /// The header of an event that happened at `ktime_ns`.
 #[inline(always)]
 fn header_at(kind: EventKind, sock_id: u64, ktime_ns: u64) -> EventHeader {
-    let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind: kind as u32,
-        current_tid: pid_tgid as u32,
+        current_tgid: current_tgid(),
         ktime_ns,
-        current_tgid: (pid_tgid >> 32) as u32,
-        _pad: 0,
         sock_id,
     }
 }

@@ -1,11 +1,21 @@
-//! Command line: bcc-style filters, `--json` for JSON Lines.
+//! The command line: every clap struct and value parser, and their
+//! conversion into the plain options of the commands. No other module
+//! imports clap.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracer_common::{DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES};
 
-use crate::probes::{AttachRequest, ModeRequest};
+use crate::{
+    commands::{self, Command, ReportOptions},
+    containers::TargetSpec,
+    pipeline,
+    probes::{AttachRequest, ModeRequest, ProbeOptions},
+    scope::Filter,
+    serve::{hdr_log::HdrLogOptions, metrics::DEFAULT_MAX_PROCESSES},
+    watch::WatchConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,17 +28,17 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: CommandArgs,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum CommandArgs {
     /// Print one line per TCP lifecycle event, attributed to the owning process.
     Trace(TraceArgs),
     /// Live per-process view: connect/close imbalance, CLOSE_WAIT build-up, fd exhaustion ETA.
-    Watch(crate::watch_cmd::WatchArgs),
+    Watch(WatchArgs),
     /// Run as a daemon: Prometheus metrics on /metrics, alerts as JSON on stderr.
-    Serve(crate::serve::ServeArgs),
+    Serve(ServeArgs),
     /// Show what this kernel supports and which probe mode socktrace will use.
     Doctor(ProbeArgs),
 }
@@ -56,7 +66,7 @@ pub struct FilterArgs {
     pub container: Option<u32>,
     /// Only processes in this PID namespace (e.g. /proc/PID/ns/pid).
     #[arg(long, value_name = "PATH")]
-    pub pidns: Option<std::path::PathBuf>,
+    pub pidns: Option<PathBuf>,
     /// When the container stops, go on host-wide instead of exiting.
     #[arg(long, requires = "container_or_pidns")]
     pub keep_running: bool,
@@ -68,12 +78,12 @@ pub struct FilterArgs {
 pub struct ProbeArgs {
     /// How socket owners are probed besides tracepoints.
     #[arg(long, value_enum, default_value = "auto")]
-    pub probe_mode: ModeRequest,
+    pub probe_mode: ModeArg,
     /// How the TCP state tracepoints are attached: tp_btf (BTF-typed, state
     /// in socket storage, Linux 5.11+) or classic tracepoints (state in a
     /// hash map sized by --max-sockets).
     #[arg(long, value_enum, default_value = "auto", env = "SOCKTRACE_ATTACH")]
-    pub attach: AttachRequest,
+    pub attach: AttachArg,
     /// Size of the kernel-to-collector ring buffer (a power of two, in KiB).
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BYTES / 1024, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
@@ -81,6 +91,25 @@ pub struct ProbeArgs {
     /// the sockets that exist at start; the others live in socket storage).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
     pub max_sockets: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// The richest mode the kernel allows: fentry, then kprobe, then tracepoint.
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachArg {
+    /// BTF tracepoints with socket storage where the kernel allows, else
+    /// classic tracepoints with the hash map.
+    Auto,
+    #[value(name = "tp_btf")]
+    TpBtf,
+    Tracepoint,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +121,153 @@ pub struct TraceArgs {
     pub json: bool,
 }
 
-pub fn parse_secs(text: &str) -> Result<Duration, String> {
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Print JSON Lines (also whenever stdout is not a terminal).
+    #[arg(long)]
+    pub json: bool,
+    /// Print one report, after one interval, and exit (without it, the
+    /// first report shows the sockets found at start right away).
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// How often processes are judged and by which thresholds (`watch` and
+/// `serve`).
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Seconds between reports.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub interval: Duration,
+    /// Alert when the soft fd limit is forecast within this time (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub warn_eta: Duration,
+    /// CLOSE_WAIT sockets older than this count as stuck (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub close_wait_age: Duration,
+    /// Alert when a process uses this share of its soft fd limit, in percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 90.0)]
+    pub fd_usage: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Address of /metrics and /healthz (IP:PORT). Anything but loopback
+    /// shows process names and peers to whoever can connect.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
+    pub listen: String,
+    /// Export at most this many processes (those with alerts first, then the
+    /// busiest); bounds the number of series.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES, value_parser = parse_max_processes)]
+    pub max_processes: usize,
+    /// Also write the histograms to FILE as an HdrHistogram interval log.
+    #[arg(long, value_name = "FILE")]
+    pub hdr_log: Option<PathBuf>,
+    /// Rotate the log at this size (bytes, or with a K, M or G suffix).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, requires = "hdr_log")]
+    pub hdr_log_max_bytes: u64,
+    /// Rotated logs to keep (FILE.1 is the newest).
+    #[arg(long, value_name = "N", default_value_t = 4, requires = "hdr_log")]
+    pub hdr_log_keep: usize,
+}
+
+impl From<CommandArgs> for Command {
+    fn from(args: CommandArgs) -> Self {
+        match args {
+            CommandArgs::Trace(args) => Self::Trace(commands::trace::Options {
+                pipeline: args.filter.into(),
+                json: args.json,
+            }),
+            CommandArgs::Watch(args) => Self::Watch(commands::watch::Options {
+                report: args.report.options(&args.filter.pids),
+                pipeline: args.filter.into(),
+                json: args.json,
+                once: args.once,
+            }),
+            CommandArgs::Serve(args) => Self::Serve(commands::serve::Options {
+                report: args.report.options(&args.filter.pids),
+                pipeline: args.filter.into(),
+                listen: args.listen,
+                max_processes: args.max_processes,
+                hdr_log: args.hdr_log.map(|path| HdrLogOptions {
+                    path,
+                    max_bytes: args.hdr_log_max_bytes,
+                    keep: args.hdr_log_keep,
+                }),
+            }),
+            CommandArgs::Doctor(args) => Self::Doctor(args.into()),
+        }
+    }
+}
+
+impl From<FilterArgs> for pipeline::Options {
+    fn from(args: FilterArgs) -> Self {
+        let target = match (args.container, args.pidns) {
+            (Some(pid), _) => Some(TargetSpec::Pid(pid)),
+            (_, Some(path)) => Some(TargetSpec::Path(path)),
+            _ => None,
+        };
+        Self {
+            filter: Filter {
+                pids: args.pids,
+                port: args.port,
+                ipv4_only: args.ipv4,
+                ipv6_only: args.ipv6,
+            },
+            target,
+            probes: args.probe.into(),
+            duration: args.duration,
+            keep_running: args.keep_running,
+        }
+    }
+}
+
+impl From<ProbeArgs> for ProbeOptions {
+    fn from(args: ProbeArgs) -> Self {
+        Self {
+            ring_bytes: args.ring_buffer_kib * 1024,
+            max_sockets: args.max_sockets,
+            mode: match args.probe_mode {
+                ModeArg::Auto => ModeRequest::Auto,
+                ModeArg::Fentry => ModeRequest::Fentry,
+                ModeArg::Kprobe => ModeRequest::Kprobe,
+                ModeArg::Tracepoint => ModeRequest::Tracepoint,
+            },
+            attach: match args.attach {
+                AttachArg::Auto => AttachRequest::Auto,
+                AttachArg::TpBtf => AttachRequest::TpBtf,
+                AttachArg::Tracepoint => AttachRequest::Tracepoint,
+            },
+            ..ProbeOptions::default()
+        }
+    }
+}
+
+impl ReportArgs {
+    /// The report options, for the processes `pids` (`-p`).
+    fn options(&self, pids: &[u32]) -> ReportOptions {
+        ReportOptions {
+            interval: self.interval,
+            watch: WatchConfig {
+                warn_eta: self.warn_eta,
+                close_wait_age: self.close_wait_age,
+                fd_usage_threshold: self.fd_usage / 100.0,
+                pids: pids.to_vec(),
+                ..WatchConfig::default()
+            },
+        }
+    }
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
         .parse()
         .map_err(|_| format!("'{text}' is not a number of seconds"))?;
@@ -113,6 +288,34 @@ fn parse_ring_kib(text: &str) -> Result<u32, String> {
         ));
     }
     Ok(kib)
+}
+
+fn parse_max_processes(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{text}' must be a positive number")),
+    }
+}
+
+/// `4096`, `512K`, `64M`, `1G` (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("'{text}' is not a size (e.g. 64M)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| format!("'{text}' is not a size (e.g. 64M)"))
 }
 
 #[cfg(test)]
@@ -136,7 +339,7 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Command::Trace(trace) = cli.command else {
+        let CommandArgs::Trace(trace) = cli.command else {
             panic!("not trace");
         };
         assert_eq!(trace.filter.pids, vec![1, 2]);
@@ -152,5 +355,81 @@ mod tests {
         assert!(Cli::try_parse_from(["socktrace", "trace", "--ring-buffer-kib", "1000"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "trace", "-p", "abc"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "trace", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn parses_serve_options() {
+        let cli = Cli::try_parse_from([
+            "socktrace",
+            "serve",
+            "--listen",
+            "[::1]:9100",
+            "--hdr-log",
+            "/tmp/x.hlog",
+            "--hdr-log-max-bytes",
+            "1M",
+            "--close-wait-age",
+            "5s",
+            "-p",
+            "7",
+        ])
+        .unwrap();
+        let CommandArgs::Serve(serve) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(serve.listen, "[::1]:9100");
+        assert_eq!(serve.hdr_log_max_bytes, 1 << 20);
+        assert_eq!(serve.max_processes, DEFAULT_MAX_PROCESSES);
+        assert_eq!(
+            serve.report.close_wait_age,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(serve.filter.pids, vec![7]);
+        // Log options only make sense with a log.
+        assert!(Cli::try_parse_from(["socktrace", "serve", "--hdr-log-keep", "2"]).is_err());
+        assert!(Cli::try_parse_from(["socktrace", "serve", "--max-processes", "0"]).is_err());
+    }
+
+    #[test]
+    fn converts_into_the_options_of_the_commands() {
+        let cli = Cli::try_parse_from([
+            "socktrace",
+            "serve",
+            "--container",
+            "42",
+            "--attach",
+            "tracepoint",
+            "--ring-buffer-kib",
+            "64",
+            "--fd-usage",
+            "80",
+            "--hdr-log",
+            "/var/log/x.hlog",
+            "-6",
+        ])
+        .unwrap();
+        let Command::Serve(serve) = cli.command.into() else {
+            panic!("not serve");
+        };
+        assert_eq!(serve.pipeline.target, Some(TargetSpec::Pid(42)));
+        assert_eq!(serve.pipeline.probes.attach, AttachRequest::Tracepoint);
+        assert_eq!(serve.pipeline.probes.ring_bytes, 64 * 1024);
+        assert!(serve.pipeline.filter.ipv6_only && !serve.pipeline.filter.ipv4_only);
+        assert_eq!(serve.report.watch.fd_usage_threshold, 0.8);
+        assert_eq!(serve.report.interval, Duration::from_secs(1));
+        let log = serve.hdr_log.unwrap();
+        assert_eq!((log.max_bytes, log.keep), (64 << 20, 4));
     }
 }

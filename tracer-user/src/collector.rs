@@ -16,8 +16,9 @@ use crate::{
     clock::monotonic_ns,
     containers::{Target, pidns_of},
     decode::decode,
+    model::Output,
     probes::{self, Counters, Probes},
-    sockets::{Output, SocketTable},
+    sockets::SocketTable,
 };
 
 /// Where the attributed output goes (trace lines, the watch view, ...).
@@ -62,14 +63,15 @@ pub async fn run(
     sink: &mut dyn Sink,
     options: RunOptions,
 ) -> anyhow::Result<Counters> {
-    // SAFETY (both): the map fds are owned by the RingBuf and the logger,
-    // which the AsyncFd owns in turn, so they stay open and unchanged.
     let mut ring =
+        // SAFETY: the map fd is owned by the RingBuf, which the AsyncFd owns
+        // in turn, so it stays open and unchanged.
         unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
             .map_err(io::Error::from)
             .context("polling the ring buffer")?;
     let mut logger = match probes.logger.take() {
         Some(logger) => Some(
+            // SAFETY: as for the ring buffer, the logger owns its fd.
             unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
                 .map_err(io::Error::from)
                 .context("polling the aya-log buffer")?,

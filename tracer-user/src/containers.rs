@@ -13,10 +13,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Serialize;
 use thiserror::Error;
 
-use crate::procfs;
+use crate::{
+    model::{Container, Labels},
+    procfs,
+};
 
 #[derive(Debug, Error)]
 pub enum TargetError {
@@ -28,6 +30,22 @@ pub enum TargetError {
     NotPidNamespace(PathBuf),
     #[error("no process lives in the PID namespace {0} (the container has stopped?)")]
     EmptyNamespace(PathBuf),
+}
+
+/// How the user named the container: `--container PID` or `--pidns PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSpec {
+    Pid(u32),
+    Path(PathBuf),
+}
+
+impl TargetSpec {
+    pub fn resolve(&self) -> Result<Target, TargetError> {
+        match self {
+            Self::Pid(pid) => Target::from_pid(*pid),
+            Self::Path(path) => Target::from_path(path),
+        }
+    }
 }
 
 /// The container socktrace is pointed at.
@@ -114,26 +132,6 @@ pub fn pidns_of(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// The container a process runs in, from its cgroup path.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Container {
-    /// The runtime's container id, when the cgroup path carries one.
-    pub id: Option<String>,
-    /// `docker`, `containerd`, `cri-o` or `podman`, when recognised.
-    pub runtime: Option<&'static str>,
-    pub cgroup: String,
-}
-
-/// How a process is known inside and outside its container.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Labels {
-    /// The pid as seen inside the process's own PID namespace.
-    pub nspid: Option<u32>,
-    /// Inode of the PID namespace.
-    pub pidns: Option<u64>,
-    pub container: Option<Container>,
-}
-
 /// Reads labels once per process; socket events only look them up.
 #[derive(Default)]
 pub struct LabelCache {
@@ -178,13 +176,11 @@ impl LabelCache {
 
 fn read_labels(pid: u32, host_pidns: Option<u64>) -> Labels {
     let pidns = pidns_of(pid);
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let in_container = pidns.is_some() && pidns != host_pidns;
     Labels {
-        nspid: innermost_nspid(&status),
+        nspid: procfs::innermost_nspid(pid),
         pidns,
-        container: cgroup_path(&cgroup)
+        container: procfs::cgroup_path(pid)
             .map(|path| {
                 let (runtime, id) = container_id(&path).unzip();
                 Container {
@@ -196,22 +192,6 @@ fn read_labels(pid: u32, host_pidns: Option<u64>) -> Labels {
             // A host process in the root cgroup is not "in a container".
             .filter(|c| c.id.is_some() || in_container),
     }
-}
-
-/// The last field of `NSpid:` is the pid in the innermost namespace.
-fn innermost_nspid(status: &str) -> Option<u32> {
-    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
-}
-
-/// The unified (cgroup v2) path, or the first v1 hierarchy's.
-fn cgroup_path(text: &str) -> Option<String> {
-    let mut lines = text.lines().filter_map(|l| l.splitn(3, ':').nth(2));
-    let unified = text.lines().find_map(|l| l.strip_prefix("0::"));
-    unified
-        .or_else(|| lines.next())
-        .map(str::to_string)
-        .filter(|p| !p.is_empty())
 }
 
 /// Runtime and 64-hex-digit container id from a cgroup path such as
@@ -291,28 +271,6 @@ mod tests {
             None
         );
         assert_eq!(container_id("/"), None);
-    }
-
-    #[test]
-    fn nspid_is_the_innermost() {
-        let status = "Name:\tpython3\nNSpid:\t48213\t2\nPPid:\t1\n";
-        assert_eq!(innermost_nspid(status), Some(2));
-        assert_eq!(innermost_nspid("NSpid:\t77\n"), Some(77));
-        assert_eq!(innermost_nspid("Name:\tx\n"), None);
-    }
-
-    #[test]
-    fn cgroup_v2_path_is_preferred() {
-        assert_eq!(
-            cgroup_path("0::/system.slice/x.service\n"),
-            Some("/system.slice/x.service".into())
-        );
-        assert_eq!(
-            cgroup_path("12:pids:/docker/abc\n11:memory:/docker/abc\n"),
-            Some("/docker/abc".into())
-        );
-        assert_eq!(cgroup_path("0::/\n").as_deref(), Some("/"));
-        assert_eq!(cgroup_path(""), None);
     }
 
     #[test]

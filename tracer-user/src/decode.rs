@@ -8,11 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 use tracer_common::{
     AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, OwnerEvent,
-    OwnerSource, ReleaseEvent, SocketFileRecord, SocketOwner, StateChangeEvent, TASK_COMM_LEN,
-    state_flags,
+    OwnerSource, ReleaseEvent, SocketFileRecord, SocketOwner, StateChangeEvent, state_flags,
 };
 
-use crate::tcp::{CloseCause, TcpState};
+use crate::{
+    model::{Comm, ExistingSocket, Owner},
+    tcp::{CloseCause, TcpState},
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -30,93 +32,12 @@ pub enum DecodeError {
     UnknownFamily(u16),
 }
 
-/// A task's command name, kept inline (the kernel's 16 bytes) so events
-/// carry it without allocating. Stored as the kernel gives it and checked
-/// for UTF-8 only when shown: it is copied for every event, read rarely.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Comm {
-    /// NUL-padded.
-    bytes: [u8; TASK_COMM_LEN],
-}
-
-impl Comm {
-    /// From the kernel's NUL-terminated bytes; what follows the first NUL
-    /// is cleared so that equal names compare equal.
-    pub fn from_kernel(raw: &[u8; TASK_COMM_LEN]) -> Self {
-        let mut bytes = *raw;
-        if let Some(end) = raw.iter().position(|&b| b == 0) {
-            bytes[end..].fill(0);
-        }
-        Self { bytes }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes[0] == 0
-    }
-
-    /// The name up to its first NUL, or to its first byte that is not valid
-    /// UTF-8.
-    pub fn as_str(&self) -> &str {
-        let end = self
-            .bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(TASK_COMM_LEN);
-        match std::str::from_utf8(&self.bytes[..end]) {
-            Ok(text) => text,
-            Err(e) => std::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or_default(),
-        }
-    }
-}
-
-impl From<&str> for Comm {
-    fn from(text: &str) -> Self {
-        let mut raw = [0; TASK_COMM_LEN];
-        let mut len = text.len().min(TASK_COMM_LEN - 1);
-        while !text.is_char_boundary(len) {
-            len -= 1;
-        }
-        raw[..len].copy_from_slice(&text.as_bytes()[..len]);
-        Self::from_kernel(&raw)
-    }
-}
-
-impl std::ops::Deref for Comm {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl std::fmt::Debug for Comm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for Comm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The process recorded as a socket's owner by the kernel programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelOwner {
-    /// 0 when the kernel has not seen the owner.
-    pub tgid: u32,
-    /// The owner's pid inside the container socktrace is pointed at.
-    pub nspid: Option<u32>,
-    pub source: OwnerSource,
-    pub comm: Comm,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     StateChange {
         ktime_ns: u64,
         sock_id: u64,
-        owner: KernelOwner,
+        owner: Option<Owner>,
         local: SocketAddr,
         remote: SocketAddr,
         old: TcpState,
@@ -130,7 +51,7 @@ pub enum Event {
     Owner {
         ktime_ns: u64,
         sock_id: u64,
-        owner: KernelOwner,
+        owner: Option<Owner>,
     },
     Exit {
         ktime_ns: u64,
@@ -142,31 +63,15 @@ pub enum Event {
         sock_id: u64,
         /// The releasing process; its source is `Close`, or `Exit` when its
         /// exit closed the fd.
-        releaser: KernelOwner,
+        releaser: Option<Owner>,
         /// Time held after the network closed it; `None` when it was
         /// already closed when socktrace started.
         held_ns: Option<u64>,
     },
 }
 
-/// One TCP socket held by one process, from the socket-file iterator.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketFile {
-    /// Kernel address of the socket, as events carry it.
-    pub sock_id: u64,
-    pub pid: u32,
-    pub comm: Comm,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// `ClosedHeld` for a socket in CLOSE: a file holds it.
-    pub state: TcpState,
-    /// For a socket in CLOSE, why the kernel closed it.
-    pub cause: Option<CloseCause>,
-    pub netns: u32,
-}
-
 /// Copies a `#[repr(C)]` wire struct out of a record after checking its length.
-fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+fn read<T: aya::Pod>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     let need = size_of::<T>();
     if bytes.len() < need {
         return Err(DecodeError::TooShort {
@@ -176,8 +81,7 @@ fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
         });
     }
     // SAFETY: the length was checked above, read_unaligned tolerates any
-    // alignment, and T is one of the plain-integer wire structs of
-    // tracer-common, for which every bit pattern is valid.
+    // alignment, and every bit pattern is a valid T (aya::Pod).
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
@@ -223,20 +127,20 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             Event::Release {
                 ktime_ns: header.ktime_ns,
                 sock_id: header.sock_id,
-                releaser: KernelOwner {
-                    tgid: header.current_tgid,
+                releaser: (header.current_tgid != 0).then(|| Owner {
+                    pid: Some(header.current_tgid),
                     // The pid inside the container is known for the
                     // recorded owner only.
                     nspid: recorded
-                        .nspid
-                        .filter(|_| recorded.tgid == header.current_tgid),
+                        .filter(|r| r.pid == Some(header.current_tgid))
+                        .and_then(|r| r.nspid),
                     source: if e.exiting != 0 {
                         OwnerSource::Exit
                     } else {
                         OwnerSource::Close
                     },
                     comm: Comm::from_kernel(&e.releaser_comm),
-                },
+                }),
                 held_ns: known(e.held_ns),
             }
         }
@@ -249,7 +153,7 @@ fn known(ns: u64) -> Option<u64> {
 
 /// Decodes the socket-file iterator's output: fixed-size records, one after
 /// the other (the kernel never splits one across reads).
-pub fn decode_socket_files(bytes: &[u8]) -> Result<Vec<SocketFile>, DecodeError> {
+pub fn decode_socket_files(bytes: &[u8]) -> Result<Vec<ExistingSocket>, DecodeError> {
     let size = size_of::<SocketFileRecord>();
     if !bytes.len().is_multiple_of(size) {
         return Err(DecodeError::TooShort {
@@ -263,10 +167,9 @@ pub fn decode_socket_files(bytes: &[u8]) -> Result<Vec<SocketFile>, DecodeError>
         .map(|chunk| {
             let r: SocketFileRecord = read(chunk, "socket file record")?;
             let (local, remote) = socket_addrs(&r.endpoints)?;
-            Ok(SocketFile {
+            Ok(ExistingSocket {
                 sock_id: r.sock_id,
-                pid: r.tgid,
-                comm: Comm::from_kernel(&r.comm),
+                owner: Owner::holder(r.tgid, Comm::from_kernel(&r.comm)),
                 local,
                 remote,
                 state: TcpState::from_kernel(r.state, true),
@@ -278,13 +181,17 @@ pub fn decode_socket_files(bytes: &[u8]) -> Result<Vec<SocketFile>, DecodeError>
         .collect()
 }
 
-fn owner(raw: &SocketOwner) -> Result<KernelOwner, DecodeError> {
-    Ok(KernelOwner {
-        tgid: raw.tgid,
+/// The owner the kernel recorded; `None` when it has not seen one.
+fn owner(raw: &SocketOwner) -> Result<Option<Owner>, DecodeError> {
+    if raw.tgid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Owner {
+        pid: Some(raw.tgid),
         nspid: (raw.ns_tgid != 0).then_some(raw.ns_tgid),
         source: OwnerSource::try_from(raw.source).map_err(DecodeError::UnknownOwnerSource)?,
         comm: Comm::from_kernel(&raw.comm),
-    })
+    }))
 }
 
 fn socket_addrs(e: &Endpoints) -> Result<(SocketAddr, SocketAddr), DecodeError> {
@@ -307,8 +214,8 @@ mod tests {
 
     use super::*;
 
-    fn as_bytes<T>(value: &T) -> Vec<u8> {
-        // SAFETY: test-only view of a plain repr(C) struct as bytes.
+    fn as_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+        // SAFETY: a Pod struct is plain bytes with explicit padding.
         unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
             .to_vec()
     }
@@ -326,10 +233,8 @@ mod tests {
         let raw = StateChangeEvent {
             header: EventHeader {
                 kind: EventKind::StateChange as u32,
-                current_tid: 77,
-                ktime_ns: 5_000,
                 current_tgid: 77,
-                _pad: 0,
+                ktime_ns: 5_000,
                 sock_id: 0xffff_8880_1234_5678,
             },
             owner: SocketOwner {
@@ -364,12 +269,12 @@ mod tests {
             Event::StateChange {
                 ktime_ns: 5_000,
                 sock_id: 0xffff_8880_1234_5678,
-                owner: KernelOwner {
-                    tgid: 4242,
+                owner: Some(Owner {
+                    pid: Some(4242),
                     nspid: Some(1),
                     source: OwnerSource::Connect,
                     comm: "ruler".into()
-                },
+                }),
                 local: "127.0.0.1:40274".parse().unwrap(),
                 remote: "127.0.0.1:18080".parse().unwrap(),
                 old: TcpState::Established,
@@ -411,11 +316,11 @@ mod tests {
         let bytes = as_bytes(&raw);
         assert!(matches!(
             decode(&bytes[..40]),
-            Err(DecodeError::TooShort { need: 128, .. })
+            Err(DecodeError::TooShort { need: 120, .. })
         ));
         assert!(matches!(
             decode(&bytes[..8]),
-            Err(DecodeError::TooShort { need: 32, .. })
+            Err(DecodeError::TooShort { need: 24, .. })
         ));
         let unknown = EventHeader {
             kind: 99,
@@ -486,7 +391,6 @@ mod tests {
                 current_tgid: 11,
                 ktime_ns: 9,
                 sock_id: 0xffff_0001,
-                ..EventHeader::default()
             },
             owner: SocketOwner {
                 tgid: 10,
@@ -503,12 +407,12 @@ mod tests {
             Event::Release {
                 ktime_ns: 9,
                 sock_id: 0xffff_0001,
-                releaser: KernelOwner {
-                    tgid: 11,
+                releaser: Some(Owner {
+                    pid: Some(11),
                     nspid: None,
                     source: OwnerSource::Exit,
                     comm: "child".into(),
-                },
+                }),
                 held_ns: Some(2_000),
             }
         );
@@ -535,6 +439,7 @@ mod tests {
         assert_eq!(files[0].state, TcpState::ClosedHeld);
         assert_eq!(files[0].cause, Some(CloseCause::Reset));
         assert_eq!(files[0].remote, "[::]:17000".parse().unwrap());
+        assert_eq!(files[0].owner, Owner::holder(42, "leaky".into()));
         assert_eq!(
             (files[1].state, files[1].cause),
             (TcpState::Established, None)

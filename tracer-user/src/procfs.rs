@@ -1,4 +1,6 @@
-//! Cheap per-process facts from /proc.
+//! Cheap per-process facts from /proc: the hot ones (fd counts, fd kinds)
+//! read by hand, the cold ones (limits without CAP_SYS_RESOURCE, NSpid,
+//! cgroup) parsed by the `procfs` crate.
 //!
 //! Called once per tick per process (or once at start-up), never per event.
 //! A process that exits between two reads is normal: such errors keep their
@@ -8,8 +10,13 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+
+use procfs::{
+    ProcError, ProcessCGroup,
+    process::{LimitValue, Process},
+};
+
+use crate::model::FdKindCounts;
 
 /// True when `err` means the process (or one of its fds) no longer exists.
 pub fn is_vanished(err: &io::Error) -> bool {
@@ -36,7 +43,7 @@ pub fn fd_count(pid: u32) -> io::Result<u64> {
 
 /// RLIMIT_NOFILE of `pid` as (soft, hard); `u64::MAX` means unlimited.
 pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
-    let pid = libc::pid_t::try_from(pid)
+    let raw_pid = libc::pid_t::try_from(pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -44,14 +51,19 @@ pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
     };
     // SAFETY: a null new-limit pointer only reads the limit, and `limit` is a
     // valid, writable rlimit for the kernel to fill.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) };
+    let rc = unsafe { libc::prlimit(raw_pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit) };
     if rc != 0 {
         let err = io::Error::last_os_error();
         // prlimit on another user's process needs CAP_SYS_RESOURCE; the
         // world-readable /proc/PID/limits says the same without it.
         if err.raw_os_error() == Some(libc::EPERM) {
-            let limits = fs::read_to_string(format!("/proc/{pid}/limits"))?;
-            return parse_nofile_limits(&limits).ok_or(err);
+            let limits = process(pid)?.limits().map_err(io_error)?;
+            let value = |limit| match limit {
+                LimitValue::Unlimited => u64::MAX,
+                LimitValue::Value(value) => value,
+            };
+            let open_files = limits.max_open_files;
+            return Ok((value(open_files.soft_limit), value(open_files.hard_limit)));
         }
         return Err(err);
     }
@@ -67,18 +79,6 @@ pub fn nofile_limits(pid: u32) -> io::Result<(u64, u64)> {
     Ok((widen(limit.rlim_cur), widen(limit.rlim_max)))
 }
 
-/// The "Max open files" line of /proc/PID/limits: soft and hard limit.
-fn parse_nofile_limits(limits: &str) -> Option<(u64, u64)> {
-    let line = limits
-        .lines()
-        .find_map(|l| l.strip_prefix("Max open files"))?;
-    let mut values = line.split_whitespace().map(|value| match value {
-        "unlimited" => Some(u64::MAX),
-        number => number.parse().ok(),
-    });
-    Some((values.next()??, values.next()??))
-}
-
 /// True while `pid` (a process or a thread) exists, zombies included.
 pub fn exists(pid: u32) -> bool {
     fs::symlink_metadata(format!("/proc/{pid}")).is_ok()
@@ -91,45 +91,64 @@ pub fn field<T: std::str::FromStr>(text: &str, name: &str) -> Option<T> {
         .and_then(|value| value.trim().parse().ok())
 }
 
-/// Reads the symlink `name` inside `dir` into `buf`; a link longer than `buf`
-/// comes back truncated, which is fine since socket links are short.
-fn read_link_at<'b>(dir: &File, name: &OsStr, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
-    // fd names are decimal numbers, so a small stack buffer holds them.
-    let mut c_name = [0u8; 24];
-    let name = name.as_bytes();
-    if name.len() >= c_name.len() {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+/// The pid of `pid` in its innermost PID namespace (the last of `NSpid:`).
+pub fn innermost_nspid(pid: u32) -> Option<u32> {
+    let status = process(pid).ok()?.status().ok()?;
+    let innermost = *status.nspid?.last()?;
+    u32::try_from(innermost).ok()
+}
+
+/// The cgroup path of `pid`: the unified (v2) one, or the first v1
+/// hierarchy's.
+pub fn cgroup_path(pid: u32) -> Option<String> {
+    let cgroups = process(pid).ok()?.cgroups().ok()?;
+    preferred_cgroup(&cgroups.0)
+}
+
+fn preferred_cgroup(cgroups: &[ProcessCGroup]) -> Option<String> {
+    cgroups
+        .iter()
+        .find(|cgroup| cgroup.hierarchy == 0)
+        .or_else(|| cgroups.first())
+        .map(|cgroup| cgroup.pathname.clone())
+        .filter(|path| !path.is_empty())
+}
+
+fn process(pid: u32) -> io::Result<Process> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Process::new(pid).map_err(io_error)
+}
+
+/// Keeps "the process is gone" recognisable ([`is_vanished`]).
+fn io_error(err: ProcError) -> io::Error {
+    match err {
+        ProcError::NotFound(_) => io::Error::from(io::ErrorKind::NotFound),
+        ProcError::Io(err, _) => err,
+        other => io::Error::other(other),
     }
-    c_name[..name.len()].copy_from_slice(name);
-    // SAFETY: `c_name` is NUL-terminated (zeroed, and `name` is shorter than
-    // it), `dir` is an open directory fd, and the kernel writes at most
-    // `buf.len()` bytes into `buf`.
-    let len = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            c_name.as_ptr().cast(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+}
+
+/// Reads the symlink `name` inside `dir` into `buf`; a link longer than `buf`
+/// comes back truncated, which is fine since the links looked at are short.
+fn read_link_at<'b>(dir: &File, name: &OsStr, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
+    let len = rustix::fs::readlinkat_raw(dir, name, &mut *buf)?;
     Ok(&buf[..len.min(buf.len())])
 }
 
-/// What each of `pid`'s fds is (`crate::watch::fd_kinds::kind_of_link`),
+/// What each of `pid`'s fds is ([`kind_of_link`]),
 /// counted. One readlink per fd, and for sockets one getxattr of their
 /// protocol name: only for processes under suspicion, never per event.
-pub fn fd_kinds(pid: u32) -> io::Result<crate::watch::FdKindCounts> {
+pub fn fd_kinds(pid: u32) -> io::Result<FdKindCounts> {
     let path = format!("/proc/{pid}/fd");
     let dir = File::open(&path)?;
-    let mut counts = crate::watch::FdKindCounts::new();
+    let mut counts = FdKindCounts::new();
     let mut link = [0u8; 256];
     for entry in fs::read_dir(&path)? {
         let entry = entry?;
         let Ok(text) = read_link_at(&dir, &entry.file_name(), &mut link) else {
             continue;
         };
-        let kind = crate::watch::fd_kinds::kind_of_link(text, || socket_protocol(&entry.path()));
+        let kind = kind_of_link(text, || socket_protocol(&entry.path()));
         *counts.entry(kind).or_default() += 1;
     }
     Ok(counts)
@@ -139,22 +158,49 @@ pub fn fd_kinds(pid: u32) -> io::Result<crate::watch::FdKindCounts> {
 /// `UNIX-STREAM`, ...), from its `system.sockprotoname` attribute: no
 /// guessing from sock_diag tables, and CLOSE sockets included.
 fn socket_protocol(fd_link: &std::path::Path) -> Option<String> {
-    let path = std::ffi::CString::new(fd_link.as_os_str().as_bytes()).ok()?;
     let mut name = [0u8; 32];
-    // SAFETY: both strings are NUL-terminated, and the kernel writes at most
-    // `name.len()` bytes into `name`.
-    let len = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"system.sockprotoname".as_ptr(),
-            name.as_mut_ptr().cast(),
-            name.len(),
-        )
-    };
-    let len = usize::try_from(len).ok()?;
+    let len = rustix::fs::getxattr(fd_link, "system.sockprotoname", &mut name).ok()?;
     let name = name.get(..len)?;
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     String::from_utf8(name[..end].to_vec()).ok()
+}
+
+/// The kind of one fd from its `/proc/PID/fd` link (`pipe:[123]`,
+/// `anon_inode:[eventfd]`, `/var/log/x`); sockets are told apart by
+/// their protocol name (`system.sockprotoname`: `TCP`, `UDPv6`, ...).
+pub fn kind_of_link(link: &[u8], socket_protocol: impl FnOnce() -> Option<String>) -> &'static str {
+    if link.starts_with(b"socket:[") {
+        return match socket_protocol().as_deref() {
+            Some("TCP" | "TCPv6") => "tcp",
+            Some("UDP" | "UDPv6" | "UDP-Lite" | "UDPLITEv6") => "udp",
+            Some(name) if name.starts_with("UNIX") => "unix",
+            Some("NETLINK") => "netlink",
+            _ => "other_socket",
+        };
+    }
+    if link.starts_with(b"pipe:[") {
+        return "pipe";
+    }
+    if let Some(anon) = link.strip_prefix(b"anon_inode:") {
+        let name = anon.trim_ascii_start().strip_prefix(b"[").unwrap_or(anon);
+        let name = name.strip_suffix(b"]").unwrap_or(name);
+        return match name {
+            b"eventfd" => "eventfd",
+            b"eventpoll" => "eventpoll",
+            b"inotify" => "inotify",
+            b"timerfd" => "timerfd",
+            b"signalfd" => "signalfd",
+            b"pidfd" => "pidfd",
+            _ => "other_anon_inode",
+        };
+    }
+    if link.starts_with(b"/dev/") {
+        return "device";
+    }
+    if link.starts_with(b"/") {
+        return "file";
+    }
+    "other"
 }
 
 /// Every process id in /proc (thread-group leaders; threads are not listed).
@@ -176,18 +222,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_file_parses() {
-        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                      Max processes             95737                95737                processes \n\
-                      Max open files            1024                 524288               files     \n";
-        assert_eq!(parse_nofile_limits(limits), Some((1024, 524288)));
-        let unlimited =
-            "Max open files            unlimited            unlimited            files\n";
-        assert_eq!(parse_nofile_limits(unlimited), Some((u64::MAX, u64::MAX)));
-        assert_eq!(parse_nofile_limits("Max processes 1 1\n"), None);
-        let own = fs::read_to_string("/proc/self/limits").unwrap();
-        let (soft, hard) = parse_nofile_limits(&own).unwrap();
-        assert!(soft > 0 && soft <= hard);
+    fn links_name_their_kind() {
+        let none = || None;
+        assert_eq!(kind_of_link(b"pipe:[4242]", none), "pipe");
+        assert_eq!(kind_of_link(b"anon_inode:[eventfd]", none), "eventfd");
+        assert_eq!(kind_of_link(b"anon_inode:inotify", none), "inotify");
+        assert_eq!(kind_of_link(b"/tmp/log", none), "file");
+        assert_eq!(kind_of_link(b"/dev/null", none), "device");
+        assert_eq!(kind_of_link(b"socket:[9]", || Some("TCPv6".into())), "tcp");
+        assert_eq!(kind_of_link(b"socket:[9]", || Some("UDP".into())), "udp");
+        assert_eq!(
+            kind_of_link(b"socket:[9]", || Some("UNIX-STREAM".into())),
+            "unix"
+        );
+        assert_eq!(kind_of_link(b"socket:[9]", none), "other_socket");
+        assert_eq!(kind_of_link(b"net:[4026531840]", none), "other");
+    }
+
+    #[test]
+    fn the_unified_cgroup_is_preferred() {
+        let cgroup = |hierarchy, pathname: &str| ProcessCGroup {
+            hierarchy,
+            controllers: Vec::new(),
+            pathname: pathname.to_string(),
+        };
+        let v1 = [cgroup(12, "/docker/abc"), cgroup(11, "/docker/abc")];
+        assert_eq!(preferred_cgroup(&v1).as_deref(), Some("/docker/abc"));
+        let both = [cgroup(12, "/v1"), cgroup(0, "/system.slice/x.service")];
+        assert_eq!(
+            preferred_cgroup(&both).as_deref(),
+            Some("/system.slice/x.service")
+        );
+        assert_eq!(preferred_cgroup(&[cgroup(0, "/")]).as_deref(), Some("/"));
+        assert_eq!(preferred_cgroup(&[]), None);
     }
 
     #[test]
@@ -210,8 +277,14 @@ mod tests {
         let pid = own_pid();
         assert!(exists(pid));
         let (soft, hard) = nofile_limits(pid).expect("prlimit on self");
-        assert!(soft <= hard);
+        assert!(soft > 0 && soft <= hard);
         assert!(all_pids().contains(&pid));
+        // The test runs in the PID namespace it was started in.
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let nspid: Option<String> = field(&status, "NSpid");
+        let innermost = nspid.and_then(|pids| pids.split_whitespace().last()?.parse().ok());
+        assert_eq!(innermost_nspid(pid), innermost);
+        assert!(cgroup_path(pid).is_some_and(|path| path.starts_with('/')));
     }
 
     #[test]

@@ -21,117 +21,13 @@ use std::{
 
 use rustc_hash::FxHashMap;
 use thin_vec::ThinVec;
-use tracer_common::{INFER_WINDOW_NS, OwnerSource, inferable_successor};
+use tracer_common::{INFER_WINDOW_NS, inferable_successor};
 
 use crate::{
-    decode::{Comm, Event, KernelOwner, SocketFile},
-    tcp::{CloseCause, TcpState},
+    decode::Event,
+    model::{Comm, ExistingSocket, Output, Owner, Transition, one_per_socket},
+    tcp::TcpState,
 };
-
-/// The process a socket belongs to, or unknown. Never the task that merely
-/// happened to be on the CPU during a softirq transition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Owner {
-    /// Host pid (tgid); `None` when the owner is not known.
-    pub pid: Option<u32>,
-    /// The pid inside the container socktrace is pointed at, as the kernel
-    /// saw it (it stays known after the process exits).
-    pub nspid: Option<u32>,
-    pub comm: Comm,
-    pub source: OwnerSource,
-}
-
-impl Owner {
-    pub fn unknown() -> Self {
-        Self {
-            pid: None,
-            nspid: None,
-            comm: Comm::default(),
-            source: OwnerSource::Unknown,
-        }
-    }
-
-    fn from_kernel(owner: &KernelOwner) -> Option<Self> {
-        (owner.tgid != 0).then_some(Self {
-            pid: Some(owner.tgid),
-            nspid: owner.nspid,
-            comm: owner.comm,
-            source: owner.source,
-        })
-    }
-
-    fn holder(pid: u32, comm: Comm) -> Self {
-        Self {
-            pid: Some(pid),
-            nspid: None,
-            comm,
-            source: OwnerSource::ProcFd,
-        }
-    }
-}
-
-/// One lifecycle event of one socket, attributed to its owner.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
-    pub ktime_ns: u64,
-    /// Identity of the socket while it lives: the kernel address of its
-    /// `struct sock`.
-    pub sock_id: u64,
-    /// For the release of a [`TcpState::ClosedHeld`] socket, the process
-    /// that let go (source `Close`, or `Exit` when its exit closed the fd).
-    pub owner: Owner,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub old: TcpState,
-    pub new: TcpState,
-    /// Time spent in `old`; `None` when the socket was not seen entering it.
-    pub dwell_ns: Option<u64>,
-    /// Why the kernel closed the socket (transitions to CLOSE or
-    /// CLOSED_HELD only).
-    pub cause: Option<CloseCause>,
-}
-
-/// A socket that existed before socktrace started (age unknown): the one
-/// record of it every stage uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExistingSocket {
-    /// Its kernel address, which later events of the socket carry.
-    pub sock_id: u64,
-    pub owner: Owner,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub state: TcpState,
-    /// For a socket in CLOSED_HELD, why the kernel closed it.
-    pub cause: Option<CloseCause>,
-    /// Inode of its network namespace.
-    pub netns: u32,
-}
-
-impl ExistingSocket {
-    /// The sockets of the iterator's records, one per socket: when several
-    /// processes share one (after fork), the lowest pid is named, as the
-    /// kernel map does.
-    pub fn from_files(mut files: Vec<SocketFile>) -> Vec<Self> {
-        files.sort_unstable_by_key(|file| (file.sock_id, file.pid));
-        files.dedup_by_key(|file| file.sock_id);
-        // Listeners first, so connections accepted from them are known as
-        // inbound.
-        files.sort_by_key(|file| file.state != TcpState::Listen);
-        files
-            .into_iter()
-            .map(|file| Self {
-                sock_id: file.sock_id,
-                owner: Owner::holder(file.pid, file.comm),
-                local: file.local,
-                remote: file.remote,
-                state: file.state,
-                cause: file.cause,
-                netns: file.netns,
-            })
-            .collect()
-    }
-}
 
 /// Passes on transitions that waited for their owner, under `owner`.
 fn release(out: &mut Vec<Output>, pending: ThinVec<Transition>, owner: Owner) {
@@ -139,42 +35,6 @@ fn release(out: &mut Vec<Output>, pending: ThinVec<Transition>, owner: Owner) {
         t.owner = owner;
         Output::Transition(t)
     }));
-}
-
-/// What this stage hands downstream, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Output {
-    Existing(ExistingSocket),
-    Transition(Transition),
-    ProcessExit {
-        pid: u32,
-        ktime_ns: u64,
-    },
-    /// A socket got a new owner without a state change: accept() came after
-    /// its transitions were shown as unknown, or its owner exited and another
-    /// process holds it now.
-    OwnerChanged {
-        sock_id: u64,
-        owner: Owner,
-        ktime_ns: u64,
-    },
-    /// Events were lost, and the kernel's file tables show what they hid: a
-    /// socket tracked as held that no process holds any more (its end was
-    /// lost) ...
-    Gone {
-        sock_id: u64,
-        ktime_ns: u64,
-    },
-    /// ... or one held that was never seen (its start was lost).
-    Found(ExistingSocket),
-    /// An owner found in userspace, to be written into the kernel's socket
-    /// map so that later events carry it (and `-p` filters by it).
-    LearnedOwner {
-        kernel_sock_id: u64,
-        pid: u32,
-        comm: String,
-        state: TcpState,
-    },
 }
 
 /// What the kernel knows that events do not carry, asked off the event path
@@ -243,20 +103,6 @@ impl Waits {
         }
         queue.pop_front()
     }
-}
-
-/// States in which some process still holds the socket's file: after its
-/// owner exits, a socket still in one of them has another holder.
-fn still_held(state: TcpState) -> bool {
-    matches!(
-        state,
-        TcpState::SynSent
-            | TcpState::SynRecv
-            | TcpState::Established
-            | TcpState::CloseWait
-            | TcpState::Listen
-            | TcpState::ClosedHeld
-    )
 }
 
 struct Tracked {
@@ -361,22 +207,30 @@ impl SocketTable {
     /// has already named their holders in the kernel's socket map.
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
         for socket in sockets {
-            let tracked = Tracked {
-                owner: Some(socket.owner),
-                rehomed_from: None,
-                owner_search_done: true,
-                local: socket.local,
-                remote: socket.remote,
-                state: socket.state,
-                state_since_ns: 0,
-                pending: ThinVec::new(),
-            };
-            if let Entry::Vacant(entry) = self.sockets.entry(socket.sock_id) {
-                Self::move_ownership(&mut self.owned, None, Some(&socket.owner));
-                entry.insert(tracked);
+            if self.track_existing(&socket) {
                 self.out.push(Output::Existing(socket));
             }
         }
+    }
+
+    /// Tracks a socket that exists under its holder, unless it is tracked
+    /// already; whether it was new.
+    fn track_existing(&mut self, socket: &ExistingSocket) -> bool {
+        let Entry::Vacant(entry) = self.sockets.entry(socket.sock_id) else {
+            return false;
+        };
+        Self::move_ownership(&mut self.owned, None, Some(&socket.owner));
+        entry.insert(Tracked {
+            owner: Some(socket.owner),
+            rehomed_from: None,
+            owner_search_done: true,
+            local: socket.local,
+            remote: socket.remote,
+            state: socket.state,
+            state_since_ns: 0,
+            pending: ThinVec::new(),
+        });
+        true
     }
 
     /// Everything produced since the queue was last cleared, oldest first.
@@ -420,14 +274,14 @@ impl SocketTable {
                     dwell_ns,
                     cause,
                 };
-                self.on_state_change(transition, Owner::from_kernel(&owner));
+                self.on_state_change(transition, owner);
             }
             Event::Owner {
                 sock_id,
                 owner,
                 ktime_ns,
             } => {
-                if let Some(owner) = Owner::from_kernel(&owner) {
+                if let Some(owner) = owner {
                     self.set_owner(sock_id, owner, ktime_ns);
                 }
             }
@@ -437,7 +291,7 @@ impl SocketTable {
                 sock_id,
                 releaser,
                 held_ns,
-            } => self.on_release(sock_id, ktime_ns, &releaser, held_ns),
+            } => self.on_release(sock_id, ktime_ns, releaser, held_ns),
         }
     }
 
@@ -483,15 +337,13 @@ impl SocketTable {
         &mut self,
         sock_id: u64,
         ktime_ns: u64,
-        releaser: &KernelOwner,
+        releaser: Option<Owner>,
         held_ns: Option<u64>,
     ) {
         let Some(tracked) = self.sockets.get_mut(&sock_id) else {
             return;
         };
-        let owner = Owner::from_kernel(releaser)
-            .or(tracked.owner)
-            .unwrap_or_else(Owner::unknown);
+        let owner = releaser.or(tracked.owner).unwrap_or_else(Owner::unknown);
         let pending = std::mem::take(&mut tracked.pending);
         release(&mut self.out, pending, owner);
         self.out.push(Output::Transition(Transition {
@@ -634,7 +486,7 @@ impl SocketTable {
             }
             // The exiting process closed its fds by now: a socket it was the
             // last holder of has moved on (FIN_WAIT1, LAST_ACK) or gone.
-            if sockets.get(&sock_id).is_some_and(|t| still_held(t.state)) {
+            if sockets.get(&sock_id).is_some_and(|t| t.state.is_held()) {
                 lookups.push(sock_id);
             }
             false
@@ -715,14 +567,14 @@ impl SocketTable {
     /// holds are gone, held sockets never seen are found. Sockets still
     /// waiting for their owner (a passive open before accept(), which no
     /// file holds yet) are left alone. Returns how many were repaired.
-    pub fn reconcile(&mut self, files: Vec<SocketFile>, now_ns: u64) -> usize {
-        let found = ExistingSocket::from_files(files);
+    pub fn reconcile(&mut self, files: Vec<ExistingSocket>, now_ns: u64) -> usize {
+        let found = one_per_socket(files);
         let held: rustc_hash::FxHashSet<u64> = found.iter().map(|s| s.sock_id).collect();
         let gone: Vec<u64> = self
             .sockets
             .iter()
             .filter(|(id, tracked)| {
-                still_held(tracked.state)
+                tracked.state.is_held()
                     && tracked.state != TcpState::SynRecv
                     && tracked.owner.is_some()
                     && !held.contains(id)
@@ -738,18 +590,7 @@ impl SocketTable {
         }
         let mut repaired = gone.len();
         for socket in found {
-            if let Entry::Vacant(entry) = self.sockets.entry(socket.sock_id) {
-                Self::move_ownership(&mut self.owned, None, Some(&socket.owner));
-                entry.insert(Tracked {
-                    owner: Some(socket.owner),
-                    rehomed_from: None,
-                    owner_search_done: true,
-                    local: socket.local,
-                    remote: socket.remote,
-                    state: socket.state,
-                    state_since_ns: 0,
-                    pending: ThinVec::new(),
-                });
+            if self.track_existing(&socket) {
                 self.out.push(Output::Found(socket));
                 repaired += 1;
             }
@@ -784,7 +625,10 @@ impl SocketTable {
 
 #[cfg(test)]
 mod tests {
+    use tracer_common::OwnerSource;
+
     use super::*;
+    use crate::tcp::{CloseCause, TcpState::*};
 
     const SERVER: u32 = 100;
     const CLIENT: u32 = 200;
@@ -795,19 +639,19 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn kernel_owner(tgid: u32, comm: &str, source: OwnerSource) -> KernelOwner {
-        KernelOwner {
-            tgid,
+    fn kernel_owner(tgid: u32, comm: &str, source: OwnerSource) -> Option<Owner> {
+        Some(Owner {
+            pid: Some(tgid),
             nspid: None,
             source,
             comm: comm.into(),
-        }
+        })
     }
 
     fn change(
         ktime_ns: u64,
         sock_id: u64,
-        owner: KernelOwner,
+        owner: Option<Owner>,
         local: &str,
         remote: &str,
         old: TcpState,
@@ -827,8 +671,8 @@ mod tests {
         }
     }
 
-    fn unknown() -> KernelOwner {
-        kernel_owner(0, "", OwnerSource::Unknown)
+    fn unknown() -> Option<Owner> {
+        None
     }
 
     fn transitions(table: &mut SocketTable) -> Vec<Transition> {
@@ -872,15 +716,15 @@ mod tests {
     /// The client's connect() on socket 9 (its port is not assigned yet).
     fn connect(at_ns: u64) -> Event {
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
-        change(
-            at_ns,
-            9,
-            client,
-            "0.0.0.0:0",
-            SERVER_AT,
-            TcpState::Close,
-            TcpState::SynSent,
-        )
+        change(at_ns, 9, client, "0.0.0.0:0", SERVER_AT, Close, SynSent)
+    }
+
+    /// A table that infers transitions, after socket 9's connect (shown).
+    fn connected_inferring() -> (SocketTable, FakeKernel) {
+        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        table.on_event(connect(MS));
+        transitions(&mut table);
+        (table, FakeKernel::default())
     }
 
     /// A later transition of socket 9, after `dwell_ns` in `old`.
@@ -904,7 +748,6 @@ mod tests {
 
     #[test]
     fn left_out_transitions_are_inferred_from_the_next_reported_one() {
-        use TcpState::*;
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
         table.on_event(connect(MS));
         // SYN_SENT -> ESTABLISHED at 10 ms was left out; the close tells
@@ -934,20 +777,14 @@ mod tests {
 
     #[test]
     fn left_out_transition_is_read_back_from_the_kernel_map() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        transitions(&mut table);
-        let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (TcpState::Established, 7 * MS));
+        let (mut table, mut kernel) = connected_inferring();
+        kernel.states.insert(9, (Established, 7 * MS));
         // Within the window, the next reported transition may still come.
         table.tick(200 * MS, &mut kernel);
         assert_eq!(kernel.reads.get(), 0);
         table.tick(400 * MS, &mut kernel);
         let out = transitions(&mut table);
-        assert_eq!(
-            steps(&out),
-            [(7, TcpState::SynSent, TcpState::Established, Some(6))]
-        );
+        assert_eq!(steps(&out), [(7, SynSent, Established, Some(6))]);
         assert_eq!(out[0].owner.pid, Some(CLIENT));
         // ESTABLISHED is left only by reported transitions: no more reads.
         table.tick(2_000 * MS, &mut kernel);
@@ -957,11 +794,7 @@ mod tests {
 
     #[test]
     fn a_later_state_in_the_map_waits_for_its_reported_transition() {
-        use TcpState::*;
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        transitions(&mut table);
-        let mut kernel = FakeKernel::default();
+        let (mut table, mut kernel) = connected_inferring();
         // Past ESTABLISHED already: that transition was reported, and is on
         // its way in the ring buffer.
         kernel.states.insert(9, (CloseWait, 300 * MS));
@@ -984,7 +817,7 @@ mod tests {
         // An unreachable peer: SYN_SENT for long. Were it to answer, the
         // kernel would report the transition: it came after the window.
         let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (TcpState::SynSent, MS));
+        kernel.states.insert(9, (SynSent, MS));
         for tick in 1..100 {
             table.tick(tick * 100 * MS, &mut kernel);
         }
@@ -994,7 +827,6 @@ mod tests {
 
     #[test]
     fn only_the_state_a_socket_is_still_in_is_read_back() {
-        use TcpState::*;
         let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
         table.on_event(connect(MS));
         // It left SYN_SENT (inferred) and entered FIN_WAIT1 at 100 ms, whose
@@ -1019,14 +851,9 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         table.on_event(connect(MS));
         // SYN_SENT -> ESTABLISHED lost in the ring: shown as the gap it is.
-        table.on_event(client_change(
-            30 * MS,
-            20 * MS,
-            TcpState::Established,
-            TcpState::FinWait1,
-        ));
+        table.on_event(client_change(30 * MS, 20 * MS, Established, FinWait1));
         let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (TcpState::FinWait2, 40 * MS));
+        kernel.states.insert(9, (FinWait2, 40 * MS));
         table.tick(100 * MS, &mut kernel);
         assert_eq!(transitions(&mut table).len(), 2);
         assert_eq!(kernel.reads.get(), 0);
@@ -1038,24 +865,8 @@ mod tests {
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         // The handshake completes in softirq, in the client's context: the
         // kernel knows no owner yet.
-        table.on_event(change(
-            1,
-            7,
-            unknown(),
-            local,
-            remote,
-            TcpState::Listen,
-            TcpState::SynRecv,
-        ));
-        table.on_event(change(
-            2,
-            7,
-            unknown(),
-            local,
-            remote,
-            TcpState::SynRecv,
-            TcpState::Established,
-        ));
+        table.on_event(change(1, 7, unknown(), local, remote, Listen, SynRecv));
+        table.on_event(change(2, 7, unknown(), local, remote, SynRecv, Established));
         assert!(
             transitions(&mut table).is_empty(),
             "held back until the owner is known"
@@ -1068,7 +879,7 @@ mod tests {
         let out = transitions(&mut table);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|t| t.owner.pid == Some(SERVER)));
-        assert_eq!(out[1].new, TcpState::Established);
+        assert_eq!(out[1].new, Established);
         // Its owner known, nobody searches the file tables after the grace.
         let mut kernel = FakeKernel::default();
         table.tick(2_000 * MS, &mut kernel);
@@ -1079,15 +890,7 @@ mod tests {
     fn unaccepted_socket_is_released_as_unknown_after_the_grace_period() {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
-        table.on_event(change(
-            0,
-            7,
-            unknown(),
-            local,
-            remote,
-            TcpState::Listen,
-            TcpState::SynRecv,
-        ));
+        table.on_event(change(0, 7, unknown(), local, remote, Listen, SynRecv));
         let mut kernel = FakeKernel::default();
         table.tick(500 * MS, &mut kernel);
         assert!(transitions(&mut table).is_empty());
@@ -1102,8 +905,8 @@ mod tests {
             unknown(),
             local,
             remote,
-            TcpState::SynRecv,
-            TcpState::Established,
+            SynRecv,
+            Established,
         ));
         assert_eq!(transitions(&mut table).len(), 1);
     }
@@ -1112,15 +915,7 @@ mod tests {
     fn accept_after_the_grace_period_announces_the_owner() {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
-        table.on_event(change(
-            0,
-            7,
-            unknown(),
-            local,
-            remote,
-            TcpState::Listen,
-            TcpState::SynRecv,
-        ));
+        table.on_event(change(0, 7, unknown(), local, remote, Listen, SynRecv));
         table.tick(2_000 * MS, &mut FakeKernel::default());
         assert_eq!(transitions(&mut table)[0].owner, Owner::unknown());
         table.on_event(Event::Owner {
@@ -1150,33 +945,9 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(
-            1,
-            9,
-            client,
-            "0.0.0.0:0",
-            remote,
-            TcpState::Close,
-            TcpState::SynSent,
-        ));
-        table.on_event(change(
-            2,
-            9,
-            client,
-            local,
-            remote,
-            TcpState::SynSent,
-            TcpState::Established,
-        ));
-        table.on_event(change(
-            3,
-            9,
-            client,
-            local,
-            remote,
-            TcpState::Established,
-            TcpState::CloseWait,
-        ));
+        table.on_event(change(1, 9, client, "0.0.0.0:0", remote, Close, SynSent));
+        table.on_event(change(2, 9, client, local, remote, SynSent, Established));
+        table.on_event(change(3, 9, client, local, remote, Established, CloseWait));
         let out = transitions(&mut table);
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
@@ -1191,7 +962,7 @@ mod tests {
             owner: Owner::holder(CLIENT, "client".into()),
             local: addr(local),
             remote: addr(remote),
-            state: TcpState::CloseWait,
+            state: CloseWait,
             cause: None,
             netns: NETNS,
         }]);
@@ -1204,8 +975,8 @@ mod tests {
             unknown(),
             local,
             remote,
-            TcpState::CloseWait,
-            TcpState::LastAck,
+            CloseWait,
+            LastAck,
         ));
         let out = transitions(&mut table);
         assert_eq!(out.len(), 1);
@@ -1216,7 +987,6 @@ mod tests {
 
     /// The client of a connection the peer reset, holding the fd.
     fn closed_while_held(table: &mut SocketTable) {
-        use TcpState::*;
         table.on_event(connect(MS));
         table.on_event(client_change(2 * MS, MS, SynSent, Established));
         let mut reset = client_change(50 * MS, 48 * MS, Established, ClosedHeld);
@@ -1231,7 +1001,7 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         closed_while_held(&mut table);
         let out = transitions(&mut table);
-        assert_eq!(out[2].new, TcpState::ClosedHeld);
+        assert_eq!(out[2].new, ClosedHeld);
         assert_eq!(out[2].cause, Some(CloseCause::Reset));
         assert_eq!(table.len(), 1, "still held");
         table.on_event(Event::Release {
@@ -1241,10 +1011,7 @@ mod tests {
             held_ns: Some(2_000 * MS),
         });
         let out = transitions(&mut table);
-        assert_eq!(
-            steps(&out),
-            [(2_050, TcpState::ClosedHeld, TcpState::Close, Some(2_000))]
-        );
+        assert_eq!(steps(&out), [(2_050, ClosedHeld, Close, Some(2_000))]);
         assert_eq!(out[0].owner.source, OwnerSource::Close);
         assert_eq!(out[0].local, addr(CLIENT_AT), "the addresses it had");
         assert_eq!(table.len(), 0);
@@ -1252,7 +1019,6 @@ mod tests {
 
     #[test]
     fn a_socket_closed_while_held_may_connect_again() {
-        use TcpState::*;
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
         closed_while_held(&mut table);
         table.on_event(client_change(60 * MS, 10 * MS, ClosedHeld, SynSent));
@@ -1270,24 +1036,8 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(
-            1,
-            9,
-            parent,
-            local,
-            remote,
-            TcpState::Close,
-            TcpState::SynSent,
-        ));
-        table.on_event(change(
-            2,
-            9,
-            parent,
-            local,
-            remote,
-            TcpState::SynSent,
-            TcpState::Established,
-        ));
+        table.on_event(change(1, 9, parent, local, remote, Close, SynSent));
+        table.on_event(change(2, 9, parent, local, remote, SynSent, Established));
         // A second socket of the parent's, closed by its exit.
         table.on_event(change(
             2,
@@ -1295,8 +1045,8 @@ mod tests {
             parent,
             "127.0.0.1:40001",
             remote,
-            TcpState::SynSent,
-            TcpState::Established,
+            SynSent,
+            Established,
         ));
         table.on_event(Event::Exit {
             ktime_ns: 4 * MS,
@@ -1308,8 +1058,8 @@ mod tests {
             unknown(),
             "127.0.0.1:40001",
             remote,
-            TcpState::Established,
-            TcpState::FinWait1,
+            Established,
+            FinWait1,
         ));
         let mut kernel = FakeKernel::default();
         kernel.holders.insert(9, (CLIENT, "child".into()));
@@ -1335,15 +1085,14 @@ mod tests {
             kernel_owner(CLIENT, "child", OwnerSource::ProcFd),
             local,
             remote,
-            TcpState::Established,
-            TcpState::CloseWait,
+            Established,
+            CloseWait,
         ));
         assert_eq!(transitions(&mut table)[0].owner.pid, Some(CLIENT));
     }
 
     #[test]
     fn lost_events_are_healed_from_the_file_tables() {
-        use TcpState::*;
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         // Socket 9 is held, but its end was lost; socket 7 waits for
         // accept(); socket 12 was opened while events were lost.
@@ -1358,10 +1107,9 @@ mod tests {
             SynRecv,
         ));
         table.drain_output().for_each(drop);
-        let lost_open = SocketFile {
+        let lost_open = ExistingSocket {
             sock_id: 12,
-            pid: CLIENT,
-            comm: "client".into(),
+            owner: Owner::holder(CLIENT, "client".into()),
             local: addr("127.0.0.1:40012"),
             remote: addr(SERVER_AT),
             state: Established,
@@ -1391,8 +1139,8 @@ mod tests {
                 unknown(),
                 "127.0.0.1:8080",
                 &format!("127.0.0.1:{}", 40_000 + id),
-                TcpState::Listen,
-                TcpState::SynRecv,
+                Listen,
+                SynRecv,
             ));
         }
         for tick in 10..=20 {
@@ -1406,24 +1154,8 @@ mod tests {
         let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.on_event(change(
-            1,
-            9,
-            client,
-            local,
-            remote,
-            TcpState::Close,
-            TcpState::SynSent,
-        ));
-        table.on_event(change(
-            2,
-            9,
-            client,
-            local,
-            remote,
-            TcpState::SynSent,
-            TcpState::Close,
-        ));
+        table.on_event(change(1, 9, client, local, remote, Close, SynSent));
+        table.on_event(change(2, 9, client, local, remote, SynSent, Close));
         assert_eq!(table.len(), 0);
         // Same kernel address, new socket born from a listener: no owner yet.
         table.on_event(change(
@@ -1432,13 +1164,9 @@ mod tests {
             unknown(),
             "127.0.0.1:8080",
             "127.0.0.1:5",
-            TcpState::Listen,
-            TcpState::SynRecv,
+            Listen,
+            SynRecv,
         ));
-        assert!(
-            transitions(&mut table)
-                .iter()
-                .all(|t| t.new != TcpState::SynRecv)
-        );
+        assert!(transitions(&mut table).iter().all(|t| t.new != SynRecv));
     }
 }

@@ -49,6 +49,21 @@ impl From<u8> for TcpState {
 }
 
 impl TcpState {
+    /// Whether a process still holds the socket's file in this state (it
+    /// has not closed it): after its owner exits, a socket still in one of
+    /// them has another holder.
+    pub fn is_held(self) -> bool {
+        matches!(
+            self,
+            Self::SynSent
+                | Self::SynRecv
+                | Self::Established
+                | Self::CloseWait
+                | Self::Listen
+                | Self::ClosedHeld
+        )
+    }
+
     /// The state the kernel reports as `raw`, held or not by a file.
     pub fn from_kernel(raw: u8, held: bool) -> Self {
         match Self::from(raw) {

@@ -1,6 +1,9 @@
 //! What a user sees for bad input and from `doctor`: one clear line and a
 //! non-zero exit, never a panic.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

@@ -1,6 +1,9 @@
 //! Root integration tests of container support: "containers" are process
 //! trees in their own PID, mount and network namespaces, made with unshare.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{thread, time::Duration};

@@ -5,6 +5,9 @@
 //! event. Real sockets, the real kernel programs; each test filters by its
 //! own pids and ports.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{process::Command, thread, time::Duration};

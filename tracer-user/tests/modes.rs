@@ -12,6 +12,9 @@
 //! socket storage, `tracepoint` before Linux 5.11), and every attach type
 //! the kernel allows traces with the right owners.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{process::Command, thread, time::Duration};

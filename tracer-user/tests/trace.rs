@@ -1,6 +1,9 @@
 //! Root integration tests of `socktrace trace`: the real kernel programs,
 //! real loopback sockets in separate processes, and the JSON a user reads.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{thread, time::Duration};

@@ -3,6 +3,9 @@
 //! reads. Each test asserts on its own pids and endpoints, so the tests can
 //! run side by side with other root tests.
 
+// A broken expectation panics: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{thread, time::Duration};

@@ -62,9 +62,11 @@ pub fn run(options: &TestOptions) -> anyhow::Result<()> {
     println!(
         "\n== the root integration tests again, with the fallback forced ({FORCED_ATTACH}=tracepoint)"
     );
+    // The same packages as the first pass, so nothing is built again.
     let mut fallback = cmd::cargo()?;
     fallback
-        .args(["test", "--package", "tracer-user", "--tests"])
+        .args(["test", "--tests"])
+        .args(HOST_PACKAGES)
         .args(&options.cargo_test_args)
         .env(REQUIRE_ROOT_TESTS, "1")
         .env(FORCED_ATTACH, "tracepoint");

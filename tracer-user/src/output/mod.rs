@@ -1,168 +1,37 @@
-//! Stage 5: what the user sees.
+//! The views: what the user sees of the model. Trace lines (human or JSON
+//! Lines), the `watch` table and its JSON Lines; `serve` exports the same
+//! reports as metrics (`crate::serve`). Functions here format; the
+//! commands choose where the text goes.
 
+pub mod json;
+pub mod table;
 pub mod trace;
 
-use std::net::SocketAddr;
+use crate::probes::Counters;
 
-use tracer_common::OwnerSource;
-
-use crate::{
-    containers::{LabelCache, Labels},
-    sockets::Owner,
-};
-
-/// How an owner was learned, as it appears in JSON (`owner_source`).
-pub fn owner_source_name(source: OwnerSource) -> &'static str {
-    match source {
-        OwnerSource::Unknown => "unknown",
-        OwnerSource::Connect => "connect",
-        OwnerSource::Accept => "accept",
-        OwnerSource::Listen => "listen",
-        OwnerSource::Close => "close",
-        OwnerSource::ProcFd => "proc_fd",
-        OwnerSource::Exit => "exit",
-    }
-}
-
-/// Human duration: `850ns`, `12.3ms`, `4.217s`, `9m12s`, `3h05m`.
-pub fn human_duration(ns: u64) -> String {
-    const US: u64 = 1_000;
-    const MS: u64 = 1_000_000;
-    const S: u64 = 1_000_000_000;
-    match ns {
-        n if n < US => format!("{n}ns"),
-        n if n < MS => format!("{:.1}us", n as f64 / US as f64),
-        n if n < S => format!("{:.1}ms", n as f64 / MS as f64),
-        n if n < 60 * S => format!("{:.3}s", n as f64 / S as f64),
-        n if n < 3600 * S => format!("{}m{:02}s", n / (60 * S), n / S % 60),
-        n => format!("{}h{:02}m", n / (3600 * S), n / (60 * S) % 60),
-    }
-}
-
-/// Whether an event about a socket between these addresses passes the
-/// user's filters. The kernel applies the same filters; this catches
-/// pre-existing sockets and those whose owner was resolved in userspace.
-#[derive(Clone, Debug, Default)]
-pub struct Filter {
-    pub pids: Vec<u32>,
-    pub port: Option<u16>,
-    pub ipv4_only: bool,
-    pub ipv6_only: bool,
-}
-
-impl Filter {
-    pub fn accepts(&self, pid: Option<u32>, local: SocketAddr, remote: SocketAddr) -> bool {
-        if !self.pids.is_empty() && !pid.is_some_and(|p| self.pids.contains(&p)) {
-            return false;
+/// Loss is never silent: say it on stderr at exit.
+pub fn report_losses(counters: Counters) {
+    let losses = [
+        (
+            counters.lost_events,
+            "events lost (ring buffer full); raise --ring-buffer-kib",
+        ),
+        (
+            counters.undecodable,
+            "events could not be decoded (kernel programs and collector disagree?)",
+        ),
+        (
+            counters.missed_runs,
+            "probe runs skipped by the kernel (another BPF program was running on that CPU); their events are missing",
+        ),
+        (
+            counters.socket_map_full,
+            "sockets untracked (socket map full); raise --max-sockets",
+        ),
+    ];
+    for (count, what) in losses {
+        if count > 0 {
+            eprintln!("socktrace: {count} {what}");
         }
-        if let Some(port) = self.port
-            && local.port() != port
-            && remote.port() != port
-        {
-            return false;
-        }
-        (local.is_ipv4() || !self.ipv4_only) && (local.is_ipv6() || !self.ipv6_only)
-    }
-}
-
-/// The user's filters plus the container scope, with the per-process
-/// labels they need (read from /proc once per process, not per event).
-pub struct Scope {
-    pub filter: Filter,
-    /// Only owners in this PID namespace (`--container`/`--pidns`).
-    pub pidns: Option<u64>,
-    labels: LabelCache,
-}
-
-impl Scope {
-    pub fn new(filter: Filter, pidns: Option<u64>) -> Self {
-        Self {
-            filter,
-            pidns,
-            labels: LabelCache::new(),
-        }
-    }
-
-    pub fn wants(&mut self, owner: &Owner, local: SocketAddr, remote: SocketAddr) -> bool {
-        self.filter.accepts(owner.pid, local, remote) && self.wants_owner(owner)
-    }
-
-    /// The owner part of [`Scope::wants`]: the pid filter and the container.
-    pub fn wants_owner(&mut self, owner: &Owner) -> bool {
-        if !self.filter.pids.is_empty() && !owner.pid.is_some_and(|p| self.filter.pids.contains(&p))
-        {
-            return false;
-        }
-        if let (Some(pid), Some(nspid)) = (owner.pid, owner.nspid) {
-            // The kernel checked the namespace and named the pid inside it;
-            // remember that, the process may be gone before /proc is read.
-            self.labels.learn(pid, nspid, self.pidns);
-        }
-        match (self.pidns, owner.pid) {
-            // Owners the kernel learned passed its namespace filter already;
-            // those found in /proc are checked here.
-            (Some(pidns), Some(pid)) if owner.source == OwnerSource::ProcFd => {
-                self.labels.get(pid).pidns == Some(pidns)
-            }
-            _ => true,
-        }
-    }
-
-    pub fn labels(&mut self, pid: u32) -> &Labels {
-        self.labels.get(pid)
-    }
-
-    pub fn process_exited(&mut self, pid: u32) {
-        self.labels.forget(pid);
-    }
-
-    /// The container stopped: from now on, everything.
-    pub fn widen_to_host(&mut self) {
-        self.pidns = None;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_duration(850), "850ns");
-        assert_eq!(human_duration(12_340_000), "12.3ms");
-        assert_eq!(human_duration(4_217_000_000), "4.217s");
-        assert_eq!(human_duration(552_000_000_000), "9m12s");
-        assert_eq!(human_duration(11_100_000_000_000), "3h05m");
-    }
-
-    #[test]
-    fn filter_by_pid_port_and_family() {
-        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let remote: SocketAddr = "127.0.0.1:80".parse().unwrap();
-        let v6: SocketAddr = "[::1]:80".parse().unwrap();
-        let all = Filter::default();
-        assert!(all.accepts(None, local, remote));
-        let pid = Filter {
-            pids: vec![7],
-            ..Filter::default()
-        };
-        assert!(pid.accepts(Some(7), local, remote));
-        assert!(!pid.accepts(Some(8), local, remote));
-        assert!(
-            !pid.accepts(None, local, remote),
-            "unknown owners are not the pid asked for"
-        );
-        let port = Filter {
-            port: Some(80),
-            ..Filter::default()
-        };
-        assert!(port.accepts(None, local, remote));
-        assert!(!port.accepts(None, local, local));
-        let v6_only = Filter {
-            ipv6_only: true,
-            ..Filter::default()
-        };
-        assert!(!v6_only.accepts(None, local, remote));
-        assert!(v6_only.accepts(None, v6, v6));
     }
 }

@@ -2,50 +2,15 @@
 
 use std::io::{self, Write};
 
-use serde::Serialize;
-
-use super::{Scope, human_duration, owner_source_name};
 use crate::{
     clock::Clock,
     collector::Sink,
-    containers::Container,
+    model::{ExistingSocket, Output, Owner, TraceRecord, Transition, owner_source_name},
     probes::Counters,
-    sockets::{ExistingSocket, Output, Owner, Transition},
+    scope::Scope,
     tcp::TcpState,
+    text,
 };
-
-/// One JSON line; the schema is documented in the README.
-#[derive(Debug, Serialize)]
-pub struct TraceRecord<'a> {
-    pub ts: String,
-    /// Owner's host pid; null when unknown.
-    pub pid: Option<u32>,
-    pub comm: &'a str,
-    pub local: String,
-    pub remote: String,
-    /// Null for a socket that existed before socktrace started.
-    pub old: Option<&'static str>,
-    pub new: &'static str,
-    /// Time spent in `old`; null when unknown. For the release of a
-    /// CLOSED_HELD socket, the time it was held after the network closed it.
-    pub dwell_ns: Option<u64>,
-    /// Why the kernel closed the socket (`reset`, `timed_out`, `refused`,
-    /// `unreachable`, `other_error`); null when it gave no error.
-    pub cause: Option<&'static str>,
-    /// How the owner was learned; for a release, `close` or `exit`: how
-    /// the process named in `pid` let go of the socket.
-    pub owner_source: &'static str,
-    /// True for sockets found at start (their age is unknown).
-    pub existing: bool,
-    /// Socket identity (kernel address, or inode for pre-existing sockets).
-    pub sock: String,
-    /// The owner's pid inside its own PID namespace.
-    pub nspid: Option<u32>,
-    /// Inode of the owner's PID namespace.
-    pub pidns: Option<u64>,
-    /// The owner's container, when it runs in one.
-    pub container: Option<Container>,
-}
 
 pub struct TraceSink<W: Write> {
     out: W,
@@ -151,7 +116,7 @@ pub fn human_line(r: &TraceRecord<'_>) -> String {
         (Some(pid), _) => pid.to_string(),
     };
     let change = format!("{} -> {}", r.old.unwrap_or("EXISTING"), r.new);
-    let dwell = r.dwell_ns.map_or_else(|| "-".to_string(), human_duration);
+    let dwell = r.dwell_ns.map_or_else(|| "-".to_string(), text::duration);
     // The release of a socket the network had closed: who let go, and how.
     let released = r.old == Some(TcpState::ClosedHeld.name()) && r.new == TcpState::Close.name();
     let cause = match (r.cause, r.owner_source) {
@@ -201,40 +166,12 @@ impl<W: Write> Sink for TraceSink<W> {
 
     fn finish(&mut self, counters: Counters) -> io::Result<()> {
         self.out.flush()?;
-        report_losses(counters);
+        super::report_losses(counters);
         Ok(())
     }
 
     fn container_stopped(&mut self) {
         self.scope.widen_to_host();
-    }
-}
-
-/// Loss is never silent: say it on stderr at exit.
-pub fn report_losses(counters: Counters) {
-    if counters.lost_events > 0 {
-        eprintln!(
-            "socktrace: {} events lost (ring buffer full); raise --ring-buffer-kib",
-            counters.lost_events
-        );
-    }
-    if counters.undecodable > 0 {
-        eprintln!(
-            "socktrace: {} events could not be decoded (kernel programs and collector disagree?)",
-            counters.undecodable
-        );
-    }
-    if counters.missed_runs > 0 {
-        eprintln!(
-            "socktrace: {} probe runs skipped by the kernel (another BPF program was running on that CPU); their events are missing",
-            counters.missed_runs
-        );
-    }
-    if counters.socket_map_full > 0 {
-        eprintln!(
-            "socktrace: {} sockets untracked (socket map full); raise --max-sockets",
-            counters.socket_map_full
-        );
     }
 }
 
@@ -245,7 +182,7 @@ mod tests {
     use tracer_common::OwnerSource;
 
     use super::*;
-    use crate::{output::Filter, tcp::CloseCause};
+    use crate::{scope::Filter, tcp::CloseCause};
 
     fn sink(json: bool) -> TraceSink<Vec<u8>> {
         let clock = Clock::fixed(0, UNIX_EPOCH + Duration::from_secs(1_795_000_000));

@@ -63,12 +63,13 @@ impl fmt::Display for Attach {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// `--attach`: which attach types to try, in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachRequest {
     /// BTF tracepoints with socket storage where the kernel allows, else
     /// classic tracepoints with the hash map.
+    #[default]
     Auto,
-    #[value(name = "tp_btf")]
     TpBtf,
     Tracepoint,
 }
@@ -83,9 +84,11 @@ impl AttachRequest {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// `--probe-mode`: which probe modes to try, in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ModeRequest {
     /// The richest mode the kernel allows: fentry, then kprobe, then tracepoint.
+    #[default]
     Auto,
     Fentry,
     Kprobe,

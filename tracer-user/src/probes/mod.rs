@@ -7,6 +7,7 @@ pub mod layout;
 
 use std::{
     collections::HashMap as StdHashMap,
+    fmt,
     io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
@@ -27,7 +28,8 @@ use tracer_common::{
 pub use features::{Attach, AttachRequest, ModeRequest, ProbeMode};
 
 use crate::{
-    decode::{Comm, SocketFile, decode_socket_files},
+    decode::decode_socket_files,
+    model::{Comm, ExistingSocket, one_per_socket},
     procfs,
     sockets::KernelView,
     tcp::TcpState,
@@ -76,6 +78,8 @@ const WAKEUP_FRACTION: u32 = 8;
 /// Kernel functions whose entry is probed in the fentry and kprobe modes.
 const OWNER_FUNCTIONS: [&str; 2] = ["tcp_connect", "tcp_close"];
 
+/// What the kernel programs are loaded with. The default: host-wide, no
+/// filter, default sizes, the best mode and attach type the kernel allows.
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
     /// Only report sockets owned by these processes (empty: all).
@@ -93,6 +97,22 @@ pub struct ProbeOptions {
     /// (`tracer_common::inferable_successor`): for the commands that
     /// aggregate. `trace` shows each transition as it happens.
     pub skip_inferable: bool,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            port: None,
+            family: None,
+            ring_bytes: tracer_common::DEFAULT_RING_BYTES,
+            max_sockets: tracer_common::DEFAULT_MAX_SOCKETS,
+            mode: ModeRequest::Auto,
+            attach: AttachRequest::Auto,
+            namespace: None,
+            skip_inferable: false,
+        }
+    }
 }
 
 pub struct Probes {
@@ -155,6 +175,9 @@ impl Probes {
                     log::debug!("{attach} unavailable: {e:#}");
                     failure = Some(e);
                 }
+                // A forced probe mode that fails is not the attach type's
+                // fault.
+                Err(e) if e.downcast_ref::<ModeUnusable>().is_some() => return Err(e),
                 Err(e) if options.attach != AttachRequest::Auto => {
                     return Err(e.context(format!("--attach {attach} is not usable here")));
                 }
@@ -253,7 +276,7 @@ impl Probes {
     /// (one record per holder), and each holder recorded in the socket map
     /// for sockets the probes had no owner for. Sockets in CLOSE come as
     /// [`TcpState::ClosedHeld`].
-    pub fn socket_files(&mut self) -> anyhow::Result<Vec<SocketFile>> {
+    pub fn socket_files(&mut self) -> anyhow::Result<Vec<ExistingSocket>> {
         let iter: &mut Iter = self
             .ebpf
             .program_mut(SOCKET_FILES_PROGRAM)
@@ -409,15 +432,11 @@ impl KernelView for Probes {
             }
         };
         let wanted: std::collections::HashSet<u64> = sock_ids.iter().copied().collect();
-        let mut found: StdHashMap<u64, (u32, Comm)> = StdHashMap::new();
-        for file in files.iter().filter(|file| wanted.contains(&file.sock_id)) {
-            // When several processes share one, the lowest pid is named.
-            let holder = found.entry(file.sock_id).or_insert((file.pid, file.comm));
-            if file.pid < holder.0 {
-                *holder = (file.pid, file.comm);
-            }
-        }
-        found
+        one_per_socket(files)
+            .into_iter()
+            .filter(|file| wanted.contains(&file.sock_id))
+            .filter_map(|file| Some((file.sock_id, (file.owner.pid?, file.owner.comm))))
+            .collect()
     }
 }
 
@@ -526,10 +545,20 @@ fn attach_owner_probes(
             Err(e) if request == ModeRequest::Auto => {
                 log::debug!("{mode} probes unavailable: {e:#}");
             }
-            Err(e) => return Err(e.context(format!("--probe-mode {mode} is not usable here"))),
+            Err(e) => return Err(e.context(ModeUnusable(mode))),
         }
     }
     Err(anyhow!("no probe mode is usable"))
+}
+
+/// The context of a failure of the probe mode the user forced.
+#[derive(Debug)]
+struct ModeUnusable(ProbeMode);
+
+impl fmt::Display for ModeUnusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "--probe-mode {} is not usable here", self.0)
+    }
 }
 
 fn try_fentry(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {

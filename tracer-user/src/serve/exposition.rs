@@ -103,30 +103,52 @@ mod tests {
 
     #[test]
     fn headers_become_prometheus_text() {
-        let openmetrics = "\
-# HELP socktrace_connects Connections opened.
-# TYPE socktrace_connects counter
-socktrace_connects_total{pid=\"1\",comm=\"a \\\"b\\\"\"} 3
-# HELP socktrace_build Version.
-# TYPE socktrace_build info
-socktrace_build_info{version=\"0.1.0\"} 1
-# HELP socktrace_age_seconds Age.
-# TYPE socktrace_age_seconds gauge
-# UNIT socktrace_age_seconds seconds
-socktrace_age_seconds{pid=\"1\"} 2.5
-# EOF
-";
-        let expected = "\
-# HELP socktrace_connects_total Connections opened.
-# TYPE socktrace_connects_total counter
-socktrace_connects_total{pid=\"1\",comm=\"a \\\"b\\\"\"} 3
-# HELP socktrace_build_info Version.
-# TYPE socktrace_build_info gauge
-socktrace_build_info{version=\"0.1.0\"} 1
-# HELP socktrace_age_seconds Age.
-# TYPE socktrace_age_seconds gauge
-socktrace_age_seconds{pid=\"1\"} 2.5
-";
-        assert_eq!(openmetrics_to_prometheus(openmetrics), expected);
+        // Each OpenMetrics line and what it becomes (None: dropped).
+        let lines = [
+            (
+                "# HELP socktrace_connects Connections opened.",
+                Some("# HELP socktrace_connects_total Connections opened."),
+            ),
+            (
+                "# TYPE socktrace_connects counter",
+                Some("# TYPE socktrace_connects_total counter"),
+            ),
+            (
+                r#"socktrace_connects_total{pid="1",comm="a \"b\""} 3"#,
+                Some(r#"socktrace_connects_total{pid="1",comm="a \"b\""} 3"#),
+            ),
+            (
+                "# HELP socktrace_build Version.",
+                Some("# HELP socktrace_build_info Version."),
+            ),
+            (
+                "# TYPE socktrace_build info",
+                Some("# TYPE socktrace_build_info gauge"),
+            ),
+            (
+                r#"socktrace_build_info{version="0.1.0"} 1"#,
+                Some(r#"socktrace_build_info{version="0.1.0"} 1"#),
+            ),
+            (
+                "# HELP socktrace_age_seconds Age.",
+                Some("# HELP socktrace_age_seconds Age."),
+            ),
+            (
+                "# TYPE socktrace_age_seconds gauge",
+                Some("# TYPE socktrace_age_seconds gauge"),
+            ),
+            ("# UNIT socktrace_age_seconds seconds", None),
+            (
+                r#"socktrace_age_seconds{pid="1"} 2.5"#,
+                Some(r#"socktrace_age_seconds{pid="1"} 2.5"#),
+            ),
+            ("# EOF", None),
+        ];
+        let openmetrics: String = lines.iter().map(|(from, _)| format!("{from}\n")).collect();
+        let expected: String = lines
+            .iter()
+            .filter_map(|(_, to)| to.map(|to| format!("{to}\n")))
+            .collect();
+        assert_eq!(openmetrics_to_prometheus(&openmetrics), expected);
     }
 }

@@ -25,9 +25,9 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::exposition::{self, Format};
+use crate::model::{OTHER_PEERS, ProcessReport, Snapshot};
 use crate::probes::Counters;
 use crate::watch::distribution::{Distribution, Distributions, Timing};
-use crate::watch::{ProcessReport, Snapshot};
 
 pub const PREFIX: &str = "socktrace";
 /// Processes exported by default (`--max-processes`).
@@ -37,7 +37,6 @@ pub const DEFAULT_MAX_PROCESSES: usize = 200;
 pub const RETIRED_GRACE: Duration = Duration::from_secs(300);
 /// Peers with a `peer` label of their own, per process; the rest are `other`.
 pub const TOP_PEERS: usize = 5;
-const OTHER_PEERS: &str = "other";
 
 /// Bucket bounds in microseconds. Connects on a LAN take tens of µs to a few
 /// ms, and a SYN retransmit adds 1 s, then 2 s, 4 s ...
@@ -687,9 +686,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::containers::{Container, Labels};
-    use crate::watch::peers::PeerReport;
-    use crate::watch::verdicts::{Alert, AlertKind, AlertState};
+    use crate::model::{Alert, AlertKind, AlertState, Container, Labels, PeerReport};
 
     const S: u64 = 1_000_000_000;
 
@@ -697,59 +694,18 @@ mod tests {
         ProcessReport {
             pid,
             comm: comm.to_string(),
-            exited: false,
-            connects_per_s: 0.0,
-            closes_per_s: 0.0,
-            net_per_s: 0.0,
-            connects_per_s_long: 0.0,
-            closes_per_s_long: 0.0,
-            net_per_s_long: 0.0,
-            connects_total: 0,
-            closes_total: 0,
-            sockets: BTreeMap::new(),
-            held: 0,
-            close_wait: 0,
-            close_wait_oldest_s: None,
-            close_wait_oldest_lower_bound: false,
-            close_wait_dwell_s: None,
-            closed_held: 0,
-            closed_held_causes: BTreeMap::new(),
-            closed_held_oldest_s: None,
-            fds: None,
-            fd_soft_limit: None,
-            fd_hard_limit: None,
-            fd_growth_per_s: None,
-            eta_s: None,
-            eta_window_s: None,
-            fd_kinds: None,
-            fd_kinds_rising: Vec::new(),
-            alerts: Vec::new(),
-            peers: Vec::new(),
-            reconciled: 0,
-            labels: Labels::default(),
+            ..ProcessReport::default()
         }
     }
 
     fn peer(remote: &str, held: u64, close_wait: u64) -> PeerReport {
         PeerReport {
             remote: remote.to_string(),
-            local_port: None,
             opened: held,
-            closed: 0,
             held,
             close_wait,
-            closed_held: 0,
-            local_closed_first: 0,
             peer_closed_first: close_wait,
-            network_closed_first: 0,
-            reset: 0,
-            timed_out: 0,
-            refused: 0,
-            unreachable: 0,
-            other_error: 0,
-            lifetime_mean_s: None,
-            lifetime_max_s: None,
-            peer_idle_timeout_s: None,
+            ..PeerReport::default()
         }
     }
 

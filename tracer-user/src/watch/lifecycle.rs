@@ -13,7 +13,7 @@
 
 use std::num::NonZeroU64;
 
-use crate::sockets::Transition;
+use crate::model::Transition;
 use crate::tcp::{CloseCause, TcpState};
 
 use super::peers::{Closer, PeerKey};
@@ -27,19 +27,6 @@ pub fn is_socket_start(old: TcpState, new: TcpState) -> bool {
             TcpState::Close | TcpState::ClosedHeld,
             TcpState::SynSent | TcpState::Listen
         ) | (TcpState::Listen, TcpState::SynRecv)
-    )
-}
-
-/// States in which the owner still holds the socket (has not closed it).
-pub fn is_held_state(state: TcpState) -> bool {
-    matches!(
-        state,
-        TcpState::SynSent
-            | TcpState::SynRecv
-            | TcpState::Established
-            | TcpState::CloseWait
-            | TcpState::Listen
-            | TcpState::ClosedHeld
     )
 }
 
@@ -153,7 +140,7 @@ impl SocketRecord {
             inbound,
             listener: state == TcpState::Listen,
             open_pending: false,
-            released: !is_held_state(state),
+            released: !state.is_held(),
             closer_known: seeded_closer(state).is_some(),
             syn_sent_at_ns: None,
             established_at_ns: None,
@@ -175,7 +162,7 @@ impl SocketRecord {
     /// Still held by its owner and not a listener: a connection that uses
     /// one of the owner's file descriptors.
     pub fn is_held_connection(&self) -> bool {
-        !self.released && !self.listener && is_held_state(self.state)
+        !self.released && !self.listener && self.state.is_held()
     }
 
     /// Moves the socket to `t.new` and says what that means. `attributed`
@@ -304,7 +291,7 @@ pub fn seeded_closer(state: TcpState) -> Option<Closer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sockets::Owner;
+    use crate::model::Owner;
     use tracer_common::OwnerSource;
 
     const S: u64 = 1_000_000_000;

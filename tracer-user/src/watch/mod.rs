@@ -1,48 +1,46 @@
-//! Stage 4: per-process aggregation for `socktrace watch`. Finds the process
-//! that leaks sockets, the peer involved, and the time left before "too many
-//! open files".
+//! Stage 4: per-process aggregation for `watch` and `serve`. Finds the
+//! process that leaks sockets, the peer involved, and the time left before
+//! "too many open files".
 //!
-//! The collector feeds attributed transitions ([`Watch::on_transition`], cheap:
-//! a few hash updates), process exits, and once per tick the fd counts and
-//! limits it sampled off the event path ([`Watch::tick`]). Each tick recounts
-//! the live sockets, fits the trends and returns a [`Snapshot`] with the
-//! reports, worst first, and the alerts to announce. [`render`] turns it into
-//! JSON Lines or a table.
+//! [`WatchFeed`] hands it attributed transitions ([`Watch::on_transition`],
+//! cheap: a few hash updates), process exits, and once per report the fd
+//! counts and limits sampled off the event path ([`Watch::tick`]). Each
+//! report recounts the live sockets, fits the trends and returns a
+//! [`Snapshot`] with the reports, worst first, and the alerts to announce;
+//! the views (`crate::output`, `crate::serve`) show it.
 
 pub mod distribution;
-pub mod fd_kinds;
+mod fd_kinds;
+mod feed;
 mod forecast;
 mod lifecycle;
-pub mod peers;
-pub mod phrases;
+mod peers;
 mod process;
 mod rates;
-pub mod render;
-pub mod verdicts;
+mod verdicts;
 
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;
 use std::time::Duration;
 
-use serde::{Serialize, Serializer};
-
-use crate::containers::Labels;
-use crate::decode::Comm;
-use crate::sockets::{ExistingSocket, Owner, Transition};
+use crate::clock::duration_ns;
+use crate::model::{
+    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
+};
 use crate::tcp::TcpState;
 
-pub use fd_kinds::FdKindCounts;
+pub use feed::WatchFeed;
 
 use distribution::Distributions;
 use lifecycle::SocketRecord;
-use peers::{PeerKey, PeerReport};
+use peers::PeerKey;
 use process::Process;
-use verdicts::{Alert, AlertBook, Measures};
+use verdicts::{AlertBook, Measures};
 
 /// Sockets of an exited process keep closing for a moment (the kernel
 /// closes its fds); events for them in this time are not pinned on the pid.
@@ -84,101 +82,6 @@ pub struct ProcSample {
     pub fds: u64,
     pub soft_limit: u64,
     pub hard_limit: u64,
-}
-
-/// Distribution of CLOSE_WAIT dwell: from the peer's FIN to the owner's
-/// close, or to now for sockets still waiting.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct DwellSummary {
-    pub count: u64,
-    pub p50_s: f64,
-    pub p90_s: f64,
-    pub p99_s: f64,
-    pub max_s: f64,
-}
-
-/// One process at one tick. Serialized as the body of a JSON `process` line.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ProcessReport {
-    pub pid: u32,
-    pub comm: String,
-    /// The process exited since the last tick; this is its last report.
-    pub exited: bool,
-    /// Connections opened (connect or accept) per second, short window.
-    pub connects_per_s: f64,
-    /// Connections the process closed per second, short window.
-    pub closes_per_s: f64,
-    /// `connects_per_s - closes_per_s`: sockets gained per second.
-    pub net_per_s: f64,
-    pub connects_per_s_long: f64,
-    pub closes_per_s_long: f64,
-    pub net_per_s_long: f64,
-    /// Connections opened (connect or accept) since the process was first
-    /// seen.
-    pub connects_total: u64,
-    /// Connections the process closed since it was first seen.
-    pub closes_total: u64,
-    /// Live TCP sockets by state name (listeners included).
-    pub sockets: BTreeMap<&'static str, u64>,
-    /// Connections not yet closed by the process (listeners excluded).
-    pub held: u64,
-    pub close_wait: u64,
-    pub close_wait_oldest_s: Option<f64>,
-    /// The oldest was in CLOSE_WAIT before socktrace started: its age is
-    /// counted from the start, so it is at least that old.
-    pub close_wait_oldest_lower_bound: bool,
-    pub close_wait_dwell_s: Option<DwellSummary>,
-    /// Held sockets the network closed (CLOSED_HELD)...
-    pub closed_held: u64,
-    /// ... by why the kernel closed them (`reset`, `timed_out`, ...).
-    pub closed_held_causes: BTreeMap<&'static str, u64>,
-    /// Time since the connection of the oldest of them ended.
-    pub closed_held_oldest_s: Option<f64>,
-    pub fds: Option<u64>,
-    pub fd_soft_limit: Option<u64>,
-    pub fd_hard_limit: Option<u64>,
-    /// Robust slope of the fd count over the trend window.
-    pub fd_growth_per_s: Option<f64>,
-    /// Seconds until the soft limit; `None` unless fds are rising.
-    pub eta_s: Option<f64>,
-    /// The window the ETA's trend was measured over (5 s to 1 h).
-    pub eta_window_s: Option<f64>,
-    /// What the process's fds are, read from /proc when they rise faster
-    /// than its TCP sockets explain; `None` otherwise.
-    pub fd_kinds: Option<FdKindCounts>,
-    /// The kinds that grew between the last two reads, most first.
-    #[serde(serialize_with = "fd_kinds::serialize_rising")]
-    pub fd_kinds_rising: Vec<(&'static str, u64)>,
-    /// Conditions in force now (serialized as their kinds).
-    #[serde(serialize_with = "alert_kinds")]
-    pub alerts: Vec<Alert>,
-    /// Busiest peers first.
-    pub peers: Vec<PeerReport>,
-    /// Sockets of the process repaired from the kernel's file tables after
-    /// lost events (their start or end was lost): its figures were healed.
-    pub reconciled: u64,
-    /// Container labels (`nspid`, `pidns`, `container`), filled in by the
-    /// collector from /proc.
-    #[serde(flatten)]
-    pub labels: Labels,
-}
-
-fn alert_kinds<S: Serializer>(alerts: &[Alert], serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(alerts.iter().map(|alert| alert.kind))
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Snapshot {
-    pub ktime_ns: u64,
-    /// Events lost since start, as counted by the kernel programs.
-    pub lost_events: u64,
-    /// Worst first.
-    pub processes: Vec<ProcessReport>,
-    /// Alerts raised, worse, or resolved at this tick.
-    pub new_alerts: Vec<Alert>,
-    /// Processes whose fd kinds the collector should read from /proc:
-    /// their fds rise faster than their TCP sockets explain.
-    pub fd_kinds_wanted: Vec<u32>,
 }
 
 enum Attribution {
@@ -560,8 +463,4 @@ fn worst_first(a: &ProcessReport, b: &ProcessReport) -> std::cmp::Ordering {
 /// Rates and seconds to three decimals: finer digits are noise in the output.
 fn round3(value: f64) -> f64 {
     (value * 1e3).round() / 1e3
-}
-
-pub fn duration_ns(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -5,9 +5,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
 
 use super::round3;
+use crate::model::{OTHER_PEERS, PeerReport};
 use crate::tcp::CloseCause;
 
 /// Peers tracked one by one per process; the rest share the "other" entry so
@@ -228,61 +228,6 @@ impl PeerStats {
     }
 }
 
-/// One remote endpoint as reported.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PeerReport {
-    /// `ip:port`; `ip:*` for inbound clients; `other` for the merged rest.
-    pub remote: String,
-    /// The local listening port, for inbound clients.
-    pub local_port: Option<u16>,
-    pub opened: u64,
-    pub closed: u64,
-    /// Connections held: open, in CLOSE_WAIT, or CLOSED_HELD.
-    pub held: u64,
-    pub close_wait: u64,
-    /// Held sockets the network closed (reset, timed out, ...).
-    pub closed_held: u64,
-    /// Who closed first.
-    pub local_closed_first: u64,
-    pub peer_closed_first: u64,
-    pub network_closed_first: u64,
-    /// How the kernel ended connections with an error, by cause.
-    pub reset: u64,
-    pub timed_out: u64,
-    pub refused: u64,
-    pub unreachable: u64,
-    pub other_error: u64,
-    /// Mean time from ESTABLISHED to CLOSE of the connections that ended.
-    pub lifetime_mean_s: Option<f64>,
-    /// Longest lifetime, counting connections still open at their age now.
-    pub lifetime_max_s: Option<f64>,
-    /// Inferred idle timeout of the peer, when it closes idle connections
-    /// after a consistent time.
-    pub peer_idle_timeout_s: Option<f64>,
-}
-
-impl PeerReport {
-    /// Share of the ended or ending connections where the peer closed first.
-    pub fn peer_closed_first_share(&self) -> Option<f64> {
-        let decided = self.local_closed_first + self.peer_closed_first + self.network_closed_first;
-        (decided > 0).then(|| self.peer_closed_first as f64 / decided as f64)
-    }
-
-    /// "to 10.0.0.5:17000" or "from 10.0.0.7 on :8080", for sentences.
-    pub fn phrase(&self) -> String {
-        match self.local_port {
-            Some(port) => {
-                let client = self.remote.strip_suffix(":*").unwrap_or(&self.remote);
-                format!("from {client} on :{port}")
-            }
-            None if self.remote == OTHER => "to other peers".to_string(),
-            None => format!("to {}", self.remote),
-        }
-    }
-}
-
-const OTHER: &str = "other";
-
 /// The peers of one process.
 #[derive(Clone, Debug, Default)]
 pub struct PeerTable {
@@ -385,7 +330,7 @@ impl PeerTable {
             .map(|(key, stats)| stats.report(key.remote_label(), key.local_port))
             .collect();
         if !other.is_empty() {
-            reports.push(other.report(OTHER.to_string(), None));
+            reports.push(other.report(OTHER_PEERS.to_string(), None));
         }
         reports
     }

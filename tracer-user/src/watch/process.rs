@@ -12,8 +12,11 @@ use super::lifecycle::{Effects, SocketRecord, elapsed, seeded_closer};
 use super::peers::{PeerKey, PeerTable};
 use super::rates::Rates;
 use super::verdicts::Evidence;
-use super::{DwellSummary, ProcSample, ProcessReport, WatchConfig, round3};
-use crate::{decode::Comm, tcp::TcpState};
+use super::{ProcSample, WatchConfig, round3};
+use crate::{
+    model::{Comm, DwellSummary, ProcessReport},
+    tcp::TcpState,
+};
 
 const NS_PER_US: u64 = 1_000;
 /// Name of the cause of a CLOSED_HELD socket the kernel gave no error for.

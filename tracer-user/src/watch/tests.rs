@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use tracer_common::OwnerSource;
 
-use super::render::{self, TableStyle};
-use super::verdicts::{AlertKind, AlertState};
 use super::*;
+use crate::model::{Alert, AlertKind, AlertState};
+use crate::output::{
+    json::json_lines,
+    table::{self, TableStyle},
+};
 use crate::tcp::CloseCause;
 use crate::tcp::TcpState::{self, *};
 
@@ -311,25 +314,25 @@ fn churn(
     snapshots
 }
 
+/// Two minutes of 500 connections per second by the ruler, each ended by
+/// `close`: no alert may be raised. The ruler's last report.
+fn quiet_churn(close: impl FnMut(&mut Watch, u64, u64)) -> ProcessReport {
+    let mut watch = Watch::new(WatchConfig::default(), START);
+    let snapshots = churn(&mut watch, 120, 500, close, &[(4242, 80, 1024)]);
+    let alerts = all_alerts(&snapshots);
+    assert!(alerts.is_empty(), "{alerts:#?}");
+    report(snapshots.last().unwrap(), 4242).clone()
+}
+
 #[test]
 fn churn_with_prompt_closes_is_quiet() {
     // The client closes after the server's FIN within a millisecond.
-    let mut watch = Watch::new(WatchConfig::default(), START);
-    let snapshots = churn(
-        &mut watch,
-        120,
-        500,
-        |watch, sock_id, at| {
-            connect(watch, RULER, sock_id, at, SERVER);
-            let ends = (local_end(sock_id), SERVER.to_string());
-            peer_fin(watch, sock_id, at + 2 * MS, (&ends.0, &ends.1));
-            close_after_fin(watch, RULER, sock_id, at + 3 * MS, (&ends.0, &ends.1));
-        },
-        &[(4242, 80, 1024)],
-    );
-    let alerts = all_alerts(&snapshots);
-    assert!(alerts.is_empty(), "{alerts:#?}");
-    let ruler = report(snapshots.last().unwrap(), 4242);
+    let ruler = quiet_churn(|watch, sock_id, at| {
+        connect(watch, RULER, sock_id, at, SERVER);
+        let ends = (local_end(sock_id), SERVER.to_string());
+        peer_fin(watch, sock_id, at + 2 * MS, (&ends.0, &ends.1));
+        close_after_fin(watch, RULER, sock_id, at + 3 * MS, (&ends.0, &ends.1));
+    });
     assert!((ruler.connects_per_s - 500.0).abs() < 5.0);
     assert!((ruler.closes_per_s - 500.0).abs() < 5.0);
     assert_eq!(ruler.held, 0);
@@ -340,21 +343,11 @@ fn churn_with_prompt_closes_is_quiet() {
 
 #[test]
 fn time_wait_churn_on_the_active_closer_is_quiet() {
-    let mut watch = Watch::new(WatchConfig::default(), START);
-    let snapshots = churn(
-        &mut watch,
-        120,
-        500,
-        |watch, sock_id, at| {
-            connect(watch, RULER, sock_id, at, SERVER);
-            let local = local_end(sock_id);
-            close_first(watch, RULER, sock_id, at + 5 * MS, (&local, SERVER));
-        },
-        &[(4242, 80, 1024)],
-    );
-    let alerts = all_alerts(&snapshots);
-    assert!(alerts.is_empty(), "{alerts:#?}");
-    let ruler = report(snapshots.last().unwrap(), 4242);
+    let ruler = quiet_churn(|watch, sock_id, at| {
+        connect(watch, RULER, sock_id, at, SERVER);
+        let local = local_end(sock_id);
+        close_first(watch, RULER, sock_id, at + 5 * MS, (&local, SERVER));
+    });
     assert_eq!(ruler.held, 0);
     assert_eq!(ruler.peers[0].local_closed_first, 60_000);
     assert_eq!(ruler.peers[0].peer_idle_timeout_s, None);
@@ -654,7 +647,7 @@ fn json_lines_have_the_documented_fields() {
         .iter()
         .find(|snapshot| !snapshot.new_alerts.is_empty())
         .unwrap();
-    let text = render::json_lines(with_alert, 1_716_200_000.123_4).unwrap();
+    let text = json_lines(with_alert, 1_716_200_000.123_4).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -712,7 +705,7 @@ fn json_lines_have_the_documented_fields() {
     connect(&mut watch, RULER, 1, START, SERVER);
     let flat = tick(&mut watch, START + S, &[(4242, 10, 100)], 0);
     let line: serde_json::Value =
-        serde_json::from_str(render::json_lines(&flat, 0.0).unwrap().trim_end()).unwrap();
+        serde_json::from_str(json_lines(&flat, 0.0).unwrap().trim_end()).unwrap();
     assert!(line["eta_s"].is_null());
 }
 
@@ -745,7 +738,7 @@ fn table_lists_worst_first_and_highlights_alerts() {
         max_rows: 10,
         color: false,
     };
-    let text = render::table(&snapshot, &style);
+    let text = table::table(&snapshot, &style);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[0],
@@ -766,7 +759,7 @@ fn table_lists_worst_first_and_highlights_alerts() {
     assert!(lines[4].starts_with("! pid 4242 (ruler): "), "{}", lines[4]);
     assert!(text.lines().all(|line| line.chars().count() <= 160));
 
-    let colored = render::table(
+    let colored = table::table(
         &snapshot,
         &TableStyle {
             color: true,
@@ -787,7 +780,7 @@ fn table_fits_narrow_terminals() {
             max_rows: 1,
             color: false,
         };
-        let text = render::table(&snapshot, &style);
+        let text = table::table(&snapshot, &style);
         assert!(
             text.lines().all(|line| line.chars().count() <= width),
             "{width}:\n{text}"
@@ -795,7 +788,7 @@ fn table_fits_narrow_terminals() {
         assert!(text.contains("… 1 more processes"));
     }
     // On 80 columns the peer, the rates and the limit give way; ETA stays.
-    let narrow = render::table(
+    let narrow = table::table(
         &snapshot,
         &TableStyle {
             width: 80,

@@ -12,11 +12,9 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
-
-use super::peers::PeerReport;
-use super::phrases::{age, count, eta_phrase, per_second_phrase, seconds_phrase};
-use super::{ProcessReport, WatchConfig};
+use super::WatchConfig;
+use crate::model::{Alert, AlertKind, AlertState, PeerReport, ProcessReport};
+use crate::text::{age, count, eta_phrase, per_second_phrase, seconds_phrase};
 
 /// Stranded sockets found at start, still there, that flag a process at
 /// once. A process that closes after the peer's FIN does so within
@@ -27,66 +25,6 @@ const MIN_NET_GAIN: u64 = 20;
 /// ... and, over the minute, at least this share of the connections opened
 /// over the long window: high churn leaves a few in flight at the edges.
 const MIN_NET_GAIN_SHARE: f64 = 0.05;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
-    /// The soft RLIMIT_NOFILE will be reached within `--warn-eta`, or usage
-    /// is past the threshold.
-    FdExhaustion,
-    /// Stranded sockets (CLOSE_WAIT, CLOSED_HELD) keep piling up and are
-    /// old.
-    CloseWait,
-    /// Opens outpace closes and the held count keeps growing.
-    SocketGrowth,
-}
-
-impl AlertKind {
-    pub const ALL: [Self; 3] = [Self::FdExhaustion, Self::CloseWait, Self::SocketGrowth];
-
-    /// As it appears in JSON and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::FdExhaustion => "fd_exhaustion",
-            Self::CloseWait => "close_wait",
-            Self::SocketGrowth => "socket_growth",
-        }
-    }
-}
-
-/// Where an alert is in its life, as its JSON line says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertState {
-    /// The condition began to hold.
-    Raised,
-    /// It got twice as bad since it was last announced.
-    Worse,
-    /// The leak stopped (no new high for a long window, or nothing left),
-    /// or the process exited.
-    Resolved,
-}
-
-/// One verdict about one process, with its evidence.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Alert {
-    pub kind: AlertKind,
-    pub state: AlertState,
-    pub pid: u32,
-    pub comm: String,
-    /// The remote endpoint most responsible (`ip:port`, or `ip:*` for
-    /// inbound clients), if any; none when the fds that grow are not TCP.
-    pub remote: Option<String>,
-    pub eta_s: Option<f64>,
-    pub close_wait: u64,
-    pub closed_held: u64,
-    pub held: u64,
-    pub fds: Option<u64>,
-    pub fd_soft_limit: Option<u64>,
-    /// Events lost since start; the figures may be low by up to this much.
-    pub lost_events: u64,
-    pub message: String,
-}
 
 /// Trends behind the verdicts that the report does not carry.
 #[derive(Clone, Copy, Debug, Default)]

@@ -15,18 +15,26 @@ use serde_json::Value;
 
 pub const SOCKTRACE: &str = env!("CARGO_BIN_EXE_socktrace");
 
-/// Whether root tests can run. Under `SOCKTRACE_REQUIRE_ROOT_TESTS=1` (CI
-/// as root) a skip is a failure, so a green run proves they ran.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+/// Whether `test` can run: `present` says that what it needs is there,
+/// `missing` what is not. Under `SOCKTRACE_REQUIRE_ROOT_TESTS=1` (CI as
+/// root, where `cargo xtask setup` installed everything) a skip is a
+/// failure, so a green run proves they ran.
+pub fn require(test: &str, present: bool, missing: &str) -> bool {
+    if present {
         return true;
     }
     if std::env::var("SOCKTRACE_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("{test}: root integration tests are required but we are not root");
+        panic!("{test}: {missing}, and the root integration tests are required");
     }
-    println!("SKIPPED: not root ({test} loads eBPF programs)");
+    println!("SKIPPED: {missing} ({test})");
     false
+}
+
+/// The gate of every test that loads the eBPF programs.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require(test, root, "not root: the test loads eBPF programs")
 }
 
 pub fn workload(name: &str) -> PathBuf {

@@ -309,8 +309,9 @@ impl BpfRunTimeStats {
             return Err(io::Error::last_os_error())
                 .context("enabling BPF run-time stats (BPF_ENABLE_STATS)");
         }
-        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
         Ok(Self {
+            // SAFETY: the kernel just returned this fd to us and nothing
+            // else owns it.
             _fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
         })
     }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use num_format::{Locale, ToFormattedString as _};
 
 use super::{
     QUIET, Results, StormRun,
@@ -783,15 +784,7 @@ fn millis(duration: Duration) -> String {
 
 /// 12345.6 → "12,346".
 fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
+    (value.max(0.0).round() as u64).to_formatted_string(&Locale::en)
 }
 
 fn median(values: &[f64]) -> f64 {

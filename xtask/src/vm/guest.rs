@@ -18,6 +18,7 @@ use super::{
     debian::{self, Kernel},
     initramfs,
 };
+use crate::cmd::shell_quote;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -297,11 +298,6 @@ fn python_dir() -> Option<PathBuf> {
     python.args(["-c", "import sys; print(sys.executable)"]);
     let executable = crate::cmd::output(&mut python)?;
     Path::new(executable.trim()).parent().map(Path::to_path_buf)
-}
-
-/// `value` as one word for sh.
-pub fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]

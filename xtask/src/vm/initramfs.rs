@@ -35,7 +35,7 @@ pub fn build(busybox: &Path, modules: &[Module], guest_script: &Path) -> anyhow:
 }
 
 fn init_script(guest_script: &Path) -> String {
-    let script = super::guest::shell_quote(&guest_script.to_string_lossy());
+    let script = crate::cmd::shell_quote(&guest_script.to_string_lossy());
     format!(
         r#"#!/bin/busybox sh
 # Stage 1 of a socktrace test guest.

@@ -1,31 +1,47 @@
-//! The words and numbers shared by the verdicts and the views: counts with
-//! digit grouping, ages, ETAs and rates as a person reads them.
+//! Numbers as a person reads them, shared by the verdicts and every view:
+//! counts with digit grouping, durations and ages, ETAs, rates.
+
+use num_format::{Locale, ToFormattedString as _};
 
 /// 1034 -> "1,034".
 pub fn count(value: u64) -> String {
-    let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
+    value.to_formatted_string(&Locale::en)
 }
 
-/// "42s", "9m12s", "3h05m", "2d04h".
+/// An age in whole seconds: "42s", "9m12s", "3h05m", "2d04h".
 pub fn age(seconds: f64) -> String {
     let total = seconds.max(0.0).round() as u64;
-    let (days, hours, minutes, secs) = (
-        total / 86_400,
-        total / 3_600 % 24,
-        total / 60 % 60,
-        total % 60,
-    );
     match total {
-        0..60 => format!("{secs}s"),
-        60..3_600 => format!("{minutes}m{secs:02}s"),
+        0..60 => format!("{total}s"),
+        _ => minutes_and_longer(total),
+    }
+}
+
+/// A duration to the precision that reads best: "850ns", "12.3ms",
+/// "4.217s", then as [`age`] does from a minute on.
+pub fn duration(ns: u64) -> String {
+    const US: u64 = 1_000;
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000_000_000;
+    match ns {
+        n if n < US => format!("{n}ns"),
+        n if n < MS => format!("{:.1}us", n as f64 / US as f64),
+        n if n < S => format!("{:.1}ms", n as f64 / MS as f64),
+        n if n < 60 * S => format!("{:.3}s", n as f64 / S as f64),
+        n => minutes_and_longer(n / S),
+    }
+}
+
+/// "9m12s", "3h05m", "2d04h": two units, the second zero-padded.
+fn minutes_and_longer(total_s: u64) -> String {
+    let (days, hours, minutes, secs) = (
+        total_s / 86_400,
+        total_s / 3_600 % 24,
+        total_s / 60 % 60,
+        total_s % 60,
+    );
+    match total_s {
+        0..3_600 => format!("{minutes}m{secs:02}s"),
         3_600..86_400 => format!("{hours}h{minutes:02}m"),
         _ => format!("{days}d{hours:02}h"),
     }
@@ -91,5 +107,15 @@ mod tests {
         assert_eq!(per_second_phrase(10.0), "10/s");
         assert_eq!(per_second_phrase(0.0), "0/s");
         assert_eq!(seconds_phrase(2.004), "2.0 s");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(850), "850ns");
+        assert_eq!(duration(12_340_000), "12.3ms");
+        assert_eq!(duration(4_217_000_000), "4.217s");
+        assert_eq!(duration(552_000_000_000), "9m12s");
+        assert_eq!(duration(11_100_000_000_000), "3h05m");
+        assert_eq!(duration(187_200_000_000_000), "2d04h");
     }
 }

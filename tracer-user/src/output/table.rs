@@ -1,70 +1,12 @@
-//! The outputs of a snapshot: JSON Lines for programs, a `top`-like table
-//! for people. Pure functions returning strings; the caller does the I/O.
-//!
-//! JSON Lines, one object per line:
-//! - `{"type":"process", "ts", ...ProcessReport fields, "lost_events"}` for
-//!   every process, worst first;
-//! - `{"type":"alert", "ts", ...Alert fields}` for each alert raised or
-//!   worsened at this tick.
-//!
-//! `ts` is the wall-clock time of the snapshot in seconds since the Unix
-//! epoch, as a number with millisecond precision (e.g. `1716200000.123`).
+//! The `watch` view for people: a `top`-like table redrawn in place, sized
+//! to the terminal.
 
-use serde::Serialize;
+use std::io::{self, Write};
 
-use super::peers::PeerReport;
-use super::phrases::{age, count, seconds_phrase};
-use super::verdicts::Alert;
-use super::{ProcessReport, Snapshot};
-
-#[derive(Serialize)]
-struct ProcessLine<'a> {
-    #[serde(rename = "type")]
-    line_type: &'static str,
-    ts: f64,
-    #[serde(flatten)]
-    report: &'a ProcessReport,
-    lost_events: u64,
-}
-
-#[derive(Serialize)]
-struct AlertLine<'a> {
-    #[serde(rename = "type")]
-    line_type: &'static str,
-    ts: f64,
-    #[serde(flatten)]
-    alert: &'a Alert,
-}
-
-/// The snapshot as JSON Lines (each line ends with `\n`): process lines,
-/// then the alerts raised at this tick.
-pub fn json_lines(snapshot: &Snapshot, ts_unix_s: f64) -> serde_json::Result<String> {
-    let ts = (ts_unix_s * 1e3).round() / 1e3;
-    let mut out = String::new();
-    for report in &snapshot.processes {
-        out.push_str(&serde_json::to_string(&ProcessLine {
-            line_type: "process",
-            ts,
-            report,
-            lost_events: snapshot.lost_events,
-        })?);
-        out.push('\n');
-    }
-    for alert in &snapshot.new_alerts {
-        out.push_str(&alert_line(alert, ts)?);
-        out.push('\n');
-    }
-    Ok(out)
-}
-
-/// One alert as a JSON `alert` line (without the newline).
-pub fn alert_line(alert: &Alert, ts_unix_s: f64) -> serde_json::Result<String> {
-    serde_json::to_string(&AlertLine {
-        line_type: "alert",
-        ts: (ts_unix_s * 1e3).round() / 1e3,
-        alert,
-    })
-}
+use crate::{
+    model::{Alert, PeerReport, ProcessReport, Snapshot},
+    text::{age, count, seconds_phrase},
+};
 
 /// The terminal the table is drawn for.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +17,28 @@ pub struct TableStyle {
     pub max_rows: usize,
     /// ANSI bold/red for alerts.
     pub color: bool,
+}
+
+impl TableStyle {
+    /// For the terminal on stdout (120x40 when it does not say), with
+    /// room left for the header and the alert lines.
+    pub fn of_terminal() -> Self {
+        let (width, height) = match rustix::termios::tcgetwinsize(io::stdout()) {
+            Ok(size) if size.ws_col > 0 => (usize::from(size.ws_col), usize::from(size.ws_row)),
+            _ => (120, 40),
+        };
+        Self {
+            width,
+            max_rows: height.saturating_sub(10).max(5),
+            color: true,
+        }
+    }
+}
+
+/// Homes the cursor, clears the screen and draws the table: a live view
+/// like top.
+pub fn redraw(out: &mut impl Write, snapshot: &Snapshot, style: &TableStyle) -> io::Result<()> {
+    write!(out, "\x1b[H\x1b[2J{}", table(snapshot, style))
 }
 
 /// Alert messages listed under the table.
