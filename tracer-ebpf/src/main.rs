@@ -28,7 +28,6 @@ mod state;
 mod store;
 
 use aya_ebpf::{
-    Global,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
     },
@@ -46,9 +45,10 @@ use tracer_common::{
     SocketOwner, TASK_COMM_LEN, counter,
 };
 
-/// Overwritten by the collector before load (`EbpfLoader::override_global`).
+/// Overwritten by the collector before load (`EbpfLoader::override_global`);
+/// read through [`config`].
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config {
+static CONFIG: Config = Config {
     layout: Layout {
         set_state_skaddr: 0,
         set_state_oldstate: 0,
@@ -100,7 +100,7 @@ static CONFIG: Global<Config> = Global::new(Config {
     wakeup_bytes: 0,
     skip_inferable: 0,
     sk_storage: 0,
-});
+};
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
 #[map(name = "EVENTS")]
@@ -199,6 +199,18 @@ fn set_owner_to_current(owner: &mut SocketOwner, source: OwnerSource) {
     owner.ns_tgid = ns_tgid;
 }
 
+/// The load-time configuration, read in place. The volatile read of its
+/// address keeps the compiler from folding the zeros it was compiled with
+/// into the code, and unlike a copy of the whole struct it costs no stack:
+/// the programs' 512 bytes are tight.
+#[inline(always)]
+fn config() -> &'static Config {
+    let address: *const Config = &raw const CONFIG;
+    // SAFETY: a volatile read of a local; the address it yields is
+    // CONFIG's, valid for the program's whole run.
+    unsafe { &*core::ptr::read_volatile(&address) }
+}
+
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(count) = COUNTERS.get_ptr_mut(index) {
@@ -283,7 +295,7 @@ fn emit<T: 'static>(event: T) {
 /// only woken early when the backlog grows past `wakeup_bytes`.
 #[inline(always)]
 fn wakeup_flag() -> u64 {
-    let threshold = CONFIG.load().wakeup_bytes;
+    let threshold = config().wakeup_bytes;
     if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(threshold) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {

@@ -14,7 +14,7 @@ use aya_log_ebpf::warn;
 use tracer_common::{EventKind, IPPROTO_TCP, Layout, OwnerEvent, OwnerSource, SocketOwner};
 
 use crate::{
-    CONFIG, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
+    config, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
     store::{HashStore, SkStore, SocketStore, leave_owner},
 };
 
@@ -35,7 +35,7 @@ fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
 
 #[inline(always)]
 fn announce(sock_id: u64, owner: SocketOwner) {
-    if owner_wanted(&CONFIG.load(), &owner) {
+    if owner_wanted(config(), &owner) {
         emit(OwnerEvent {
             header: header(EventKind::Owner, sock_id),
             owner,
@@ -46,7 +46,7 @@ fn announce(sock_id: u64, owner: SocketOwner) {
 /// A claim from a program that sees the socket as an address only.
 #[inline(always)]
 fn claim_by_address(sock_id: u64, source: OwnerSource) {
-    if CONFIG.load().sk_storage == 0 {
+    if config().sk_storage == 0 {
         claim_socket::<HashStore>(sock_id as *const c_void, source);
     }
     // With the state in socket storage, connect() and close() are claimed
@@ -60,7 +60,7 @@ fn claim_by_address(sock_id: u64, source: OwnerSource) {
 /// handshake wait there for their owner.
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
-    if CONFIG.load().sk_storage == 0 {
+    if config().sk_storage == 0 {
         claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept);
         return;
     }
@@ -93,7 +93,7 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// it and record the caller as its owner.
 #[inline(always)]
 fn on_accept_exit(ctx: &TracePointContext) {
-    let layout = CONFIG.load().layout;
+    let layout = &config().layout;
     // SAFETY: bpf_probe_read of the tracepoint record.
     let Ok(fd) = (unsafe { ctx.read_at::<i64>(usize::from(layout.accept_ret)) }) else {
         return;
@@ -101,8 +101,8 @@ fn on_accept_exit(ctx: &TracePointContext) {
     if fd < 0 {
         return;
     }
-    match socket_of_fd(&layout, fd as u64) {
-        Ok(sock_id) => claim_accepted(&layout, sock_id),
+    match socket_of_fd(layout, fd as u64) {
+        Ok(sock_id) => claim_accepted(layout, sock_id),
         Err(_) => warn!(ctx, "accept: could not read the socket behind fd {}", fd),
     }
 }
@@ -143,7 +143,7 @@ pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
 /// fentry's `sk` is the kernel's typed pointer: socket storage takes it.
 #[inline(always)]
 fn claim_typed(sk: *const c_void, source: OwnerSource) {
-    if CONFIG.load().sk_storage == 0 {
+    if config().sk_storage == 0 {
         claim_socket::<HashStore>(sk, source);
     } else {
         claim_socket::<SkStore>(sk, source);

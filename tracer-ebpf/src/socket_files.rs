@@ -17,7 +17,7 @@ use tracer_common::{
 };
 
 use crate::{
-    CONFIG, SEEDED, SOCKETS, netns_wanted, owner_wanted, read_kernel, read_ptr, socket_netns,
+    SEEDED, SOCKETS, config, netns_wanted, owner_wanted, read_kernel, read_ptr, socket_netns,
 };
 
 /// File type bits of `i_mode` and the socket type (include/uapi/linux/stat.h,
@@ -71,7 +71,7 @@ pub extern "C" fn socket_files(ctx: *mut c_void) -> i32 {
 /// The record for `file` if it is a TCP socket the user's filters want.
 #[inline(always)]
 fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFileRecord>, i64> {
-    let config = CONFIG.load();
+    let config = config();
     let layout = &config.layout;
     // SAFETY: every step is a bpf_probe_read_kernel of a kernel pointer; a
     // bad pointer makes the helper fail, it cannot fault.
@@ -107,7 +107,7 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
             comm: read_kernel::<[u8; TASK_COMM_LEN]>(task, layout.task_comm)?,
             ..SocketOwner::default()
         };
-        if !owner_wanted(&config, &owner) || !netns_wanted(netns) {
+        if !owner_wanted(config, &owner) || !netns_wanted(netns) {
             return Ok(None);
         }
         let mut endpoints = Endpoints {
@@ -152,7 +152,7 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
 /// to `SEEDED`, from where the socket's next event takes it.
 #[inline(always)]
 fn record_holder(sock_id: u64, owner: &mut SocketOwner) {
-    if CONFIG.load().sk_storage != 0 {
+    if config().sk_storage != 0 {
         let _ = SEEDED.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
         return;
     }

@@ -20,10 +20,11 @@ use tracer_common::{
 };
 
 use crate::{
-    CONFIG, SET_STATE_RECORD, SOCK_COMMON, TAKEN, TAKEN_KEPT, bump, current_comm, current_tgid,
-    emit, header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr,
+    EVENTS, SET_STATE_RECORD, SOCK_COMMON, TAKEN, TAKEN_KEPT, bump, config, current_comm,
+    current_tgid, emit, header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr,
     set_owner_to_current, socket_netns,
     store::{HashStore, SkStore, SocketStore, forget_seeded},
+    wakeup_flag,
 };
 
 /// task->flags bit of a task that is exiting (include/linux/sched.h): its
@@ -81,23 +82,23 @@ fn copied_field<T: Copy, const N: usize>(block: &[u8; N], offset: u32) -> Result
 impl StateChangeFields for SetStateRecord {
     #[inline(always)]
     fn protocol(&self) -> Result<u16, i64> {
-        copied_field(self.0, CONFIG.load().layout.set_state_protocol.into())
+        copied_field(self.0, config().layout.set_state_protocol.into())
     }
 
     #[inline(always)]
     fn family(&self) -> Result<u16, i64> {
-        copied_field(self.0, CONFIG.load().layout.set_state_family.into())
+        copied_field(self.0, config().layout.set_state_family.into())
     }
 
     #[inline(always)]
     fn sk(&self) -> Result<*const c_void, i64> {
-        copied_field::<u64, _>(self.0, CONFIG.load().layout.set_state_skaddr.into())
+        copied_field::<u64, _>(self.0, config().layout.set_state_skaddr.into())
             .map(|sk| sk as *const c_void)
     }
 
     #[inline(always)]
     fn states(&self) -> Result<(u8, u8), i64> {
-        let layout = CONFIG.load().layout;
+        let layout = &config().layout;
         let old = copied_field::<i32, _>(self.0, layout.set_state_oldstate.into())?;
         let new = copied_field::<i32, _>(self.0, layout.set_state_newstate.into())?;
         Ok((old as u8, new as u8))
@@ -105,7 +106,7 @@ impl StateChangeFields for SetStateRecord {
 
     #[inline(always)]
     fn ports(&self) -> Result<(u16, u16), i64> {
-        let layout = CONFIG.load().layout;
+        let layout = &config().layout;
         Ok((
             copied_field(self.0, layout.set_state_sport.into())?,
             copied_field(self.0, layout.set_state_dport.into())?,
@@ -114,7 +115,7 @@ impl StateChangeFields for SetStateRecord {
 
     #[inline(always)]
     fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
-        let layout = CONFIG.load().layout;
+        let layout = &config().layout;
         let (mut local, mut remote) = ([0; 16], [0; 16]);
         if family == AF_INET {
             local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
@@ -169,12 +170,12 @@ impl StateChangeFields for SockFields {
     #[inline(always)]
     fn protocol(&self) -> Result<u16, i64> {
         // SAFETY: read_kernel tolerates any address.
-        unsafe { read_kernel(self.sk.cast(), CONFIG.load().layout.sock_protocol) }
+        unsafe { read_kernel(self.sk.cast(), config().layout.sock_protocol) }
     }
 
     #[inline(always)]
     fn family(&self) -> Result<u16, i64> {
-        copied_field(self.common, CONFIG.load().layout.sock_family)
+        copied_field(self.common, config().layout.sock_family)
     }
 
     #[inline(always)]
@@ -189,7 +190,7 @@ impl StateChangeFields for SockFields {
 
     #[inline(always)]
     fn ports(&self) -> Result<(u16, u16), i64> {
-        let layout = CONFIG.load().layout;
+        let layout = &config().layout;
         // SAFETY: read_kernel tolerates any address.
         let sport: u16 = unsafe { read_kernel(self.sk.cast(), layout.inet_sport) }?;
         let dport: u16 = copied_field(self.common, layout.sock_dport)?;
@@ -198,7 +199,7 @@ impl StateChangeFields for SockFields {
 
     #[inline(always)]
     fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
-        let layout = CONFIG.load().layout;
+        let layout = &config().layout;
         let (mut local, mut remote) = ([0; 16], [0; 16]);
         if family == AF_INET {
             local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
@@ -269,7 +270,7 @@ fn on_state_change_counted<S: SocketStore>(
     fields: &impl StateChangeFields,
     rescued: bool,
 ) -> Result<(), i64> {
-    let config = CONFIG.load();
+    let config = config();
     if fields.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
@@ -296,7 +297,7 @@ fn on_state_change_counted<S: SocketStore>(
     {
         return Ok(());
     }
-    if !owner_wanted(&config, &change.owner) || !netns_wanted(change.owner.netns) {
+    if !owner_wanted(config, &change.owner) || !netns_wanted(change.owner.netns) {
         return Ok(());
     }
     let (local_port, remote_port) = fields.ports()?;
@@ -307,24 +308,34 @@ fn on_state_change_counted<S: SocketStore>(
         return Ok(());
     }
     let (local_addr, remote_addr) = fields.addresses(family)?;
-    emit(StateChangeEvent {
-        header: header_at(EventKind::StateChange, sk as u64, now),
-        owner: change.owner,
-        endpoints: Endpoints {
+    let Some(mut slot) = EVENTS.reserve::<StateChangeEvent>(0) else {
+        bump(counter::LOST_EVENTS);
+        return Ok(());
+    };
+    // Written into the ring field by field, not built on the stack and
+    // copied: the 512 bytes of stack are tight on older verifiers.
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` points into the reserved slot, which is ours and
+    // large enough until it is submitted.
+    unsafe {
+        (*event).header = header_at(EventKind::StateChange, sk as u64, now);
+        (*event).owner = change.owner;
+        (*event).endpoints = Endpoints {
             family,
             local_port,
             remote_port,
             _pad: 0,
             local_addr,
             remote_addr,
-        },
-        old_state,
-        new_state,
-        flags: change.flags,
-        _pad: 0,
-        error: change.error,
-        dwell_ns: change.dwell_ns,
-    });
+        };
+        (*event).old_state = old_state;
+        (*event).new_state = new_state;
+        (*event).flags = change.flags;
+        (*event)._pad = 0;
+        (*event).error = change.error;
+        (*event).dwell_ns = change.dwell_ns;
+    }
+    slot.submit(wakeup_flag());
     Ok(())
 }
 
@@ -457,7 +468,7 @@ fn record_transition<S: SocketStore>(
     }
     // A socket first seen closing with no file left has nothing to track.
     if !closing || held {
-        let _ = S::create(sk, owner);
+        let _ = S::create(sk, &owner);
     }
     Change {
         owner,
@@ -469,7 +480,7 @@ fn record_transition<S: SocketStore>(
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let offset = usize::from(CONFIG.load().layout.destroy_skaddr);
+    let offset = usize::from(config().layout.destroy_skaddr);
     // SAFETY: bpf_probe_read of the tracepoint record.
     if let Ok(sk) = unsafe { ctx.read_at::<u64>(offset) } {
         let owner = HashStore::get(sk as *const c_void).map(|known| *known);
@@ -527,12 +538,12 @@ fn on_destroy(sock_id: u64, owner: Option<SocketOwner>) {
     let Some(owner) = owner else {
         return;
     };
-    let config = CONFIG.load();
+    let config = config();
     // Any other entry is one whose CLOSE event was never seen.
     if owner.closed_held == 0 || owner.state != tcp_state::CLOSE {
         return;
     }
-    if !owner_wanted(&config, &owner) || !netns_wanted(owner.netns) {
+    if !owner_wanted(config, &owner) || !netns_wanted(owner.netns) {
         return;
     }
     let now = ktime_ns();

@@ -26,7 +26,7 @@ pub trait SocketStore {
     /// The socket's entry, if it has one.
     fn get(sk: *const c_void) -> Option<&'static mut SocketOwner>;
     /// Gives the socket an entry; counts a failure (map full).
-    fn create(sk: *const c_void, owner: SocketOwner) -> Option<&'static mut SocketOwner>;
+    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner>;
     /// Forgets the socket (it closed with no file left).
     fn remove(sk: *const c_void);
 }
@@ -45,7 +45,7 @@ impl SocketStore for HashStore {
     }
 
     #[inline(always)]
-    fn create(sk: *const c_void, owner: SocketOwner) -> Option<&'static mut SocketOwner> {
+    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
         if SOCKETS.insert(sk as u64, owner, 0).is_err() {
             bump(tracer_common::counter::SOCKET_MAP_FULL);
             return None;
@@ -105,20 +105,21 @@ impl SocketStore for SkStore {
             // Its first event since start: what the iterator found, if any.
             None => {
                 let seeded = take_seeded(sk).filter(|seeded| seeded.state != 0)?;
-                Self::create(sk, seeded)
+                Self::create(sk, &seeded)
             }
         }
     }
 
     #[inline(always)]
-    fn create(sk: *const c_void, mut owner: SocketOwner) -> Option<&'static mut SocketOwner> {
+    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
         // SAFETY: as in `get`; with F_CREATE the helper copies `owner` into
-        // new storage (or fails under memory pressure: null).
+        // new storage (or fails under memory pressure: null). It only reads
+        // `owner`.
         let entry = unsafe {
             bpf_sk_storage_get(
                 sk_store(),
                 sk.cast_mut(),
-                (&mut owner as *mut SocketOwner).cast(),
+                core::ptr::from_ref(owner).cast_mut().cast(),
                 u64::from(BPF_SK_STORAGE_GET_F_CREATE),
             )
         };
