@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use tracer_common::{DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES};
 
 use crate::{
@@ -41,6 +41,41 @@ pub enum CommandArgs {
     Serve(ServeArgs),
     /// Show what this kernel supports and which probe mode socktrace will use.
     Doctor(ProbeArgs),
+    /// Write the man pages (into DIR) or shell completions (to stdout), for packagers.
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: Generated,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Generated {
+    /// The man pages, socktrace(1) and one per command, into DIR.
+    Man { dir: PathBuf },
+    /// Completions for one shell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Writes what `generate` asks for, from these very definitions.
+pub fn generate(what: &Generated, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut command = Cli::command();
+    match what {
+        Generated::Man { dir } => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(command, dir)
+        }
+        Generated::Completions { shell } => {
+            clap_complete::generate(*shell, &mut command, "socktrace", out);
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -61,9 +96,10 @@ pub struct FilterArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
-    /// Only processes in the container (PID namespace) of this host pid.
-    #[arg(long, value_name = "PID", conflicts_with = "pidns")]
-    pub container: Option<u32>,
+    /// Only processes in this container: a host pid in it, its id (or a
+    /// unique start of it), or its name (through podman or docker).
+    #[arg(long, value_name = "PID|ID|NAME", conflicts_with = "pidns")]
+    pub container: Option<String>,
     /// Only processes in this PID namespace (e.g. /proc/PID/ns/pid).
     #[arg(long, value_name = "PATH")]
     pub pidns: Option<PathBuf>,
@@ -179,20 +215,29 @@ pub struct ServeArgs {
     pub hdr_log_keep: usize,
 }
 
-impl From<CommandArgs> for Command {
+/// What the command line asks for: a command to run, or the man page or
+/// completions, which [`generate`] writes from the definitions here. Made
+/// once per run, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Action {
+    Run(Command),
+    Generate(Generated),
+}
+
+impl From<CommandArgs> for Action {
     fn from(args: CommandArgs) -> Self {
-        match args {
-            CommandArgs::Trace(args) => Self::Trace(commands::trace::Options {
+        Self::Run(match args {
+            CommandArgs::Trace(args) => Command::Trace(commands::trace::Options {
                 pipeline: args.filter.into(),
                 json: args.json,
             }),
-            CommandArgs::Watch(args) => Self::Watch(commands::watch::Options {
+            CommandArgs::Watch(args) => Command::Watch(commands::watch::Options {
                 report: args.report.options(&args.filter.pids),
                 pipeline: args.filter.into(),
                 json: args.json,
                 once: args.once,
             }),
-            CommandArgs::Serve(args) => Self::Serve(commands::serve::Options {
+            CommandArgs::Serve(args) => Command::Serve(commands::serve::Options {
                 report: args.report.options(&args.filter.pids),
                 pipeline: args.filter.into(),
                 listen: args.listen,
@@ -203,15 +248,16 @@ impl From<CommandArgs> for Command {
                     keep: args.hdr_log_keep,
                 }),
             }),
-            CommandArgs::Doctor(args) => Self::Doctor(args.into()),
-        }
+            CommandArgs::Doctor(args) => Command::Doctor(args.into()),
+            CommandArgs::Generate(args) => return Self::Generate(args.what),
+        })
     }
 }
 
 impl From<FilterArgs> for pipeline::Options {
     fn from(args: FilterArgs) -> Self {
         let target = match (args.container, args.pidns) {
-            (Some(pid), _) => Some(TargetSpec::Pid(pid)),
+            (Some(container), _) => Some(TargetSpec::Container(container)),
             (_, Some(path)) => Some(TargetSpec::Path(path)),
             _ => None,
         };
@@ -420,10 +466,13 @@ mod tests {
             "-6",
         ])
         .unwrap();
-        let Command::Serve(serve) = cli.command.into() else {
+        let Action::Run(Command::Serve(serve)) = cli.command.into() else {
             panic!("not serve");
         };
-        assert_eq!(serve.pipeline.target, Some(TargetSpec::Pid(42)));
+        assert_eq!(
+            serve.pipeline.target,
+            Some(TargetSpec::Container("42".into()))
+        );
         assert_eq!(serve.pipeline.probes.attach, AttachRequest::Tracepoint);
         assert_eq!(serve.pipeline.probes.ring_bytes, 64 * 1024);
         assert!(serve.pipeline.filter.ipv6_only && !serve.pipeline.filter.ipv4_only);
@@ -431,5 +480,39 @@ mod tests {
         assert_eq!(serve.report.interval, Duration::from_secs(1));
         let log = serve.hdr_log.unwrap();
         assert_eq!((log.max_bytes, log.keep), (64 << 20, 4));
+    }
+
+    #[test]
+    fn the_man_page_and_completions_come_from_the_definitions() {
+        let dir = std::env::temp_dir().join(format!("socktrace-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        generate(&Generated::Man { dir: dir.clone() }, &mut std::io::sink()).unwrap();
+        let mut pages: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        pages.sort();
+        // The packagers' command stays hidden.
+        assert_eq!(
+            pages,
+            [
+                "socktrace-doctor.1",
+                "socktrace-serve.1",
+                "socktrace-trace.1",
+                "socktrace-watch.1",
+                "socktrace.1"
+            ]
+        );
+        let watch = std::fs::read_to_string(dir.join("socktrace-watch.1")).unwrap();
+        assert!(
+            watch.starts_with(".ie") && watch.contains("close\\-wait\\-age"),
+            "{watch}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut bash = Vec::new();
+        let shell = clap_complete::Shell::Bash;
+        generate(&Generated::Completions { shell }, &mut bash).unwrap();
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(bash.contains("--close-wait-age") && bash.contains("complete -F"));
     }
 }

@@ -30,22 +30,86 @@ pub enum TargetError {
     NotPidNamespace(PathBuf),
     #[error("no process lives in the PID namespace {0} (the container has stopped?)")]
     EmptyNamespace(PathBuf),
+    #[error(
+        "no container matches '{0}': it is not a running pid, the id (or the start of one) of a running container, or a name podman or docker knows"
+    )]
+    NoSuchContainer(String),
+    #[error("'{prefix}' is the start of {} container ids: {}; give more of it", .ids.len(), .ids.join(", "))]
+    AmbiguousContainer { prefix: String, ids: Vec<String> },
 }
 
-/// How the user named the container: `--container PID` or `--pidns PATH`.
+/// How the user named the container: `--container PID|ID|NAME` or
+/// `--pidns PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetSpec {
-    Pid(u32),
+    Container(String),
     Path(PathBuf),
 }
 
 impl TargetSpec {
     pub fn resolve(&self) -> Result<Target, TargetError> {
         match self {
-            Self::Pid(pid) => Target::from_pid(*pid),
+            Self::Container(name) => Target::from_pid(container_member(name)?),
             Self::Path(path) => Target::from_path(path),
         }
     }
+}
+
+/// A host pid inside the container `name`: `name` itself when it is a
+/// running pid; else a process whose cgroup carries a container id that
+/// starts with `name` (the runtime's API is not needed); else the pid that
+/// podman or docker gives for a container of that name.
+fn container_member(name: &str) -> Result<u32, TargetError> {
+    if let Ok(pid) = name.parse::<u32>()
+        && procfs::exists(pid)
+    {
+        return Ok(pid);
+    }
+    let hex = name.len() >= 3 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex {
+        let members = procfs::all_pids().into_iter().filter_map(|pid| {
+            let (_, id) = container_id(&procfs::cgroup_path(pid)?)?;
+            Some((id, pid))
+        });
+        if let Some(pid) = with_id_prefix(&name.to_ascii_lowercase(), members)? {
+            return Ok(pid);
+        }
+    }
+    runtime_pid(name).ok_or_else(|| TargetError::NoSuchContainer(name.to_string()))
+}
+
+/// A pid of the one container whose id starts with `prefix`, among
+/// `members` (container id, pid); `None` when there is none.
+fn with_id_prefix(
+    prefix: &str,
+    members: impl Iterator<Item = (String, u32)>,
+) -> Result<Option<u32>, TargetError> {
+    let mut matching: Vec<(String, u32)> =
+        members.filter(|(id, _)| id.starts_with(prefix)).collect();
+    matching.sort();
+    matching.dedup_by(|a, b| a.0 == b.0);
+    match &matching[..] {
+        [] => Ok(None),
+        [(_, pid)] => Ok(Some(*pid)),
+        several => Err(TargetError::AmbiguousContainer {
+            prefix: prefix.to_string(),
+            ids: several.iter().map(|(id, _)| id[..12].to_string()).collect(),
+        }),
+    }
+}
+
+/// The host pid of the container named `name`, from the podman or docker
+/// CLI where either is installed and knows it.
+fn runtime_pid(name: &str) -> Option<u32> {
+    ["podman", "docker"].into_iter().find_map(|runtime| {
+        let out = std::process::Command::new(runtime)
+            .args(["inspect", "--format", "{{.State.Pid}}", name])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (out.status.success() && pid > 0).then_some(pid)
+    })
 }
 
 /// The container socktrace is pointed at.
@@ -72,7 +136,7 @@ fn is_pid_namespace(file: &File) -> bool {
 }
 
 impl Target {
-    /// `--container PID`: the PID namespace of any process in the container.
+    /// The PID namespace of any process in the container.
     pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
         if !procfs::exists(pid) {
             return Err(TargetError::NoSuchPid(pid));
@@ -271,6 +335,37 @@ mod tests {
             None
         );
         assert_eq!(container_id("/"), None);
+    }
+
+    #[test]
+    fn a_container_is_named_by_a_unique_start_of_its_id() {
+        let other = "4f7c99aa".repeat(8);
+        let members = || {
+            [
+                (ID.to_string(), 10),
+                (ID.to_string(), 11),
+                (other.clone(), 20),
+            ]
+            .into_iter()
+        };
+        assert_eq!(with_id_prefix(ID, members()).unwrap(), Some(10));
+        assert_eq!(with_id_prefix("4f7c0", members()).unwrap(), Some(10));
+        assert_eq!(with_id_prefix("4f7c9", members()).unwrap(), Some(20));
+        assert_eq!(with_id_prefix("abc", members()).unwrap(), None);
+        let err = with_id_prefix("4f7c", members()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "'4f7c' is the start of 2 container ids: 4f7c0d1b2a3e, 4f7c99aa4f7c; give more of it"
+        );
+        // A running pid is a pid; nothing else matches a made-up name.
+        assert_eq!(
+            container_member(&std::process::id().to_string()).unwrap(),
+            std::process::id()
+        );
+        assert!(matches!(
+            container_member("no-such-container"),
+            Err(TargetError::NoSuchContainer(_))
+        ));
     }
 
     #[test]

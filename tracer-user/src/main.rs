@@ -34,7 +34,15 @@ fn main() -> ExitCode {
     keep_large_allocations_out_of_the_heap();
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
-    match commands::run(cli.command.into()) {
+    let result = match cli::Action::from(cli.command) {
+        cli::Action::Run(command) => commands::run(command),
+        cli::Action::Generate(what) => match cli::generate(&what, &mut std::io::stdout().lock()) {
+            // `socktrace generate man | head` is not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => result.map_err(Into::into),
+        },
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("socktrace: {e:#}");
@@ -48,10 +56,14 @@ fn main() -> ExitCode {
 /// glibc raises that threshold after the first such block is freed (the
 /// kernel BTF parsed at start is one), and later tables then leave freed
 /// heap behind them: 10 MB more RSS with 100k sockets, in some runs only.
+/// (glibc's tuning; the static build's musl maps large blocks anyway.)
 fn keep_large_allocations_out_of_the_heap() {
     // SAFETY: mallopt only changes malloc's tuning; it is called before any
     // other thread exists.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20)
+    };
 }
 
 fn init_logging(verbose: u8) {

@@ -3,8 +3,6 @@
 
 use std::net::SocketAddr;
 
-use tracer_common::OwnerSource;
-
 use crate::{
     containers::LabelCache,
     model::{Labels, Owner},
@@ -69,12 +67,12 @@ impl Scope {
             // remember that, the process may be gone before /proc is read.
             self.labels.learn(pid, nspid, self.pidns);
         }
+        // Every owner is checked, not only those found in /proc: a socket
+        // found at start keeps its finder's verdict in the kernel until
+        // another process claims it, so a host process closing its own
+        // socket passes the kernel's filter. One lookup per event, cached.
         match (self.pidns, owner.pid) {
-            // Owners the kernel learned passed its namespace filter already;
-            // those found in /proc are checked here.
-            (Some(pidns), Some(pid)) if owner.source == OwnerSource::ProcFd => {
-                self.labels.get(pid).pidns == Some(pidns)
-            }
+            (Some(pidns), Some(pid)) => self.labels.get(pid).pidns == Some(pidns),
             _ => true,
         }
     }

@@ -132,9 +132,17 @@ fn bad_container_arguments_are_one_clear_line() {
         )
     };
     let (code, err) = run(&["trace", "--container", "999999999"]);
-    assert_eq!(
-        (code, err.trim()),
-        (Some(1), "socktrace: pid 999999999 does not exist")
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("socktrace: no container matches '999999999'") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&["trace", "--container", "no-such-container"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("socktrace: no container matches 'no-such-container'")
+            && err.lines().count() == 1,
+        "{err}"
     );
     let (code, err) = run(&["trace", "--pidns", "/proc/self/ns/net"]);
     assert_eq!(code, Some(1));

@@ -33,7 +33,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use which::which;
 
-use crate::{cmd, setup};
+use crate::{build, cmd, setup};
 use loadgen::{Storm, StormShape};
 use proc::{BpfStats, MachineCpu, Memory};
 use tracer::{Output, Running, Tracer};
@@ -502,13 +502,8 @@ fn lost_note(run: &StormRun) -> String {
 
 /// Builds the release binary, as `cargo xtask build` does.
 fn build_socktrace() -> anyhow::Result<PathBuf> {
-    setup::run()?;
-    cmd::run(cmd::cargo()?.args(["build", "--release", "--package", "tracer-user"]))?;
-    let binary = cmd::target_dir()?.join("release").join("socktrace");
-    if !binary.is_file() {
-        bail!("the build succeeded but {} is missing", binary.display());
-    }
-    Ok(binary)
+    setup::run(setup::Needs::Bench)?;
+    build::socktrace(false, None)
 }
 
 /// The subcommands `socktrace --help` lists.

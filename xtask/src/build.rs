@@ -25,20 +25,45 @@ pub struct RunOptions {
 /// Builds socktrace and returns the path of the binary. The kernel programs
 /// are compiled and embedded by tracer-user's build script.
 pub fn build(options: &BuildOptions) -> anyhow::Result<PathBuf> {
-    setup::run()?;
+    setup::run(setup::Needs::Build)?;
+    let binary = socktrace(options.debug, None)?;
+    println!("built {}", binary.display());
+    Ok(binary)
+}
+
+/// Builds tracer-user (the release profile unless `debug`; for `target`,
+/// e.g. the static musl one, when given) and returns socktrace's path.
+pub fn socktrace(debug: bool, target: Option<&str>) -> anyhow::Result<PathBuf> {
     let mut build = cmd::cargo()?;
     build.args(["build", "--package", "tracer-user"]);
-    if !options.debug {
+    if !debug {
         build.arg("--release");
     }
+    if let Some(target) = target {
+        build.args(["--target", target]);
+    }
     cmd::run(&mut build)?;
-    let profile = if options.debug { "debug" } else { "release" };
-    let binary = cmd::target_dir()?.join(profile).join("socktrace");
+    let mut dir = cmd::target_dir()?;
+    if let Some(target) = target {
+        dir.push(target);
+    }
+    let binary = dir
+        .join(if debug { "debug" } else { "release" })
+        .join("socktrace");
     if !binary.is_file() {
         bail!("the build succeeded but {} is missing", binary.display());
     }
-    println!("built {}", binary.display());
     Ok(binary)
+}
+
+/// The version a socktrace binary says it is (`socktrace 0.1.0`).
+pub fn version(binary: &std::path::Path) -> anyhow::Result<String> {
+    let text = cmd::output(Command::new(binary).arg("--version"))
+        .with_context(|| format!("`{} --version` failed", binary.display()))?;
+    text.split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .with_context(|| format!("`socktrace --version` said {text:?}"))
 }
 
 /// Builds socktrace, then replaces this process with it so that its exit code

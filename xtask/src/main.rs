@@ -5,6 +5,8 @@
 mod bench;
 mod build;
 mod cmd;
+mod image;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -22,8 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Job {
-    /// Install the toolchain pieces and test tools that are missing.
-    Setup,
+    /// Install what is missing: what building needs, and the tools of one
+    /// job (--for) or of all of them.
+    Setup {
+        #[arg(long = "for", value_enum, default_value = "all")]
+        needs: setup::Needs,
+    },
     /// Build socktrace with its kernel programs embedded.
     Build(build::BuildOptions),
     /// Build socktrace and run it (as root) with the given arguments.
@@ -33,17 +39,23 @@ enum Job {
     Test(test::TestOptions),
     /// Benchmark socktrace against no tracer and its peers; writes docs/benchmarks.md.
     Bench(bench::BenchOptions),
+    /// Build the Debian package (target/debian/socktrace_<version>_amd64.deb).
+    Package,
+    /// Build the container image localhost/socktrace:<version> with podman.
+    Image,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cmd::put_cargo_bin_on_path();
     let result = match cli.job {
-        Job::Setup => setup::run(),
+        Job::Setup { needs } => setup::run(needs),
         Job::Build(options) => build::build(&options).map(|_| ()),
         Job::Run(options) => build::run(&options),
         Job::Test(options) => test::run(&options),
         Job::Bench(options) => bench::run(&options),
+        Job::Package => package::package().map(|_| ()),
+        Job::Image => image::image().map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,7 @@
-//! `cargo xtask setup`: installs what building and testing socktrace needs.
+//! `cargo xtask setup`: installs what a job needs, and only that: building
+//! (`build`, `run`) needs the nightly `rust-src`, `llvm-22-dev` and
+//! `bpf-linker`; the tests, the benchmark and the VM matrix add their own
+//! tools. Nothing the run path installs starts a service.
 //!
 //! Every step checks first and prints one line, so a second run is quick and
 //! says what is there.
@@ -19,100 +22,248 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// The release known to build against LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// A command the tests need and the Debian package that provides it.
+/// What a job needs installed beyond what building needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Needs {
+    /// `cargo xtask build` and `run`: the toolchain pieces only.
+    Build,
+    /// `cargo xtask test`: the tools the integration tests drive, and what
+    /// the package and the image they install need.
+    Test,
+    /// `cargo xtask bench`: the peer tracers it compares with.
+    Bench,
+    /// `cargo xtask package`: cargo-deb.
+    Package,
+    /// `cargo xtask image`: the static musl target and podman.
+    Image,
+    /// `cargo xtask test --vm`: QEMU, and the test tools the guests use.
+    Vm,
+    /// Everything (`cargo xtask setup` without `--for`).
+    All,
+}
+
+/// A command a job needs and the Debian package that provides it.
 struct Tool {
     command: &'static str,
     package: &'static str,
     why: &'static str,
+    needed_by: Needed,
 }
 
-/// Everything the tests run besides cargo. Add new test tools here.
-fn test_tools() -> &'static [Tool] {
+/// The jobs a tool is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needed {
+    /// The tests, and so the VM guests that run them.
+    Tests,
+    Bench,
+    Vm,
+    /// Building and running the image (and so its tests on the host).
+    Image,
+}
+
+impl Needs {
+    fn wants(self, tool: &Tool) -> bool {
+        match (self, tool.needed_by) {
+            (Self::All, _) => true,
+            (Self::Build | Self::Package, _) => false,
+            (Self::Test, needed) => needed == Needed::Tests || needed == Needed::Image,
+            (Self::Bench, needed) => needed == Needed::Bench,
+            (Self::Image, needed) => needed == Needed::Image,
+            (Self::Vm, needed) => needed == Needed::Tests || needed == Needed::Vm,
+        }
+    }
+
+    fn package(self) -> bool {
+        matches!(self, Self::Package | Self::Test | Self::All)
+    }
+
+    fn image(self) -> bool {
+        matches!(self, Self::Image | Self::Test | Self::All)
+    }
+
+    fn python(self) -> bool {
+        matches!(self, Self::Test | Self::Vm | Self::All)
+    }
+}
+
+/// Everything the jobs run besides cargo. Add new tools here.
+fn tools_of_jobs() -> &'static [Tool] {
     &[
         Tool {
             command: "python3",
             package: "python3",
             why: "peer processes in the integration tests",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "unshare",
             package: "util-linux",
             why: "running test processes in their own PID and network namespaces",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "nsenter",
             package: "util-linux",
             why: "entering the test namespaces",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "ip",
             package: "iproute2",
             why: "setting up network namespaces",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "go",
             package: "golang-go",
             why: "building the Go HTTP heartbeat of the incident the tests replay",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "tcpstates",
             package: "libbpf-tools",
             why: "a peer tracer that `cargo xtask bench` compares with",
+            needed_by: Needed::Bench,
         },
         Tool {
             command: "tcplife",
             package: "libbpf-tools",
             why: "a peer tracer that `cargo xtask bench` compares with",
+            needed_by: Needed::Bench,
         },
         Tool {
             command: "bpftrace",
             package: "bpftrace",
             why: "a BPF program that spins beside socktrace's in the tests of skipped runs",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "prometheus",
             package: "prometheus",
             why: "the server that scrapes `socktrace serve` in its integration tests",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "promtool",
             package: "prometheus",
             why: "checking the metrics and the alert rules under deploy/prometheus",
+            needed_by: Needed::Tests,
         },
         Tool {
             command: "pip3",
             package: "python3-pip",
             why: "installing the Python modules the tests import",
+            needed_by: Needed::Tests,
+        },
+        Tool {
+            command: "man",
+            package: "man-db",
+            why: "checking that the Debian package's man page renders",
+            needed_by: Needed::Tests,
+        },
+        Tool {
+            command: "podman",
+            package: "podman",
+            why: "building the container image, and the tests with a real container runtime",
+            needed_by: Needed::Image,
+        },
+        Tool {
+            command: "runc",
+            package: "runc",
+            why: "podman's runtime here (crun refuses this machine's hybrid cgroups)",
+            needed_by: Needed::Image,
         },
         Tool {
             command: "qemu-system-x86_64",
             package: "qemu-system-x86",
             why: "booting other kernels in `cargo xtask test --vm`",
+            needed_by: Needed::Vm,
         },
         Tool {
             command: "xz",
             package: "xz-utils",
             why: "unpacking compressed kernel modules for `cargo xtask test --vm`",
+            needed_by: Needed::Vm,
         },
     ]
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Installs what building needs, then what `needs` adds.
+pub fn run(needs: Needs) -> anyhow::Result<()> {
     let mut apt = Apt::default();
     nightly_toolchain()?;
     rust_src()?;
     llvm_dev(&mut apt)?;
     bpf_linker()?;
-    tools(&mut apt)?;
-    python_modules()
+    if needs == Needs::Build {
+        return Ok(());
+    }
+    tools(&mut apt, needs)?;
+    if needs.package() {
+        cargo_deb()?;
+    }
+    if needs.image() {
+        musl_target()?;
+    }
+    if needs.python() {
+        python_modules()?;
+    }
+    Ok(())
+}
+
+/// The release known to build with the stable toolchain here.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+fn cargo_deb() -> anyhow::Result<()> {
+    let mut version = Command::new("cargo");
+    version.args(["deb", "--version"]);
+    if let Some(version) = cmd::output(&mut version) {
+        println!("cargo-deb present ({})", version.trim());
+        return Ok(());
+    }
+    println!(
+        "installing cargo-deb {CARGO_DEB_VERSION} (needed to build the Debian package; \
+         takes a minute or two)..."
+    );
+    let mut install = Command::new("cargo");
+    install.args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]);
+    cmd::run(&mut install)
+}
+
+/// The static binary of the container image.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn musl_target() -> anyhow::Result<()> {
+    let mut list = Command::new("rustup");
+    list.args(["target", "list", "--installed"]);
+    let installed = cmd::output(&mut list).unwrap_or_default();
+    if installed.lines().any(|line| line.trim() == MUSL_TARGET) {
+        println!("{MUSL_TARGET} target present");
+        return Ok(());
+    }
+    println!("installing the {MUSL_TARGET} target (needed for the image's static binary)...");
+    cmd::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
 }
 
 /// Python modules the tests import: (module, PyPI package, why).
-const PYTHON_MODULES: &[(&str, &str, &str)] = &[(
-    "hdrh",
-    "hdrhistogram",
-    "reading `socktrace serve --hdr-log` files back in its tests",
-)];
+const PYTHON_MODULES: &[(&str, &str, &str)] = &[
+    (
+        "hdrh",
+        "hdrhistogram",
+        "reading `socktrace serve --hdr-log` files back in its tests",
+    ),
+    (
+        "kubernetes_validate",
+        "kubernetes-validate",
+        "checking deploy/kubernetes against the Kubernetes schemas",
+    ),
+];
 
 fn python_modules() -> anyhow::Result<()> {
     for &(module, package, why) in PYTHON_MODULES {
@@ -206,7 +357,7 @@ fn llvm_dev(apt: &mut Apt) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("installing {LLVM_DEV_PACKAGE} (needed to build bpf-linker)...");
-    apt.install(&[LLVM_DEV_PACKAGE])
+    apt.install(&[LLVM_DEV_PACKAGE], Recommends::Leave)
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -243,9 +394,10 @@ fn bpf_linker_version() -> Option<String> {
     Some(version.trim().to_owned())
 }
 
-fn tools(apt: &mut Apt) -> anyhow::Result<()> {
-    let (present, missing): (Vec<&Tool>, Vec<&Tool>) = test_tools()
+fn tools(apt: &mut Apt, needs: Needs) -> anyhow::Result<()> {
+    let (present, missing): (Vec<&Tool>, Vec<&Tool>) = tools_of_jobs()
         .iter()
+        .filter(|tool| needs.wants(tool))
         .partition(|tool| which(tool.command).is_ok());
     for tool in &present {
         println!("{} present", tool.command);
@@ -263,7 +415,7 @@ fn tools(apt: &mut Apt) -> anyhow::Result<()> {
             packages.push(tool.package);
         }
     }
-    apt.install(&packages)?;
+    apt.install(&packages, Recommends::Install)?;
     for tool in &missing {
         which(tool.command).with_context(|| {
             format!(
@@ -288,8 +440,16 @@ struct Apt {
     updated: bool,
 }
 
+/// Whether apt also installs the packages' recommendations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recommends {
+    /// The run path: what the package needs, nothing more.
+    Leave,
+    Install,
+}
+
 impl Apt {
-    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+    fn install(&mut self, packages: &[&str], recommends: Recommends) -> anyhow::Result<()> {
         let names = packages.join(" ");
         if !is_root() {
             bail!(
@@ -302,10 +462,41 @@ impl Apt {
             self.updated = true;
         }
         let mut install = Command::new("apt-get");
+        install.args(["install", "-y"]);
+        if recommends == Recommends::Leave {
+            install.arg("--no-install-recommends");
+        }
         install
-            .args(["install", "-y"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive");
         cmd::run(&mut install)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commands(needs: Needs) -> Vec<&'static str> {
+        let tools = tools_of_jobs().iter().filter(|tool| needs.wants(tool));
+        tools.map(|tool| tool.command).collect()
+    }
+
+    #[test]
+    fn each_job_installs_only_its_own_tools() {
+        assert!(
+            commands(Needs::Build).is_empty(),
+            "the run path installs no tool"
+        );
+        assert!(commands(Needs::Package).is_empty());
+        let test = commands(Needs::Test);
+        assert!(test.contains(&"prometheus") && test.contains(&"python3"));
+        assert!(test.contains(&"podman"), "the image tests run on the host");
+        assert!(!test.contains(&"qemu-system-x86_64") && !test.contains(&"tcpstates"));
+        assert_eq!(commands(Needs::Image), ["podman", "runc"]);
+        assert_eq!(commands(Needs::Bench), ["tcpstates", "tcplife"]);
+        let vm = commands(Needs::Vm);
+        assert!(vm.contains(&"qemu-system-x86_64") && vm.contains(&"python3"));
+        assert_eq!(commands(Needs::All).len(), tools_of_jobs().len());
     }
 }

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use clap::Args;
 
-use crate::{cmd, setup, vm};
+use crate::{cmd, image, package, setup, vm};
 
 /// Tells the root integration tests to fail, not skip, when they cannot run.
 const REQUIRE_ROOT_TESTS: &str = "SOCKTRACE_REQUIRE_ROOT_TESTS";
@@ -13,6 +13,22 @@ const FORCED_ATTACH: &str = "SOCKTRACE_ATTACH";
 /// Tests the second pass leaves out: they measure nothing that depends on
 /// the attach type, and take minutes.
 const FIRST_PASS_ONLY: [&str; 1] = ["a_slow_leak_is_forecast_within_ten_minutes_and_a_pool_is_not"];
+
+/// Integration test binaries the fallback pass leaves out.
+const ATTACH_INDEPENDENT: [&str; 3] = ["package", "podman", "deploy"];
+
+/// The names of tracer-user's integration test binaries (tests/*.rs).
+fn integration_tests() -> anyhow::Result<Vec<String>> {
+    let dir = cmd::workspace_root()?.join("tracer-user/tests");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".rs").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
 
 /// Every package but the kernel programs: they are `no_std`/`no_main` and do
 /// not compile for the host ("unwinding panics are not supported without
@@ -34,7 +50,11 @@ pub struct TestOptions {
 }
 
 pub fn run(options: &TestOptions) -> anyhow::Result<()> {
-    setup::run()?;
+    setup::run(if options.vm {
+        setup::Needs::Vm
+    } else {
+        setup::Needs::Test
+    })?;
     if options.vm {
         return vm::test_matrix(&options.vm_options, &options.cargo_test_args);
     }
@@ -48,7 +68,12 @@ pub fn run(options: &TestOptions) -> anyhow::Result<()> {
         .args(HOST_PACKAGES)
         .args(&options.cargo_test_args);
     if root {
-        test.env(REQUIRE_ROOT_TESTS, "1");
+        // What tests/package.rs installs and tests/podman.rs runs.
+        let deb = package::package()?;
+        let image = image::image()?;
+        test.env(REQUIRE_ROOT_TESTS, "1")
+            .env("SOCKTRACE_DEB", deb)
+            .env("SOCKTRACE_IMAGE", image);
     } else {
         println!("not root: the root integration tests will be skipped");
     }
@@ -62,11 +87,17 @@ pub fn run(options: &TestOptions) -> anyhow::Result<()> {
     println!(
         "\n== the root integration tests again, with the fallback forced ({FORCED_ATTACH}=tracepoint)"
     );
-    // The same packages as the first pass, so nothing is built again.
+    // The same packages as the first pass, so nothing is built again; the
+    // tests of what is installed around socktrace (the package, the image)
+    // do not depend on the attach type.
     let mut fallback = cmd::cargo()?;
+    fallback.arg("test").args(HOST_PACKAGES);
+    for name in integration_tests()? {
+        if !ATTACH_INDEPENDENT.contains(&name.as_str()) {
+            fallback.args(["--test", &name]);
+        }
+    }
     fallback
-        .args(["test", "--tests"])
-        .args(HOST_PACKAGES)
         .args(&options.cargo_test_args)
         .env(REQUIRE_ROOT_TESTS, "1")
         .env(FORCED_ATTACH, "tracepoint");

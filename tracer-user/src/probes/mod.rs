@@ -520,10 +520,14 @@ fn attach_tracepoint(
 
 /// Hands freed heap back to the system instead of keeping it: parsing kernel
 /// BTF, and seeding with many existing sockets, take tens of MB for a moment.
+/// (glibc's; musl's allocator, in the static build, returns it by itself.)
 pub fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no
     // preconditions.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Attaches the optional owner probes in the richest mode the kernel allows.

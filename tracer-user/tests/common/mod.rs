@@ -84,8 +84,15 @@ impl Finished {
 impl Tracer {
     /// Starts socktrace and waits until it reports that it is tracing.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(SOCKTRACE)
-            .args(args)
+        let mut socktrace = Command::new(SOCKTRACE);
+        socktrace.args(args);
+        Self::start_command(socktrace)
+    }
+
+    /// [`Tracer::start`] for socktrace as `command` runs it (e.g. in a
+    /// container).
+    pub fn start_command(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -357,8 +364,13 @@ pub struct Watch {
 impl Watch {
     pub fn start(args: &[&str]) -> Self {
         let args: Vec<&str> = ["watch", "--json"].iter().chain(args).copied().collect();
+        Self::of(Tracer::start(&args))
+    }
+
+    /// The lines of a `watch --json` started otherwise.
+    pub fn of(tracer: Tracer) -> Self {
         Self {
-            tracer: Tracer::start(&args),
+            tracer,
             lines: Vec::new(),
         }
     }
