@@ -490,7 +490,20 @@ fn background_check() -> anyhow::Result<report::Background> {
             tracers.join(", ")
         );
     }
+    if let Some(entries) = conntrack_entries().filter(|&n| n > 0) {
+        println!(
+            "warning: connection tracking holds {entries} entries: NAT or stateful \
+             firewall rules (podman's bridge network adds some) track every loopback \
+             connection, and once the table is full the storm stalls on dropped SYNs"
+        );
+    }
     Ok(report::Background { busy, tracers })
+}
+
+/// Entries in the kernel's connection-tracking table, when it is loaded.
+fn conntrack_entries() -> Option<u64> {
+    let count = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count").ok()?;
+    count.trim().parse().ok()
 }
 
 fn lost_note(run: &StormRun) -> String {

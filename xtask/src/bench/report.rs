@@ -287,12 +287,17 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
             .find(|x| x.tracer.family == (Family::Floor { attach: "tp_btf" }))
         {
             let (cost, floor_cost) = (1.0 - st.ratio, 1.0 - floor.ratio);
-            let limit = MAX_COST_OVER_FLOOR * floor_cost;
+            let limit = MAX_COST_OVER_FLOOR * floor_cost.max(0.0);
+            // An empty program within the noise of nothing has no ratio.
+            let times = if floor_cost > 0.0 {
+                format!("{:.2} ×", cost / floor_cost)
+            } else {
+                "the empty program's cost is not measurable".to_string()
+            };
             writeln!(
                 out,
                 "| throughput cost ≤ {MAX_COST_OVER_FLOOR} × the empty tp_btf program's (cost = 1 − ratio) | \
-                 socktrace {cost:.3}, the empty program {floor_cost:.3}: {:.2} × | {} |",
-                cost / floor_cost.max(1e-9),
+                 socktrace {cost:.3}, the empty program {floor_cost:.3}: {times} | {} |",
                 verdict(
                     cost <= limit,
                     format!("{:.1} points", (cost - limit).abs() * 100.0)
