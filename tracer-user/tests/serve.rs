@@ -168,6 +168,31 @@ fn leak(count: u32, interval: &str) -> (Role, Role) {
     (server, client)
 }
 
+/// `promtool check metrics` finds nothing to say about `exposition`.
+fn assert_promtool_accepts(exposition: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(checked.status.success(), "promtool: {complaints}");
+    assert!(complaints.trim().is_empty(), "promtool lint: {complaints}");
+}
+
 #[test]
 fn scrape_passes_promtool_and_stops_on_sigterm() {
     if !require_root("scrape_passes_promtool_and_stops_on_sigterm")
@@ -220,27 +245,7 @@ fn scrape_passes_promtool_and_stops_on_sigterm() {
     );
     assert!(text.body.contains("socktrace_build_info{version=\""));
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running promtool");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.body.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    assert!(checked.status.success(), "promtool: {complaints}");
-    assert!(complaints.trim().is_empty(), "promtool lint: {complaints}");
+    assert_promtool_accepts(&text.body);
 
     let openmetrics = get(
         &addr,
@@ -711,4 +716,85 @@ fn closed_held_sockets_are_exported_by_cause() {
         ),
         "{text}"
     );
+}
+
+/// What socktrace printed: as bytes, so that nothing is hidden by a lossy
+/// conversion.
+fn socktrace_stdout(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(SOCKTRACE)
+        .args(args)
+        .output()
+        .expect("running socktrace");
+    assert!(
+        out.status.success(),
+        "socktrace {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn hostile_process_names_are_escaped_in_every_output() {
+    const TEST: &str = "hostile_process_names_are_escaped_in_every_output";
+    if !require_root(TEST)
+        || !require_tool(
+            TEST,
+            "promtool (Debian package prometheus)",
+            runs("promtool", &["--version"]),
+        )
+    {
+        return;
+    }
+    // A name that clears the screen, holds a byte that is not UTF-8 and
+    // ends a line: "\x1b[2Jev\xffil\n".
+    let holder = Role::spawn(
+        "close_wait.py",
+        &["4", "--comm-hex", "1b5b324a6576ff696c0a"],
+    );
+    let line = holder.expect_line();
+    let pid = line.split_whitespace().next().unwrap().to_string();
+    let check = |what: &str, out: &[u8]| {
+        let text =
+            std::str::from_utf8(out).unwrap_or_else(|e| panic!("{what}: not UTF-8 ({e}): {out:?}"));
+        assert!(!text.contains('\x1b'), "{what}: a raw escape: {text:?}");
+        // (JSON and the exposition escape its backslashes once more.)
+        assert!(
+            text.contains("u{1b}[2Jev"),
+            "{what}: the name is not shown escaped: {text}"
+        );
+        text.to_string()
+    };
+    check(
+        "watch --once",
+        &socktrace_stdout(&["watch", "--once", "-p", &pid]),
+    );
+    let json = check(
+        "watch --once --json",
+        &socktrace_stdout(&["watch", "--once", "--json", "-p", &pid]),
+    );
+    for line in json.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        if line["type"] == "process" {
+            assert_eq!(line["comm"], "\\u{1b}[2Jev\\xffil\\n", "{line}");
+        }
+    }
+    let trace = check(
+        "trace",
+        &socktrace_stdout(&["trace", "--duration", "1", "-p", &pid]),
+    );
+    assert!(
+        trace
+            .lines()
+            .any(|line| line.contains(" \\u{1b}[2Jev\\xffil\\n ")),
+        "{trace}"
+    );
+    let (served, addr) = serve(&["--interval", "0.2", "-p", &pid]);
+    let pid: u32 = pid.parse().unwrap();
+    let text = wait_for("the holder on /metrics", Duration::from_secs(20), || {
+        let text = get(&addr, "/metrics", None).ok()?.body;
+        sample(&text, "socktrace_close_wait_sockets", pid).map(|_| text)
+    });
+    terminate(served);
+    check("/metrics", text.as_bytes());
+    assert_promtool_accepts(&text);
 }

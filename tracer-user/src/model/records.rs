@@ -3,6 +3,8 @@
 //! their fields in tables; the tests below hold those tables against these
 //! types.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use super::{Alert, Container, ProcessReport};
@@ -13,7 +15,7 @@ pub struct TraceRecord<'a> {
     pub ts: String,
     /// Owner's host pid; null when unknown.
     pub pid: Option<u32>,
-    pub comm: &'a str,
+    pub comm: Cow<'a, str>,
     pub local: String,
     pub remote: String,
     /// Null for a socket that existed before socktrace started.
@@ -131,7 +133,7 @@ mod tests {
         let record = TraceRecord {
             ts: String::new(),
             pid: None,
-            comm: "",
+            comm: "".into(),
             local: String::new(),
             remote: String::new(),
             old: None,

@@ -2,7 +2,7 @@
 //! views: a process name, a socket's owner, a transition, a socket found at
 //! start, and what the socket stage hands downstream.
 
-use std::net::SocketAddr;
+use std::{borrow::Cow, net::SocketAddr};
 
 use tracer_common::{OwnerSource, TASK_COMM_LEN};
 
@@ -32,18 +32,52 @@ impl Comm {
         self.bytes[0] == 0
     }
 
-    /// The name up to its first NUL, or to its first byte that is not valid
-    /// UTF-8.
-    pub fn as_str(&self) -> &str {
+    /// The bytes up to the first NUL.
+    fn name_bytes(&self) -> &[u8] {
         let end = self
             .bytes
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(TASK_COMM_LEN);
-        match std::str::from_utf8(&self.bytes[..end]) {
+        &self.bytes[..end]
+    }
+
+    /// The name up to its first NUL, or to its first byte that is not valid
+    /// UTF-8.
+    pub fn as_str(&self) -> &str {
+        let bytes = self.name_bytes();
+        match std::str::from_utf8(bytes) {
             Ok(text) => text,
-            Err(e) => std::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or_default(),
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
         }
+    }
+
+    /// The name as every view shows it. Any process can name itself, so
+    /// control characters (an escape sequence, a newline) and bytes that are
+    /// not UTF-8 are written out as escapes (`\u{1b}`, `\n`, `\xff`): no name
+    /// can drive the terminal, split a line or hide what follows it.
+    /// Borrowed for a plain name, the common case.
+    pub fn shown(&self) -> Cow<'_, str> {
+        let bytes = self.name_bytes();
+        if let Ok(text) = std::str::from_utf8(bytes)
+            && !text.chars().any(char::is_control)
+        {
+            return Cow::Borrowed(text);
+        }
+        let mut shown = String::new();
+        for chunk in bytes.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                if c.is_control() {
+                    shown.extend(c.escape_default());
+                } else {
+                    shown.push(c);
+                }
+            }
+            for byte in chunk.invalid() {
+                shown.push_str(&format!("\\x{byte:02x}"));
+            }
+        }
+        Cow::Owned(shown)
     }
 }
 
@@ -74,7 +108,7 @@ impl std::fmt::Debug for Comm {
 
 impl std::fmt::Display for Comm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(&self.shown())
     }
 }
 
@@ -206,5 +240,25 @@ pub fn owner_source_name(source: OwnerSource) -> &'static str {
         OwnerSource::Close => "close",
         OwnerSource::ProcFd => "proc_fd",
         OwnerSource::Exit => "exit",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comm(raw: &[u8]) -> Comm {
+        let mut bytes = [0; TASK_COMM_LEN];
+        bytes[..raw.len()].copy_from_slice(raw);
+        Comm::from_kernel(&bytes)
+    }
+
+    #[test]
+    fn a_name_cannot_drive_the_terminal_or_split_a_line() {
+        assert!(matches!(comm(b"ruler").shown(), Cow::Borrowed("ruler")));
+        assert_eq!(comm(b"\x1b[2Jev\xffil\n").shown(), "\\u{1b}[2Jev\\xffil\\n");
+        assert_eq!(comm("név".as_bytes()).shown(), "név");
+        // Padded as a plain name would be.
+        assert_eq!(format!("{:<8}|", comm(b"a\tb")), "a\\tb    |");
     }
 }

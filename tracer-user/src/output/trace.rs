@@ -1,6 +1,9 @@
 //! `socktrace trace`: one line per lifecycle event, human or JSON Lines.
 
-use std::io::{self, Write};
+use std::{
+    borrow::Cow,
+    io::{self, Write},
+};
 
 use crate::{
     clock::Clock,
@@ -98,11 +101,11 @@ impl<W: Write> TraceSink<W> {
     }
 }
 
-fn comm_or_unknown(owner: &Owner) -> &str {
+fn comm_or_unknown(owner: &Owner) -> Cow<'_, str> {
     if owner.pid.is_none() {
-        "unknown"
+        Cow::Borrowed("unknown")
     } else {
-        &owner.comm
+        owner.comm.shown()
     }
 }
 
