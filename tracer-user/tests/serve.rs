@@ -168,6 +168,16 @@ fn leak(count: u32, interval: &str) -> (Role, Role) {
     (server, client)
 }
 
+/// Whether a test that checks expositions with promtool can run.
+fn require_root_and_promtool(test: &str) -> bool {
+    require_root(test)
+        && require_tool(
+            test,
+            "promtool (Debian package prometheus)",
+            runs("promtool", &["--version"]),
+        )
+}
+
 /// `promtool check metrics` finds nothing to say about `exposition`.
 fn assert_promtool_accepts(exposition: &str) {
     let mut promtool = Command::new("promtool")
@@ -195,13 +205,7 @@ fn assert_promtool_accepts(exposition: &str) {
 
 #[test]
 fn scrape_passes_promtool_and_stops_on_sigterm() {
-    if !require_root("scrape_passes_promtool_and_stops_on_sigterm")
-        || !require_tool(
-            "scrape_passes_promtool_and_stops_on_sigterm",
-            "promtool (Debian package prometheus)",
-            runs("promtool", &["--version"]),
-        )
-    {
+    if !require_root_and_promtool("scrape_passes_promtool_and_stops_on_sigterm") {
         return;
     }
     let (served, addr) = serve(&["--interval", "0.5"]);
@@ -735,14 +739,7 @@ fn socktrace_stdout(args: &[&str]) -> Vec<u8> {
 
 #[test]
 fn hostile_process_names_are_escaped_in_every_output() {
-    const TEST: &str = "hostile_process_names_are_escaped_in_every_output";
-    if !require_root(TEST)
-        || !require_tool(
-            TEST,
-            "promtool (Debian package prometheus)",
-            runs("promtool", &["--version"]),
-        )
-    {
+    if !require_root_and_promtool("hostile_process_names_are_escaped_in_every_output") {
         return;
     }
     // A name that clears the screen, holds a byte that is not UTF-8 and
