@@ -85,7 +85,7 @@ pub struct FilterArgs {
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Only connections with this local or remote port.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
     /// Only IPv4.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -125,7 +125,7 @@ pub struct ProbeArgs {
     pub ring_buffer_kib: u32,
     /// How many sockets the kernel can track owners for (with tp_btf: only
     /// the sockets that exist at start; the others live in socket storage).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
     pub max_sockets: u32,
 }
 
@@ -186,7 +186,7 @@ pub struct ReportArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub close_wait_age: Duration,
     /// Alert when a process uses this share of its soft fd limit, in percent.
-    #[arg(long, value_name = "PERCENT", default_value_t = 90.0)]
+    #[arg(long, value_name = "PERCENT", default_value_t = 90.0, value_parser = parse_percent)]
     pub fd_usage: f64,
 }
 
@@ -336,6 +336,27 @@ fn parse_ring_kib(text: &str) -> Result<u32, String> {
     Ok(kib)
 }
 
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(percent) if percent > 0.0 && percent <= 100.0 => Ok(percent),
+        _ => Err(format!(
+            "'{text}' must be a percentage above 0, at most 100"
+        )),
+    }
+}
+
+/// The kernel allocates the whole map at load: a bound on what a typo takes.
+const MAX_MAX_SOCKETS: u32 = 1 << 24;
+
+fn parse_max_sockets(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n) if (1..=MAX_MAX_SOCKETS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{text}' must be a number of sockets between 1 and {MAX_MAX_SOCKETS}"
+        )),
+    }
+}
+
 fn parse_max_processes(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -401,6 +422,9 @@ mod tests {
         assert!(Cli::try_parse_from(["socktrace", "trace", "--ring-buffer-kib", "1000"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "trace", "-p", "abc"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "trace", "--bogus"]).is_err());
+        assert!(Cli::try_parse_from(["socktrace", "trace", "--max-sockets", "0"]).is_err());
+        assert!(Cli::try_parse_from(["socktrace", "trace", "--port", "0"]).is_err());
+        assert!(Cli::try_parse_from(["socktrace", "watch", "--fd-usage", "150"]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::{
     containers::{Target, pidns_of},
     decode::decode,
     model::Output,
+    privileges::Kept,
     probes::{self, Counters, Probes},
     sockets::SocketTable,
 };
@@ -47,6 +48,8 @@ pub struct RunOptions {
     pub container: Option<Target>,
     /// When that container stops: go on host-wide (true) or end the run.
     pub keep_running: bool,
+    /// The capabilities left after attaching (said in the start-up line).
+    pub kept: Kept,
 }
 
 /// How often to check that the container still has processes.
@@ -82,11 +85,15 @@ pub async fn run(
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Only now, with the signal handlers in place, is a Ctrl-C a clean stop.
     eprintln!(
-        "socktrace: tracing TCP sockets ({} mode; {} attach, per-socket state in {}); Ctrl-C to stop",
+        "socktrace: tracing TCP sockets ({} mode; {} attach, per-socket state in {}; capabilities kept: {}); Ctrl-C to stop",
         probes.mode,
         probes.attach,
-        probes.attach.store()
+        probes.attach.store(),
+        options.kept
     );
+    if !options.kept.bounding_narrowed {
+        log::info!("the bounding set is left as it was: narrowing it takes CAP_SETPCAP");
+    }
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| Instant::now() + d);

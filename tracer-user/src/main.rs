@@ -32,7 +32,10 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     keep_large_allocations_out_of_the_heap();
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging(cli.verbose);
     let result = match cli::Action::from(cli.command) {
         cli::Action::Run(command) => commands::run(command),
@@ -45,10 +48,36 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("socktrace: {e:#}");
+            eprintln!("socktrace: {}", text::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bad command line as one line and exit status 2, like the other
+/// errors; `--help`, `--version` and a missing command print what clap
+/// prints.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if !error.use_stderr() || error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        error.exit();
+    }
+    // clap's message, its possible values and its suggestions ("a
+    // similar argument exists: '--json'"), without the usage it repeats.
+    let text = error.to_string();
+    let said: Vec<String> = text
+        .split("\n\n")
+        .filter(|part| !part.starts_with("Usage:") && !part.starts_with("For more information"))
+        .map(|part| {
+            let lines: Vec<&str> = part.lines().map(str::trim).collect();
+            lines.join(" ")
+        })
+        .filter(|part| !part.is_empty())
+        .collect();
+    let said = said.join("; ");
+    let said = said.strip_prefix("error: ").unwrap_or(&said);
+    eprintln!("socktrace: {said} (see --help)");
+    ExitCode::from(2)
 }
 
 /// Blocks of 1 MiB or more (the socket tables, which double as they grow)

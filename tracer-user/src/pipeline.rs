@@ -13,6 +13,7 @@ use crate::{
     collector::{self, RunOptions, Sink},
     containers::{Target, TargetSpec},
     model::one_per_socket,
+    privileges::{self, Kept},
     probes::{ProbeOptions, Probes},
     procfs,
     scope::{Filter, Scope},
@@ -46,6 +47,8 @@ pub struct Started {
     table: SocketTable,
     target: Option<Target>,
     pub start_ns: u64,
+    /// The capabilities left after attaching.
+    kept: Kept,
     duration: Option<Duration>,
     keep_running: bool,
     filter: Filter,
@@ -76,11 +79,15 @@ pub fn start(options: &Options, infer_transitions: bool) -> anyhow::Result<Start
         .socket_files()
         .context("reading the sockets that already exist")?;
     table.seed(one_per_socket(existing));
+    // Attached and seeded: from here on the collector only reads.
+    let kept = privileges::drop_after_attach(|| probes.check_steady_state())
+        .context("dropping the capabilities not needed after attaching")?;
     Ok(Started {
         probes,
         table,
         target,
         start_ns,
+        kept,
         duration: options.duration,
         keep_running: options.keep_running,
         filter: options.filter.clone(),
@@ -134,6 +141,7 @@ impl Started {
                 duration: self.duration,
                 container: self.target,
                 keep_running: self.keep_running,
+                kept: self.kept,
             },
         )
         .await?;

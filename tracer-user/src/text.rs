@@ -1,5 +1,6 @@
 //! Numbers as a person reads them, shared by the verdicts and every view:
-//! counts with digit grouping, durations and ages, ETAs, rates.
+//! counts with digit grouping, durations and ages, ETAs, rates; and errors
+//! on one line.
 
 use num_format::{Locale, ToFormattedString as _};
 
@@ -85,9 +86,41 @@ pub fn seconds_phrase(seconds: f64) -> String {
     }
 }
 
+/// An error and its causes on one line, each said once: some errors
+/// already name their cause in their own message.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    for cause in anyhow::Chain::new(error) {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let said = anyhow::Error::new(io).context(format!(
+            "/x: {}",
+            std::io::Error::from_raw_os_error(libc::ENOENT)
+        ));
+        assert_eq!(
+            one_line(said.as_ref()),
+            "/x: No such file or directory (os error 2)"
+        );
+        let chained = anyhow::anyhow!("root cause").context("doing it");
+        assert_eq!(one_line(chained.as_ref()), "doing it: root cause");
+    }
 
     #[test]
     fn numbers_read_like_the_issue() {

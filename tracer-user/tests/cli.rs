@@ -105,3 +105,99 @@ fn doctor_reports_the_mode_it_probed() {
     };
     assert_eq!(mode, expected, "{stdout}");
 }
+
+/// One row of docs/bad-input.md.
+struct BadInput {
+    setup: String,
+    command: String,
+    stderr: String,
+    exit: i32,
+}
+
+fn bad_inputs() -> Vec<BadInput> {
+    // An escaped pipe (`\|`) in a cell stands aside while the row is split.
+    const PIPE: &str = "\u{1}";
+    let cell = |text: &str| text.trim().trim_matches('`').replace(PIPE, "|");
+    include_str!("../../docs/bad-input.md")
+        .lines()
+        .skip_while(|line| !line.starts_with("| setup |"))
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .map(|row| {
+            let inner = row.replace("\\|", PIPE);
+            let inner = inner.trim().trim_start_matches('|').trim_end_matches('|');
+            let cells: Vec<String> = inner.split('|').map(cell).collect();
+            assert_eq!(cells.len(), 4, "a row of four cells: {row}");
+            BadInput {
+                setup: cells[0].clone(),
+                command: cells[1].clone(),
+                stderr: cells[2].clone(),
+                exit: cells[3].parse().expect("an exit status"),
+            }
+        })
+        .collect()
+}
+
+/// socktrace with `args`, in the row's setup.
+fn in_setup(setup: &str, args: &[String]) -> Command {
+    // Runs socktrace ("$0") in a private mount namespace after `mount`.
+    let with_mount = |mount: &str| {
+        let mut unshare = Command::new("unshare");
+        unshare
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("{mount} && exec \"$0\" \"$@\""))
+            .arg(SOCKTRACE)
+            .args(args);
+        unshare
+    };
+    match setup {
+        "" => {
+            let mut socktrace = Command::new(SOCKTRACE);
+            socktrace.args(args);
+            socktrace
+        }
+        "as nobody, no capabilities" => {
+            let mut setpriv = Command::new("setpriv");
+            setpriv
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg("--inh-caps=-all")
+                .arg(SOCKTRACE)
+                .args(args);
+            setpriv
+        }
+        "no tracefs, and nowhere to mount it" => {
+            with_mount("mount -t tmpfs -o ro none /sys/kernel")
+        }
+        "a kernel without BTF" => with_mount("mount -t tmpfs none /sys/kernel/btf"),
+        other => panic!("docs/bad-input.md has a setup this test cannot make: {other}"),
+    }
+}
+
+#[test]
+fn every_bad_input_in_the_table_is_one_clear_line() {
+    if !require_root("every_bad_input_in_the_table_is_one_clear_line") {
+        return;
+    }
+    let mut exited = Command::new("true").spawn().unwrap();
+    exited.wait().unwrap();
+    let gone = exited.id().to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = listener.local_addr().unwrap().to_string();
+    let fill = |text: &str| text.replace("{gone}", &gone).replace("{busy}", &busy);
+
+    let rows = bad_inputs();
+    assert!(rows.len() >= 40, "the table has {} rows", rows.len());
+    for row in rows {
+        let args: Vec<String> = fill(&row.command)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let out = in_setup(&row.setup, &args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let what = format!("[{}] socktrace {}", row.setup, row.command);
+        assert_clean_failure(&stderr);
+        assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+        assert_eq!(stderr.trim_end(), fill(&row.stderr), "{what}");
+        assert_eq!(out.status.code(), Some(row.exit), "{what}: {stderr}");
+    }
+}

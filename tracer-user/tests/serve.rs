@@ -12,13 +12,17 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Finished, Role, SOCKTRACE, Tracer, require_root, workload};
+use common::{
+    Role, SOCKTRACE, Tracer, require_root,
+    scrape::{TempDir, free_port, get, poll, sample, serve, terminate, wait_for},
+    workload,
+};
 use serde_json::Value;
 
 const ROLES: &str = "leak_roles.py";
@@ -36,124 +40,6 @@ fn runs(program: &str, args: &[&str]) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// A running socktrace that is killed if the test fails before stopping it.
-struct Served(Option<Tracer>);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(tracer) = &self.0 {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(tracer.pid() as i32, libc::SIGKILL) };
-        }
-    }
-}
-
-/// `socktrace serve` on a free loopback port.
-fn serve(extra: &[&str]) -> (Served, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["serve", "--listen", &addr];
-    args.extend(extra);
-    (Served(Some(Tracer::start(&args))), addr)
-}
-
-/// SIGTERM, as a service manager stops it; what it printed.
-fn terminate(mut served: Served) -> Finished {
-    let tracer = served.0.take().expect("socktrace still running");
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGTERM) };
-    tracer.wait()
-}
-
-struct Response {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-/// A plain HTTP/1.0 GET (so no chunked bodies to undo).
-fn get(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let content_type = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-type")
-                .then(|| value.trim().to_string())
-        })
-        .unwrap_or_default();
-    Ok(Response {
-        status,
-        content_type,
-        body: body.to_string(),
-    })
-}
-
-/// The value of the sample `name{...pid="PID"...}` in a text scrape.
-fn sample(text: &str, name: &str, pid: u32) -> Option<f64> {
-    let pid = format!("pid=\"{pid}\"");
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&pid))
-        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
-/// Polls until `check` returns something, or gives up after `timeout`.
-fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(found) = check() {
-            return Some(found);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Polls until `check` returns something, or panics with `what`.
-fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
-    poll(timeout, check).unwrap_or_else(|| panic!("timed out waiting for {what}"))
-}
-
-/// A directory of the test's own, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("socktrace-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating a temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The leaking pair: a server that hangs up at once, a client that opens
@@ -794,4 +680,108 @@ fn hostile_process_names_are_escaped_in_every_output() {
     terminate(served);
     check("/metrics", text.as_bytes());
     assert_promtool_accepts(&text);
+}
+
+/// Whether the server closed `stream` (a read returns end of file, or the
+/// connection was reset) within `within`.
+fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The limits of `serve`'s HTTP side (64 connections at once, 10 s to send
+/// the request headers, 16 KiB of them): slow, idle, oversized and too
+/// many clients are refused or dropped, and scrapes go on.
+#[test]
+fn a_hostile_scraper_cannot_exhaust_the_server() {
+    if !require_root("a_hostile_scraper_cannot_exhaust_the_server") {
+        return;
+    }
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    const SLOTS: usize = 64;
+    let (served, addr) = serve(&[]);
+    let pid = served.0.as_ref().unwrap().pid();
+    let fds_before = open_fds(pid);
+
+    // Slow clients: more than there are slots, each sending half a header.
+    let mut slow: Vec<TcpStream> = (0..SLOTS + 36)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    let opened = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    // The rest wait in the kernel's backlog, not in socktrace's fd table.
+    let held = open_fds(pid) - fds_before;
+    assert!(held <= SLOTS + 2, "{held} fds held for slow clients");
+    // A scrape waits for the slow ones to be dropped, then is served.
+    let scrape = get(&addr, "/healthz", None).unwrap();
+    assert_eq!(scrape.status, 200);
+    let waited = opened.elapsed();
+    assert!(
+        waited < HEADER_TIMEOUT + Duration::from_secs(5),
+        "a scrape waited {waited:?} behind slow clients"
+    );
+    let dropped = slow
+        .iter_mut()
+        .take(SLOTS)
+        .map(|stream| closed_by_server(stream, Duration::from_secs(1)))
+        .filter(|&closed| closed)
+        .count();
+    assert_eq!(
+        dropped,
+        SLOTS,
+        "slow clients still held after {:?}",
+        opened.elapsed()
+    );
+    drop(slow);
+
+    // An oversized request: 431, and the connection closed.
+    let mut big = TcpStream::connect(&addr).unwrap();
+    let header = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    // The server may close before it has read it all.
+    let _ = big.write_all(header.as_bytes());
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut response = String::new();
+    let _ = big.read_to_string(&mut response);
+    assert!(
+        response.starts_with("HTTP/1.1 431"),
+        "oversized request answered {:?}",
+        response.lines().next()
+    );
+
+    // A kept-alive connection left idle after its scrape is closed too.
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    assert!(closed_by_server(
+        &mut idle,
+        HEADER_TIMEOUT + Duration::from_secs(5)
+    ));
+    assert!(started.elapsed() >= HEADER_TIMEOUT - Duration::from_secs(1));
+
+    let health = get(&addr, "/healthz", None).unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
 }

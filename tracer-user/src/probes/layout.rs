@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Backend, Btf, Type};
+use rustix::mount::MountFlags;
 use tracer_common::{Layout, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES};
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -28,16 +29,16 @@ pub fn tracefs() -> anyhow::Result<PathBuf> {
         return Ok(found.to_path_buf());
     }
     let target = Path::new(TRACEFS_CANDIDATES[0]);
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tracefs", "nodev"])
-        .arg(target)
-        .status()
-        .context("running mount -t tracefs")?;
-    if !status.success() || !target.join("events").is_dir() {
+    // The mount(2) call itself: the static image has no mount(8).
+    let mounted = rustix::mount::mount("nodev", target, "tracefs", MountFlags::empty(), None);
+    if let Err(e) = mounted {
         bail!(
-            "tracefs is not mounted and mounting it at {} failed",
+            "tracefs is not mounted and mounting it at {} failed: {e}",
             target.display()
         );
+    }
+    if !target.join("events").is_dir() {
+        bail!("tracefs at {} has no events directory", target.display());
     }
     log::info!("mounted tracefs at {}", target.display());
     Ok(target.to_path_buf())

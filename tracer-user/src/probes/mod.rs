@@ -30,9 +30,10 @@ pub use features::{Attach, AttachRequest, ModeRequest, ProbeMode};
 use crate::{
     decode::decode_socket_files,
     model::{Comm, ExistingSocket, one_per_socket},
-    procfs,
+    privileges, procfs,
     sockets::KernelView,
     tcp::TcpState,
+    text,
 };
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
@@ -215,7 +216,13 @@ impl Probes {
             .map_max_entries(SOCKETS_MAP, options.max_sockets)
             .map_max_entries(SEEDED_MAP, options.max_sockets)
             .load(EBPF_OBJECT)
-            .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))?;
+            .map_err(|e| {
+                let hint = privileges::refusal_hint(&e);
+                anyhow!(
+                    "loading the eBPF object failed: {}{hint}",
+                    text::one_line(&e)
+                )
+            })?;
         // Before any program loads: programs that log need the log map.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -277,24 +284,37 @@ impl Probes {
     /// for sockets the probes had no owner for. Sockets in CLOSE come as
     /// [`TcpState::ClosedHeld`].
     pub fn socket_files(&mut self) -> anyhow::Result<Vec<ExistingSocket>> {
+        let mut bytes = Vec::new();
+        self.socket_file_pass()?
+            .read_to_end(&mut bytes)
+            .context("reading the socket-file iterator")?;
+        Ok(decode_socket_files(&bytes)?)
+    }
+
+    /// One pass of the socket-file iterator: each pass needs a link of its
+    /// own, since reading one to the end consumes it.
+    fn socket_file_pass(&mut self) -> anyhow::Result<std::fs::File> {
         let iter: &mut Iter = self
             .ebpf
             .program_mut(SOCKET_FILES_PROGRAM)
             .context("program socket_files missing")?
             .try_into()?;
-        // Each pass needs a link of its own: reading one to the end
-        // consumes it.
         let link = iter
             .attach()
             .and_then(|id| iter.take_link(id))
             .context("attaching the socket-file iterator")?;
-        let mut file = link
-            .into_file()
-            .context("opening the socket-file iterator")?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
+        link.into_file().context("opening the socket-file iterator")
+    }
+
+    /// The kernel calls the running collector makes, each once: the loss
+    /// counters read, and an iterator pass opened (its first page read).
+    /// Capabilities are dropped only as far as these still work.
+    pub fn check_steady_state(&mut self) -> anyhow::Result<()> {
+        self.counters()?;
+        self.socket_file_pass()?
+            .read(&mut [0; 4096])
             .context("reading the socket-file iterator")?;
-        Ok(decode_socket_files(&bytes)?)
+        Ok(())
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
@@ -479,8 +499,12 @@ fn attach_btf_tracepoint(
             first_line(&e, "loading", tracepoint)
         )
     })?;
-    tp.attach()
-        .map_err(|e| anyhow!("attaching to tp_btf/{tracepoint} failed: {e:#}"))?;
+    tp.attach().map_err(|e| {
+        anyhow!(
+            "attaching to tp_btf/{tracepoint} failed: {}",
+            text::one_line(&e)
+        )
+    })?;
     Ok(())
 }
 
@@ -513,8 +537,13 @@ fn attach_tracepoint(
             first_line(&e, "loading", program)
         )
     })?;
-    tp.attach(category, name)
-        .map_err(|e| anyhow!("attaching to tracepoint {category}:{name} failed: {e:#}"))?;
+    tp.attach(category, name).map_err(|e| {
+        let hint = privileges::refusal_hint(&e);
+        anyhow!(
+            "attaching to tracepoint {category}:{name} failed: {}{hint}",
+            text::one_line(&e)
+        )
+    })?;
     Ok(())
 }
 

@@ -26,8 +26,16 @@ use super::metrics::Metrics;
 
 /// Scrapers (and anyone else) served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
-/// A client that has not sent its request headers by then is dropped.
+/// A client that has not sent its request headers by then (also between
+/// requests on a kept-alive connection) is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a request may send before its body (hyper's floor is 8 KiB):
+/// a scrape sends a few hundred bytes; larger ones get 431.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// A connection is closed after this long whatever it does, so that one
+/// that never reads its response cannot hold a slot (a scraper that keeps
+/// its connection alive opens a new one).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// In-flight requests get this long to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// `/healthz` fails when the collector has not ticked for this long (it
@@ -118,11 +126,14 @@ pub async fn serve(
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_REQUEST_BYTES)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::debug!("HTTP connection: {e}");
+            match tokio::time::timeout(MAX_CONNECTION_AGE, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("HTTP connection: {e}"),
+                Err(_) => log::debug!("HTTP connection closed after {MAX_CONNECTION_AGE:?}"),
             }
             drop(slot);
         });

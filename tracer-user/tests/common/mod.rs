@@ -2,6 +2,8 @@
 //! binary against real processes and parses what a user would see.
 #![allow(dead_code)] // Each test binary uses a different part of it.
 
+pub mod scrape;
+
 use std::{
     io::{BufRead, BufReader, Write},
     path::PathBuf,
