@@ -200,6 +200,11 @@ pub struct ServeArgs {
     /// shows process names and peers to whoever can connect.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
     pub listen: String,
+    /// TLS and basic auth for the listener, in the Prometheus exporter
+    /// toolkit's web configuration format (tls_server_config,
+    /// basic_auth_users).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// Export at most this many processes (those with alerts first, then the
     /// busiest); bounds the number of series.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES, value_parser = parse_max_processes)]
@@ -241,6 +246,7 @@ impl From<CommandArgs> for Action {
                 report: args.report.options(&args.filter.pids),
                 pipeline: args.filter.into(),
                 listen: args.listen,
+                web_config: args.web_config,
                 max_processes: args.max_processes,
                 hdr_log: args.hdr_log.map(|path| HdrLogOptions {
                     path,

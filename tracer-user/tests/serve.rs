@@ -202,12 +202,14 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(dir: &Path, target: &str) -> Self {
+    /// Scrapes `target` every 2 s; `job` is more of the scrape job's YAML
+    /// (indented as its keys), e.g. its `scheme` and `tls_config`.
+    fn start(dir: &Path, target: &str, job: &str) -> Self {
         fs::write(dir.join("alerts.yml"), rules_for_a_quick_test()).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 1s\n\
              rule_files:\n  - alerts.yml\n\
-             scrape_configs:\n  - job_name: socktrace\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: socktrace\n    static_configs:\n      - targets: ['{target}']\n{job}"
         );
         fs::write(dir.join("prometheus.yml"), config).unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
@@ -325,7 +327,7 @@ fn prometheus_sees_close_wait_rise_and_the_alert_fire() {
     // Reports twice a second, so that socktrace's own verdict (which wants
     // a few points of growth) comes within the leak.
     let (served, addr) = serve(&["--close-wait-age", "2s", "--interval", "0.5"]);
-    let prometheus = Prometheus::start(&dir.0, &addr);
+    let prometheus = Prometheus::start(&dir.0, &addr, "");
     // 60 connections over 15 s: the CLOSE_WAIT count climbs while
     // Prometheus scrapes.
     let (_server, client) = leak(60, "0.25");
@@ -784,4 +786,195 @@ fn a_hostile_scraper_cannot_exhaust_the_server() {
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     let finished = terminate(served);
     assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
+}
+
+/// `openssl` with `args`, in `dir`; panics with what it said if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a server (for 127.0.0.1) and a client certificate it signed,
+/// as NAME.crt and NAME.key in `dir`.
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=socktrace test CA",
+        ],
+        &["-addext", "basicConstraints=critical,CA:TRUE"],
+        &["-addext", "keyUsage=critical,keyCertSign"],
+    ]
+    .concat();
+    openssl(dir, &ca);
+    for (name, extensions) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        fs::write(dir.join(&ext), extensions).unwrap();
+        let subject = format!("/CN={name}");
+        openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+/// curl's HTTP status for `url` (000 when there was no HTTP answer) and
+/// the body, with `args` before the URL.
+fn curl(args: &[&str], url: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "--silent",
+            "--max-time",
+            "10",
+            "--write-out",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_string(), body.to_string())
+}
+
+/// `--web-config` as the Prometheus exporter toolkit writes it: TLS with
+/// verified client certificates and a bcrypt basic-auth user. The real
+/// Prometheus scrapes with its `tls_config` and `basic_auth`; a wrong
+/// password, no client certificate and plain HTTP are refused.
+#[test]
+fn prometheus_scrapes_over_tls_with_a_client_certificate_and_a_password() {
+    let test = "prometheus_scrapes_over_tls_with_a_client_certificate_and_a_password";
+    if !require_root(test)
+        || !require_tool(test, "prometheus", runs("prometheus", &["--version"]))
+        || !require_tool(test, "openssl", runs("openssl", &["version"]))
+        || !require_tool(test, "curl", runs("curl", &["--version"]))
+    {
+        return;
+    }
+    let dir = TempDir::new(test);
+    make_certificates(&dir.0);
+    let password = "correct horse battery staple";
+    let hash = bcrypt::hash(password, 6).unwrap();
+    fs::write(
+        dir.0.join("web.yml"),
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  \
+             client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n\
+             basic_auth_users:\n  prometheus: {hash}\n"
+        ),
+    )
+    .unwrap();
+    let web_config = dir.0.join("web.yml").display().to_string();
+    let (served, addr) = serve(&["--web-config", &web_config, "--interval", "0.5"]);
+    let (_server, client) = leak(12, "0.02");
+    client.expect("done");
+    let pid = client.pid();
+
+    let ca = dir.0.join("ca.crt").display().to_string();
+    let cert = dir.0.join("client.crt").display().to_string();
+    let key = dir.0.join("client.key").display().to_string();
+    let url = format!("https://{addr}/metrics");
+    let with_cert = ["--cacert", &ca, "--cert", &cert, "--key", &key];
+    let right = format!("prometheus:{password}");
+    let (status, body) = curl(&[&with_cert[..], &["--user", &right]].concat(), &url);
+    assert_eq!(status, "200", "{body}");
+    assert!(body.contains("socktrace_close_wait_sockets{"), "{body}");
+    let (status, _) = curl(
+        &[&with_cert[..], &["--user", "prometheus:wrong"]].concat(),
+        &url,
+    );
+    assert_eq!(status, "401", "a wrong password");
+    let (status, _) = curl(&with_cert, &url);
+    assert_eq!(status, "401", "no password");
+    let (status, body) = curl(&["--cacert", &ca, "--user", &right], &url);
+    assert_eq!(status, "000", "no client certificate: {body}");
+    let (status, body) = curl(&[], &format!("http://{addr}/metrics"));
+    assert_ne!(status, "200", "plain HTTP: {body}");
+
+    let job = format!(
+        "    scheme: https\n    tls_config:\n      ca_file: {ca}\n      cert_file: {cert}\n      \
+         key_file: {key}\n    basic_auth:\n      username: prometheus\n      password: '{password}'\n"
+    );
+    let prometheus = Prometheus::start(&dir.0, &addr, &job);
+    let seen = wait_for(
+        "Prometheus to scrape the leak over TLS",
+        Duration::from_secs(30),
+        || {
+            let up = prometheus.query("up{job=\"socktrace\"}")?;
+            let leaked =
+                prometheus.query(&format!("socktrace_close_wait_sockets{{pid=\"{pid}\"}}"))?;
+            (up == 1.0 && leaked >= 12.0).then_some(leaked)
+        },
+    );
+    assert!(seen >= 12.0);
+    let finished = terminate(served);
+    assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
+    assert!(
+        finished
+            .stderr
+            .iter()
+            .any(|line| line == &format!("socktrace: serving metrics on {url}")),
+        "{:?}",
+        finished.stderr
+    );
 }

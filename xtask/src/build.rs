@@ -41,6 +41,11 @@ pub fn socktrace(debug: bool, target: Option<&str>) -> anyhow::Result<PathBuf> {
     }
     if let Some(target) = target {
         build.args(["--target", target]);
+        // cc looks for x86_64-linux-musl-gcc, which Debian's musl-tools
+        // calls musl-gcc.
+        if target == setup::MUSL_TARGET {
+            build.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
+        }
     }
     cmd::run(&mut build)?;
     let mut dir = cmd::target_dir()?;

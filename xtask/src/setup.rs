@@ -150,6 +150,18 @@ fn tools_of_jobs() -> &'static [Tool] {
             needed_by: Needed::Tests,
         },
         Tool {
+            command: "openssl",
+            package: "openssl",
+            why: "certificates for the test of `serve --web-config` over TLS",
+            needed_by: Needed::Tests,
+        },
+        Tool {
+            command: "curl",
+            package: "curl",
+            why: "the clients that `serve --web-config` must refuse, in its test",
+            needed_by: Needed::Tests,
+        },
+        Tool {
             command: "pip3",
             package: "python3-pip",
             why: "installing the Python modules the tests import",
@@ -165,6 +177,12 @@ fn tools_of_jobs() -> &'static [Tool] {
             command: "podman",
             package: "podman",
             why: "building the container image, and the tests with a real container runtime",
+            needed_by: Needed::Image,
+        },
+        Tool {
+            command: "musl-gcc",
+            package: "musl-tools",
+            why: "compiling ring's C and assembly (TLS for --web-config) into the static binary",
             needed_by: Needed::Image,
         },
         Tool {
@@ -493,7 +511,7 @@ mod tests {
         assert!(test.contains(&"prometheus") && test.contains(&"python3"));
         assert!(test.contains(&"podman"), "the image tests run on the host");
         assert!(!test.contains(&"qemu-system-x86_64") && !test.contains(&"tcpstates"));
-        assert_eq!(commands(Needs::Image), ["podman", "runc"]);
+        assert_eq!(commands(Needs::Image), ["podman", "musl-gcc", "runc"]);
         assert_eq!(commands(Needs::Bench), ["tcpstates", "tcplife"]);
         let vm = commands(Needs::Vm);
         assert!(vm.contains(&"qemu-system-x86_64") && vm.contains(&"python3"));

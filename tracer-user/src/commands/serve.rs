@@ -6,6 +6,7 @@
 //! then the HTTP server.
 
 use std::io::{self, Write as _};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,6 +24,7 @@ use crate::{
         hdr_log::{HdrLog, HdrLogOptions},
         http::{self, Health},
         metrics::{Exporter, Metrics},
+        web_config::WebConfig,
     },
     watch::{Watch, WatchFeed},
 };
@@ -32,6 +34,8 @@ pub struct Options {
     pub report: ReportOptions,
     /// `IP:PORT` of /metrics and /healthz.
     pub listen: String,
+    /// TLS and basic auth for them (`--web-config`).
+    pub web_config: Option<PathBuf>,
     /// At most this many processes exported (bounds the series).
     pub max_processes: usize,
     pub hdr_log: Option<HdrLogOptions>,
@@ -40,20 +44,25 @@ pub struct Options {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     // Bound first: a busy port or a bad address fails before the probes load.
     let addr = http::parse_listen(&options.listen)?;
+    let web = match &options.web_config {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::open(),
+    };
     let listener = http::bind(addr).await?;
     let local = listener.local_addr().unwrap_or(addr);
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && web.is_open() {
         eprintln!(
-            "socktrace: warning: serving on {local}, not a loopback address: anyone who can reach it sees process names and peers"
+            "socktrace: warning: serving on {local}, not a loopback address, without --web-config: anyone who can reach it sees process names and peers"
         );
     }
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     let hdr_log = match options.hdr_log {
         Some(log) => {
             Some(HdrLog::create(log, SystemTime::now()).context("starting the HdrHistogram log")?)
         }
         None => None,
     };
-    eprintln!("socktrace: serving metrics on http://{local}/metrics");
+    eprintln!("socktrace: serving metrics on {scheme}://{local}/metrics");
 
     let started = pipeline::start(&options.pipeline, true)?;
     let metrics = Arc::new(Metrics::new(
@@ -66,6 +75,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         listener,
         metrics.clone(),
         health.clone(),
+        Arc::new(web),
         stopped,
     ));
     let feed = WatchFeed::new(

@@ -1,6 +1,7 @@
 //! The HTTP side of `socktrace serve`: `/metrics` and `/healthz` on a
 //! listener that is bound before the probes load, so that a busy port or a
-//! bad address fails at once.
+//! bad address fails at once; over TLS and behind basic auth with
+//! `--web-config` (`serve::web_config`).
 
 use std::convert::Infallible;
 use std::io;
@@ -11,18 +12,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 use super::exposition::Format;
 use super::metrics::Metrics;
+use super::web_config::WebConfig;
 
 /// Scrapers (and anyone else) served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -97,10 +100,12 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    web: Arc<WebConfig>,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tls = web.tls.clone().map(TlsAcceptor::from);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -118,22 +123,27 @@ pub async fn serve(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (metrics, health) = (metrics.clone(), health.clone());
+        let (metrics, health, web) = (metrics.clone(), health.clone(), web.clone());
         let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-            let response = respond(&request, &metrics, &health);
-            async move { Ok::<_, Infallible>(response) }
+            let (metrics, health, web) = (metrics.clone(), health.clone(), web.clone());
+            async move { Ok::<_, Infallible>(authorized(&request, &metrics, &health, &web).await) }
         });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_REQUEST_BYTES)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(MAX_CONNECTION_AGE, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::debug!("HTTP connection: {e}"),
-                Err(_) => log::debug!("HTTP connection closed after {MAX_CONNECTION_AGE:?}"),
+            let served = match tls {
+                None => serve_connection(TokioIo::new(stream), service, watcher).await,
+                // The handshake gets the time the request headers get.
+                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(TokioIo::new(stream), service, watcher).await
+                    }
+                    Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                    Err(_) => Err("TLS handshake timed out".to_string()),
+                },
+            };
+            if let Err(e) = served {
+                log::debug!("HTTP connection: {e}");
             }
             drop(slot);
         });
@@ -145,6 +155,49 @@ pub async fn serve(
     {
         log::debug!("HTTP connections still open at exit");
     }
+}
+
+/// One connection, plain or TLS, within the limits above.
+async fn serve_connection<I, S>(io: I, service: S, watcher: Watcher) -> Result<(), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .serve_connection(io, service);
+    match tokio::time::timeout(MAX_CONNECTION_AGE, watcher.watch(connection)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("closed after {MAX_CONNECTION_AGE:?}")),
+    }
+}
+
+/// [`respond`] to whoever basic auth admits; `/healthz` is for anyone (a
+/// liveness probe has no password, and it tells nothing).
+async fn authorized<B>(
+    request: &Request<B>,
+    metrics: &Metrics,
+    health: &Health,
+    web: &WebConfig,
+) -> Response<Full<Bytes>> {
+    if web.auth.required() && request.uri().path() != "/healthz" {
+        let credentials = request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if !web.auth.admits(credentials).await {
+            let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"socktrace\""),
+            );
+            return response;
+        }
+    }
+    respond(request, metrics, health)
 }
 
 fn respond<B>(request: &Request<B>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
