@@ -262,7 +262,7 @@ fn read_labels(pid: u32, host_pidns: Option<u64>) -> Labels {
 /// `/system.slice/docker-<id>.scope`, `/docker/<id>`,
 /// `/kubepods.slice/.../cri-containerd-<id>.scope`, `/.../crio-<id>.scope`,
 /// `/machine.slice/libpod-<id>.scope`, `/kubepods/burstable/pod.../<id>`.
-fn container_id(path: &str) -> Option<(&'static str, String)> {
+pub fn container_id(path: &str) -> Option<(&'static str, String)> {
     const PREFIXES: [(&str, &str); 5] = [
         ("docker-", "docker"),
         ("cri-containerd-", "containerd"),

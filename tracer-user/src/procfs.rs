@@ -105,7 +105,7 @@ pub fn cgroup_path(pid: u32) -> Option<String> {
     preferred_cgroup(&cgroups.0)
 }
 
-fn preferred_cgroup(cgroups: &[ProcessCGroup]) -> Option<String> {
+pub fn preferred_cgroup(cgroups: &[ProcessCGroup]) -> Option<String> {
     cgroups
         .iter()
         .find(|cgroup| cgroup.hierarchy == 0)

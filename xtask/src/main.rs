@@ -5,6 +5,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod fuzz;
 mod image;
 mod package;
 mod setup;
@@ -39,6 +40,8 @@ enum Job {
     Test(test::TestOptions),
     /// Benchmark socktrace against no tracer and its peers; writes docs/benchmarks.md.
     Bench(bench::BenchOptions),
+    /// Run the fuzz targets of tracer-user for a bounded time each.
+    Fuzz(fuzz::FuzzOptions),
     /// Build the Debian package (target/debian/socktrace_<version>_amd64.deb).
     Package,
     /// Build the container image localhost/socktrace:<version> with podman.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Job::Run(options) => build::run(&options),
         Job::Test(options) => test::run(&options),
         Job::Bench(options) => bench::run(&options),
+        Job::Fuzz(options) => fuzz::run(&options),
         Job::Package => package::package().map(|_| ()),
         Job::Image => image::image().map(|_| ()),
     };

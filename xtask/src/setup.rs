@@ -38,6 +38,8 @@ pub enum Needs {
     Image,
     /// `cargo xtask test --vm`: QEMU, and the test tools the guests use.
     Vm,
+    /// `cargo xtask fuzz`: cargo-fuzz.
+    Fuzz,
     /// Everything (`cargo xtask setup` without `--for`).
     All,
 }
@@ -65,7 +67,7 @@ impl Needs {
     fn wants(self, tool: &Tool) -> bool {
         match (self, tool.needed_by) {
             (Self::All, _) => true,
-            (Self::Build | Self::Package, _) => false,
+            (Self::Build | Self::Package | Self::Fuzz, _) => false,
             (Self::Test, needed) => needed == Needed::Tests || needed == Needed::Image,
             (Self::Bench, needed) => needed == Needed::Bench,
             (Self::Image, needed) => needed == Needed::Image,
@@ -226,7 +228,34 @@ pub fn run(needs: Needs) -> anyhow::Result<()> {
     if needs.python() {
         python_modules()?;
     }
+    if matches!(needs, Needs::Fuzz | Needs::All) {
+        cargo_fuzz()?;
+    }
     Ok(())
+}
+
+/// The release known to build with the stable toolchain here.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let mut version = Command::new("cargo");
+    version.args(["fuzz", "--version"]);
+    if let Some(found) = cmd::output(&mut version) {
+        println!("{} present", found.trim());
+        return Ok(());
+    }
+    println!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; takes a minute)..."
+    );
+    let mut install = Command::new("cargo");
+    install.args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    cmd::run(&mut install)
 }
 
 /// The release known to build with the stable toolchain here.

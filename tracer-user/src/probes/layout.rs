@@ -66,7 +66,7 @@ pub fn tracepoint_fields(
 
 /// Parses lines like `field:const void * skaddr; offset:8; size:8; signed:0;`
 /// (tab-separated).
-fn parse_format(text: &str) -> HashMap<String, u16> {
+pub fn parse_format(text: &str) -> HashMap<String, u16> {
     let mut fields = HashMap::new();
     for line in text.lines() {
         let mut decl = None;
@@ -174,25 +174,35 @@ pub fn load_btf(path: &Path) -> anyhow::Result<Btf> {
 
 /// Reads every offset the kernel programs need from this kernel.
 pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
-    let tp = "sock:inet_sock_set_state";
     let set_state = tracepoint_fields(tracefs, "sock", "inet_sock_set_state")?;
     let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
     let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
+    layout_of(&set_state, &accept, &destroy, btf)
+}
+
+/// The layout from the three tracepoints' fields and the kernel's BTF.
+pub fn layout_of(
+    set_state: &HashMap<String, u16>,
+    accept: &HashMap<String, u16>,
+    destroy: &HashMap<String, u16>,
+    btf: &Btf,
+) -> anyhow::Result<Layout> {
+    let tp = "sock:inet_sock_set_state";
     let (file_refs, file_refs_less_one) = file_refs(btf)?;
     let layout = Layout {
-        set_state_skaddr: field(&set_state, tp, "skaddr")?,
-        set_state_oldstate: field(&set_state, tp, "oldstate")?,
-        set_state_newstate: field(&set_state, tp, "newstate")?,
-        set_state_sport: field(&set_state, tp, "sport")?,
-        set_state_dport: field(&set_state, tp, "dport")?,
-        set_state_family: field(&set_state, tp, "family")?,
-        set_state_protocol: field(&set_state, tp, "protocol")?,
-        set_state_saddr: field(&set_state, tp, "saddr")?,
-        set_state_daddr: field(&set_state, tp, "daddr")?,
-        set_state_saddr_v6: field(&set_state, tp, "saddr_v6")?,
-        set_state_daddr_v6: field(&set_state, tp, "daddr_v6")?,
-        accept_ret: field(&accept, "syscalls:sys_exit_accept4", "ret")?,
-        destroy_skaddr: field(&destroy, "tcp:tcp_destroy_sock", "skaddr")?,
+        set_state_skaddr: field(set_state, tp, "skaddr")?,
+        set_state_oldstate: field(set_state, tp, "oldstate")?,
+        set_state_newstate: field(set_state, tp, "newstate")?,
+        set_state_sport: field(set_state, tp, "sport")?,
+        set_state_dport: field(set_state, tp, "dport")?,
+        set_state_family: field(set_state, tp, "family")?,
+        set_state_protocol: field(set_state, tp, "protocol")?,
+        set_state_saddr: field(set_state, tp, "saddr")?,
+        set_state_daddr: field(set_state, tp, "daddr")?,
+        set_state_saddr_v6: field(set_state, tp, "saddr_v6")?,
+        set_state_daddr_v6: field(set_state, tp, "daddr_v6")?,
+        accept_ret: field(accept, "syscalls:sys_exit_accept4", "ret")?,
+        destroy_skaddr: field(destroy, "tcp:tcp_destroy_sock", "skaddr")?,
         file_refs_less_one: u16::from(file_refs_less_one),
         _pad: [0; 2],
         task_files: member_offset(btf, "task_struct", "files")?,

@@ -74,6 +74,12 @@ pub struct Health {
     last_tick_ms: AtomicU64,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Health {
     pub fn new() -> Self {
         Self {
@@ -123,11 +129,7 @@ pub async fn serve(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (metrics, health, web) = (metrics.clone(), health.clone(), web.clone());
-        let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-            let (metrics, health, web) = (metrics.clone(), health.clone(), web.clone());
-            async move { Ok::<_, Infallible>(authorized(&request, &metrics, &health, &web).await) }
-        });
+        let service = service(metrics.clone(), health.clone(), web.clone());
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -157,8 +159,27 @@ pub async fn serve(
     }
 }
 
+/// What answers each request: `/metrics` and `/healthz` behind basic auth
+/// if configured.
+pub fn service(
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    web: Arc<WebConfig>,
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone
++ Send {
+    service_fn(move |request: Request<hyper::body::Incoming>| {
+        let (metrics, health, web) = (metrics.clone(), health.clone(), web.clone());
+        async move { Ok(authorized(&request, &metrics, &health, &web).await) }
+    })
+}
+
 /// One connection, plain or TLS, within the limits above.
-async fn serve_connection<I, S>(io: I, service: S, watcher: Watcher) -> Result<(), String>
+pub async fn serve_connection<I, S>(io: I, service: S, watcher: Watcher) -> Result<(), String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Full<Bytes>>,

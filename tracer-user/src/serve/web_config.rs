@@ -87,7 +87,7 @@ impl WebConfig {
     }
 
     /// `dir` is where relative paths in the file start.
-    fn parse(text: &str, dir: &Path) -> anyhow::Result<Self> {
+    pub fn parse(text: &str, dir: &Path) -> anyhow::Result<Self> {
         // An empty file is the toolkit's "no TLS, no auth".
         let file: WebConfigFile = if text.trim().is_empty() {
             WebConfigFile {
