@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::{
     model::{Container, Labels},
-    procfs,
+    procfs, text,
 };
 
 #[derive(Debug, Error)]
@@ -68,7 +68,7 @@ fn container_member(name: &str) -> Result<u32, TargetError> {
     let hex = name.len() >= 3 && name.bytes().all(|b| b.is_ascii_hexdigit());
     if hex {
         let members = procfs::all_pids().into_iter().filter_map(|pid| {
-            let (_, id) = container_id(&procfs::cgroup_path(pid)?)?;
+            let (_, id) = container_id(&String::from_utf8_lossy(&procfs::cgroup_path(pid)?))?;
             Some((id, pid))
         });
         if let Some(pid) = with_id_prefix(&name.to_ascii_lowercase(), members)? {
@@ -246,11 +246,13 @@ fn read_labels(pid: u32, host_pidns: Option<u64>) -> Labels {
         pidns,
         container: procfs::cgroup_path(pid)
             .map(|path| {
-                let (runtime, id) = container_id(&path).unzip();
+                // Ids are hex: one in a path that is not UTF-8 is still found.
+                let shown = text::shown(&path);
+                let (runtime, id) = container_id(&String::from_utf8_lossy(&path)).unzip();
                 Container {
                     id,
                     runtime,
-                    cgroup: path,
+                    cgroup: shown.into_owned(),
                 }
             })
             // A host process in the root cgroup is not "in a container".

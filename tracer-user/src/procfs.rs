@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::io;
 
 use procfs::{
-    ProcError, ProcessCGroup,
+    ProcError,
     process::{LimitValue, Process},
 };
 
@@ -99,19 +99,32 @@ pub fn innermost_nspid(pid: u32) -> Option<u32> {
 }
 
 /// The cgroup path of `pid`: the unified (v2) one, or the first v1
-/// hierarchy's.
-pub fn cgroup_path(pid: u32) -> Option<String> {
-    let cgroups = process(pid).ok()?.cgroups().ok()?;
-    preferred_cgroup(&cgroups.0)
+/// hierarchy's. As bytes: a path may hold any byte but `/` and a newline
+/// (procfs's parser refuses bytes that are not UTF-8); the views escape it.
+pub fn cgroup_path(pid: u32) -> Option<Vec<u8>> {
+    let file = fs::read(format!("/proc/{pid}/cgroup")).ok()?;
+    preferred_cgroup(&file).map(<[u8]>::to_vec)
 }
 
-pub fn preferred_cgroup(cgroups: &[ProcessCGroup]) -> Option<String> {
-    cgroups
-        .iter()
-        .find(|cgroup| cgroup.hierarchy == 0)
-        .or_else(|| cgroups.first())
-        .map(|cgroup| cgroup.pathname.clone())
-        .filter(|path| !path.is_empty())
+/// The preferred path in a `/proc/PID/cgroup` file (`HIERARCHY:CONTROLLERS:PATH`
+/// lines).
+pub fn preferred_cgroup(file: &[u8]) -> Option<&[u8]> {
+    let mut first = None;
+    for line in file.split(|&b| b == b'\n') {
+        let mut fields = line.splitn(3, |&b| b == b':');
+        let (Some(hierarchy), Some(_), Some(path)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if path.is_empty() {
+            continue;
+        }
+        if hierarchy == b"0" {
+            return Some(path);
+        }
+        first.get_or_insert(path);
+    }
+    first
 }
 
 fn process(pid: u32) -> io::Result<Process> {
@@ -241,20 +254,21 @@ mod tests {
 
     #[test]
     fn the_unified_cgroup_is_preferred() {
-        let cgroup = |hierarchy, pathname: &str| ProcessCGroup {
-            hierarchy,
-            controllers: Vec::new(),
-            pathname: pathname.to_string(),
-        };
-        let v1 = [cgroup(12, "/docker/abc"), cgroup(11, "/docker/abc")];
-        assert_eq!(preferred_cgroup(&v1).as_deref(), Some("/docker/abc"));
-        let both = [cgroup(12, "/v1"), cgroup(0, "/system.slice/x.service")];
+        let v1 = b"12:pids:/docker/abc\n11:memory:/docker/abc\n";
+        assert_eq!(preferred_cgroup(v1), Some(&b"/docker/abc"[..]));
+        let both = b"12:pids:/v1\n0::/system.slice/x.service\n";
         assert_eq!(
-            preferred_cgroup(&both).as_deref(),
-            Some("/system.slice/x.service")
+            preferred_cgroup(both),
+            Some(&b"/system.slice/x.service"[..])
         );
-        assert_eq!(preferred_cgroup(&[cgroup(0, "/")]).as_deref(), Some("/"));
-        assert_eq!(preferred_cgroup(&[]), None);
+        assert_eq!(preferred_cgroup(b"0::/\n"), Some(&b"/"[..]));
+        // A path may hold colons and bytes that are not UTF-8.
+        assert_eq!(
+            preferred_cgroup(b"0::/a:b\x1b\xff\n"),
+            Some(&b"/a:b\x1b\xff"[..])
+        );
+        assert_eq!(preferred_cgroup(b""), None);
+        assert_eq!(preferred_cgroup(b"garbage\n"), None);
     }
 
     #[test]
@@ -284,7 +298,7 @@ mod tests {
         let nspid: Option<String> = field(&status, "NSpid");
         let innermost = nspid.and_then(|pids| pids.split_whitespace().last()?.parse().ok());
         assert_eq!(innermost_nspid(pid), innermost);
-        assert!(cgroup_path(pid).is_some_and(|path| path.starts_with('/')));
+        assert!(cgroup_path(pid).is_some_and(|path| path.starts_with(b"/")));
     }
 
     #[test]

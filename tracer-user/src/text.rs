@@ -1,6 +1,8 @@
 //! Numbers as a person reads them, shared by the verdicts and every view:
 //! counts with digit grouping, durations and ages, ETAs, rates; and errors
-//! on one line.
+//! on one line; bytes from outside, escaped.
+
+use std::borrow::Cow;
 
 use num_format::{Locale, ToFormattedString as _};
 
@@ -84,6 +86,33 @@ pub fn seconds_phrase(seconds: f64) -> String {
     } else {
         format!("{seconds:.0} s")
     }
+}
+
+/// Bytes from outside (a process name, a cgroup path) as every view shows
+/// them: control characters (an escape sequence, a newline) and bytes that
+/// are not UTF-8 are written out as escapes (`\u{1b}`, `\n`, `\xff`), so
+/// that nothing can drive the terminal, split a line or hide what follows
+/// it. Borrowed for plain text, the common case.
+pub fn shown(bytes: &[u8]) -> Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes)
+        && !text.chars().any(char::is_control)
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::new();
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                shown.extend(c.escape_default());
+            } else {
+                shown.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            shown.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    Cow::Owned(shown)
 }
 
 /// An error and its causes on one line, each said once: some errors

@@ -214,3 +214,78 @@ fn watch_finds_a_leak_inside_a_container() {
         "only the container's processes: {lines:#?}"
     );
 }
+
+/// Where cgroup v2 is mounted (on its own, or as the unified hierarchy of
+/// a hybrid setup); mounted by the test where nothing has (the VM guests).
+fn cgroup2_mount() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let mounted = mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].into())
+    });
+    mounted.unwrap_or_else(|| {
+        let dir = std::env::temp_dir().join("socktrace-test-cgroup2");
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting cgroup2 at {}", dir.display());
+        dir
+    })
+}
+
+/// A cgroup removed at the end (after its processes have left it).
+struct Cgroup(std::path::PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Anyone who can make a cgroup can name it: a path with an escape
+/// sequence, a bell and a byte that is not UTF-8 (the kernel refuses only
+/// `/` and newlines) reaches the JSON Lines escaped, and valid UTF-8.
+#[test]
+fn hostile_cgroup_paths_are_escaped() {
+    use std::os::unix::ffi::OsStrExt as _;
+    if !require_root("hostile_cgroup_paths_are_escaped") {
+        return;
+    }
+    let root = cgroup2_mount();
+    let name = b"socktrace-test-\x1b[2Jev\xffil\x07";
+    let cgroup = Cgroup(root.join(std::ffi::OsStr::from_bytes(name)));
+    std::fs::create_dir(&cgroup.0).unwrap();
+
+    let mut c = Container::spawn("tcp_roles.py", &["storm", "4", "5", "wait"]);
+    let init = c.init_host_pid();
+    c.role().expect("waiting");
+    std::fs::write(cgroup.0.join("cgroup.procs"), init.to_string()).unwrap();
+    let tracer = Tracer::start(&["trace", "--json", "--container", &init.to_string()]);
+    c.role().send("go");
+    c.role().expect("done");
+    // Labels are read from /proc when the events are shown: the process
+    // stays until then.
+    thread::sleep(Duration::from_secs(1));
+    c.role().send("exit");
+    let finished = tracer.wait();
+    assert_eq!(finished.code, Some(0), "{:?}", finished.stderr);
+
+    let events = finished.json();
+    assert!(events.len() >= 5 * 8, "{} events", events.len());
+    let shown = "/socktrace-test-\\u{1b}[2Jev\\xffil\\u{7}";
+    for event in &events {
+        let cgroup = event["container"]["cgroup"].as_str().unwrap_or_default();
+        assert!(cgroup.ends_with(shown), "{event}");
+    }
+    for line in &finished.stdout {
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
+    }
+}

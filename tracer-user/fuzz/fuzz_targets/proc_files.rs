@@ -10,10 +10,9 @@ use tracer_user::{containers, procfs as proc_files};
 fuzz_target!(|data: &[u8]| {
     let _ = procfs::process::Limits::from_buf_read(data);
     let _ = procfs::process::Status::from_buf_read(data);
-    if let Ok(cgroups) = procfs::ProcessCGroups::from_buf_read(data)
-        && let Some(path) = proc_files::preferred_cgroup(&cgroups.0)
-    {
-        let _ = containers::container_id(&path);
+    if let Some(path) = proc_files::preferred_cgroup(data) {
+        let _ = containers::container_id(&String::from_utf8_lossy(path));
+        let _ = tracer_user::text::shown(path);
     }
     let text = String::from_utf8_lossy(data);
     let _ = proc_files::field::<u64>(&text, "recursion_misses");

@@ -7,6 +7,7 @@ use std::{borrow::Cow, net::SocketAddr};
 use tracer_common::{OwnerSource, TASK_COMM_LEN};
 
 use crate::tcp::{CloseCause, TcpState};
+use crate::text;
 
 /// A task's command name, kept inline (the kernel's 16 bytes) so events
 /// carry it without allocating. Stored as the kernel gives it and checked
@@ -58,26 +59,7 @@ impl Comm {
     /// can drive the terminal, split a line or hide what follows it.
     /// Borrowed for a plain name, the common case.
     pub fn shown(&self) -> Cow<'_, str> {
-        let bytes = self.name_bytes();
-        if let Ok(text) = std::str::from_utf8(bytes)
-            && !text.chars().any(char::is_control)
-        {
-            return Cow::Borrowed(text);
-        }
-        let mut shown = String::new();
-        for chunk in bytes.utf8_chunks() {
-            for c in chunk.valid().chars() {
-                if c.is_control() {
-                    shown.extend(c.escape_default());
-                } else {
-                    shown.push(c);
-                }
-            }
-            for byte in chunk.invalid() {
-                shown.push_str(&format!("\\x{byte:02x}"));
-            }
-        }
-        Cow::Owned(shown)
+        text::shown(self.name_bytes())
     }
 }
 
