@@ -18,7 +18,7 @@
 
 mod held;
 mod loadgen;
-mod proc;
+pub mod proc;
 mod report;
 mod tracer;
 

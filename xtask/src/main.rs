@@ -9,6 +9,7 @@ mod fuzz;
 mod image;
 mod package;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -42,6 +43,11 @@ enum Job {
     Bench(bench::BenchOptions),
     /// Run the fuzz targets of tracer-user for a bounded time each.
     Fuzz(fuzz::FuzzOptions),
+    /// A long run against a churn of short-lived processes (root).
+    Soak(soak::SoakOptions),
+    /// One process of the soak's churn.
+    #[command(hide = true)]
+    SoakWorker(soak::WorkerOptions),
     /// Build the Debian package (target/debian/socktrace_<version>_amd64.deb).
     Package,
     /// Build the container image localhost/socktrace:<version> with podman.
@@ -58,6 +64,8 @@ fn main() -> ExitCode {
         Job::Test(options) => test::run(&options),
         Job::Bench(options) => bench::run(&options),
         Job::Fuzz(options) => fuzz::run(&options),
+        Job::Soak(options) => soak::run(&options),
+        Job::SoakWorker(options) => soak::worker(&options),
         Job::Package => package::package().map(|_| ()),
         Job::Image => image::image().map(|_| ()),
     };

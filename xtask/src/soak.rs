@@ -1,0 +1,712 @@
+//! `cargo xtask soak --minutes N` (root): socktrace for a long run against a
+//! churn of short-lived processes, checked against what the workload itself
+//! recorded.
+//!
+//! A local server closes every connection 200 ms after accepting it (as the
+//! incident's server did, sooner). Workers, thousands a minute, each open a
+//! few connections to it and exit: most close theirs at once, one in five
+//! leaks them into CLOSE_WAIT until it exits. Every twentieth worker is
+//! given the pid of one that has exited (`ns_last_pid`), so pids are
+//! reused while socktrace still remembers the old process. A steady leaker
+//! keeps one connection more every two seconds for the whole run.
+//!
+//! Two socktraces watch the server's port: `trace --json` (each worker's
+//! connections must be attributed to it: at least 99.9 %) and `watch
+//! --json` (alerts for the steady leaker only). Both must lose nothing,
+//! and their RSS and CPU must stay flat (within 10 %) after the warm-up.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::Value;
+
+use crate::{bench::proc, build, cmd};
+
+/// The server hangs up this long after accepting.
+const SERVER_CLOSE_AFTER: Duration = Duration::from_millis(200);
+const WORKERS_PER_SECOND: u32 = 30;
+const CONNECTIONS_PER_WORKER: u32 = 3;
+/// A leaking worker holds its sockets this long, then exits.
+const LEAKER_HOLD: Duration = Duration::from_millis(600);
+const STEADY_EVERY: Duration = Duration::from_secs(2);
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+const ATTRIBUTION_TARGET: f64 = 0.999;
+const FLAT_WITHIN: f64 = 0.10;
+
+#[derive(Args)]
+pub struct SoakOptions {
+    /// Length of the run in minutes (docs/soak.md's figures come from 30).
+    #[arg(long, default_value_t = 30)]
+    minutes: u32,
+    /// Also write the report (Markdown) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+/// `xtask soak-worker`: one process of the churn (hidden; the soak runs
+/// it).
+#[derive(Args)]
+pub struct WorkerOptions {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value_t = CONNECTIONS_PER_WORKER)]
+    connections: u32,
+    /// Keep the sockets until exit (after the hold) instead of closing them.
+    #[arg(long)]
+    leak: bool,
+    /// Connect every STEADY_EVERY until killed, never closing.
+    #[arg(long)]
+    steady: bool,
+    /// The process name to take (PR_SET_NAME): each worker's is its own,
+    /// so a socket shown with the name of a process that had the pid
+    /// before is caught.
+    #[arg(long)]
+    name: String,
+}
+
+/// One connection, as its process recorded it (a line on its stdout).
+#[derive(Clone, Copy, Debug)]
+struct Truth {
+    pid: u32,
+    name: [u8; 15],
+    local_port: u16,
+    unix_ns: u128,
+}
+
+pub fn worker(options: &WorkerOptions) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    let name = std::ffi::CString::new(options.name.as_str()).context("a worker name")?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes (the kernel truncates longer ones); `name` outlives the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    let name = &options.name;
+    let mut out = std::io::stdout().lock();
+    let mut held = Vec::new();
+    let mut connect = |held: &mut Vec<TcpStream>| -> anyhow::Result<()> {
+        let stream = TcpStream::connect(("127.0.0.1", options.port))?;
+        let unix_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let local_port = stream.local_addr()?.port();
+        writeln!(out, "{pid} {name} {local_port} {unix_ns}")?;
+        out.flush()?;
+        held.push(stream);
+        Ok(())
+    };
+    if options.steady {
+        loop {
+            connect(&mut held)?;
+            thread::sleep(STEADY_EVERY);
+        }
+    }
+    for _ in 0..options.connections {
+        connect(&mut held)?;
+        if !options.leak {
+            held.clear();
+        }
+    }
+    if options.leak {
+        thread::sleep(LEAKER_HOLD);
+    }
+    Ok(())
+}
+
+pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("the soak loads socktrace's eBPF programs: run it as root");
+    }
+    let socktrace = build::socktrace(false, None)?;
+    let port = start_server()?;
+    let port_arg = port.to_string();
+    // Only the lines the checks read are kept: a long run prints millions.
+    let trace = Socktrace::start(
+        &socktrace,
+        &["trace", "--json", "--port", &port_arg],
+        |line| line.contains(r#""old":"SYN_SENT","#),
+    )?;
+    let watch_args = [
+        "watch",
+        "--json",
+        "--port",
+        &port_arg,
+        "--interval",
+        "5",
+        "--close-wait-age",
+        "30s",
+    ];
+    let watch = Socktrace::start(&socktrace, &watch_args, |line| {
+        line.contains(r#""type":"alert""#)
+    })?;
+    let worker_exe = std::env::current_exe().context("finding the xtask binary")?;
+    let worker = |extra: &[&str]| {
+        let mut command = Command::new(&worker_exe);
+        command
+            .args(["soak-worker", "--port", &port_arg])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        command
+    };
+    let mut steady = worker(&["--steady", "--name", "soak-steady"])
+        .spawn()
+        .context("starting the steady leaker")?;
+    let steady_pid = steady.id();
+    let truth = Arc::new(Mutex::new(Vec::new()));
+    let steady_reader = {
+        let stdout = steady.stdout.take().context("the steady leaker's stdout")?;
+        let truth = truth.clone();
+        thread::spawn(move || collect_truth(stdout, &truth))
+    };
+
+    println!(
+        "soak: {} minutes; {WORKERS_PER_SECOND} workers/s on port {port}; steady leaker pid {steady_pid}",
+        options.minutes
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(u64::from(options.minutes) * 60);
+    let mut samples = Vec::new();
+    let mut next_sample = started;
+    let mut running: Vec<Child> = Vec::new();
+    let mut exited_pids: Vec<u32> = Vec::new();
+    let mut pids_seen: HashMap<u32, u32> = HashMap::new();
+    let mut spawned = 0u64;
+    let mut leakers = 0u64;
+    let interval = Duration::from_secs(1) / WORKERS_PER_SECOND;
+    let mut next_spawn = started;
+    while Instant::now() < deadline {
+        if Instant::now() >= next_spawn {
+            next_spawn += interval;
+            if spawned % 20 == 19
+                && let Some(&old) = exited_pids.last()
+            {
+                // Best effort: another process may take the pid first.
+                let _ = fs::write("/proc/sys/kernel/ns_last_pid", (old - 1).to_string());
+            }
+            let leak = spawned.is_multiple_of(5);
+            let name = format!("soak-{}", spawned % 100_000);
+            let mut args = vec!["--name", &name];
+            if leak {
+                args.push("--leak");
+            }
+            let child = worker(&args).spawn().context("starting a worker")?;
+            *pids_seen.entry(child.id()).or_default() += 1;
+            leakers += u64::from(leak);
+            spawned += 1;
+            running.push(child);
+        }
+        reap(&mut running, &mut exited_pids, &truth)?;
+        if Instant::now() >= next_sample {
+            next_sample += SAMPLE_EVERY;
+            samples.push(Sample::take(started, &trace, &watch)?);
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    while !running.is_empty() {
+        reap(&mut running, &mut exited_pids, &truth)?;
+        thread::sleep(Duration::from_millis(10));
+    }
+    samples.push(Sample::take(started, &trace, &watch)?);
+    let _ = steady.kill();
+    let _ = steady.wait();
+    let _ = steady_reader.join();
+    // Let the last events through before stopping.
+    thread::sleep(Duration::from_secs(2));
+    let trace = trace.stop()?;
+    let watch = watch.stop()?;
+
+    let truth = truth.lock().map(|t| t.clone()).unwrap_or_default();
+    let reused = pids_seen.values().filter(|&&n| n > 1).count();
+    let report = Report {
+        minutes: options.minutes,
+        spawned,
+        leakers,
+        reused_pids: reused,
+        connections: truth.len(),
+        attribution: attribution(&truth, &trace.stdout, port),
+        lost: trace.lost + watch.lost,
+        loss_lines: [trace.loss_lines, watch.loss_lines].concat(),
+        alerted: alerted_pids(&watch.stdout),
+        steady_pid,
+        samples,
+    };
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(path) = &options.report {
+        fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    report.verdict()
+}
+
+/// A server on a free loopback port that closes each connection
+/// [`SERVER_CLOSE_AFTER`] after accepting it.
+fn start_server() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the soak's server")?;
+    let port = listener.local_addr()?.port();
+    let (accepted, to_close) = mpsc::channel::<(Instant, TcpStream)>();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if accepted.send((Instant::now(), stream)).is_err() {
+                return;
+            }
+        }
+    });
+    thread::spawn(move || {
+        for (at, stream) in to_close {
+            let close_at = at + SERVER_CLOSE_AFTER;
+            if let Some(wait) = close_at.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            drop(stream);
+        }
+    });
+    Ok(port)
+}
+
+fn reap(
+    running: &mut Vec<Child>,
+    exited: &mut Vec<u32>,
+    truth: &Mutex<Vec<Truth>>,
+) -> anyhow::Result<()> {
+    let mut index = 0;
+    while index < running.len() {
+        if running[index].try_wait()?.is_some() {
+            let mut child = running.swap_remove(index);
+            if let Some(stdout) = child.stdout.take() {
+                collect_truth(stdout, truth);
+            }
+            // Reaped already: this returns its status at once.
+            child.wait()?;
+            exited.push(child.id());
+            if exited.len() > 1000 {
+                exited.drain(..500);
+            }
+        } else {
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+fn collect_truth(stdout: impl std::io::Read, truth: &Mutex<Vec<Truth>>) {
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [pid, name, port, ns] = fields[..] else {
+            continue;
+        };
+        if let (Ok(pid), Ok(local_port), Ok(unix_ns)) = (pid.parse(), port.parse(), ns.parse())
+            && let Ok(mut truth) = truth.lock()
+        {
+            truth.push(Truth {
+                pid,
+                name: comm(name),
+                local_port,
+                unix_ns,
+            });
+        }
+    }
+}
+
+/// A name as the kernel keeps it (15 bytes).
+fn comm(name: &str) -> [u8; 15] {
+    let mut comm = [0; 15];
+    let len = name.len().min(15);
+    comm[..len].copy_from_slice(&name.as_bytes()[..len]);
+    comm
+}
+
+/// A socktrace run whose stdout and stderr are kept.
+struct Socktrace {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+struct Stopped {
+    stdout: Vec<String>,
+    lost: u64,
+    /// socktrace's own lines about what it lost or skipped.
+    loss_lines: Vec<String>,
+}
+
+impl Socktrace {
+    /// Keeps the lines of stdout that `keep` wants, and all of stderr.
+    fn start(binary: &Path, args: &[&str], keep: fn(&str) -> bool) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting socktrace {}", args.join(" ")))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let read = |pipe: Box<dyn std::io::Read + Send>,
+                    into: Arc<Mutex<Vec<String>>>,
+                    keep: fn(&str) -> bool| {
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if keep(&line)
+                        && let Ok(mut lines) = into.lock()
+                    {
+                        lines.push(line);
+                    }
+                }
+            })
+        };
+        let readers = vec![
+            read(
+                Box::new(child.stdout.take().context("socktrace's stdout")?),
+                stdout.clone(),
+                keep,
+            ),
+            read(
+                Box::new(child.stderr.take().context("socktrace's stderr")?),
+                stderr.clone(),
+                |_| true,
+            ),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let said = stderr.lock().map(|l| l.join("\n")).unwrap_or_default();
+            if said.contains("socktrace: tracing") {
+                break;
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("socktrace {} did not start: {said}", args.join(" "));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> anyhow::Result<Stopped> {
+        // SAFETY: kill on our own child, not yet reaped.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGINT) };
+        let status = self.child.wait().context("waiting for socktrace")?;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let stderr = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+        if !status.success() {
+            bail!("socktrace failed ({status}): {}", stderr.join("\n"));
+        }
+        // At exit socktrace says each kind of loss as "socktrace: COUNT what"
+        // ("12 events lost ...", "3 probe runs skipped ...", "1 sockets
+        // untracked ..."); nothing else it prints starts with a number.
+        let count = |line: &str| -> Option<u64> {
+            line.strip_prefix("socktrace: ")?
+                .split_whitespace()
+                .next()?
+                .replace(',', "")
+                .parse()
+                .ok()
+        };
+        let loss_lines: Vec<String> = stderr
+            .iter()
+            .filter(|line| count(line).is_some())
+            .cloned()
+            .collect();
+        let lost = loss_lines.iter().filter_map(|line| count(line)).sum();
+        let stdout = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
+        Ok(Stopped {
+            stdout,
+            lost,
+            loss_lines,
+        })
+    }
+}
+
+/// What the two socktraces use at one moment.
+struct Sample {
+    at_s: f64,
+    trace_rss_kib: u64,
+    trace_cpu_s: f64,
+    watch_rss_kib: u64,
+    watch_cpu_s: f64,
+}
+
+impl Sample {
+    fn take(started: Instant, trace: &Socktrace, watch: &Socktrace) -> anyhow::Result<Self> {
+        Ok(Self {
+            at_s: started.elapsed().as_secs_f64(),
+            trace_rss_kib: proc::Memory::read(trace.pid())?.rss_kib,
+            trace_cpu_s: proc::cpu_seconds(trace.pid())?,
+            watch_rss_kib: proc::Memory::read(watch.pid())?.rss_kib,
+            watch_cpu_s: proc::cpu_seconds(watch.pid())?,
+        })
+    }
+}
+
+/// (attributed right, attributed wrong, not seen): each recorded
+/// connection against `trace`'s SYN_SENT -> ESTABLISHED line for the same
+/// local port closest in time (ports are reused over a long run); right
+/// means the worker's pid and name.
+fn attribution(truth: &[Truth], trace: &[String], port: u16) -> (usize, usize, usize) {
+    let remote = format!("127.0.0.1:{port}");
+    let mut by_port: HashMap<u16, Vec<(u128, u32, [u8; 15])>> = HashMap::new();
+    for line in trace {
+        let Ok(event) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if event["old"] != "SYN_SENT" || event["new"] != "ESTABLISHED" || event["remote"] != remote
+        {
+            continue;
+        }
+        let local_port = event["local"]
+            .as_str()
+            .and_then(|local| local.rsplit_once(':')?.1.parse().ok());
+        let unix_ns = event["ts"]
+            .as_str()
+            .and_then(|ts| humantime::parse_rfc3339(ts).ok())
+            .and_then(|ts| ts.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos());
+        let pid = event["pid"]
+            .as_u64()
+            .and_then(|pid| u32::try_from(pid).ok());
+        let name = event["comm"].as_str().map(comm);
+        if let (Some(local_port), Some(unix_ns), Some(pid), Some(name)) =
+            (local_port, unix_ns, pid, name)
+        {
+            by_port
+                .entry(local_port)
+                .or_default()
+                .push((unix_ns, pid, name));
+        }
+    }
+    let (mut right, mut wrong, mut unseen) = (0, 0, 0);
+    for t in truth {
+        let closest = by_port.get(&t.local_port).and_then(|events| {
+            events
+                .iter()
+                .min_by_key(|(ns, ..)| ns.abs_diff(t.unix_ns))
+                .filter(|(ns, ..)| ns.abs_diff(t.unix_ns) < 2_000_000_000)
+        });
+        match closest {
+            Some(&(_, pid, name)) if pid == t.pid && name == t.name => right += 1,
+            Some(_) => wrong += 1,
+            None => unseen += 1,
+        }
+    }
+    (right, wrong, unseen)
+}
+
+/// The pids `watch` raised an alert for.
+fn alerted_pids(watch: &[String]) -> Vec<u32> {
+    let mut pids: Vec<u32> = watch
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["type"] == "alert" && line["state"] == "raised")
+        .filter_map(|line| u32::try_from(line["pid"].as_u64()?).ok())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+struct Report {
+    minutes: u32,
+    spawned: u64,
+    leakers: u64,
+    reused_pids: usize,
+    connections: usize,
+    attribution: (usize, usize, usize),
+    lost: u64,
+    loss_lines: Vec<String>,
+    alerted: Vec<u32>,
+    steady_pid: u32,
+    samples: Vec<Sample>,
+}
+
+impl Report {
+    fn attributed_share(&self) -> f64 {
+        let (right, wrong, unseen) = self.attribution;
+        right as f64 / (right + wrong + unseen).max(1) as f64
+    }
+
+    /// The samples after the warm-up (the first fifth, at least a minute).
+    fn settled(&self) -> &[Sample] {
+        let warm_up = (f64::from(self.minutes) * 60.0 / 5.0).max(60.0);
+        let from = self
+            .samples
+            .iter()
+            .position(|s| s.at_s >= warm_up)
+            .unwrap_or(self.samples.len());
+        &self.samples[from..]
+    }
+
+    /// Growth of RSS from the end of the warm-up to its highest after, and
+    /// of the CPU rate from the first half of the settled run to the second.
+    fn growth(&self, rss: fn(&Sample) -> u64, cpu: fn(&Sample) -> f64) -> Option<(f64, f64)> {
+        let settled = self.settled();
+        let (first, last) = (settled.first()?, settled.last()?);
+        let peak = settled.iter().map(rss).max()?;
+        let rss_growth = peak as f64 / rss(first).max(1) as f64 - 1.0;
+        let middle = &settled[settled.len() / 2];
+        let rate = |a: &Sample, b: &Sample| (cpu(b) - cpu(a)) / (b.at_s - a.at_s).max(1.0);
+        // Tick-granular CPU times: a difference under 0.005 core is noise.
+        let (early, late) = (rate(first, middle), rate(middle, last));
+        let cpu_growth = if late - early < 0.005 {
+            0.0
+        } else {
+            late / early.max(0.001) - 1.0
+        };
+        Some((rss_growth, cpu_growth))
+    }
+
+    fn markdown(&self) -> String {
+        let (right, wrong, unseen) = self.attribution;
+        let mut text = format!(
+            "## Soak ({} minutes)\n\n\
+             - workers: {} ({} leaking), {} pids reused while the run went on; {} connections recorded by the workers\n\
+             - attribution: {right} right, {wrong} wrong, {unseen} not seen: {:.3} % (target {:.1} %)\n\
+             - lost events (both socktraces): {} {:?}\n\
+             - alerts raised for pids {:?}; the steady leaker is {}\n\n\
+             | at | trace RSS | trace CPU | watch RSS | watch CPU |\n|---|---|---|---|---|\n",
+            self.minutes,
+            self.spawned,
+            self.leakers,
+            self.reused_pids,
+            self.connections,
+            self.attributed_share() * 100.0,
+            ATTRIBUTION_TARGET * 100.0,
+            self.lost,
+            self.loss_lines,
+            self.alerted,
+            self.steady_pid,
+        );
+        for s in &self.samples {
+            text.push_str(&format!(
+                "| {:.0} s | {:.1} MB | {:.2} s | {:.1} MB | {:.2} s |\n",
+                s.at_s,
+                s.trace_rss_kib as f64 / 1024.0,
+                s.trace_cpu_s,
+                s.watch_rss_kib as f64 / 1024.0,
+                s.watch_cpu_s
+            ));
+        }
+        for (name, growth) in [
+            ("trace", self.growth(|s| s.trace_rss_kib, |s| s.trace_cpu_s)),
+            ("watch", self.growth(|s| s.watch_rss_kib, |s| s.watch_cpu_s)),
+        ] {
+            if let Some((rss, cpu)) = growth {
+                text.push_str(&format!(
+                    "\n{name} after the warm-up: RSS grew {:.1} %, CPU rate {:.1} % (flat: within {:.0} %)",
+                    rss * 100.0,
+                    cpu * 100.0,
+                    FLAT_WITHIN * 100.0
+                ));
+            }
+        }
+        text.push('\n');
+        text
+    }
+
+    fn verdict(&self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        if self.attributed_share() < ATTRIBUTION_TARGET {
+            failures.push(format!(
+                "attribution {:.3} % is below {:.1} %",
+                self.attributed_share() * 100.0,
+                ATTRIBUTION_TARGET * 100.0
+            ));
+        }
+        if self.lost > 0 {
+            failures.push(format!("{} events lost", self.lost));
+        }
+        if self.alerted != [self.steady_pid] {
+            failures.push(format!(
+                "alerts for {:?}, expected the steady leaker {} only",
+                self.alerted, self.steady_pid
+            ));
+        }
+        for (name, growth) in [
+            ("trace", self.growth(|s| s.trace_rss_kib, |s| s.trace_cpu_s)),
+            ("watch", self.growth(|s| s.watch_rss_kib, |s| s.watch_cpu_s)),
+        ] {
+            match growth {
+                Some((rss, cpu)) if rss > FLAT_WITHIN || cpu > FLAT_WITHIN => {
+                    failures.push(format!(
+                        "{name} is not flat: RSS +{:.1} %, CPU +{:.1} %",
+                        rss * 100.0,
+                        cpu * 100.0
+                    ))
+                }
+                Some(_) => {}
+                None => failures.push(format!("too few samples after the warm-up for {name}")),
+            }
+        }
+        if self.reused_pids == 0 {
+            failures.push("no pid was reused: the run did not test pid reuse".to_string());
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("the soak failed: {}", failures.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_matched_by_port_and_time() {
+        let truth = [
+            Truth {
+                pid: 10,
+                name: comm("w10"),
+                local_port: 40000,
+                unix_ns: 1_700_000_000_000_000_000,
+            },
+            // The same port later, by another process (a reused port).
+            Truth {
+                pid: 11,
+                name: comm("w11"),
+                local_port: 40000,
+                unix_ns: 1_700_000_060_000_000_000,
+            },
+            Truth {
+                pid: 12,
+                name: comm("w12"),
+                local_port: 40001,
+                unix_ns: 1_700_000_000_000_000_000,
+            },
+        ];
+        let line = |pid: u32, port: u16, ts: &str| {
+            format!(
+                r#"{{"pid":{pid},"comm":"w{pid}","local":"127.0.0.1:{port}","remote":"127.0.0.1:9000","old":"SYN_SENT","new":"ESTABLISHED","ts":"{ts}"}}"#
+            )
+        };
+        let trace = [
+            line(10, 40000, "2023-11-14T22:13:20.000100Z"),
+            line(11, 40000, "2023-11-14T22:14:20.000100Z"),
+            // Wrongly attributed.
+            line(99, 40001, "2023-11-14T22:13:20.000100Z"),
+        ];
+        assert_eq!(attribution(&truth, &trace, 9000), (2, 1, 0));
+        assert_eq!(attribution(&truth, &trace[..1], 9000), (1, 0, 2));
+    }
+}
