@@ -235,51 +235,40 @@ pub fn run(needs: Needs) -> anyhow::Result<()> {
 }
 
 /// The release known to build with the stable toolchain here.
-const CARGO_FUZZ_VERSION: &str = "0.13.2";
-
-fn cargo_fuzz() -> anyhow::Result<()> {
-    let mut version = Command::new("cargo");
-    version.args(["fuzz", "--version"]);
-    if let Some(found) = cmd::output(&mut version) {
-        println!("{} present", found.trim());
-        return Ok(());
-    }
-    println!(
-        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; takes a minute)..."
-    );
-    let mut install = Command::new("cargo");
-    install.args([
-        "install",
-        "cargo-fuzz",
-        "--locked",
-        "--version",
-        CARGO_FUZZ_VERSION,
-    ]);
-    cmd::run(&mut install)
-}
-
-/// The release known to build with the stable toolchain here.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn cargo_deb() -> anyhow::Result<()> {
-    let mut version = Command::new("cargo");
-    version.args(["deb", "--version"]);
-    if let Some(version) = cmd::output(&mut version) {
-        println!("cargo-deb present ({})", version.trim());
+    cargo_tool(
+        "deb",
+        CARGO_DEB_VERSION,
+        "needed to build the Debian package; takes a minute or two",
+    )
+}
+
+/// The release known to build with the stable toolchain here.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    cargo_tool(
+        "fuzz",
+        CARGO_FUZZ_VERSION,
+        "runs the fuzz targets; takes a minute",
+    )
+}
+
+/// `cargo SUBCOMMAND` from crates.io (`cargo-SUBCOMMAND` at `version`),
+/// unless it is there already.
+fn cargo_tool(subcommand: &str, version: &str, why: &str) -> anyhow::Result<()> {
+    let package = format!("cargo-{subcommand}");
+    let mut present = Command::new("cargo");
+    present.args([subcommand, "--version"]);
+    if let Some(found) = cmd::output(&mut present) {
+        println!("{package} present ({})", found.trim());
         return Ok(());
     }
-    println!(
-        "installing cargo-deb {CARGO_DEB_VERSION} (needed to build the Debian package; \
-         takes a minute or two)..."
-    );
+    println!("installing {package} {version} ({why})...");
     let mut install = Command::new("cargo");
-    install.args([
-        "install",
-        "cargo-deb",
-        "--locked",
-        "--version",
-        CARGO_DEB_VERSION,
-    ]);
+    install.args(["install", &package, "--locked", "--version", version]);
     cmd::run(&mut install)
 }
 
