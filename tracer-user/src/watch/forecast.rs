@@ -269,6 +269,10 @@ const SPED_UP: f64 = 3.0;
 pub const FAST_ETA_MAX_S: f64 = 60.0;
 /// The seconds scale needs this much steady growth first.
 const FAST_MIN_SPAN_S: f64 = 1.5;
+/// A slower scale's growth is steady (a verdict) only once it spans this
+/// share of its window: a server or a pool warming up on a slow host adds
+/// fds for several seconds before it levels off, and that is no leak.
+const STEADY_SPAN_SHARE: f64 = 1.0 / 3.0;
 
 /// One process's samples at every scale.
 #[derive(Clone, Debug)]
@@ -321,6 +325,9 @@ impl Trends {
                 continue;
             };
             forecast.window_s = history.window_s();
+            if index != SECONDS {
+                forecast.steady &= history.span_s() >= STEADY_SPAN_SHARE * history.window_s();
+            }
             let Some(eta) = forecast.eta_s else {
                 flat.get_or_insert(forecast);
                 continue;
@@ -608,6 +615,24 @@ mod tests {
         // Warming up over two seconds towards a far limit: no forecast either.
         let warming = trends(3, |t| 10.0 + 10.0 * t.min(2.0));
         assert_eq!(warming.fd_forecast(30, 65_535).and_then(|f| f.eta_s), None);
+    }
+
+    #[test]
+    fn a_server_warming_up_for_seconds_is_never_a_steady_rise() {
+        // 4 fds, then 1.4 more a second for 7 s, then level (as a threaded
+        // server under emulation did): forecasts, but never a verdict.
+        let fds = |t: f64| 4.0 + 1.4 * t.min(7.0);
+        for seconds in 6..=90 {
+            let warming = trends(seconds, fds);
+            let forecast = warming.fd_forecast(fds(seconds as f64) as u64, 1_024);
+            assert!(
+                !forecast.is_some_and(|f| f.steady),
+                "{seconds} s: {forecast:?}"
+            );
+        }
+        // A leak at the same pace is a steady rise by a third of a minute.
+        let leak = trends(21, |t| 4.0 + 1.4 * t);
+        assert!(leak.fd_forecast(33, 1_024).unwrap().steady);
     }
 
     #[test]
