@@ -144,23 +144,12 @@ static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
 #[map(name = "SOCK_COMMON")]
 static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(2, 0);
 
-/// Per CPU, the last events each BPF tracepoint program with a `_nested`
-/// partner took, by `state::Partner` (see
+/// Per CPU, the runs under way of each BPF tracepoint program with a
+/// `_nested` partner, by `state::Partner`: the kernel skips a program only
+/// while a run of it is under way on that CPU (see
 /// `state::inet_sock_set_state_btf_nested`).
-#[map(name = "TAKEN")]
-static TAKEN: PerCpuArray<Taken> = PerCpuArray::with_max_entries(2, 0);
-
-/// Events a softirq may handle at once, well within one landing in the
-/// partner program before it looks.
-const TAKEN_KEPT: usize = 16;
-
-/// A ring of the last [`TAKEN_KEPT`] events a program took (socket,
-/// states).
-#[repr(C)]
-struct Taken {
-    ids: [[u64; 2]; TAKEN_KEPT],
-    next: u64,
-}
+#[map(name = "RUNNING")]
+static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
 #[inline(always)]
 fn ns_filter() -> Option<NamespaceFilter> {

@@ -20,9 +20,9 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, SET_STATE_RECORD, SOCK_COMMON, TAKEN, TAKEN_KEPT, bump, config, current_comm,
-    current_tgid, emit, header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr,
-    set_owner_to_current, socket_netns,
+    EVENTS, RUNNING, SET_STATE_RECORD, SOCK_COMMON, bump, config, current_comm, current_tgid, emit,
+    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
+    socket_netns,
     store::{HashStore, SkStore, SocketStore, forget_seeded},
     wakeup_flag,
 };
@@ -227,14 +227,14 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 // The kernel refuses to run a BPF tracepoint program inside itself on one
 // CPU: a softirq that changes a socket's state while the program runs for
 // another (an interrupt landed in it) is skipped. So a second program rides
-// the same tracepoint, attached after the first: the first notes each event
-// it takes as it starts, and the second takes the events the first did not
-// note, which are those the kernel skipped it for.
+// the same tracepoint, attached after the first, and takes the events the
+// kernel skipped the first for: those that come while a run of the first
+// is under way on this CPU.
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let _running = Running::start(Partner::SetState);
     if let Ok(fields) = SockFields::read(&ctx, 0) {
-        taken(Partner::SetState, fields.event_id());
         let _ = on_state_change::<SkStore>(&fields);
     }
     0
@@ -243,43 +243,26 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
-    let (old, new) = (old as u8, new as u8);
+    let old: i32 = ctx.arg(1);
     // The first program applies each transition it takes to the socket's
-    // storage: if it is there, the first program had this one. Without
-    // storage (a socket that closed with no file left loses it), the
-    // events it took last on this CPU tell.
-    let taken = match SkStore::peek(sk) {
-        Some(known) => known.state != old,
-        None if new == tcp_state::CLOSE => was_taken(Partner::SetState, event_id(sk, old, new)),
-        None => false,
-    };
-    if !taken && let Ok(fields) = SockFields::read(&ctx, 1) {
-        let _ = on_state_change_counted::<SkStore>(&fields, true);
+    // storage: storage still in the old state means it was skipped in the
+    // few instructions around its count of runs.
+    let skipped = Running::under_way(Partner::SetState)
+        || SkStore::peek(sk).is_some_and(|known| known.state == old as u8);
+    if skipped {
+        // The kernel counted the skip whatever the event: so is the rescue.
+        bump(counter::RESCUED);
+        if let Ok(fields) = SockFields::read(&ctx, 1) {
+            let _ = on_state_change::<SkStore>(&fields);
+        }
     }
     0
 }
 
 fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<(), i64> {
-    on_state_change_counted::<S>(fields, false)
-}
-
-/// `rescued`: the partner program handles an event the first one was not
-/// let run for; counted once it is known to be one the first would take.
-fn on_state_change_counted<S: SocketStore>(
-    fields: &impl StateChangeFields,
-    rescued: bool,
-) -> Result<(), i64> {
     let config = config();
     if fields.protocol()? != IPPROTO_TCP {
         return Ok(());
-    }
-    let family = fields.family()?;
-    if config.filter_family != 0 && family != config.filter_family {
-        return Ok(());
-    }
-    if rescued {
-        bump(counter::RESCUED);
     }
     let sk = fields.sk()?;
     let (old_state, new_state) = fields.states()?;
@@ -297,7 +280,13 @@ fn on_state_change_counted<S: SocketStore>(
     {
         return Ok(());
     }
-    if !owner_wanted(config, &change.owner) || !netns_wanted(change.owner.netns) {
+    // The filters come after the store is up to date: every transition of
+    // a socket with storage is in it (the `_nested` partner relies on it).
+    let family = fields.family()?;
+    if (config.filter_family != 0 && family != config.filter_family)
+        || !owner_wanted(config, &change.owner)
+        || !netns_wanted(change.owner.netns)
+    {
         return Ok(());
     }
     let (local_port, remote_port) = fields.ports()?;
@@ -492,9 +481,8 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
-    let sk: *const c_void = ctx.arg(0);
-    taken(Partner::Destroy, event_id(sk, 0, 0));
-    on_destroy_btf(sk);
+    let _running = Running::start(Partner::Destroy);
+    on_destroy_btf(ctx.arg(0));
     0
 }
 
@@ -503,11 +491,9 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    let taken = match SkStore::peek(sk) {
-        Some(known) => known.state == 0,
-        None => was_taken(Partner::Destroy, event_id(sk, 0, 0)),
-    };
-    if !taken {
+    let skipped = Running::under_way(Partner::Destroy)
+        || SkStore::peek(sk).is_some_and(|known| known.state != 0);
+    if skipped {
         bump(counter::RESCUED);
         on_destroy_btf(sk);
     }
@@ -568,58 +554,38 @@ enum Partner {
     Destroy = 1,
 }
 
-/// One event at a tracepoint: its socket and, for a state change, the
-/// states. Two hits in a row on one CPU never share it. Kept apart, not
-/// mixed into one number: the verifier allows no arithmetic on the
-/// kernel's typed pointer.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct EventId {
-    sk: u64,
-    states: u64,
-}
+/// A run of a partnered program, counted on this CPU for as long as it
+/// lasts. Only the program itself writes its count, and it never runs
+/// nested in itself, so the count needs no atomics.
+struct Running(Partner);
 
-#[inline(always)]
-fn event_id(sk: *const c_void, old: u8, new: u8) -> EventId {
-    EventId {
-        sk: sk as u64,
-        states: (u64::from(old) << 8) | u64::from(new),
-    }
-}
-
-impl SockFields {
+impl Running {
     #[inline(always)]
-    fn event_id(&self) -> EventId {
-        event_id(self.sk, self.old, self.new)
-    }
-}
-
-/// The first program takes an event: noted as it starts, so that even an
-/// event nested at its very start or end is not left to nobody.
-#[inline(always)]
-fn taken(program: Partner, id: EventId) {
-    if let Some(last) = TAKEN.get_ptr_mut(program as u32) {
-        // SAFETY: this CPU's slot.
-        let last = unsafe { &mut *last };
-        let at = (last.next as usize) % TAKEN_KEPT;
-        if let Some(slot) = last.ids.get_mut(at) {
-            *slot = [id.sk, id.states];
+    fn start(program: Partner) -> Self {
+        if let Some(count) = RUNNING.get_ptr_mut(program as u32) {
+            // SAFETY: this CPU's slot.
+            unsafe { *count += 1 };
         }
-        last.next = last.next.wrapping_add(1);
+        Self(program)
+    }
+
+    /// Whether a run of `program` is under way on this CPU: one that an
+    /// interrupt landed in, so the kernel skipped the program for this
+    /// event.
+    #[inline(always)]
+    fn under_way(program: Partner) -> bool {
+        RUNNING.get(program as u32).is_some_and(|&count| count > 0)
     }
 }
 
-/// Whether the first program took this event. The partner runs after it
-/// for each event; a softirq that lands in the partner before it looks
-/// may have the first program take a few events in between, so the last
-/// [`TAKEN_KEPT`] are looked through.
-#[inline(always)]
-fn was_taken(program: Partner, id: EventId) -> bool {
-    let Some(last) = TAKEN.get(program as u32) else {
-        return false;
-    };
-    last.ids
-        .iter()
-        .any(|&[sk, states]| sk == id.sk && states == id.states)
+impl Drop for Running {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if let Some(count) = RUNNING.get_ptr_mut(self.0 as u32) {
+            // SAFETY: this CPU's slot.
+            unsafe { *count = count.read().saturating_sub(1) };
+        }
+    }
 }
 
 #[inline(always)]
