@@ -6,7 +6,7 @@
 //! runtime's container id (docker, containerd, cri-o, podman).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque, hash_map::Entry},
     fs::{self, File},
     io,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -196,11 +196,30 @@ pub fn pidns_of(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// Reads labels once per process; socket events only look them up.
+/// How long an exited process's labels stay: its sockets go on changing
+/// state after the exit event (the kernel closes its fds just after it, and
+/// the peers answer later), and those events are still the dead process's.
+const EXITED_KEPT_NS: u64 = 60_000_000_000;
+
+/// Reads labels once per process; socket events only look them up. Holds
+/// the live processes and those that exited within [`EXITED_KEPT_NS`], no
+/// more: a host that starts thousands of processes a minute does not grow
+/// it.
 #[derive(Default)]
 pub struct LabelCache {
     host_pidns: Option<u64>,
-    by_pid: HashMap<u32, Labels>,
+    by_pid: HashMap<u32, Cached>,
+    /// Exits, oldest first (pid, when), for expiring their labels.
+    exits: VecDeque<(u32, u64)>,
+    last_exit_ns: u64,
+}
+
+struct Cached {
+    labels: Labels,
+    /// When the process started (/proc/PID/stat), to tell a new process
+    /// that took the pid of one that exited.
+    started: Option<u64>,
+    exited_at_ns: Option<u64>,
 }
 
 impl LabelCache {
@@ -208,33 +227,80 @@ impl LabelCache {
         Self {
             // socktrace runs on the host: its own namespace is the host's.
             host_pidns: pidns_of(std::process::id()),
-            by_pid: HashMap::new(),
+            ..Self::default()
         }
     }
 
     pub fn get(&mut self, pid: u32) -> &Labels {
-        let host_pidns = self.host_pidns;
-        self.by_pid
-            .entry(pid)
-            .or_insert_with(|| read_labels(pid, host_pidns))
+        &self.entry(pid).labels
     }
 
     /// Fills in what the kernel reported (the pid inside the target
     /// namespace) where /proc could not tell, e.g. the process has exited.
     pub fn learn(&mut self, pid: u32, nspid: u32, pidns: Option<u64>) {
-        let host_pidns = self.host_pidns;
-        let labels = self
-            .by_pid
-            .entry(pid)
-            .or_insert_with(|| read_labels(pid, host_pidns));
+        let labels = &mut self.entry(pid).labels;
         labels.nspid.get_or_insert(nspid);
         if labels.pidns.is_none() {
             labels.pidns = pidns;
         }
     }
 
-    pub fn forget(&mut self, pid: u32) {
-        self.by_pid.remove(&pid);
+    /// The process exited at `ktime_ns`: its labels stay a while for the
+    /// sockets it left, and those of processes gone longer are dropped.
+    pub fn forget(&mut self, pid: u32, ktime_ns: u64) {
+        self.last_exit_ns = self.last_exit_ns.max(ktime_ns);
+        if let Some(cached) = self.by_pid.get_mut(&pid) {
+            cached.exited_at_ns = Some(ktime_ns);
+            self.exits.push_back((pid, ktime_ns));
+        }
+        let cutoff = ktime_ns.saturating_sub(EXITED_KEPT_NS);
+        while let Some(&(pid, at)) = self.exits.front()
+            && at <= cutoff
+        {
+            self.exits.pop_front();
+            // Unless the pid was taken again, or exited again since.
+            if self.by_pid.get(&pid).and_then(|c| c.exited_at_ns) == Some(at) {
+                self.by_pid.remove(&pid);
+            }
+        }
+    }
+
+    fn entry(&mut self, pid: u32) -> &mut Cached {
+        let (host_pidns, last_exit_ns) = (self.host_pidns, self.last_exit_ns);
+        let exits = &mut self.exits;
+        let mut fresh = || {
+            let started = procfs::start_time(pid);
+            // Gone already (its exit came first): expires as if it had
+            // exited with the latest exit seen.
+            let exited_at_ns = started.is_none().then(|| {
+                exits.push_back((pid, last_exit_ns));
+                last_exit_ns
+            });
+            Cached {
+                started,
+                labels: read_labels(pid, host_pidns),
+                exited_at_ns,
+            }
+        };
+        match self.by_pid.entry(pid) {
+            Entry::Occupied(mut entry) => {
+                let cached = entry.get();
+                // A process that exited keeps its labels, unless another
+                // one runs under its pid now.
+                if cached.exited_at_ns.is_some()
+                    && procfs::start_time(pid).is_some_and(|now| Some(now) != cached.started)
+                {
+                    entry.insert(fresh());
+                }
+                entry.into_mut()
+            }
+            Entry::Vacant(entry) => entry.insert(fresh()),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_pid.len()
     }
 }
 
@@ -300,7 +366,61 @@ pub fn container_id(path: &str) -> Option<(&'static str, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::process::{Command, Stdio};
+
     use super::*;
+
+    const SECOND_NS: u64 = 1_000_000_000;
+
+    fn exited_child() -> u32 {
+        let mut child = Command::new("true").spawn().expect("spawning true");
+        let pid = child.id();
+        child.wait().expect("waiting for true");
+        pid
+    }
+
+    #[test]
+    fn labels_of_exited_processes_go_after_a_minute() {
+        let mut cache = LabelCache::new();
+        // A churn of processes, one a second for five minutes, each looked
+        // up again after its exit, as its last sockets' events come.
+        for second in 0..300 {
+            let pid = exited_child();
+            cache.get(pid);
+            cache.forget(pid, second * SECOND_NS);
+            cache.get(pid);
+        }
+        assert!(cache.len() <= 62, "{} entries kept", cache.len());
+    }
+
+    #[test]
+    fn an_exited_process_keeps_its_labels_until_another_takes_its_pid() {
+        let mut cache = LabelCache::new();
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning sleep");
+        let pid = child.id();
+        let started = procfs::start_time(pid);
+        assert!(started.is_some());
+        cache.get(pid);
+        // Exited, not yet reaped: the same process.
+        cache.forget(pid, 10 * SECOND_NS);
+        cache.get(pid);
+        assert_eq!(cache.by_pid[&pid].started, started);
+        assert_eq!(cache.by_pid[&pid].exited_at_ns, Some(10 * SECOND_NS));
+        // As if the pid had been someone else's before: read again.
+        cache.by_pid.get_mut(&pid).expect("cached").started = Some(1);
+        cache.get(pid);
+        assert_eq!(cache.by_pid[&pid].started, started);
+        assert_eq!(cache.by_pid[&pid].exited_at_ns, None);
+        // Its expiry does not drop the new process's labels.
+        cache.forget(exited_child(), 80 * SECOND_NS);
+        assert!(cache.by_pid.contains_key(&pid));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     const ID: &str = "4f7c0d1b2a3e4f5061728394a5b6c7d8e9f00112233445566778899aabbccdd0";
 

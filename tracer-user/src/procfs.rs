@@ -91,6 +91,12 @@ pub fn field<T: std::str::FromStr>(text: &str, name: &str) -> Option<T> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// When `pid` started (clock ticks since boot): with the pid, it names one
+/// process, not whichever has the pid now.
+pub fn start_time(pid: u32) -> Option<u64> {
+    Some(process(pid).ok()?.stat().ok()?.starttime)
+}
+
 /// The pid of `pid` in its innermost PID namespace (the last of `NSpid:`).
 pub fn innermost_nspid(pid: u32) -> Option<u32> {
     let status = process(pid).ok()?.status().ok()?;

@@ -81,8 +81,8 @@ impl Scope {
         self.labels.get(pid)
     }
 
-    pub fn process_exited(&mut self, pid: u32) {
-        self.labels.forget(pid);
+    pub fn process_exited(&mut self, pid: u32, ktime_ns: u64) {
+        self.labels.forget(pid, ktime_ns);
     }
 
     /// The container stopped: from now on, everything.

@@ -152,7 +152,7 @@ impl<W: Write> Sink for TraceSink<W> {
                     self.write(&record)?;
                 }
             }
-            &Output::ProcessExit { pid, .. } => self.scope.process_exited(pid),
+            &Output::ProcessExit { pid, ktime_ns } => self.scope.process_exited(pid, ktime_ns),
             // The socket's next transition shows its new owner.
             // Repairs after lost events change counts, not the event log.
             Output::OwnerChanged { .. }

@@ -54,7 +54,7 @@ impl WatchFeed {
             }
             &Output::ProcessExit { pid, ktime_ns } => {
                 self.watch.on_process_exit(pid, ktime_ns);
-                self.scope.process_exited(pid);
+                self.scope.process_exited(pid, ktime_ns);
             }
             Output::OwnerChanged {
                 sock_id,
