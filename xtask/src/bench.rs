@@ -20,7 +20,7 @@ mod held;
 mod loadgen;
 pub mod proc;
 mod report;
-mod tracer;
+pub mod tracer;
 
 use std::{
     path::{Path, PathBuf},

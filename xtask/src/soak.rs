@@ -20,7 +20,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -31,7 +31,13 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::{bench::proc, build, cmd};
+use crate::{
+    bench::{
+        proc,
+        tracer::{Finished, Output, Running, Tracer},
+    },
+    build, cmd,
+};
 
 /// The server hangs up this long after accepting.
 const SERVER_CLOSE_AFTER: Duration = Duration::from_millis(200);
@@ -128,10 +134,9 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
     let port = start_server()?;
     let port_arg = port.to_string();
     // Only the lines the checks read are kept: a long run prints millions.
-    let trace = Socktrace::start(
-        &socktrace,
-        &["trace", "--json", "--port", &port_arg],
-        |line| line.contains(r#""old":"SYN_SENT","#),
+    let trace = Running::start(
+        &Tracer::socktrace(&socktrace, &["trace", "--json", "--port", &port_arg]),
+        Output::Keep(|line| line.contains(r#""old":"SYN_SENT","#)),
     )?;
     let watch_args = [
         "watch",
@@ -143,9 +148,10 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
         "--close-wait-age",
         "30s",
     ];
-    let watch = Socktrace::start(&socktrace, &watch_args, |line| {
-        line.contains(r#""type":"alert""#)
-    })?;
+    let watch = Running::start(
+        &Tracer::socktrace(&socktrace, &watch_args),
+        Output::Keep(|line| line.contains(r#""type":"alert""#)),
+    )?;
     let worker_exe = std::env::current_exe().context("finding the xtask binary")?;
     let worker = |extra: &[&str]| {
         let mut command = Command::new(&worker_exe);
@@ -221,8 +227,8 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
     let _ = steady_reader.join();
     // Let the last events through before stopping.
     thread::sleep(Duration::from_secs(2));
-    let trace = trace.stop()?;
-    let watch = watch.stop()?;
+    let trace = stop(trace)?;
+    let watch = stop(watch)?;
 
     let truth = truth.lock().map(|t| t.clone()).unwrap_or_default();
     let reused = pids_seen.values().filter(|&&n| n > 1).count();
@@ -233,8 +239,7 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
         reused_pids: reused,
         connections: truth.len(),
         attribution: attribution(&truth, &trace.stdout, port),
-        lost: trace.lost + watch.lost,
-        loss_lines: [trace.loss_lines, watch.loss_lines].concat(),
+        losses: [trace.finished, watch.finished],
         alerted: alerted_pids(&watch.stdout),
         steady_pid,
         samples,
@@ -324,118 +329,24 @@ fn comm(name: &str) -> [u8; 15] {
     comm
 }
 
-/// A socktrace run whose stdout and stderr are kept.
-struct Socktrace {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    readers: Vec<thread::JoinHandle<()>>,
-}
-
+/// One socktrace of the soak, and what it said at the end.
 struct Stopped {
+    /// The stdout lines the soak kept.
     stdout: Vec<String>,
-    lost: u64,
-    /// socktrace's own lines about what it lost or skipped.
-    loss_lines: Vec<String>,
+    finished: Finished,
 }
 
-impl Socktrace {
-    /// Keeps the lines of stdout that `keep` wants, and all of stderr.
-    fn start(binary: &Path, args: &[&str], keep: fn(&str) -> bool) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting socktrace {}", args.join(" ")))?;
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let read = |pipe: Box<dyn std::io::Read + Send>,
-                    into: Arc<Mutex<Vec<String>>>,
-                    keep: fn(&str) -> bool| {
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if keep(&line)
-                        && let Ok(mut lines) = into.lock()
-                    {
-                        lines.push(line);
-                    }
-                }
-            })
-        };
-        let readers = vec![
-            read(
-                Box::new(child.stdout.take().context("socktrace's stdout")?),
-                stdout.clone(),
-                keep,
-            ),
-            read(
-                Box::new(child.stderr.take().context("socktrace's stderr")?),
-                stderr.clone(),
-                |_| true,
-            ),
-        ];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let said = stderr.lock().map(|l| l.join("\n")).unwrap_or_default();
-            if said.contains("socktrace: tracing") {
-                break;
-            }
-            if Instant::now() > deadline || child.try_wait()?.is_some() {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("socktrace {} did not start: {said}", args.join(" "));
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self {
-            child,
-            stdout,
-            stderr,
-            readers,
-        })
+/// Stops `socktrace` and takes what it kept; a socktrace that did not exit
+/// cleanly fails the soak.
+fn stop(mut socktrace: Running) -> anyhow::Result<Stopped> {
+    let finished = socktrace.stop()?;
+    if !finished.exited_cleanly {
+        bail!("{} failed: {}", socktrace.name, socktrace.stderr_text());
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stop(mut self) -> anyhow::Result<Stopped> {
-        // SAFETY: kill on our own child, not yet reaped.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGINT) };
-        let status = self.child.wait().context("waiting for socktrace")?;
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        let stderr = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
-        if !status.success() {
-            bail!("socktrace failed ({status}): {}", stderr.join("\n"));
-        }
-        // At exit socktrace says each kind of loss as "socktrace: COUNT what"
-        // ("12 events lost ...", "3 probe runs skipped ...", "1 sockets
-        // untracked ..."); nothing else it prints starts with a number.
-        let count = |line: &str| -> Option<u64> {
-            line.strip_prefix("socktrace: ")?
-                .split_whitespace()
-                .next()?
-                .replace(',', "")
-                .parse()
-                .ok()
-        };
-        let loss_lines: Vec<String> = stderr
-            .iter()
-            .filter(|line| count(line).is_some())
-            .cloned()
-            .collect();
-        let lost = loss_lines.iter().filter_map(|line| count(line)).sum();
-        let stdout = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
-        Ok(Stopped {
-            stdout,
-            lost,
-            loss_lines,
-        })
-    }
+    Ok(Stopped {
+        stdout: socktrace.take_kept(),
+        finished,
+    })
 }
 
 /// What the two socktraces use at one moment.
@@ -448,7 +359,7 @@ struct Sample {
 }
 
 impl Sample {
-    fn take(started: Instant, trace: &Socktrace, watch: &Socktrace) -> anyhow::Result<Self> {
+    fn take(started: Instant, trace: &Running, watch: &Running) -> anyhow::Result<Self> {
         Ok(Self {
             at_s: started.elapsed().as_secs_f64(),
             trace_rss_kib: proc::Memory::read(trace.pid())?.rss_kib,
@@ -532,14 +443,28 @@ struct Report {
     reused_pids: usize,
     connections: usize,
     attribution: (usize, usize, usize),
-    lost: u64,
-    loss_lines: Vec<String>,
+    /// What `trace` and `watch` said they lost.
+    losses: [Finished; 2],
     alerted: Vec<u32>,
     steady_pid: u32,
     samples: Vec<Sample>,
 }
 
 impl Report {
+    fn losses_phrase(&self) -> String {
+        let [trace, watch] = &self.losses;
+        let pair = |what: &str, count: fn(&Finished) -> u64| {
+            format!("{what} {} / {}", count(trace), count(watch))
+        };
+        [
+            pair("events (ring buffer full)", |f| f.lost_events.unwrap_or(0)),
+            pair("probe runs skipped", |f| f.skipped_runs.unwrap_or(0)),
+            pair("sockets untracked", |f| f.untracked_sockets),
+            pair("undecodable", |f| f.undecodable),
+        ]
+        .join(", ")
+    }
+
     fn attributed_share(&self) -> f64 {
         let (right, wrong, unseen) = self.attribution;
         right as f64 / (right + wrong + unseen).max(1) as f64
@@ -581,7 +506,7 @@ impl Report {
             "## Soak ({} minutes)\n\n\
              - workers: {} ({} leaking), {} pids reused while the run went on; {} connections recorded by the workers\n\
              - attribution: {right} right, {wrong} wrong, {unseen} not seen: {:.3} % (target {:.1} %)\n\
-             - lost events (both socktraces): {} {:?}\n\
+             - lost, trace / watch: {}\n\
              - alerts raised for pids {:?}; the steady leaker is {}\n\n\
              | at | trace RSS | trace CPU | watch RSS | watch CPU |\n|---|---|---|---|---|\n",
             self.minutes,
@@ -591,8 +516,7 @@ impl Report {
             self.connections,
             self.attributed_share() * 100.0,
             ATTRIBUTION_TARGET * 100.0,
-            self.lost,
-            self.loss_lines,
+            self.losses_phrase(),
             self.alerted,
             self.steady_pid,
         );
@@ -632,8 +556,8 @@ impl Report {
                 ATTRIBUTION_TARGET * 100.0
             ));
         }
-        if self.lost > 0 {
-            failures.push(format!("{} events lost", self.lost));
+        if self.losses.iter().any(|f| f.all_lost() > 0) {
+            failures.push(format!("lost, trace / watch: {}", self.losses_phrase()));
         }
         if self.alerted != [self.steady_pid] {
             failures.push(format!(

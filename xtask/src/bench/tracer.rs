@@ -92,6 +92,9 @@ pub enum Output {
     /// Read by the bench, which notes when `lines` lines containing `marker`
     /// have arrived (any line if `marker` is empty).
     Watch { marker: &'static str, lines: u64 },
+    /// Read, and the lines `keep` wants are kept (a long run prints
+    /// millions): [`Running::take_kept`].
+    Keep(fn(&str) -> bool),
 }
 
 pub struct Running {
@@ -104,6 +107,7 @@ pub struct Running {
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: Option<JoinHandle<()>>,
     report: Option<mpsc::Receiver<Instant>>,
+    kept: Arc<Mutex<Vec<String>>>,
     stdout_reader: Option<JoinHandle<()>>,
 }
 
@@ -117,6 +121,20 @@ pub struct Finished {
     /// socktrace only: the probe runs the kernel skipped, as it counts them
     /// (the runs its partner programs made up for do not count).
     pub skipped_runs: Option<u64>,
+    /// socktrace only: events it could not decode.
+    pub undecodable: u64,
+    /// It exited with status 0 when asked to stop.
+    pub exited_cleanly: bool,
+}
+
+impl Finished {
+    /// Everything the tracer said it lost, of every kind.
+    pub fn all_lost(&self) -> u64 {
+        self.lost_events.unwrap_or(0)
+            + self.untracked_sockets
+            + self.skipped_runs.unwrap_or(0)
+            + self.undecodable
+    }
 }
 
 impl Running {
@@ -131,7 +149,7 @@ impl Running {
                 let null = File::create("/dev/null").context("opening /dev/null")?;
                 command.stdout(null);
             }
-            Output::Watch { .. } => {
+            Output::Watch { .. } | Output::Keep(_) => {
                 command.stdout(Stdio::piped());
             }
         }
@@ -150,11 +168,19 @@ impl Running {
             let stderr = stderr.clone();
             thread::spawn(move || collect_lines(pipe, &stderr, ready_tx))
         };
+        let kept = Arc::new(Mutex::new(Vec::new()));
         let (report, stdout_reader) = match (output, child.stdout.take()) {
             (Output::Watch { marker, lines }, Some(pipe)) => {
                 let (report_tx, report_rx) = mpsc::channel();
                 let reader = thread::spawn(move || count_lines(pipe, marker, lines, report_tx));
                 (Some(report_rx), Some(reader))
+            }
+            (Output::Keep(keep), Some(pipe)) => {
+                let kept = kept.clone();
+                (
+                    None,
+                    Some(thread::spawn(move || keep_lines(pipe, keep, &kept))),
+                )
             }
             _ => (None, None),
         };
@@ -168,6 +194,7 @@ impl Running {
             stderr,
             stderr_reader: Some(stderr_reader),
             report,
+            kept,
             stdout_reader,
         };
         match running.wait_until_attached(&ready_rx) {
@@ -233,6 +260,15 @@ impl Running {
         Some(at - self.started)
     }
 
+    /// The lines kept from stdout so far (see [`Output::Keep`]); after
+    /// [`Running::stop`], all of them.
+    pub fn take_kept(&self) -> Vec<String> {
+        self.kept
+            .lock()
+            .map(|mut lines| std::mem::take(&mut *lines))
+            .unwrap_or_default()
+    }
+
     /// SIGINT, as Ctrl-C would; SIGKILL if it does not exit in time.
     pub fn stop(&mut self) -> anyhow::Result<Finished> {
         if self.child.try_wait()?.is_none() {
@@ -253,6 +289,10 @@ impl Running {
                 thread::sleep(Duration::from_millis(20));
             }
         }
+        let exited_cleanly = self
+            .child
+            .try_wait()?
+            .is_some_and(|status| status.success());
         // Both pipes reach end of file now that the tracer is gone.
         for reader in [self.stderr_reader.take(), self.stdout_reader.take()]
             .into_iter()
@@ -272,17 +312,19 @@ impl Running {
                 lost_events: Some(socktrace_count(&lines, "events lost")),
                 untracked_sockets: socktrace_count(&lines, "sockets untracked"),
                 skipped_runs: Some(socktrace_count(&lines, "probe runs skipped")),
+                undecodable: socktrace_count(&lines, "events could not be decoded"),
+                exited_cleanly,
             },
             Family::LibbpfTools => Finished {
                 lost_events: Some(libbpf_tools_lost(&lines)),
-                untracked_sockets: 0,
-                skipped_runs: None,
+                exited_cleanly,
+                ..Finished::default()
             },
             // Its program sends nothing, so nothing can be lost.
             Family::Floor { .. } => Finished {
                 lost_events: Some(0),
-                untracked_sockets: 0,
-                skipped_runs: None,
+                exited_cleanly,
+                ..Finished::default()
             },
         })
     }
@@ -315,6 +357,16 @@ fn collect_lines(pipe: impl Read, into: &Mutex<Vec<String>>, ready: mpsc::Sender
         // Nobody listens any more once the tracer is attached.
         let _ = ready.send(line.clone());
         if let Ok(mut lines) = into.lock() {
+            lines.push(line);
+        }
+    }
+}
+
+fn keep_lines(pipe: impl Read, keep: fn(&str) -> bool, into: &Mutex<Vec<String>>) {
+    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+        if keep(&line)
+            && let Ok(mut lines) = into.lock()
+        {
             lines.push(line);
         }
     }
