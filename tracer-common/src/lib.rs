@@ -48,9 +48,9 @@ pub mod counter {
     pub const LOST_EVENTS: u32 = 0;
     /// The socket map was full: a socket's owner could not be recorded.
     pub const SOCKET_MAP_FULL: u32 = 1;
-    /// Events a `_nested` BTF tracepoint program handled because the kernel
-    /// did not let the first program run inside itself: counted by the
-    /// kernel among that program's skipped runs, yet not lost.
+    /// State changes the `_nested` BTF tracepoint program handled because
+    /// the kernel did not let the first program run inside itself: counted
+    /// by the kernel among that program's skipped runs, yet not lost.
     pub const RESCUED: u32 = 2;
     pub const COUNT: u32 = 3;
 }

@@ -243,12 +243,17 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    // The first program applies each transition it takes to the socket's
-    // storage: storage still in the old state means it was skipped in the
-    // few instructions around its count of runs.
+    let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    // A run under way means the kernel skipped the first program for this
+    // event. Outside one (the kernel also skips it in the few instructions
+    // around its count), the socket's storage tells: the first program
+    // applies every transition of a TCP socket it takes there, and gives
+    // storage to every such socket that is not closing.
     let skipped = Running::under_way(Partner::SetState)
-        || SkStore::peek(sk).is_some_and(|known| known.state == old as u8);
+        || match SkStore::peek(sk) {
+            Some(known) => known.state == old as u8,
+            None => new as u8 != tcp_state::CLOSE && is_tcp(&ctx),
+        };
     if skipped {
         // The kernel counted the skip whatever the event: so is the rescue.
         bump(counter::RESCUED);
@@ -257,6 +262,12 @@ pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
         }
     }
     0
+}
+
+/// The socket of a BTF tracepoint's first argument is a TCP one.
+#[inline(always)]
+fn is_tcp(ctx: &BtfTracePointContext) -> bool {
+    SockFields::read(ctx, 1).is_ok_and(|fields| fields.protocol() == Ok(IPPROTO_TCP))
 }
 
 fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<(), i64> {
@@ -487,14 +498,17 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// See `inet_sock_set_state_btf_nested`; the first program marks the
-/// storage of a socket it releases (state 0).
+/// storage of a socket it releases (state 0). A destroy matters only for a
+/// socket with storage (a release is said only for one), and for those the
+/// storage tells whether the first program took it: every skip that could
+/// lose something is made up for here, so the collector does not count the
+/// first program's skips (and this one counts no rescues).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
     let skipped = Running::under_way(Partner::Destroy)
         || SkStore::peek(sk).is_some_and(|known| known.state != 0);
     if skipped {
-        bump(counter::RESCUED);
         on_destroy_btf(sk);
     }
     0
