@@ -122,7 +122,10 @@ impl WatchFeed {
 fn sample(pids: &[u32]) -> HashMap<u32, ProcSample> {
     pids.iter()
         .filter_map(|&pid| {
-            let fds = procfs::fd_count(pid).ok()?;
+            // No fd at all: the process is exiting (the kernel closes its
+            // files just after the exit event that the next drain brings),
+            // and a count of 0 beside its held sockets would be a lie.
+            let fds = procfs::fd_count(pid).ok().filter(|&fds| fds > 0)?;
             let (soft_limit, hard_limit) = procfs::nofile_limits(pid).ok()?;
             Some((
                 pid,
