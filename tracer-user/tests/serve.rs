@@ -459,15 +459,20 @@ fn hdr_log_reads_back_with_python() {
     // Five connections, each closed 100 ms after the server's FIN.
     let client = Role::spawn(ROLES, &["client", &port, "5", "0.2", "close"]);
     client.expect("done");
-    thread::sleep(Duration::from_millis(1500));
+    let files = || -> Vec<String> {
+        fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().path().display().to_string())
+            .collect()
+    };
+    // A report every 0.5 s: the 2 KiB files fill within seconds.
+    let rotated = poll(Duration::from_secs(10), || {
+        (files().len() >= 2).then_some(())
+    });
     let finished = terminate(served);
     assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
-
-    let files: Vec<String> = fs::read_dir(&dir.0)
-        .unwrap()
-        .map(|entry| entry.unwrap().path().display().to_string())
-        .collect();
-    assert!(files.len() >= 2, "the log did not rotate: {files:?}");
+    let files = files();
+    assert!(rotated.is_some(), "the log did not rotate: {files:?}");
     let out = Command::new("python3")
         .arg(workload("hdr_log_summary.py"))
         .args(&files)
@@ -936,9 +941,13 @@ fn prometheus_scrapes_over_tls_with_a_client_certificate_and_a_password() {
     let url = format!("https://{addr}/metrics");
     let with_cert = ["--cacert", &ca, "--cert", &cert, "--key", &key];
     let right = format!("prometheus:{password}");
-    let (status, body) = curl(&[&with_cert[..], &["--user", &right]].concat(), &url);
-    assert_eq!(status, "200", "{body}");
-    assert!(body.contains("socktrace_close_wait_sockets{"), "{body}");
+    let with_password = [&with_cert[..], &["--user", &right]].concat();
+    // Scraped until a report has the leak (reports come every 0.5 s).
+    wait_for("the leak over TLS", Duration::from_secs(10), || {
+        let (status, body) = curl(&with_password, &url);
+        assert_eq!(status, "200", "{body}");
+        sample(&body, "socktrace_close_wait_sockets", pid)
+    });
     let (status, _) = curl(
         &[&with_cert[..], &["--user", "prometheus:wrong"]].concat(),
         &url,
