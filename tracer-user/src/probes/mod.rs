@@ -65,6 +65,12 @@ const TYPED_HOOKS: [(&str, &str, &str, &[&str]); 3] = [
     ),
 ];
 
+/// BTF programs whose partner makes up for every skip of theirs that could
+/// lose something: the kernel's count of their skipped runs is no loss.
+/// (A destroy matters only for a socket with storage, and the storage tells
+/// `tcp_destroy_sock_btf_nested` whether the first program took it.)
+const SKIPS_MADE_UP_FOR: [&str; 1] = ["tcp_destroy_sock_btf"];
+
 /// Classic tracepoints either way: system call tracepoints have no
 /// BTF-typed variant. (category, name, program).
 const CLASSIC_ONLY: [(&str, &str, &str); 2] = [
@@ -376,10 +382,8 @@ impl Probes {
         self.ebpf
             .programs()
             // A `_nested` program is skipped only while its partner runs
-            // the event: nothing is lost then. The BTF destroy program's
-            // partner makes up for every skip of it that could lose
-            // something (see `tcp_destroy_sock_btf_nested`).
-            .filter(|(name, _)| !name.ends_with("_nested") && *name != "tcp_destroy_sock_btf")
+            // the event: nothing is lost then.
+            .filter(|(name, _)| !name.ends_with("_nested") && !SKIPS_MADE_UP_FOR.contains(name))
             .filter_map(|(_, program)| program.fd().ok())
             .filter_map(|fd| {
                 let fd = fd.as_fd().as_raw_fd();
