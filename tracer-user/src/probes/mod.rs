@@ -349,8 +349,11 @@ impl Probes {
         })
     }
 
-    /// Detaches and unloads every program, so that nothing more enters the
-    /// ring buffer and it can be drained to the end. The maps stay readable.
+    /// Detaches and unloads every probe, so that nothing more enters the
+    /// ring buffer and it can be drained to the end. The maps stay readable,
+    /// and the socket-file iterator stays loaded: it writes nothing to the
+    /// ring, and the last tick looks up the holders of sockets still
+    /// waiting for their owner with it.
     pub fn detach(&mut self) {
         self.missed_runs_at_detach = Some(self.missed_runs());
         // The probes of the modes not chosen were never loaded.
@@ -364,7 +367,6 @@ impl Probes {
                 Program::KProbe(p) => p.unload(),
                 Program::FEntry(p) => p.unload(),
                 Program::BtfTracePoint(p) => p.unload(),
-                Program::Iter(p) => p.unload(),
                 _ => Ok(()),
             };
             if let Err(e) = unloaded {
