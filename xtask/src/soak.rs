@@ -8,12 +8,17 @@
 //! leaks them into CLOSE_WAIT until it exits. Every twentieth worker is
 //! given the pid of one that has exited (`ns_last_pid`), so pids are
 //! reused while socktrace still remembers the old process. A steady leaker
-//! keeps one connection more every two seconds for the whole run.
+//! keeps one connection more every two seconds through the warm-up, then
+//! holds them all to the end: after the warm-up the load is the same from
+//! start to end, so a cost that grows is socktrace's own.
 //!
 //! Two socktraces watch the server's port: `trace --json` (each worker's
 //! connections must be attributed to it: at least 99.9 %) and `watch
 //! --json` (alerts for the steady leaker only). Both must lose nothing,
 //! and their RSS and CPU must stay flat (within 10 %) after the warm-up.
+//! CPU times move in clock ticks and the host is shared, so the CPU rate
+//! is compared with its standard error: it fails only when it is above
+//! 10 % beyond doubt, and a run too short to tell says so.
 
 use std::{
     collections::HashMap,
@@ -71,7 +76,8 @@ pub struct WorkerOptions {
     /// Keep the sockets until exit (after the hold) instead of closing them.
     #[arg(long)]
     leak: bool,
-    /// Connect every STEADY_EVERY until killed, never closing.
+    /// Connect every STEADY_EVERY until `connections` are held, never
+    /// closing, then hold them until killed.
     #[arg(long)]
     steady: bool,
     /// The process name to take (PR_SET_NAME): each worker's is its own,
@@ -108,16 +114,17 @@ pub fn worker(options: &WorkerOptions) -> anyhow::Result<()> {
         held.push(stream);
         Ok(())
     };
-    if options.steady {
-        loop {
-            connect(&mut held)?;
-            thread::sleep(STEADY_EVERY);
-        }
-    }
     for _ in 0..options.connections {
         connect(&mut held)?;
-        if !options.leak {
+        if options.steady {
+            thread::sleep(STEADY_EVERY);
+        } else if !options.leak {
             held.clear();
+        }
+    }
+    if options.steady {
+        loop {
+            thread::park();
         }
     }
     if options.leak {
@@ -163,7 +170,16 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<()> {
             .stderr(Stdio::null());
         command
     };
-    let mut steady = worker(&["--steady", "--name", "soak-steady"])
+    let steady_connections =
+        (warm_up(options.minutes).as_secs() / STEADY_EVERY.as_secs()).to_string();
+    let steady_args = [
+        "--steady",
+        "--connections",
+        &steady_connections,
+        "--name",
+        "soak-steady",
+    ];
+    let mut steady = worker(&steady_args)
         .spawn()
         .context("starting the steady leaker")?;
     let steady_pid = steady.id();
@@ -470,9 +486,9 @@ impl Report {
         right as f64 / (right + wrong + unseen).max(1) as f64
     }
 
-    /// The samples after the warm-up (the first fifth, at least a minute).
+    /// The samples after the warm-up.
     fn settled(&self) -> &[Sample] {
-        let warm_up = (f64::from(self.minutes) * 60.0 / 5.0).max(60.0);
+        let warm_up = warm_up(self.minutes).as_secs_f64();
         let from = self
             .samples
             .iter()
@@ -481,23 +497,36 @@ impl Report {
         &self.samples[from..]
     }
 
-    /// Growth of RSS from the end of the warm-up to its highest after, and
-    /// of the CPU rate from the first half of the settled run to the second.
-    fn growth(&self, rss: fn(&Sample) -> u64, cpu: fn(&Sample) -> f64) -> Option<(f64, f64)> {
+    /// Growth of RSS from the end of the warm-up to its highest after.
+    fn rss_growth(&self, rss: fn(&Sample) -> u64) -> Option<f64> {
         let settled = self.settled();
-        let (first, last) = (settled.first()?, settled.last()?);
         let peak = settled.iter().map(rss).max()?;
-        let rss_growth = peak as f64 / rss(first).max(1) as f64 - 1.0;
-        let middle = &settled[settled.len() / 2];
-        let rate = |a: &Sample, b: &Sample| (cpu(b) - cpu(a)) / (b.at_s - a.at_s).max(1.0);
-        // Tick-granular CPU times: a difference under 0.005 core is noise.
-        let (early, late) = (rate(first, middle), rate(middle, last));
-        let cpu_growth = if late - early < 0.005 {
-            0.0
-        } else {
-            late / early.max(0.001) - 1.0
-        };
-        Some((rss_growth, cpu_growth))
+        Some(peak as f64 / rss(settled.first()?).max(1) as f64 - 1.0)
+    }
+
+    /// The CPU rate of each sampling interval after the warm-up, first half
+    /// against second.
+    fn cpu_change(&self, cpu: fn(&Sample) -> f64) -> Option<CpuChange> {
+        let rates: Vec<f64> = self
+            .settled()
+            .windows(2)
+            // The last sample, taken once the workers are gone, closes a
+            // shorter, quieter interval.
+            .filter(|pair| pair[1].at_s - pair[0].at_s >= SAMPLE_EVERY.as_secs_f64() / 2.0)
+            .map(|pair| (cpu(&pair[1]) - cpu(&pair[0])) / (pair[1].at_s - pair[0].at_s))
+            .collect();
+        let (early, late) = rates.split_at(rates.len() / 2);
+        CpuChange::between(early, late)
+    }
+
+    /// Each socktrace's RSS growth and CPU change, if there were samples
+    /// enough after the warm-up.
+    fn flatness(&self) -> [(&'static str, Option<(f64, CpuChange)>); 2] {
+        let both = |rss, cpu| Some((self.rss_growth(rss)?, self.cpu_change(cpu)?));
+        [
+            ("trace", both(|s| s.trace_rss_kib, |s| s.trace_cpu_s)),
+            ("watch", both(|s| s.watch_rss_kib, |s| s.watch_cpu_s)),
+        ]
     }
 
     fn markdown(&self) -> String {
@@ -530,16 +559,16 @@ impl Report {
                 s.watch_cpu_s
             ));
         }
-        for (name, growth) in [
-            ("trace", self.growth(|s| s.trace_rss_kib, |s| s.trace_cpu_s)),
-            ("watch", self.growth(|s| s.watch_rss_kib, |s| s.watch_cpu_s)),
-        ] {
-            if let Some((rss, cpu)) = growth {
+        for (name, flatness) in self.flatness() {
+            if let Some((rss, cpu)) = flatness {
                 text.push_str(&format!(
-                    "\n{name} after the warm-up: RSS grew {:.1} %, CPU rate {:.1} % (flat: within {:.0} %)",
+                    "\n{name} after the warm-up: RSS grew {:.1} %; CPU {:.4} -> {:.4} core, {:+.1} % ± {:.1} %: {}",
                     rss * 100.0,
-                    cpu * 100.0,
-                    FLAT_WITHIN * 100.0
+                    cpu.early,
+                    cpu.late,
+                    cpu.growth * 100.0,
+                    2.0 * cpu.standard_error * 100.0,
+                    cpu.outcome().phrase(),
                 ));
             }
         }
@@ -565,18 +594,15 @@ impl Report {
                 self.alerted, self.steady_pid
             ));
         }
-        for (name, growth) in [
-            ("trace", self.growth(|s| s.trace_rss_kib, |s| s.trace_cpu_s)),
-            ("watch", self.growth(|s| s.watch_rss_kib, |s| s.watch_cpu_s)),
-        ] {
-            match growth {
-                Some((rss, cpu)) if rss > FLAT_WITHIN || cpu > FLAT_WITHIN => {
-                    failures.push(format!(
-                        "{name} is not flat: RSS +{:.1} %, CPU +{:.1} %",
+        for (name, flatness) in self.flatness() {
+            match flatness {
+                Some((rss, cpu)) if rss > FLAT_WITHIN || cpu.outcome() == Outcome::Grew => failures
+                    .push(format!(
+                        "{name} is not flat: RSS +{:.1} %, CPU {:+.1} % ± {:.1} %",
                         rss * 100.0,
-                        cpu * 100.0
-                    ))
-                }
+                        cpu.growth * 100.0,
+                        2.0 * cpu.standard_error * 100.0
+                    )),
                 Some(_) => {}
                 None => failures.push(format!("too few samples after the warm-up for {name}")),
             }
@@ -590,6 +616,82 @@ impl Report {
             bail!("the soak failed: {}", failures.join("; "))
         }
     }
+}
+
+/// The first fifth of the run, at least a minute: socktrace fills its
+/// tables and the steady leaker reaches what it holds.
+fn warm_up(minutes: u32) -> Duration {
+    Duration::from_secs((u64::from(minutes) * 60 / 5).max(60))
+}
+
+/// A CPU rate (cores) early and late in the settled run.
+#[derive(Clone, Copy, Debug)]
+struct CpuChange {
+    early: f64,
+    late: f64,
+    /// late / early - 1
+    growth: f64,
+    /// Of `growth`, from the spread of the rates within each half.
+    standard_error: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Outcome {
+    Flat,
+    Grew,
+    /// The interval (two standard errors either side) straddles the bound.
+    TooShortToTell,
+}
+
+impl CpuChange {
+    /// Needs two rates or more in each half.
+    fn between(early: &[f64], late: &[f64]) -> Option<Self> {
+        let (early_mean, early_se) = mean_and_standard_error(early)?;
+        let (late_mean, late_se) = mean_and_standard_error(late)?;
+        let base = early_mean.max(1e-6);
+        let ratio = late_mean / base;
+        Some(Self {
+            early: early_mean,
+            late: late_mean,
+            growth: ratio - 1.0,
+            // The ratio's error, to first order.
+            standard_error: (late_se.powi(2) + (ratio * early_se).powi(2)).sqrt() / base,
+        })
+    }
+
+    fn outcome(&self) -> Outcome {
+        let margin = 2.0 * self.standard_error;
+        if self.growth - margin > FLAT_WITHIN {
+            Outcome::Grew
+        } else if self.growth + margin <= FLAT_WITHIN {
+            Outcome::Flat
+        } else {
+            Outcome::TooShortToTell
+        }
+    }
+}
+
+impl Outcome {
+    fn phrase(self) -> String {
+        let bound = FLAT_WITHIN * 100.0;
+        match self {
+            Outcome::Flat => format!("flat (within {bound:.0} %)"),
+            Outcome::Grew => format!("grew by more than {bound:.0} %"),
+            Outcome::TooShortToTell => {
+                format!("too few samples to tell whether it is within {bound:.0} %")
+            }
+        }
+    }
+}
+
+fn mean_and_standard_error(values: &[f64]) -> Option<(f64, f64)> {
+    if values.len() < 2 {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some((mean, (variance / n).sqrt()))
 }
 
 #[cfg(test)]
@@ -632,5 +734,25 @@ mod tests {
         ];
         assert_eq!(attribution(&truth, &trace, 9000), (2, 1, 0));
         assert_eq!(attribution(&truth, &trace[..1], 9000), (1, 0, 2));
+    }
+
+    #[test]
+    fn a_cpu_rate_is_judged_against_its_noise() {
+        let steady = [0.012, 0.013, 0.011, 0.012, 0.012, 0.013, 0.011, 0.012];
+        let change = CpuChange::between(&steady, &steady).unwrap();
+        assert_eq!(change.outcome(), Outcome::Flat);
+
+        let higher: Vec<f64> = steady.iter().map(|rate| rate * 1.25).collect();
+        let change = CpuChange::between(&steady, &higher).unwrap();
+        assert!((change.growth - 0.25).abs() < 1e-9);
+        assert_eq!(change.outcome(), Outcome::Grew);
+
+        // Three noisy rates a half cannot tell +8 % from +20 %.
+        let noisy = [0.010, 0.014, 0.012];
+        let slightly_higher: Vec<f64> = noisy.iter().map(|rate| rate * 1.08).collect();
+        let change = CpuChange::between(&noisy, &slightly_higher).unwrap();
+        assert_eq!(change.outcome(), Outcome::TooShortToTell);
+
+        assert!(CpuChange::between(&[0.01], &steady).is_none());
     }
 }
