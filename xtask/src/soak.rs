@@ -567,7 +567,7 @@ impl Report {
                     cpu.early,
                     cpu.late,
                     cpu.growth * 100.0,
-                    2.0 * cpu.standard_error * 100.0,
+                    cpu.margin() * 100.0,
                     cpu.outcome().phrase(),
                 ));
             }
@@ -601,7 +601,7 @@ impl Report {
                         "{name} is not flat: RSS +{:.1} %, CPU {:+.1} % ± {:.1} %",
                         rss * 100.0,
                         cpu.growth * 100.0,
-                        2.0 * cpu.standard_error * 100.0
+                        cpu.margin() * 100.0
                     )),
                 Some(_) => {}
                 None => failures.push(format!("too few samples after the warm-up for {name}")),
@@ -659,8 +659,13 @@ impl CpuChange {
         })
     }
 
+    /// Two standard errors: the ± the report prints and the outcome uses.
+    fn margin(&self) -> f64 {
+        2.0 * self.standard_error
+    }
+
     fn outcome(&self) -> Outcome {
-        let margin = 2.0 * self.standard_error;
+        let margin = self.margin();
         if self.growth - margin > FLAT_WITHIN {
             Outcome::Grew
         } else if self.growth + margin <= FLAT_WITHIN {
