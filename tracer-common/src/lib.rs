@@ -12,15 +12,30 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU `u64` counters, indexed by [`counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Socket address (`struct sock *`) -> [`SocketOwner`]: who holds each socket.
+/// Socket address (`struct sock *`) -> [`SocketEntry`]: who holds each
+/// socket, and its transitions not yet reported.
 pub const SOCKETS_MAP: &str = "SOCKETS";
-/// Socket-local storage of [`SocketOwner`]s, for the programs on BTF
+/// Socket-local storage of [`SocketEntry`]s, for the programs on BTF
 /// tracepoints (Linux 5.11+).
 pub const SK_STORE_MAP: &str = "SK_STORE";
 /// Socket address -> [`SocketOwner`] for sockets found at start, and
-/// owners found in userspace, when the state lives in [`SK_STORE_MAP`]:
-/// moved there at the socket's first event.
+/// owners found in userspace or by accept(), when the state lives in
+/// [`SK_STORE_MAP`]: moved there at the socket's next event or sweep.
 pub const SEEDED_MAP: &str = "SEEDED";
+/// One `u64`, written by the collector before each pass of the sweep
+/// ([`SWEEP_PROGRAM`]): report the transitions held since this ktime or
+/// earlier (`u64::MAX`: all of them).
+pub const SWEEP_DUE_MAP: &str = "SWEEP_DUE";
+/// Per CPU, one `[u64; HOLD_EPOCHS]`: how many sockets began holding
+/// transitions in each epoch of [`Config::hold_ns`] (slot: epoch modulo
+/// [`HOLD_EPOCHS`]), less those that reported them since (added with
+/// wrapping over CPUs). The collector sweeps only when an epoch older than
+/// the hold still counts some: most sockets report their whole life before
+/// that, and a pass walks every socket of the namespace.
+pub const HOLDING_MAP: &str = "HOLDING";
+/// Slots of [`HOLDING_MAP`]: 12.8 s of epochs at the default hold, far
+/// longer than any socket holds before the sweep reports it.
+pub const HOLD_EPOCHS: usize = 64;
 /// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
 /// One [`NamespaceFilter`]: restricts reports to one container. A map, not a
@@ -29,12 +44,13 @@ pub const NS_FILTER_MAP: &str = "NS_FILTER";
 /// Load-time configuration global, see [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
-/// Default ring buffer size: 4 MiB holds about 30k events, a quarter of a
-/// second of a saturated loopback connect/close storm on two cores (8 events
-/// per connection for `watch` and `serve`, 11 for `trace`), while the
-/// collector drains it every 100 ms. It counts twice in RSS: the kernel maps
-/// the data pages twice.
-pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Default ring buffer size: 2 MiB holds about 9k records. `watch` and
+/// `serve` get one record per socket that lives less than the hold
+/// ([`Config::hold_ns`]), two per connection: a second of a saturated
+/// loopback storm on two cores, while the collector drains it every 100 ms.
+/// `trace` gets one per transition (ten per connection). It counts twice in
+/// RSS: the kernel maps the data pages twice.
+pub const DEFAULT_RING_BYTES: u32 = 2 << 20;
 /// Default capacity of the socket ownership map.
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 /// Size of the pid filter map (`-p` may be given this many times).
@@ -59,26 +75,26 @@ pub mod counter {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A TCP state transition, [`StateChangeEvent`].
-    StateChange = 1,
-    /// A process took a socket in process context (accept), [`OwnerEvent`].
-    Owner = 2,
-    // 3 was a fork event, no longer sent.
+    // 1 was one state transition per record, 2 an owner learned outside a
+    // transition, 3 a fork: all replaced by `StateChanges`, or no longer
+    // sent.
     /// A thread-group leader exited, [`ExitEvent`].
     Exit = 4,
     /// The last file of a socket that had already reached CLOSE was
     /// released (`close()` or exit), [`ReleaseEvent`].
     Release = 5,
+    /// A socket's transitions since its last report, and its owner,
+    /// [`StateChangesEvent`].
+    StateChanges = 6,
 }
 
 impl TryFrom<u32> for EventKind {
     type Error = u32;
     fn try_from(value: u32) -> Result<Self, u32> {
         match value {
-            1 => Ok(Self::StateChange),
-            2 => Ok(Self::Owner),
             4 => Ok(Self::Exit),
             5 => Ok(Self::Release),
+            6 => Ok(Self::StateChanges),
             other => Err(other),
         }
     }
@@ -157,26 +173,10 @@ pub const fn owner_claim(new_state: u8) -> OwnerSource {
     }
 }
 
-/// Where the transitions the kernel programs may leave out
-/// ([`Config::skip_inferable`]) lead from `state`: SYN_SENT or SYN_RECV to
-/// ESTABLISHED, FIN_WAIT1 to FIN_WAIT2. None of them claims an owner or is an
-/// open or a close, and the new state stays in [`SOCKETS_MAP`], so the
-/// collector can infer them: from the old state and dwell of the socket's
-/// next transition, or by reading the map.
-pub const fn inferable_successor(state: u8) -> Option<u8> {
-    match state {
-        tcp_state::SYN_SENT | tcp_state::SYN_RECV => Some(tcp_state::ESTABLISHED),
-        tcp_state::FIN_WAIT1 => Some(tcp_state::FIN_WAIT2),
-        _ => None,
-    }
-}
-
-/// The kernel leaves out an inferable transition only when it comes less
-/// than this long after the socket entered its state; slower ones (a peer
-/// that does not answer) are reported. So the collector reads a socket's
-/// state back from the map at most once per state: when this long has
-/// passed without a reported transition.
-pub const INFER_WINDOW_NS: u64 = 250_000_000;
+/// How long `watch` and `serve` let the kernel hold a socket's transitions
+/// before they are reported ([`Config::hold_ns`]): most connections live
+/// less, and their whole life crosses to the collector in one record.
+pub const HOLD_NS: u64 = 200_000_000;
 
 /// Common prefix of every ring buffer record.
 #[repr(C)]
@@ -194,7 +194,7 @@ pub struct EventHeader {
 }
 
 /// The process holding a socket, as recorded in the kernel's socket map and
-/// repeated in each event about that socket.
+/// repeated in each record about that socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketOwner {
@@ -235,46 +235,83 @@ pub struct Endpoints {
     pub remote_addr: [u8; 16],
 }
 
-/// Bits of [`StateChangeEvent::flags`].
-pub mod state_flags {
-    /// The transition is to CLOSE and a file still holds the socket.
-    pub const NEW_CLOSED_HELD: u8 = 1;
-    /// The socket left a CLOSE that a file held (it connects again).
-    pub const OLD_CLOSED_HELD: u8 = 2;
-}
+/// How many transitions a socket holds before they must be reported: a
+/// whole connection's life is five (CLOSE -> SYN_SENT -> ESTABLISHED ->
+/// FIN_WAIT1 -> FIN_WAIT2 -> CLOSE).
+pub const MAX_HELD_STEPS: usize = 6;
 
-/// A TCP state transition (`sock:inet_sock_set_state`).
+/// One transition a socket made: into `state` at `at_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StateChangeEvent {
+pub struct Step {
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub at_ns: u64,
+    pub state: u8,
+    /// 1 when `state` is CLOSE and a file still holds the socket.
+    pub closed_held: u8,
+    pub _pad: [u8; 6],
+}
+
+/// The transitions of one socket since it was last reported, oldest first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldSteps {
+    /// Entries of `steps` in use.
+    pub count: u8,
+    /// The state before the first step, as last reported (or as first
+    /// seen).
+    pub from_state: u8,
+    /// 1 when `from_state` is CLOSE and a file held the socket.
+    pub from_closed_held: u8,
+    /// 1 once the collector has had a record of the socket.
+    pub reported: u8,
+    /// `sk_err` at a step to CLOSE: why the kernel ended the connection
+    /// (ECONNRESET, ETIMEDOUT, ...), 0 when it gave no error.
+    pub error: u32,
+    /// When the socket entered `from_state`; 0 when not seen.
+    pub from_since_ns: u64,
+    pub steps: [Step; MAX_HELD_STEPS],
+}
+
+/// What the kernel keeps per socket (in [`SOCKETS_MAP`] or
+/// [`SK_STORE_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketEntry {
+    /// The owner and the state after the last step.
+    pub owner: SocketOwner,
+    pub held: HeldSteps,
+    /// When the last step the sweep reported was made: the sweep reports
+    /// each step once but leaves them held, for the socket's own programs
+    /// to clear at their next report (they alone write the steps; the
+    /// collector drops the steps it has seen).
+    pub swept_through_ns: u64,
+    /// The owner the collector was last told of (tgid).
+    pub reported_tgid: u32,
+    /// 1 while the held steps are counted in [`HOLDING_MAP`] (in the epoch
+    /// of the first).
+    pub counted: u16,
+    /// 1 for a socket accepted from a listener (a passive open): accept()
+    /// may leave its owner in [`SEEDED_MAP`].
+    pub passive: u16,
+}
+
+/// A socket's transitions since its last report (`sock:inet_sock_set_state`),
+/// or, with no step, news of its owner. `watch` and `serve` get one per
+/// socket for its whole life when it lasts less than the hold; `trace`
+/// one per transition.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateChangesEvent {
     pub header: EventHeader,
-    /// The socket's owner after this transition was applied. The socket's
-    /// network namespace is `owner.netns`.
+    /// The socket's owner after the last step. The socket's network
+    /// namespace is `owner.netns`.
     pub owner: SocketOwner,
     pub endpoints: Endpoints,
-    pub old_state: u8,
-    pub new_state: u8,
-    /// [`state_flags`] bits.
-    pub flags: u8,
-    pub _pad: u8,
-    /// `sk_err` at a transition to CLOSE: why the kernel ended the
-    /// connection (ECONNRESET, ETIMEDOUT, ...), 0 when it gave no error.
-    pub error: u32,
-    /// Time spent in `old_state`; [`DWELL_UNKNOWN`] when the socket was not
-    /// seen entering it.
-    pub dwell_ns: u64,
+    pub held: HeldSteps,
 }
 
 pub const DWELL_UNKNOWN: u64 = u64::MAX;
-
-/// A process took ownership of a socket outside a state transition
-/// (accept() returned it).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OwnerEvent {
-    pub header: EventHeader,
-    pub owner: SocketOwner,
-}
 
 /// sched_process_exit of a thread-group leader (`header.current_tgid`).
 #[repr(C)]
@@ -329,6 +366,10 @@ pub struct SocketFileRecord {
 
 /// The socket-file iterator (`iter/task_file`).
 pub const SOCKET_FILES_PROGRAM: &str = "socket_files";
+/// The sweep (`iter/tcp`): reports the transitions that the sockets of
+/// socktrace's network namespace have held long enough, and owners learned
+/// outside a transition.
+pub const SWEEP_PROGRAM: &str = "sweep_sockets";
 
 /// Bytes of `struct sock_common` the BTF tracepoint programs copy in one
 /// read: the family, ports and IPv4 and IPv6 addresses all end within them
@@ -441,15 +482,19 @@ pub struct Config {
     /// between wake-ups it drains on its own timer. Waking it for every event
     /// costs more than the event itself at high rates.
     pub wakeup_bytes: u32,
-    /// Non-zero: do not report the transitions [`inferable_successor`] names
-    /// for sockets whose state the socket map holds, when they come within
-    /// [`INFER_WINDOW_NS`]. `watch` and `serve` set it: those are 3 of the
-    /// 11 records of a connection. `trace` shows each transition as it
-    /// happens, so it does not.
-    pub skip_inferable: u32,
     /// Non-zero: the state lives in socket storage ([`SK_STORE_MAP`]), and
     /// the iterator records holders in [`SEEDED_MAP`].
     pub sk_storage: u32,
+    /// A socket's transitions are held (in its entry) until the first of
+    /// them is this old, then reported in one record; the socket's end, a
+    /// close while held, or a full [`HeldSteps`] are reported at once, and
+    /// the sweep reports what waited long enough on a quiet socket. 0: each
+    /// transition is reported as it happens (`trace`).
+    pub hold_ns: u64,
+    /// Inode of the network namespace the sweep walks (socktrace's own):
+    /// the transitions of sockets in any other are reported at once.
+    pub sweep_netns: u32,
+    pub _pad: u32,
 }
 
 macro_rules! assert_size {
@@ -460,13 +505,15 @@ macro_rules! assert_size {
 assert_size!(EventHeader, 24);
 assert_size!(SocketOwner, 40);
 assert_size!(Endpoints, 40);
-assert_size!(StateChangeEvent, 24 + 40 + 40 + 8 + 8);
-assert_size!(OwnerEvent, 24 + 40);
+assert_size!(Step, 16);
+assert_size!(HeldSteps, 16 + 16 * MAX_HELD_STEPS);
+assert_size!(SocketEntry, 40 + 112 + 16);
+assert_size!(StateChangesEvent, 24 + 40 + 40 + 112);
 assert_size!(ExitEvent, 24);
 assert_size!(ReleaseEvent, 24 + 40 + 16 + 8 + 8);
 assert_size!(SocketFileRecord, 24 + 40 + 16);
 assert_size!(Layout, 32 + 4 * 27);
-assert_size!(Config, 32 + 4 * 27 + 24);
+assert_size!(Config, 32 + 4 * 27 + 36);
 assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]
@@ -480,11 +527,11 @@ mod pod {
     }
     pod!(
         SocketOwner,
+        SocketEntry,
         Config,
         NamespaceFilter,
         EventHeader,
-        StateChangeEvent,
-        OwnerEvent,
+        StateChangesEvent,
         ExitEvent,
         ReleaseEvent,
         SocketFileRecord

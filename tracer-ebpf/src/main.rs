@@ -4,8 +4,8 @@
 //! context is the task on the CPU, which for packet-driven transitions is
 //! whatever process softirq interrupted, often the *peer*. So the owner of a
 //! socket is learned only in process context (connect, listen, close,
-//! accept) and kept in the `SOCKETS` map; every event carries that owner, never
-//! the current task of a softirq transition.
+//! accept) and kept with the socket's state; every record carries that
+//! owner, never the current task of a softirq transition.
 //!
 //! A socket lives until its last file is released, which may be long after
 //! TCP reached CLOSE (a reset or timeout while the owner keeps the fd). The
@@ -13,6 +13,7 @@
 //! runs in the releasing task's own `close()` or exit.
 //!
 //! - `state`: state changes and the release of sockets closed while held;
+//! - `sweep`: reports what quiet sockets have held long enough;
 //! - `owners`: accept() and, where the kernel allows, tcp_connect/tcp_close;
 //! - `processes`: process exits;
 //! - `socket_files`: the iterator over every process's socket files;
@@ -23,9 +24,11 @@
 mod floor;
 mod owners;
 mod processes;
+mod sock;
 mod socket_files;
 mod state;
 mod store;
+mod sweep;
 
 use aya_ebpf::{
     bindings::{
@@ -40,9 +43,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, EventHeader, EventKind, Layout,
+    Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, EventHeader, EventKind, HOLD_EPOCHS, Layout,
     MAX_PID_FILTER, NamespaceFilter, OwnerSource, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES,
-    SocketOwner, TASK_COMM_LEN, counter,
+    SocketEntry, SocketOwner, TASK_COMM_LEN, counter,
 };
 
 /// Overwritten by the collector before load (`EbpfLoader::override_global`);
@@ -98,8 +101,10 @@ static CONFIG: Config = Config {
     filter_port: 0,
     filter_family: 0,
     wakeup_bytes: 0,
-    skip_inferable: 0,
     sk_storage: 0,
+    hold_ns: 0,
+    sweep_netns: 0,
+    _pad: 0,
 };
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
@@ -113,12 +118,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// and a preallocated map pins all of it in kernel memory (29 MB at the
 /// default), though its inserts and deletes cost less.
 #[map(name = "SOCKETS")]
-static SOCKETS: HashMap<u64, SocketOwner> =
+static SOCKETS: HashMap<u64, SocketEntry> =
     HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// The same state on the socket itself, for the BTF tracepoint programs.
 #[btf_map(name = "SK_STORE")]
-static SK_STORE: SkStorage<SocketOwner> = SkStorage::new();
+static SK_STORE: SkStorage<SocketEntry> = SkStorage::new();
 
 /// Sockets found at start (and owners found in userspace) when the state
 /// lives in `SK_STORE`, until their first event moves them there.
@@ -139,10 +144,37 @@ static NS_FILTER: Array<NamespaceFilter> = Array::with_max_entries(1, 0);
 static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Room for the copy of a socket's `sock_common` (see `state::SockFields`):
-/// one for a program's run, one for a run nested in it by a softirq.
+/// Room for the copy of a socket's `sock_common` (see `sock::endpoints`):
+/// one per `sock::Reader`, the contexts that interrupt one another.
 #[map(name = "SOCK_COMMON")]
-static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(2, 0);
+static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(4, 0);
+
+/// The sweep's due time (`tracer_common::SWEEP_DUE_MAP`).
+#[map(name = "SWEEP_DUE")]
+static SWEEP_DUE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Sockets holding transitions, by the epoch they began (see
+/// `tracer_common::HOLDING_MAP`).
+#[map(name = "HOLDING")]
+static HOLDING: PerCpuArray<[u64; HOLD_EPOCHS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts (`by` 1) or uncounts (`by` -1) a socket that began holding at
+/// `since_ns` in [`HOLDING`].
+#[inline(always)]
+fn holding(since_ns: u64, by: i64) {
+    let hold_ns = config().hold_ns;
+    if hold_ns == 0 {
+        return;
+    }
+    if let Some(slots) = HOLDING.get_ptr_mut(0) {
+        let slot = (since_ns / hold_ns) as usize % HOLD_EPOCHS;
+        // SAFETY: this CPU's slots; the index is reduced below their number.
+        unsafe {
+            let count = &mut (*slots)[slot];
+            *count = count.wrapping_add_signed(by);
+        }
+    }
+}
 
 /// Per CPU, the runs under way of each BPF tracepoint program with a
 /// `_nested` partner, by `state::Partner`: the kernel skips a program only
@@ -314,18 +346,6 @@ unsafe fn read_kernel<T>(base: *const u8, offset: u32) -> Result<T, i64> {
 unsafe fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
     // SAFETY: as read_kernel.
     unsafe { read_kernel::<*const u8>(base, offset) }
-}
-
-/// sk->__sk_common.skc_net.net->ns.inum; 0 when unreadable.
-#[inline(always)]
-fn socket_netns(layout: &Layout, sk: *const u8) -> u32 {
-    // SAFETY: read_kernel tolerates any address.
-    unsafe {
-        let Ok(net) = read_ptr(sk, layout.sock_common_net) else {
-            return 0;
-        };
-        read_kernel::<u32>(net, layout.net_ns_inum).unwrap_or(0)
-    }
 }
 
 #[cfg(not(test))]

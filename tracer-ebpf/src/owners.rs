@@ -11,36 +11,61 @@ use aya_ebpf::{
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use tracer_common::{EventKind, IPPROTO_TCP, Layout, OwnerEvent, OwnerSource, SocketOwner};
-
-use crate::{
-    config, current_tgid, emit, header, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
-    store::{HashStore, SkStore, SocketStore, leave_owner},
+use tracer_common::{
+    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent, counter,
 };
 
-/// Records `current` as the owner of a socket already tracked, and tells
-/// the collector when the owner changed. `sk` must be the typed pointer when
-/// `S` is [`SkStore`].
+use crate::{
+    EVENTS, bump, config, current_tgid, header, owner_wanted, read_kernel, read_ptr,
+    set_owner_to_current,
+    sock::{self, Reader},
+    store::{HashStore, SkStore, SocketStore, leave_owner},
+    wakeup_flag,
+};
+
+/// Records `current` as the owner of a socket already tracked: the
+/// socket's next report carries it (a sweep that reports it meanwhile
+/// does too), or, when each transition is reported as it happens, a record
+/// of its own now. `sk` must be the typed pointer when `S` is [`SkStore`].
 #[inline(always)]
 fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
-    let Some(known) = S::get(sk) else {
+    let Some(known) = S::get_or_seeded(sk) else {
         return;
     };
-    if known.tgid == current_tgid() {
+    if known.owner.tgid == current_tgid() {
         return;
     }
-    set_owner_to_current(known, source);
-    announce(sk as u64, *known);
+    set_owner_to_current(&mut known.owner, source);
+    announce(sk as u64, &known.owner);
 }
 
+/// Tells the collector a socket's new owner at once, if it reports every
+/// transition as it happens (`trace`): the transitions of a passive open
+/// wait for it there.
 #[inline(always)]
-fn announce(sock_id: u64, owner: SocketOwner) {
-    if owner_wanted(config(), &owner) {
-        emit(OwnerEvent {
-            header: header(EventKind::Owner, sock_id),
-            owner,
-        });
+fn announce(sock_id: u64, owner: &SocketOwner) {
+    let config = config();
+    if config.hold_ns != 0 || !owner_wanted(config, owner) {
+        return;
     }
+    let Ok(endpoints) = sock::endpoints(&config.layout, sock_id as *const u8, Reader::Accept)
+    else {
+        return;
+    };
+    let Some(mut slot) = EVENTS.reserve::<StateChangesEvent>(0) else {
+        bump(counter::LOST_EVENTS);
+        return;
+    };
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` points into the reserved slot, ours until submitted;
+    // a record with no step is news of the owner alone.
+    unsafe {
+        (*event).header = header(EventKind::StateChanges, sock_id);
+        (*event).owner = *owner;
+        (*event).endpoints = endpoints;
+        (*event).held = HeldSteps::default();
+    }
+    slot.submit(wakeup_flag());
 }
 
 /// A claim from a program that sees the socket as an address only.
@@ -56,8 +81,7 @@ fn claim_by_address(sock_id: u64, source: OwnerSource) {
 
 /// accept() returned `sock_id`. With the state in socket storage, the owner
 /// is left for the socket's next event to take (this program cannot reach
-/// the storage), and the collector is told at once: the transitions of the
-/// handshake wait there for their owner.
+/// the storage); a sweep that reports the socket meanwhile names it.
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
     if config().sk_storage == 0 {
@@ -74,7 +98,7 @@ fn claim_accepted(layout: &Layout, sock_id: u64) {
     let mut owner = SocketOwner::default();
     set_owner_to_current(&mut owner, OwnerSource::Accept);
     leave_owner(sock_id, &owner);
-    announce(sock_id, owner);
+    announce(sock_id, &owner);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]

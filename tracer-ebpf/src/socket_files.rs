@@ -17,13 +17,11 @@ use tracer_common::{
 };
 
 use crate::{
-    SEEDED, SOCKETS, config, netns_wanted, owner_wanted, read_kernel, read_ptr, socket_netns,
+    SEEDED, config, netns_wanted, owner_wanted, read_kernel, sock,
+    store::{HashStore, SocketStore},
 };
 
-/// File type bits of `i_mode` and the socket type (include/uapi/linux/stat.h,
-/// include/linux/net.h).
-const S_IFMT: u16 = 0o170000;
-const S_IFSOCK: u16 = 0o140000;
+/// The socket type (include/linux/net.h).
 const SOCK_STREAM: u16 = 1;
 
 /// `struct bpf_iter__task_file` (kernel/bpf/task_iter.c): four 8-byte
@@ -73,16 +71,12 @@ pub extern "C" fn socket_files(ctx: *mut c_void) -> i32 {
 fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFileRecord>, i64> {
     let config = config();
     let layout = &config.layout;
+    let Some(sk) = sock::of_file(layout, file) else {
+        return Ok(None);
+    };
     // SAFETY: every step is a bpf_probe_read_kernel of a kernel pointer; a
     // bad pointer makes the helper fail, it cannot fault.
     unsafe {
-        let inode = read_ptr(file, layout.file_inode)?;
-        let mode: u16 = read_kernel(inode, layout.inode_mode)?;
-        if mode & S_IFMT != S_IFSOCK {
-            return Ok(None);
-        }
-        let socket = read_ptr(file, layout.file_private_data)?;
-        let sk = read_ptr(socket, layout.socket_sk)?;
         let family: u16 = read_kernel(sk, layout.sock_family)?;
         let protocol: u16 = read_kernel(sk, layout.sock_protocol)?;
         let kind: u16 = read_kernel(sk, layout.sock_type)?;
@@ -94,7 +88,7 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
             return Ok(None);
         }
         let tgid: u32 = read_kernel(task, layout.task_tgid)?;
-        let netns = socket_netns(layout, sk);
+        let netns = sock::netns(layout, sk);
         let state: u8 = read_kernel(sk, layout.sock_state)?;
         let mut owner = SocketOwner {
             tgid,
@@ -156,21 +150,21 @@ fn record_holder(sock_id: u64, owner: &mut SocketOwner) {
         let _ = SEEDED.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
         return;
     }
-    match SOCKETS.get_ptr_mut(sock_id) {
-        Some(known) => {
-            // SAFETY: the pointer comes from a successful lookup and stays
-            // valid for this program run (RCU).
-            let known = unsafe { &mut *known };
-            if known.tgid == 0 {
-                known.tgid = owner.tgid;
-                known.source = owner.source;
-                known.comm = owner.comm;
-                known.in_pidns = 1;
-            }
-        }
-        None => {
-            // A full map is counted when the probes next fail to insert.
-            let _ = SOCKETS.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
-        }
+    let Some(known) = HashStore::get(sock_id as *const c_void).or_else(|| {
+        let created = HashStore::create(sock_id as *const c_void)?;
+        created.owner.state = owner.state;
+        created.owner.closed_held = owner.closed_held;
+        created.owner.netns = owner.netns;
+        created.held.from_state = owner.state;
+        created.held.from_closed_held = owner.closed_held;
+        Some(created)
+    }) else {
+        return;
+    };
+    if known.owner.tgid == 0 {
+        known.owner.tgid = owner.tgid;
+        known.owner.source = owner.source;
+        known.owner.comm = owner.comm;
+        known.owner.in_pidns = 1;
     }
 }

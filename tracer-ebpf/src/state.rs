@@ -4,6 +4,13 @@
 //! kernel builds, state in the hash map) and as a BTF tracepoint (the
 //! kernel's own arguments, state in socket storage). One handler serves
 //! both, generic over how the fields are read and where the state lives.
+//!
+//! A transition is applied to the socket's entry and held there: the
+//! socket's transitions cross to the collector together, in one record,
+//! once the first of them has waited `Config::hold_ns`, or at once when the
+//! socket ends, closes while a file holds it, or has no room left. Most
+//! connections live less than the hold, so their whole life is one record.
+//! The sweep (`sweep.rs`) reports what quiet sockets hold.
 
 use core::ffi::c_void;
 
@@ -14,16 +21,16 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, INFER_WINDOW_NS, IPPROTO_TCP, Layout,
-    OwnerSource, ReleaseEvent, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES, SocketOwner,
-    StateChangeEvent, counter, inferable_successor, owner_claim, state_flags, tcp_state,
+    AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, IPPROTO_TCP, Layout, MAX_HELD_STEPS, OwnerSource,
+    ReleaseEvent, SET_STATE_RECORD_BYTES, SocketEntry, StateChangesEvent, Step, counter,
+    owner_claim, tcp_state,
 };
 
 use crate::{
-    EVENTS, RUNNING, SET_STATE_RECORD, SOCK_COMMON, bump, config, current_comm, current_tgid, emit,
-    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, read_ptr, set_owner_to_current,
-    socket_netns,
-    store::{HashStore, SkStore, SocketStore, forget_seeded},
+    EVENTS, RUNNING, SET_STATE_RECORD, bump, config, current_comm, current_tgid, emit, header_at,
+    holding, ktime_ns, netns_wanted, owner_wanted, read_kernel, set_owner_to_current,
+    sock::{self, Reader, copied_field},
+    store::{HashStore, SkStore, SocketStore, adopt_owner, forget_seeded},
     wakeup_flag,
 };
 
@@ -35,20 +42,22 @@ const PF_EXITING: u32 = 0x4;
 /// handler needs, read on demand.
 trait StateChangeFields {
     fn protocol(&self) -> Result<u16, i64>;
-    fn family(&self) -> Result<u16, i64>;
     /// The kernel's `struct sock *`, as the store and the helpers want it.
-    fn sk(&self) -> Result<*const c_void, i64>;
-    fn states(&self) -> Result<(u8, u8), i64>;
-    /// (local, remote), host byte order.
-    fn ports(&self) -> Result<(u16, u16), i64>;
-    /// (local, remote); IPv4 in the first 4 bytes.
-    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64>;
+    fn sk(&self) -> *const c_void;
+    fn states(&self) -> (u8, u8);
+    /// Read only when the socket is reported.
+    fn endpoints(&self) -> Result<Endpoints, i64>;
 }
 
 /// The `sock:inet_sock_set_state` record, copied with one probe read instead
 /// of one per field: those nine helper calls were a quarter of the program's
 /// time, and it runs ten times per connection.
-struct SetStateRecord(&'static [u8; SET_STATE_RECORD_BYTES]);
+struct SetStateRecord {
+    record: &'static [u8; SET_STATE_RECORD_BYTES],
+    sk: *const c_void,
+    old: u8,
+    new: u8,
+}
 
 impl SetStateRecord {
     #[inline(always)]
@@ -58,110 +67,88 @@ impl SetStateRecord {
         // used by nothing else meanwhile; bpf_probe_read_kernel faults
         // safely, and the record starts a per-CPU buffer far longer than
         // SET_STATE_RECORD_BYTES.
-        unsafe {
+        let record: &[u8; SET_STATE_RECORD_BYTES] = unsafe {
             bpf_probe_read_kernel_buf(ctx.as_ptr().cast::<u8>(), &mut *slot).map_err(i64::from)?;
-            Ok(Self(&*slot))
-        }
+            &*slot
+        };
+        let layout = &config().layout;
+        let sk = copied_field::<u64, _>(record, layout.set_state_skaddr.into())?;
+        let old = copied_field::<i32, _>(record, layout.set_state_oldstate.into())?;
+        let new = copied_field::<i32, _>(record, layout.set_state_newstate.into())?;
+        Ok(Self {
+            record,
+            sk: sk as *const c_void,
+            old: old as u8,
+            new: new as u8,
+        })
     }
-}
-
-/// Reads a `T` at `offset` of a copied block, bounds checked.
-#[inline(always)]
-fn copied_field<T: Copy, const N: usize>(block: &[u8; N], offset: u32) -> Result<T, i64> {
-    let offset = offset as usize;
-    // Also the bound the verifier needs for the variable offset; the
-    // collector checked the layout against it before load.
-    if offset > N - size_of::<T>() {
-        return Err(-1);
-    }
-    // SAFETY: in bounds (checked above); any bit pattern is a valid T here
-    // (integers and byte arrays).
-    Ok(unsafe { core::ptr::read_unaligned(block.as_ptr().add(offset).cast::<T>()) })
 }
 
 impl StateChangeFields for SetStateRecord {
     #[inline(always)]
     fn protocol(&self) -> Result<u16, i64> {
-        copied_field(self.0, config().layout.set_state_protocol.into())
+        copied_field(self.record, config().layout.set_state_protocol.into())
     }
 
     #[inline(always)]
-    fn family(&self) -> Result<u16, i64> {
-        copied_field(self.0, config().layout.set_state_family.into())
+    fn sk(&self) -> *const c_void {
+        self.sk
     }
 
     #[inline(always)]
-    fn sk(&self) -> Result<*const c_void, i64> {
-        copied_field::<u64, _>(self.0, config().layout.set_state_skaddr.into())
-            .map(|sk| sk as *const c_void)
+    fn states(&self) -> (u8, u8) {
+        (self.old, self.new)
     }
 
     #[inline(always)]
-    fn states(&self) -> Result<(u8, u8), i64> {
+    fn endpoints(&self) -> Result<Endpoints, i64> {
         let layout = &config().layout;
-        let old = copied_field::<i32, _>(self.0, layout.set_state_oldstate.into())?;
-        let new = copied_field::<i32, _>(self.0, layout.set_state_newstate.into())?;
-        Ok((old as u8, new as u8))
-    }
-
-    #[inline(always)]
-    fn ports(&self) -> Result<(u16, u16), i64> {
-        let layout = &config().layout;
-        Ok((
-            copied_field(self.0, layout.set_state_sport.into())?,
-            copied_field(self.0, layout.set_state_dport.into())?,
-        ))
-    }
-
-    #[inline(always)]
-    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
-        let layout = &config().layout;
-        let (mut local, mut remote) = ([0; 16], [0; 16]);
+        let record = self.record;
+        let family: u16 = copied_field(record, layout.set_state_family.into())?;
+        let (mut local_addr, mut remote_addr) = ([0; 16], [0; 16]);
         if family == AF_INET {
-            local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
-                self.0,
+            local_addr[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
+                record,
                 layout.set_state_saddr.into(),
             )?);
-            remote[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
-                self.0,
+            remote_addr[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
+                record,
                 layout.set_state_daddr.into(),
             )?);
         } else {
-            local = copied_field(self.0, layout.set_state_saddr_v6.into())?;
-            remote = copied_field(self.0, layout.set_state_daddr_v6.into())?;
+            local_addr = copied_field(record, layout.set_state_saddr_v6.into())?;
+            remote_addr = copied_field(record, layout.set_state_daddr_v6.into())?;
         }
-        Ok((local, remote))
+        Ok(Endpoints {
+            family,
+            local_port: copied_field(record, layout.set_state_sport.into())?,
+            remote_port: copied_field(record, layout.set_state_dport.into())?,
+            _pad: 0,
+            local_addr,
+            remote_addr,
+        })
     }
 }
 
-/// A BTF tracepoint's arguments: the socket itself, its `sock_common` (the
-/// family, ports and addresses) copied with one probe read.
+/// A BTF tracepoint's arguments: the socket itself and its states; the
+/// rest is read from the socket when it is reported.
 struct SockFields {
     sk: *const c_void,
     old: u8,
     new: u8,
-    common: &'static [u8; SOCK_COMMON_BYTES],
+    reader: Reader,
 }
 
 impl SockFields {
     #[inline(always)]
-    /// `depth`: 0 for the outer run on this CPU, 1 for one nested in it
-    /// (each has a buffer of its own).
-    fn read(ctx: &BtfTracePointContext, depth: u32) -> Result<Self, i64> {
-        let sk: *const c_void = ctx.arg(0);
+    fn read(ctx: &BtfTracePointContext, reader: Reader) -> Self {
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
-        let slot = SOCK_COMMON.get_ptr_mut(depth).ok_or(-1i64)?;
-        // SAFETY: this CPU's slot, as in SetStateRecord::read; the probe read
-        // tolerates any address.
-        unsafe {
-            bpf_probe_read_kernel_buf(sk.cast::<u8>(), &mut *slot).map_err(i64::from)?;
-            Ok(Self {
-                sk,
-                old: old as u8,
-                new: new as u8,
-                common: &*slot,
-            })
+        Self {
+            sk: ctx.arg(0),
+            old: old as u8,
+            new: new as u8,
+            reader,
         }
     }
 }
@@ -174,45 +161,18 @@ impl StateChangeFields for SockFields {
     }
 
     #[inline(always)]
-    fn family(&self) -> Result<u16, i64> {
-        copied_field(self.common, config().layout.sock_family)
+    fn sk(&self) -> *const c_void {
+        self.sk
     }
 
     #[inline(always)]
-    fn sk(&self) -> Result<*const c_void, i64> {
-        Ok(self.sk)
+    fn states(&self) -> (u8, u8) {
+        (self.old, self.new)
     }
 
     #[inline(always)]
-    fn states(&self) -> Result<(u8, u8), i64> {
-        Ok((self.old, self.new))
-    }
-
-    #[inline(always)]
-    fn ports(&self) -> Result<(u16, u16), i64> {
-        let layout = &config().layout;
-        // SAFETY: read_kernel tolerates any address.
-        let sport: u16 = unsafe { read_kernel(self.sk.cast(), layout.inet_sport) }?;
-        let dport: u16 = copied_field(self.common, layout.sock_dport)?;
-        Ok((u16::from_be(sport), u16::from_be(dport)))
-    }
-
-    #[inline(always)]
-    fn addresses(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i64> {
-        let layout = &config().layout;
-        let (mut local, mut remote) = ([0; 16], [0; 16]);
-        if family == AF_INET {
-            local[..4].copy_from_slice(&copied_field::<[u8; 4], _>(
-                self.common,
-                layout.sock_rcv_saddr,
-            )?);
-            remote[..4]
-                .copy_from_slice(&copied_field::<[u8; 4], _>(self.common, layout.sock_daddr)?);
-        } else {
-            local = copied_field(self.common, layout.sock_v6_rcv_saddr)?;
-            remote = copied_field(self.common, layout.sock_v6_daddr)?;
-        }
-        Ok((local, remote))
+    fn endpoints(&self) -> Result<Endpoints, i64> {
+        sock::endpoints(&config().layout, self.sk.cast(), self.reader)
     }
 }
 
@@ -234,248 +194,195 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     let _running = Running::start(Partner::SetState);
-    if let Ok(fields) = SockFields::read(&ctx, 0) {
-        let _ = on_state_change::<SkStore>(&fields);
-    }
+    let _ = on_state_change::<SkStore>(&SockFields::read(&ctx, Reader::Probe));
     0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
-    let sk: *const c_void = ctx.arg(0);
-    let (old, new): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    let fields = SockFields::read(&ctx, Reader::Nested);
+    let (old, _) = fields.states();
     // A run under way means the kernel skipped the first program for this
-    // event. Outside one (the kernel also skips it in the few instructions
-    // around its count), the socket's storage tells: the first program
-    // applies every transition of a TCP socket it takes there, and gives
-    // storage to every such socket that is not closing.
+    // event. Outside one (the kernel also skips it in the instructions of
+    // its own dispatch around that count, which a neighbour's interrupts
+    // hit hundreds of times a minute), the socket's storage tells: the
+    // first program applies every transition of a TCP socket there, and
+    // gives storage to every TCP socket it sees.
     let skipped = Running::under_way(Partner::SetState)
-        || match SkStore::peek(sk) {
-            Some(known) => known.state == old as u8,
-            None => new as u8 != tcp_state::CLOSE && is_tcp(&ctx),
+        || match SkStore::peek(fields.sk) {
+            Some(known) => known.owner.state == old,
+            None => fields.protocol() == Ok(IPPROTO_TCP),
         };
     if skipped {
         // The kernel counted the skip whatever the event: so is the rescue.
         bump(counter::RESCUED);
-        if let Ok(fields) = SockFields::read(&ctx, 1) {
-            let _ = on_state_change::<SkStore>(&fields);
-        }
+        let _ = on_state_change::<SkStore>(&fields);
     }
     0
 }
 
-/// The socket of a BTF tracepoint's first argument is a TCP one.
-#[inline(always)]
-fn is_tcp(ctx: &BtfTracePointContext) -> bool {
-    SockFields::read(ctx, 1).is_ok_and(|fields| fields.protocol() == Ok(IPPROTO_TCP))
-}
-
 fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<(), i64> {
     let config = config();
-    if fields.protocol()? != IPPROTO_TCP {
-        return Ok(());
-    }
-    let sk = fields.sk()?;
-    let (old_state, new_state) = fields.states()?;
+    let layout = &config.layout;
+    let sk = fields.sk();
+    let (old_state, new_state) = fields.states();
     let now = ktime_ns();
-
-    let change = record_transition::<S>(&config.layout, sk, old_state, new_state, now);
-    // The collector infers it. A known dwell means the map holds the socket,
-    // so the new state can be read back from there; a short one means the
-    // collector has not read it yet (it waits out the window, then reads
-    // once), and a socket stuck in SYN_SENT costs it one read, not one a
-    // tick. DWELL_UNKNOWN is never short.
-    if config.skip_inferable != 0
-        && change.dwell_ns < INFER_WINDOW_NS
-        && inferable_successor(old_state) == Some(new_state)
-    {
-        return Ok(());
-    }
-    // The filters come after the store is up to date: every transition of
-    // a socket with storage is in it (the `_nested` partner relies on it).
-    let family = fields.family()?;
-    if (config.filter_family != 0 && family != config.filter_family)
-        || !owner_wanted(config, &change.owner)
-        || !netns_wanted(change.owner.netns)
-    {
-        return Ok(());
-    }
-    let (local_port, remote_port) = fields.ports()?;
-    if config.filter_port != 0
-        && local_port != config.filter_port
-        && remote_port != config.filter_port
-    {
-        return Ok(());
-    }
-    let (local_addr, remote_addr) = fields.addresses(family)?;
-    let Some(mut slot) = EVENTS.reserve::<StateChangeEvent>(0) else {
-        bump(counter::LOST_EVENTS);
-        return Ok(());
+    // LISTEN -> SYN_RECV is the birth of a child socket cloned from a
+    // listener (inet_csk_clone_lock): whatever the map holds for this
+    // address belongs to a dead socket. (Socket storage is not cloned: a
+    // new socket has none.)
+    let newborn = old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV;
+    // A socket that starts (connect, listen) or is born cannot be one found
+    // at start that waits for its first event.
+    let known = if newborn {
+        None
+    } else if old_state == tcp_state::CLOSE {
+        S::get(sk)
+    } else {
+        S::get_or_seeded(sk)
     };
-    // Written into the ring field by field, not built on the stack and
-    // copied: the 512 bytes of stack are tight on older verifiers.
-    let event = slot.as_mut_ptr();
-    // SAFETY: `event` points into the reserved slot, which is ours and
-    // large enough until it is submitted.
-    unsafe {
-        (*event).header = header_at(EventKind::StateChange, sk as u64, now);
-        (*event).owner = change.owner;
-        (*event).endpoints = Endpoints {
-            family,
-            local_port,
-            remote_port,
-            _pad: 0,
-            local_addr,
-            remote_addr,
-        };
-        (*event).old_state = old_state;
-        (*event).new_state = new_state;
-        (*event).flags = change.flags;
-        (*event)._pad = 0;
-        (*event).error = change.error;
-        (*event).dwell_ns = change.dwell_ns;
+    let entry = match known {
+        Some(entry) => entry,
+        // Entries are made for TCP sockets only: a known one is TCP.
+        None if fields.protocol()? != IPPROTO_TCP => return Ok(()),
+        None => {
+            let entry = S::create(sk).ok_or(-1i64)?;
+            entry.held.from_state = old_state;
+            entry.passive = u16::from(newborn);
+            // A socket never changes namespace: read once, kept.
+            entry.owner.netns = sock::netns(layout, sk.cast());
+            entry
+        }
+    };
+
+    let closing = new_state == tcp_state::CLOSE;
+    let held_by_a_file = closing && sock::held_by_a_file(layout, sk.cast());
+    let claim = owner_claim(new_state);
+    if claim != OwnerSource::Unknown {
+        if current_tgid() != entry.owner.tgid {
+            set_owner_to_current(&mut entry.owner, claim);
+        }
+        entry.owner.source = claim as u8;
     }
-    slot.submit(wakeup_flag());
+    // Entries the collector or the iterator wrote lack it.
+    if entry.owner.netns == 0 {
+        entry.owner.netns = sock::netns(layout, sk.cast());
+    }
+    // Full only when their report failed (ring buffer full): one more try,
+    // then the oldest are given up, counted.
+    if usize::from(entry.held.count) >= MAX_HELD_STEPS
+        && !report(sk as u64, entry, fields.endpoints(), now)
+    {
+        bump(counter::LOST_EVENTS);
+        clear_held(entry);
+    }
+    let index = usize::from(entry.held.count).min(MAX_HELD_STEPS - 1);
+    entry.held.steps[index] = Step {
+        at_ns: now,
+        state: new_state,
+        closed_held: u8::from(held_by_a_file),
+        _pad: [0; 6],
+    };
+    entry.held.count = index as u8 + 1;
+    if closing {
+        entry.held.error = sock::close_error(layout, sk.cast());
+    }
+    entry.owner.state = new_state;
+    entry.owner.state_since_ns = now;
+    entry.owner.closed_held = u8::from(held_by_a_file);
+
+    let first_held_ns = entry.held.steps[0].at_ns;
+    // Only the sweep reports what a quiet socket holds, and it sees the
+    // sockets of one network namespace.
+    let due = config.hold_ns == 0
+        || entry.owner.netns != config.sweep_netns
+        || closing
+        || index + 1 == MAX_HELD_STEPS
+        || now.saturating_sub(first_held_ns) >= config.hold_ns;
+    if due {
+        // A passive open's owner, which accept() left, is taken when its
+        // transitions are reported: one lookup per report, not per event.
+        if entry.owner.tgid == 0
+            && let Some(claimed) = S::claimed_owner(sk)
+        {
+            adopt_owner(&mut entry.owner, &claimed);
+        }
+        let reported = report(sk as u64, entry, fields.endpoints(), now);
+        // A socket that closed with no file left is done with; one still
+        // held stays until its release (tcp_destroy_sock), or until it
+        // connects again.
+        if closing && !held_by_a_file {
+            if !reported {
+                bump(counter::LOST_EVENTS);
+            }
+            S::done(sk);
+        }
+    } else if index == 0 {
+        // The first step held since the last report: the sweep will have
+        // work if the socket is quiet for longer than the hold.
+        holding(now, 1);
+        entry.counted = 1;
+    }
     Ok(())
 }
 
-/// What the socket map says about one transition.
-struct Change {
-    /// The socket's owner, the transition applied.
-    owner: SocketOwner,
-    /// Time spent in the old state ([`DWELL_UNKNOWN`] if not seen entering it).
-    dwell_ns: u64,
-    /// [`state_flags`] bits.
-    flags: u8,
-    /// sk_err, at a transition to CLOSE.
-    error: u32,
-}
-
-/// Whether a file still holds the socket: `sk->sk_socket->file` in use.
-/// When the owner's own close() resets a connection (unread data, linger
-/// 0) or stops a listener, the socket reaches CLOSE inside the file's
-/// release, with `sk_socket` still set but no reference left on the file;
-/// a socket orphaned by close() has no `sk_socket` at all.
+/// Sends the socket's held steps and owner to the collector, if the user's
+/// filters want the socket, and clears them. False when the ring buffer
+/// had no room: the steps stay held.
 #[inline(always)]
-fn held_by_a_file(layout: &Layout, sk: *const u8) -> bool {
-    // SAFETY: read_kernel tolerates any address.
-    unsafe {
-        let Ok(socket) = read_ptr(sk, layout.sock_socket) else {
-            return false;
-        };
-        let Ok(file) = read_ptr(socket, layout.socket_file) else {
-            return false;
-        };
-        let Ok(refs) = read_kernel::<i64>(file, layout.file_refs) else {
-            return false;
-        };
-        if layout.file_refs_less_one != 0 {
-            refs >= 0
-        } else {
-            refs > 0
-        }
-    }
-}
-
-/// Why the kernel closed the socket (positive errno), read at CLOSE: every
-/// path that ends a connection on an error sets `sk_err` before it moves
-/// the socket to CLOSE (tcp_reset, tcp_write_err, tcp_v4_err).
-#[inline(always)]
-fn close_error(layout: &Layout, sk: *const u8) -> u32 {
-    // SAFETY: read_kernel tolerates any address.
-    unsafe { read_kernel::<i32>(sk, layout.sock_err) }.map_or(0, |err| err.unsigned_abs())
-}
-
-/// Applies a transition to the socket's entry in the store.
-#[inline(always)]
-fn record_transition<S: SocketStore>(
-    layout: &Layout,
-    sk: *const c_void,
-    old_state: u8,
-    new_state: u8,
+pub fn report(
+    sock_id: u64,
+    entry: &mut SocketEntry,
+    endpoints: Result<Endpoints, i64>,
     now: u64,
-) -> Change {
-    let claim = owner_claim(new_state);
-    let closing = new_state == tcp_state::CLOSE;
-    let (held, error) = if closing {
-        (
-            held_by_a_file(layout, sk.cast()),
-            close_error(layout, sk.cast()),
-        )
-    } else {
-        (false, 0)
+) -> bool {
+    let config = config();
+    let wanted = match &endpoints {
+        Ok(endpoints) => {
+            (config.filter_family == 0 || endpoints.family == config.filter_family)
+                && (config.filter_port == 0
+                    || endpoints.local_port == config.filter_port
+                    || endpoints.remote_port == config.filter_port)
+                && owner_wanted(config, &entry.owner)
+                && netns_wanted(entry.owner.netns)
+        }
+        Err(_) => false,
     };
-    let new_flag = if held {
-        state_flags::NEW_CLOSED_HELD
-    } else {
-        0
-    };
-    // LISTEN -> SYN_RECV is the birth of a child socket cloned from a
-    // listener (inet_csk_clone_lock): whatever the map holds for this address
-    // belongs to a dead socket. (Socket storage is not cloned: a new socket
-    // has none.)
-    let newborn = old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV;
-    if !newborn && let Some(known) = S::get(sk) {
-        let dwell_ns = if known.state_since_ns != 0 && known.state == old_state {
-            now.saturating_sub(known.state_since_ns)
-        } else {
-            DWELL_UNKNOWN
+    if let (true, Ok(endpoints)) = (wanted, endpoints) {
+        let Some(mut slot) = EVENTS.reserve::<StateChangesEvent>(0) else {
+            return false;
         };
-        let old_flag = if known.closed_held != 0 && known.state == tcp_state::CLOSE {
-            state_flags::OLD_CLOSED_HELD
-        } else {
-            0
-        };
-        if claim != OwnerSource::Unknown {
-            if current_tgid() != known.tgid {
-                set_owner_to_current(known, claim);
-            }
-            known.source = claim as u8;
+        let event = slot.as_mut_ptr();
+        // SAFETY: `event` points into the reserved slot, which is ours and
+        // large enough until it is submitted. Written field by field from
+        // the entry, not built on the stack: the 512 bytes are tight.
+        unsafe {
+            (*event).header = header_at(EventKind::StateChanges, sock_id, now);
+            (*event).owner = entry.owner;
+            (*event).endpoints = endpoints;
+            (*event).held = entry.held;
         }
-        known.state = new_state;
-        known.state_since_ns = now;
-        known.closed_held = u8::from(held);
-        // Entries the collector wrote (owners found in /proc) lack it.
-        if known.netns == 0 {
-            known.netns = socket_netns(layout, sk.cast());
-        }
-        let owner = *known;
-        // A socket that closed with no file left is done with: the entry
-        // has served. One still held stays until its release
-        // (tcp_destroy_sock), or until it connects again and claims its
-        // owner anew.
-        if closing && !held {
-            S::remove(sk);
-        }
-        return Change {
-            owner,
-            dwell_ns,
-            flags: new_flag | old_flag,
-            error,
-        };
+        slot.submit(wakeup_flag());
+        entry.held.reported = 1;
+        entry.reported_tgid = entry.owner.tgid;
     }
+    clear_held(entry);
+    true
+}
 
-    let mut owner = SocketOwner {
-        state: new_state,
-        state_since_ns: now,
-        closed_held: u8::from(held),
-        // A socket never changes namespace: read once, kept in the map.
-        netns: socket_netns(layout, sk.cast()),
-        ..SocketOwner::default()
-    };
-    if claim != OwnerSource::Unknown {
-        set_owner_to_current(&mut owner, claim);
+/// Starts holding afresh from the socket's current state.
+#[inline(always)]
+fn clear_held(entry: &mut SocketEntry) {
+    if entry.counted != 0 {
+        holding(entry.held.steps[0].at_ns, -1);
+        entry.counted = 0;
     }
-    // A socket first seen closing with no file left has nothing to track.
-    if !closing || held {
-        let _ = S::create(sk, &owner);
-    }
-    Change {
-        owner,
-        dwell_ns: DWELL_UNKNOWN,
-        flags: new_flag,
-        error,
-    }
+    entry.held.count = 0;
+    entry.held.error = 0;
+    entry.held.from_state = entry.owner.state;
+    entry.held.from_closed_held = entry.owner.closed_held;
+    entry.held.from_since_ns = entry.owner.state_since_ns;
+    entry.swept_through_ns = 0;
 }
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
@@ -483,9 +390,11 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     let offset = usize::from(config().layout.destroy_skaddr);
     // SAFETY: bpf_probe_read of the tracepoint record.
     if let Ok(sk) = unsafe { ctx.read_at::<u64>(offset) } {
-        let owner = HashStore::get(sk as *const c_void).map(|known| *known);
-        HashStore::remove(sk as *const c_void);
-        on_destroy(sk, owner);
+        let sk = sk as *const c_void;
+        if let Some(entry) = HashStore::get(sk) {
+            on_destroy(sk, entry, Reader::Probe);
+        }
+        HashStore::done(sk);
     }
     0
 }
@@ -493,7 +402,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     let _running = Running::start(Partner::Destroy);
-    on_destroy_btf(ctx.arg(0));
+    on_destroy_btf(ctx.arg(0), Reader::Probe);
     0
 }
 
@@ -507,48 +416,61 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
     let skipped = Running::under_way(Partner::Destroy)
-        || SkStore::peek(sk).is_some_and(|known| known.state != 0);
+        || SkStore::peek(sk).is_some_and(|known| known.owner.state != 0);
     if skipped {
-        on_destroy_btf(sk);
+        on_destroy_btf(sk, Reader::Nested);
     }
     0
 }
 
 #[inline(always)]
-fn on_destroy_btf(sk: *const c_void) {
+fn on_destroy_btf(sk: *const c_void, reader: Reader) {
     // Storage goes with the socket; a socket found at start with no event
     // since is still in SEEDED.
-    let owner = SkStore::get(sk).map(|known| {
-        let owner = *known;
-        known.state = 0;
-        owner
-    });
-    // Whatever SEEDED still has for it (an owner the collector wrote for a
-    // socket whose storage named one already) goes with it too.
-    forget_seeded(sk as u64);
-    on_destroy(sk as u64, owner);
+    match SkStore::get_or_seeded(sk) {
+        Some(entry) => {
+            on_destroy(sk, entry, reader);
+            entry.owner.state = 0;
+            // What accept() or the collector left in SEEDED for a socket
+            // whose storage named its owner already goes with it.
+            if entry.passive != 0 || entry.owner.source == OwnerSource::ProcFd as u8 {
+                forget_seeded(sk as u64);
+            }
+        }
+        None => forget_seeded(sk as u64),
+    }
 }
 
-/// The socket is freed: if a file held it after CLOSE, say who let go. For
-/// a socket closed while held, the kernel destroys it in the release of its
-/// last file, in that task's context (close(), or the fds closed at exit).
-/// Most sockets left the store at CLOSE: `owner` is `None`.
+/// The socket is freed: what it still holds is reported (its CLOSE was,
+/// unless the ring buffer was full then), and if a file held it after
+/// CLOSE, who let go is said. For a socket closed while held, the kernel
+/// destroys it in the release of its last file, in that task's context
+/// (close(), or the fds closed at exit).
 #[inline(always)]
-fn on_destroy(sock_id: u64, owner: Option<SocketOwner>) {
-    let Some(owner) = owner else {
-        return;
-    };
+fn on_destroy(sk: *const c_void, entry: &mut SocketEntry, reader: Reader) {
     let config = config();
-    // Any other entry is one whose CLOSE event was never seen.
+    let now = ktime_ns();
+    if entry.held.count != 0
+        && !report(
+            sk as u64,
+            entry,
+            sock::endpoints(&config.layout, sk.cast(), reader),
+            now,
+        )
+    {
+        bump(counter::LOST_EVENTS);
+    }
+    let owner = entry.owner;
+    // Any other entry is one whose CLOSE was never seen, or that closed
+    // with no file left.
     if owner.closed_held == 0 || owner.state != tcp_state::CLOSE {
         return;
     }
     if !owner_wanted(config, &owner) || !netns_wanted(owner.netns) {
         return;
     }
-    let now = ktime_ns();
     emit(ReleaseEvent {
-        header: header_at(EventKind::Release, sock_id, now),
+        header: header_at(EventKind::Release, sk as u64, now),
         owner,
         releaser_comm: current_comm(),
         held_ns: if owner.state_since_ns == 0 {

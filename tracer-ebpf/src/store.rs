@@ -1,4 +1,4 @@
-//! Where each socket's [`SocketOwner`] lives: in the `SOCKETS` hash map,
+//! Where each socket's [`SocketEntry`] lives: in the `SOCKETS` hash map,
 //! keyed by the socket's address (classic tracepoints, any kernel), or on
 //! the socket itself in socket-local storage (BTF tracepoints, Linux 5.11+),
 //! which costs a third of a hash lookup, needs no size chosen in advance,
@@ -8,27 +8,42 @@
 //! the accept() tracepoint, kprobes) cannot reach socket storage: the helper
 //! wants the kernel's typed pointer. They leave what they learned in
 //! `SEEDED`, a hash map the storage store takes it from at the socket's next
-//! event: a whole entry for a socket found at start, or only the owner
-//! (`state` 0) for a socket whose storage has no owner yet.
+//! event (and the sweep reports from): a whole entry for a socket found at
+//! start, or only the owner (`state` 0) for a socket whose storage has no
+//! owner yet.
 
 use core::ffi::c_void;
 
-use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
-};
-use tracer_common::SocketOwner;
+use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
+use tracer_common::{SocketEntry, SocketOwner, counter};
 
 use crate::{SEEDED, SK_STORE, SOCKETS, bump};
+
+/// What a new entry in the hash map starts from (the helper copies a value
+/// from memory: this one is in the program's read-only data, not on its
+/// tight stack).
+// SAFETY: SocketEntry is made of integers and byte arrays: all zeroes is a
+// valid value.
+static ZEROED: SocketEntry = unsafe { core::mem::zeroed() };
 
 /// One way to keep per-socket state. `sk` is the kernel's `struct sock *`.
 pub trait SocketStore {
     /// The socket's entry, if it has one.
-    fn get(sk: *const c_void) -> Option<&'static mut SocketOwner>;
-    /// Gives the socket an entry; counts a failure (map full).
-    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner>;
-    /// Forgets the socket (it closed with no file left).
-    fn remove(sk: *const c_void);
+    fn get(sk: *const c_void) -> Option<&'static mut SocketEntry>;
+    /// The entry of a socket that may predate socktrace: one the socket-file
+    /// iterator found at start is taken over on its first event.
+    fn get_or_seeded(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+        Self::get(sk)
+    }
+    /// The owner that a program without the socket's typed pointer left
+    /// for it (accept()), taken.
+    fn claimed_owner(_sk: *const c_void) -> Option<SocketOwner> {
+        None
+    }
+    /// Gives the socket a zeroed entry; counts a failure (map full).
+    fn create(sk: *const c_void) -> Option<&'static mut SocketEntry>;
+    /// The socket closed with no file left: its entry has served.
+    fn done(sk: *const c_void);
 }
 
 /// The `SOCKETS` hash map.
@@ -36,7 +51,7 @@ pub struct HashStore;
 
 impl SocketStore for HashStore {
     #[inline(always)]
-    fn get(sk: *const c_void) -> Option<&'static mut SocketOwner> {
+    fn get(sk: *const c_void) -> Option<&'static mut SocketEntry> {
         // SAFETY: the pointer comes from a successful lookup in a hash map
         // and stays valid for this program run (RCU).
         SOCKETS
@@ -45,16 +60,18 @@ impl SocketStore for HashStore {
     }
 
     #[inline(always)]
-    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
-        if SOCKETS.insert(sk as u64, owner, 0).is_err() {
-            bump(tracer_common::counter::SOCKET_MAP_FULL);
+    fn create(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+        // By reference: a copy by value would take 168 bytes of stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        if SOCKETS.insert(sk as u64, &ZEROED, 0).is_err() {
+            bump(counter::SOCKET_MAP_FULL);
             return None;
         }
         Self::get(sk)
     }
 
     #[inline(always)]
-    fn remove(sk: *const c_void) {
+    fn done(sk: *const c_void) {
         let _ = SOCKETS.remove(sk as u64);
     }
 }
@@ -73,92 +90,100 @@ impl SkStore {
     /// The socket's storage as it is, owner or not, with nothing taken
     /// from `SEEDED`.
     #[inline(always)]
-    pub fn peek(sk: *const c_void) -> Option<&'static SocketOwner> {
+    pub fn peek(sk: *const c_void) -> Option<&'static SocketEntry> {
         // SAFETY: as in `get`.
         let entry =
             unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
         // SAFETY: as in `get`.
-        unsafe { entry.cast::<SocketOwner>().as_ref() }
+        unsafe { entry.cast::<SocketEntry>().as_ref() }
     }
 }
 
 impl SocketStore for SkStore {
     #[inline(always)]
-    fn get(sk: *const c_void) -> Option<&'static mut SocketOwner> {
+    fn get(sk: *const c_void) -> Option<&'static mut SocketEntry> {
         // SAFETY: `sk` is the program's typed `struct sock *`; the helper
         // returns the socket's storage or null.
         let entry =
             unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
-        // SAFETY: non-null storage is a SocketOwner, valid for this run.
-        let entry = unsafe { entry.cast::<SocketOwner>().as_mut() };
-        match entry {
-            // The owner is known: the common case, one helper call.
-            Some(entry) if entry.tgid != 0 => Some(entry),
-            // Storage without an owner (a passive open before accept()):
-            // accept() may have left the owner since.
-            Some(entry) => {
-                if let Some(claimed) = take_seeded(sk) {
-                    adopt_owner(entry, &claimed);
-                }
-                Some(entry)
-            }
-            // Its first event since start: what the iterator found, if any.
-            None => {
-                let seeded = take_seeded(sk).filter(|seeded| seeded.state != 0)?;
-                Self::create(sk, &seeded)
-            }
-        }
+        // SAFETY: non-null storage is a SocketEntry, valid for this run.
+        unsafe { entry.cast::<SocketEntry>().as_mut() }
     }
 
     #[inline(always)]
-    fn create(sk: *const c_void, owner: &SocketOwner) -> Option<&'static mut SocketOwner> {
-        // SAFETY: as in `get`; with F_CREATE the helper copies `owner` into
-        // new storage (or fails under memory pressure: null). It only reads
-        // `owner`.
-        let entry = unsafe {
+    fn get_or_seeded(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+        if let Some(entry) = Self::get(sk) {
+            return Some(entry);
+        }
+        // Its first event since start: what the iterator found, if any.
+        let seeded = take_seeded(sk).filter(|seeded| seeded.state != 0)?;
+        let entry = Self::create(sk)?;
+        entry.owner = seeded;
+        entry.held.from_state = seeded.state;
+        entry.held.from_closed_held = seeded.closed_held;
+        Some(entry)
+    }
+
+    #[inline(always)]
+    fn claimed_owner(sk: *const c_void) -> Option<SocketOwner> {
+        take_seeded(sk)
+    }
+
+    #[inline(always)]
+    fn create(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+        // SAFETY: as in `get`; with F_CREATE and no value the helper gives
+        // the socket zeroed storage (or fails under memory pressure: null).
+        let created = unsafe {
             bpf_sk_storage_get(
                 sk_store(),
                 sk.cast_mut(),
-                core::ptr::from_ref(owner).cast_mut().cast(),
+                core::ptr::null_mut(),
                 u64::from(BPF_SK_STORAGE_GET_F_CREATE),
             )
         };
         // SAFETY: as in `get`.
-        let entry = unsafe { entry.cast::<SocketOwner>().as_mut() };
-        if entry.is_none() {
-            bump(tracer_common::counter::SOCKET_MAP_FULL);
+        let created = unsafe { created.cast::<SocketEntry>().as_mut() };
+        if created.is_none() {
+            bump(counter::SOCKET_MAP_FULL);
         }
-        entry
+        created
     }
 
+    /// Left on the socket, which frees it: a program's delete waits for an
+    /// RCU tasks-trace grace period per socket, the socket's own free does
+    /// not (and its storage costs nothing until then).
     #[inline(always)]
-    fn remove(sk: *const c_void) {
-        // SAFETY: as in `get`.
-        unsafe { bpf_sk_storage_delete(sk_store(), sk.cast_mut()) };
-    }
+    fn done(_sk: *const c_void) {}
 }
 
 /// What `SEEDED` holds for the socket, removed from there.
 #[inline(always)]
 fn take_seeded(sk: *const c_void) -> Option<SocketOwner> {
-    // SAFETY: the map value is a plain struct, copied out at once.
-    let seeded = unsafe { SEEDED.get(sk as u64) }.copied()?;
+    let seeded = seeded_owner(sk as u64)?;
     let _ = SEEDED.remove(sk as u64);
     Some(seeded)
 }
 
-/// Takes the owner's identity from `claimed`, keeping the socket's state.
+/// What `SEEDED` holds for the socket, left there.
 #[inline(always)]
-fn adopt_owner(entry: &mut SocketOwner, claimed: &SocketOwner) {
-    entry.tgid = claimed.tgid;
-    entry.ns_tgid = claimed.ns_tgid;
-    entry.source = claimed.source;
-    entry.in_pidns = claimed.in_pidns;
-    entry.comm = claimed.comm;
+pub fn seeded_owner(sock_id: u64) -> Option<SocketOwner> {
+    // SAFETY: the map value is a plain struct, copied out at once.
+    unsafe { SEEDED.get(sock_id) }.copied()
 }
 
-/// Leaves the owner for the store to take at the socket's next event: for
-/// programs that see the socket only as an address.
+/// Takes the owner's identity from `claimed`, keeping the socket's state.
+#[inline(always)]
+pub fn adopt_owner(owner: &mut SocketOwner, claimed: &SocketOwner) {
+    owner.tgid = claimed.tgid;
+    owner.ns_tgid = claimed.ns_tgid;
+    owner.source = claimed.source;
+    owner.in_pidns = claimed.in_pidns;
+    owner.comm = claimed.comm;
+}
+
+/// Leaves the owner for the store to take at the socket's next event (the
+/// sweep reports it meanwhile): for programs that see the socket only as
+/// an address.
 #[inline(always)]
 pub fn leave_owner(sock_id: u64, owner: &SocketOwner) {
     let claimed = SocketOwner {
@@ -167,7 +192,7 @@ pub fn leave_owner(sock_id: u64, owner: &SocketOwner) {
         ..*owner
     };
     if SEEDED.insert(sock_id, claimed, 0).is_err() {
-        bump(tracer_common::counter::SOCKET_MAP_FULL);
+        bump(counter::SOCKET_MAP_FULL);
     }
 }
 

@@ -7,12 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 use tracer_common::{
-    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, OwnerEvent,
-    OwnerSource, ReleaseEvent, SocketFileRecord, SocketOwner, StateChangeEvent, state_flags,
+    AF_INET, AF_INET6, DWELL_UNKNOWN, Endpoints, EventHeader, EventKind, ExitEvent, MAX_HELD_STEPS,
+    OwnerSource, ReleaseEvent, SocketFileRecord, SocketOwner, StateChangesEvent,
 };
 
 use crate::{
-    model::{Comm, ExistingSocket, Owner},
+    model::{Comm, ExistingSocket, Owner, Step, Steps},
     tcp::{CloseCause, TcpState},
 };
 
@@ -30,28 +30,30 @@ pub enum DecodeError {
     UnknownOwnerSource(u8),
     #[error("unknown address family {0}")]
     UnknownFamily(u16),
+    #[error("{0} transitions in one record (at most {MAX_HELD_STEPS})")]
+    TooManySteps(u8),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    StateChange {
+    /// A socket's transitions since its last record (none: news of its
+    /// owner only), and its owner after them.
+    StateChanges {
+        /// When the kernel sent the record.
         ktime_ns: u64,
         sock_id: u64,
         owner: Option<Owner>,
         local: SocketAddr,
         remote: SocketAddr,
-        old: TcpState,
-        new: TcpState,
-        dwell_ns: Option<u64>,
-        /// Why the kernel closed the socket, at a transition to CLOSE.
+        /// The state before the first step.
+        from: TcpState,
+        /// When the socket entered `from`; `None` when not seen.
+        from_since_ns: Option<u64>,
+        steps: Steps,
+        /// Why the kernel closed the socket, for a step to CLOSE.
         cause: Option<CloseCause>,
         /// Inode of the socket's network namespace (0: unknown).
         netns: u32,
-    },
-    Owner {
-        ktime_ns: u64,
-        sock_id: u64,
-        owner: Option<Owner>,
     },
     Exit {
         ktime_ns: u64,
@@ -89,29 +91,31 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes, "event header")?;
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
     Ok(match kind {
-        EventKind::StateChange => {
-            let e: StateChangeEvent = read(bytes, "state change")?;
+        EventKind::StateChanges => {
+            let e: StateChangesEvent = read(bytes, "state changes")?;
             let (local, remote) = socket_addrs(&e.endpoints)?;
-            let flag = |bit: u8| e.flags & bit != 0;
-            Event::StateChange {
+            let held = &e.held;
+            let count = usize::from(held.count);
+            if count > MAX_HELD_STEPS {
+                return Err(DecodeError::TooManySteps(held.count));
+            }
+            Event::StateChanges {
                 ktime_ns: header.ktime_ns,
                 sock_id: header.sock_id,
                 owner: owner(&e.owner)?,
                 local,
                 remote,
-                old: TcpState::from_kernel(e.old_state, flag(state_flags::OLD_CLOSED_HELD)),
-                new: TcpState::from_kernel(e.new_state, flag(state_flags::NEW_CLOSED_HELD)),
-                dwell_ns: known(e.dwell_ns),
-                cause: CloseCause::from_errno(e.error),
+                from: TcpState::from_kernel(held.from_state, held.from_closed_held != 0),
+                from_since_ns: (held.from_since_ns != 0).then_some(held.from_since_ns),
+                steps: held.steps[..count]
+                    .iter()
+                    .map(|step| Step {
+                        at_ns: step.at_ns,
+                        state: TcpState::from_kernel(step.state, step.closed_held != 0),
+                    })
+                    .collect(),
+                cause: CloseCause::from_errno(held.error),
                 netns: e.owner.netns,
-            }
-        }
-        EventKind::Owner => {
-            let e: OwnerEvent = read(bytes, "owner event")?;
-            Event::Owner {
-                ktime_ns: header.ktime_ns,
-                sock_id: header.sock_id,
-                owner: owner(&e.owner)?,
             }
         }
         EventKind::Exit => {
@@ -226,48 +230,63 @@ mod tests {
         out
     }
 
+    /// A record of `steps` (ktime, state, closed while held) from `from`.
+    fn changes(from: u8, steps: &[(u64, u8, bool)]) -> StateChangesEvent {
+        let mut raw = StateChangesEvent::default();
+        raw.header.kind = EventKind::StateChanges as u32;
+        raw.endpoints.family = AF_INET;
+        raw.held.from_state = from;
+        raw.held.count = steps.len() as u8;
+        for (slot, &(at_ns, state, held)) in raw.held.steps.iter_mut().zip(steps) {
+            slot.at_ns = at_ns;
+            slot.state = state;
+            slot.closed_held = u8::from(held);
+        }
+        raw
+    }
+
     #[test]
-    fn state_change_round_trip() {
+    fn state_changes_round_trip() {
         let mut local_addr = [0; 16];
         local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let raw = StateChangeEvent {
-            header: EventHeader {
-                kind: EventKind::StateChange as u32,
-                current_tgid: 77,
-                ktime_ns: 5_000,
-                sock_id: 0xffff_8880_1234_5678,
-            },
-            owner: SocketOwner {
-                tgid: 4242,
-                source: OwnerSource::Connect as u8,
-                state: tcp_state::CLOSE_WAIT,
-                in_pidns: 1,
-                ns_tgid: 1,
-                closed_held: 0,
-                netns: 4026531840,
-                state_since_ns: 5_000,
-                comm: comm("ruler"),
-            },
-            endpoints: Endpoints {
-                family: AF_INET,
-                local_port: 40274,
-                remote_port: 18080,
-                _pad: 0,
-                local_addr,
-                remote_addr: local_addr,
-            },
-            old_state: tcp_state::ESTABLISHED,
-            new_state: tcp_state::CLOSE_WAIT,
-            flags: 0,
-            _pad: 0,
-            error: 0,
-            dwell_ns: 1_500,
+        let mut raw = changes(
+            tcp_state::SYN_SENT,
+            &[
+                (3_000, tcp_state::ESTABLISHED, false),
+                (5_000, tcp_state::CLOSE_WAIT, false),
+            ],
+        );
+        raw.header = EventHeader {
+            kind: EventKind::StateChanges as u32,
+            current_tgid: 77,
+            ktime_ns: 6_000,
+            sock_id: 0xffff_8880_1234_5678,
         };
+        raw.owner = SocketOwner {
+            tgid: 4242,
+            source: OwnerSource::Connect as u8,
+            state: tcp_state::CLOSE_WAIT,
+            in_pidns: 1,
+            ns_tgid: 1,
+            closed_held: 0,
+            netns: 4026531840,
+            state_since_ns: 5_000,
+            comm: comm("ruler"),
+        };
+        raw.endpoints = Endpoints {
+            family: AF_INET,
+            local_port: 40274,
+            remote_port: 18080,
+            _pad: 0,
+            local_addr,
+            remote_addr: local_addr,
+        };
+        raw.held.from_since_ns = 1_000;
         let event = decode(&as_bytes(&raw)).unwrap();
         assert_eq!(
             event,
-            Event::StateChange {
-                ktime_ns: 5_000,
+            Event::StateChanges {
+                ktime_ns: 6_000,
                 sock_id: 0xffff_8880_1234_5678,
                 owner: Some(Owner {
                     pid: Some(4242),
@@ -277,9 +296,20 @@ mod tests {
                 }),
                 local: "127.0.0.1:40274".parse().unwrap(),
                 remote: "127.0.0.1:18080".parse().unwrap(),
-                old: TcpState::Established,
-                new: TcpState::CloseWait,
-                dwell_ns: Some(1_500),
+                from: TcpState::SynSent,
+                from_since_ns: Some(1_000),
+                steps: [
+                    Step {
+                        at_ns: 3_000,
+                        state: TcpState::Established
+                    },
+                    Step {
+                        at_ns: 5_000,
+                        state: TcpState::CloseWait
+                    },
+                ]
+                .into_iter()
+                .collect(),
                 cause: None,
                 netns: 4026531840,
             }
@@ -287,36 +317,31 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_and_unknown_dwell() {
-        let mut raw = StateChangeEvent::default();
-        raw.header.kind = EventKind::StateChange as u32;
+    fn ipv6_owner_news_and_unknown_entry_time() {
+        let mut raw = changes(tcp_state::ESTABLISHED, &[]);
         raw.endpoints.family = AF_INET6;
         raw.endpoints.local_addr = Ipv6Addr::LOCALHOST.octets();
         raw.endpoints.remote_addr = Ipv6Addr::LOCALHOST.octets();
-        raw.dwell_ns = DWELL_UNKNOWN;
-        let Event::StateChange {
-            local, dwell_ns, ..
+        let Event::StateChanges {
+            local,
+            from_since_ns,
+            steps,
+            ..
         } = decode(&as_bytes(&raw)).unwrap()
         else {
-            panic!("not a state change");
+            panic!("not state changes");
         };
         assert_eq!(local, "[::1]:0".parse().unwrap());
-        assert_eq!(dwell_ns, None);
+        assert_eq!(from_since_ns, None);
+        assert!(steps.is_empty(), "news of the owner only");
     }
 
     #[test]
-    fn rejects_short_and_unknown_records() {
-        let raw = StateChangeEvent {
-            header: EventHeader {
-                kind: EventKind::StateChange as u32,
-                ..EventHeader::default()
-            },
-            ..StateChangeEvent::default()
-        };
-        let bytes = as_bytes(&raw);
+    fn rejects_short_unknown_and_overfull_records() {
+        let bytes = as_bytes(&changes(tcp_state::CLOSE, &[]));
         assert!(matches!(
             decode(&bytes[..40]),
-            Err(DecodeError::TooShort { need: 120, .. })
+            Err(DecodeError::TooShort { need: 216, .. })
         ));
         assert!(matches!(
             decode(&bytes[..8]),
@@ -329,6 +354,12 @@ mod tests {
         assert_eq!(
             decode(&as_bytes(&unknown)),
             Err(DecodeError::UnknownKind(99))
+        );
+        let mut overfull = changes(tcp_state::CLOSE, &[]);
+        overfull.held.count = 7;
+        assert_eq!(
+            decode(&as_bytes(&overfull)),
+            Err(DecodeError::TooManySteps(7))
         );
     }
 
@@ -360,30 +391,26 @@ mod tests {
 
     #[test]
     fn close_while_held_and_its_release() {
-        let mut raw = StateChangeEvent::default();
-        raw.header.kind = EventKind::StateChange as u32;
-        raw.endpoints.family = AF_INET;
-        raw.old_state = tcp_state::CLOSE_WAIT;
-        raw.new_state = tcp_state::CLOSE;
-        raw.flags = state_flags::NEW_CLOSED_HELD;
-        raw.error = libc::EPIPE as u32;
-        let Event::StateChange {
-            old, new, cause, ..
+        let mut raw = changes(tcp_state::CLOSE_WAIT, &[(9, tcp_state::CLOSE, true)]);
+        raw.held.error = libc::EPIPE as u32;
+        let Event::StateChanges {
+            from, steps, cause, ..
         } = decode(&as_bytes(&raw)).unwrap()
         else {
-            panic!("not a state change");
+            panic!("not state changes");
         };
-        assert_eq!((old, new), (TcpState::CloseWait, TcpState::ClosedHeld));
+        assert_eq!(
+            (from, steps[0].state),
+            (TcpState::CloseWait, TcpState::ClosedHeld)
+        );
         assert_eq!(cause, Some(CloseCause::Reset));
         // Connecting again from a held CLOSE.
-        raw.old_state = tcp_state::CLOSE;
-        raw.new_state = tcp_state::SYN_SENT;
-        raw.flags = state_flags::OLD_CLOSED_HELD;
-        raw.error = 0;
-        let Event::StateChange { old, cause, .. } = decode(&as_bytes(&raw)).unwrap() else {
-            panic!("not a state change");
+        let mut raw = changes(tcp_state::CLOSE, &[(9, tcp_state::SYN_SENT, false)]);
+        raw.held.from_closed_held = 1;
+        let Event::StateChanges { from, cause, .. } = decode(&as_bytes(&raw)).unwrap() else {
+            panic!("not state changes");
         };
-        assert_eq!((old, cause), (TcpState::ClosedHeld, None));
+        assert_eq!((from, cause), (TcpState::ClosedHeld, None));
 
         let release = ReleaseEvent {
             header: EventHeader {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use tracer_common::{AF_INET, AF_INET6, NamespaceFilter};
+use tracer_common::{AF_INET, AF_INET6, HOLD_NS, NamespaceFilter};
 
 use crate::{
     clock,
@@ -17,17 +17,20 @@ use crate::{
     probes::{ProbeOptions, Probes},
     procfs,
     scope::{Filter, Scope},
-    sockets::SocketTable,
+    sockets::{Delays, SocketTable},
 };
 
 /// Transitions wait this long for their owner (accept) before being shown
-/// as unknown.
+/// as unknown, after the longest the kernel may hold them.
 const OWNER_GRACE: Duration = Duration::from_secs(1);
 /// How often the collector drains the ring buffer and runs its timers: the
-/// longest an event waits before it is shown.
+/// longest an event waits in the ring before it is shown.
 const COLLECTOR_TICK: Duration = Duration::from_millis(100);
-/// After an owner exits, look for the socket's new holder this much later.
+/// After an owner exits, look for the socket's new holder this much later
+/// (and after the longest the kernel may hold the transitions of its exit).
 const REHOME_DELAY: Duration = Duration::from_millis(100);
+/// At most one sweep this often: each walks every socket's entry.
+const SWEEP_GAP: Duration = Duration::from_millis(200);
 
 /// What the user asked of the collecting part, whatever the command.
 #[derive(Clone, Debug)]
@@ -49,30 +52,39 @@ pub struct Started {
     pub start_ns: u64,
     /// The capabilities left after attaching.
     kept: Kept,
+    hold_ns: u64,
     duration: Option<Duration>,
     keep_running: bool,
     filter: Filter,
 }
 
-/// `infer_transitions` for the commands that aggregate: the kernel leaves
-/// out the transitions the socket stage can infer, 3 of a connection's 11
-/// records.
-pub fn start(options: &Options, infer_transitions: bool) -> anyhow::Result<Started> {
+/// `hold_transitions` for the commands that aggregate: the kernel holds a
+/// socket's transitions and sends them together (a short connection's
+/// whole life in one record) instead of one record per transition, which
+/// `trace` shows as they happen.
+pub fn start(options: &Options, hold_transitions: bool) -> anyhow::Result<Started> {
     let target = options
         .target
         .as_ref()
         .map(TargetSpec::resolve)
         .transpose()?;
+    let hold_ns = if hold_transitions { HOLD_NS } else { 0 };
     let mut probes = Probes::load(&ProbeOptions {
-        skip_inferable: infer_transitions,
+        hold_ns,
         ..probe_options(options, target.as_ref())?
     })?;
     let start_ns = clock::monotonic_ns();
-    let mut table = SocketTable::new(
-        clock::duration_ns(OWNER_GRACE),
-        clock::duration_ns(REHOME_DELAY),
-        probes.skips_inferable(infer_transitions),
-    );
+    // The longest a transition can wait in the kernel: its hold, then a
+    // sweep, then the tick that drains the ring.
+    let latest_ns = if hold_transitions {
+        hold_ns + clock::duration_ns(SWEEP_GAP + COLLECTOR_TICK)
+    } else {
+        0
+    };
+    let mut table = SocketTable::new(Delays {
+        owner_grace_ns: clock::duration_ns(OWNER_GRACE) + latest_ns,
+        rehome_ns: clock::duration_ns(REHOME_DELAY) + latest_ns,
+    });
     // Seeded after attaching, so no socket falls between the two; only the
     // container's network namespace when pointed at one (a kernel filter).
     let existing = probes
@@ -88,6 +100,7 @@ pub fn start(options: &Options, infer_transitions: bool) -> anyhow::Result<Start
         target,
         start_ns,
         kept,
+        hold_ns,
         duration: options.duration,
         keep_running: options.keep_running,
         filter: options.filter.clone(),
@@ -138,6 +151,8 @@ impl Started {
             sink,
             RunOptions {
                 tick: COLLECTOR_TICK,
+                hold_ns: self.hold_ns,
+                sweep_gap: SWEEP_GAP,
                 duration: self.duration,
                 container: self.target,
                 keep_running: self.keep_running,

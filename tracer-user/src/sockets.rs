@@ -1,8 +1,11 @@
 //! Stage 3: per-socket state. Turns kernel events into transitions attributed
 //! to the process that holds the socket.
 //!
-//! The kernel already stamps each transition with the owner it learned in
-//! process context. This stage covers what the kernel cannot know:
+//! The kernel sends a socket's transitions in records of several (a short
+//! connection's whole life is one), stamped with the owner it learned in
+//! process context; this stage hands them on one by one, once each (the
+//! kernel's sweep may send a step again). It covers what the kernel cannot
+//! know:
 //! - sockets that predate socktrace (seeded from the socket-file iterator),
 //! - transitions that happen before anyone owns the socket (a passive open
 //!   completes before accept()): they are held back until the owner is known,
@@ -21,11 +24,10 @@ use std::{
 
 use rustc_hash::FxHashMap;
 use thin_vec::ThinVec;
-use tracer_common::{INFER_WINDOW_NS, inferable_successor};
 
 use crate::{
     decode::Event,
-    model::{Comm, ExistingSocket, Output, Owner, Transition, one_per_socket},
+    model::{Comm, ExistingSocket, Output, Owner, Run, Transition, one_per_socket},
     tcp::TcpState,
 };
 
@@ -40,20 +42,10 @@ fn release(out: &mut Vec<Output>, pending: ThinVec<Transition>, owner: Owner) {
 /// What the kernel knows that events do not carry, asked off the event path
 /// (on ticks) only.
 pub trait KernelView {
-    /// What the kernel programs recorded last about a socket, for the
-    /// transitions they leave out (`tracer_common::inferable_successor`):
-    /// its state and when it entered it (ktime ns, 0 when unknown); `None`
-    /// when the kernel map does not hold it.
-    fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)>;
     /// A process holding each of these sockets, from the kernel's file
     /// tables (the lowest pid when several share one).
     fn holders(&mut self, sock_ids: &[u64]) -> HashMap<u64, (u32, Comm)>;
 }
-
-/// When a socket's state is read back: the kernel's window for leaving a
-/// transition out, plus room for a program that was updating the map as the
-/// window closed.
-const READ_BACK_AFTER_NS: u64 = INFER_WINDOW_NS + 50_000_000;
 
 /// Holder lookups walk every process's files in the kernel: batch them, at
 /// most one walk this often.
@@ -67,41 +59,26 @@ struct Wait {
     kernel_sock_id: u64,
 }
 
-/// Sockets to look at again later, so that ticks need not scan them all: a
-/// host may hold 100k quiet connections. Waits begin in about the order
-/// events come (across CPUs to within microseconds; an inferred transition
-/// up to the window earlier), so a queue in arrival order is in due order
-/// but for that: a wait queued behind a later one is seen that much late.
+/// Sockets whose transitions began waiting for an owner, so that ticks
+/// need not scan them all: a host may hold 100k quiet connections. Waits
+/// begin in about the order records come (the kernel holds a socket's
+/// transitions for at most its hold), so a queue in arrival order is in due
+/// order but for that: a wait queued behind a later one is seen that much
+/// late.
 struct Waits {
-    /// Sockets that entered a state whose left-out successor is read back
-    /// from the kernel map (only when the kernel leaves transitions out).
-    read_backs: Option<VecDeque<Wait>>,
-    /// Sockets whose transitions began waiting for an owner.
     owners: VecDeque<Wait>,
 }
 
 impl Waits {
-    fn entered(&mut self, kernel_sock_id: u64, state: TcpState, since_ns: u64) {
-        if let Some(queue) = &mut self.read_backs
-            && inferable_successor(state.raw()).is_some()
-            && state != TcpState::ClosedHeld
-        {
-            queue.push_back(Wait {
-                since_ns,
-                kernel_sock_id,
-            });
-        }
-    }
-
     /// Removes and returns the oldest wait if it began `wait_ns` or more
     /// before `now_ns`. Popped one at a time, not collected: at 10k
     /// connections/s a tick finds thousands due.
-    fn pop_due(queue: &mut VecDeque<Wait>, wait_ns: u64, now_ns: u64) -> Option<Wait> {
-        let due = queue.front()?;
+    fn pop_due(&mut self, wait_ns: u64, now_ns: u64) -> Option<Wait> {
+        let due = self.owners.front()?;
         if now_ns.saturating_sub(due.since_ns) < wait_ns {
             return None;
         }
-        queue.pop_front()
+        self.owners.pop_front()
     }
 }
 
@@ -124,46 +101,6 @@ struct Tracked {
     pending: ThinVec<Transition>,
 }
 
-impl Tracked {
-    /// The transition to `new` at `at_ns` that the kernel left out, if
-    /// `new` is where the current state leads (see `inferable_successor`).
-    fn inferred(
-        &self,
-        sock_id: u64,
-        new: TcpState,
-        at_ns: u64,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Option<Transition> {
-        if self.state == TcpState::ClosedHeld
-            || inferable_successor(self.state.raw()) != Some(new.raw())
-        {
-            return None;
-        }
-        Some(Transition {
-            ktime_ns: at_ns,
-            sock_id,
-            owner: Owner::unknown(),
-            local,
-            remote,
-            old: self.state,
-            new,
-            dwell_ns: (self.state_since_ns != 0).then(|| at_ns.saturating_sub(self.state_since_ns)),
-            cause: None,
-        })
-    }
-
-    /// The transition left out before `t`: `t` starts from a state the
-    /// socket was not seen entering, and its dwell dates the entry.
-    fn inferred_before(&self, t: &Transition) -> Option<Transition> {
-        if self.state == t.old {
-            return None;
-        }
-        let entered = t.ktime_ns.saturating_sub(t.dwell_ns.unwrap_or(0));
-        self.inferred(t.sock_id, t.old, entered, t.local, t.remote)
-    }
-}
-
 pub struct SocketTable {
     /// Looked up for every event: a fast hash for kernel addresses.
     sockets: FxHashMap<u64, Tracked>,
@@ -177,26 +114,33 @@ pub struct SocketTable {
     /// How long transitions may wait for their owner.
     owner_grace_ns: u64,
     /// How long after an owner's exit to look for the socket's new holder:
-    /// the exiting process closes its fds just after the exit event.
+    /// the exiting process closes its fds just after the exit event, and
+    /// the kernel may hold those transitions for its hold.
     rehome_delay_ns: u64,
     waits: Waits,
     out: Vec<Output>,
 }
 
+/// How long a socket stage waits for what comes late.
+#[derive(Clone, Copy, Debug)]
+pub struct Delays {
+    /// How long transitions may wait for their owner.
+    pub owner_grace_ns: u64,
+    /// After an owner's exit, when to look for the socket's new holder.
+    pub rehome_ns: u64,
+}
+
 impl SocketTable {
-    /// `infer_transitions`: the kernel programs were loaded with
-    /// `skip_inferable`, and this stage puts back what they leave out.
-    pub fn new(owner_grace_ns: u64, rehome_delay_ns: u64, infer_transitions: bool) -> Self {
+    pub fn new(delays: Delays) -> Self {
         Self {
             sockets: FxHashMap::default(),
             owned: FxHashMap::default(),
             orphans: Vec::new(),
             lookups: Vec::new(),
             last_lookup_ns: 0,
-            owner_grace_ns,
-            rehome_delay_ns,
+            owner_grace_ns: delays.owner_grace_ns,
+            rehome_delay_ns: delays.rehome_ns,
             waits: Waits {
-                read_backs: infer_transitions.then(VecDeque::new),
                 owners: VecDeque::new(),
             },
             out: Vec::new(),
@@ -251,37 +195,55 @@ impl SocketTable {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::StateChange {
+            Event::StateChanges {
                 ktime_ns,
                 sock_id,
                 owner,
                 local,
                 remote,
-                old,
-                new,
-                dwell_ns,
+                from,
+                from_since_ns,
+                steps,
                 cause,
                 netns: _,
             } => {
-                let transition = Transition {
-                    ktime_ns,
+                let run = Run {
                     sock_id,
-                    owner: Owner::unknown(),
+                    owner: owner.unwrap_or_else(Owner::unknown),
                     local,
                     remote,
-                    old,
-                    new,
-                    dwell_ns,
+                    from,
+                    from_since_ns,
+                    steps,
                     cause,
                 };
-                self.on_state_change(transition, owner);
-            }
-            Event::Owner {
-                sock_id,
-                owner,
-                ktime_ns,
-            } => {
-                if let Some(owner) = owner {
+                let tracked = self.sockets.get(&sock_id);
+                // The whole life of a socket we never had to track, under
+                // its known owner: passed on in one piece.
+                if tracked.is_none() && owner.is_some() && run.is_whole_life() {
+                    self.out.push(Output::Life(run));
+                    return;
+                }
+                // The sweep sends what a quiet socket holds and leaves it
+                // held: steps already passed on come again.
+                let seen_until_ns = tracked.map(|t| t.state_since_ns);
+                let mut any = false;
+                for mut transition in run.transitions() {
+                    if seen_until_ns.is_some_and(|seen| transition.ktime_ns <= seen) {
+                        continue;
+                    }
+                    any = true;
+                    transition.owner = Owner::unknown();
+                    self.on_state_change(transition, owner);
+                }
+                // News of the owner alone (accept(), or the owner probes).
+                if !any
+                    && let Some(owner) = owner
+                    && self
+                        .sockets
+                        .get(&sock_id)
+                        .is_some_and(|t| t.owner != Some(owner) && t.rehomed_from != owner.pid)
+                {
                     self.set_owner(sock_id, owner, ktime_ns);
                 }
             }
@@ -321,11 +283,6 @@ impl SocketTable {
             Entry::Vacant(entry) => entry.insert(fresh()),
         };
         let (out, owned, waits) = (&mut self.out, &mut self.owned, &mut self.waits);
-        if waits.read_backs.is_some()
-            && let Some(missed) = tracked.inferred_before(&t)
-        {
-            Self::advance(tracked, kernel_sock_id, out, owned, waits, missed, None);
-        }
         if Self::advance(tracked, kernel_sock_id, out, owned, waits, t, kernel_owner) {
             self.untrack(kernel_sock_id);
         }
@@ -378,7 +335,6 @@ impl SocketTable {
         }
         tracked.state = t.new;
         tracked.state_since_ns = t.ktime_ns;
-        waits.entered(kernel_sock_id, t.new, t.ktime_ns);
         // A socket closed while held lives on until its release.
         let ended = t.new == TcpState::Close;
         let stale = kernel_owner
@@ -475,9 +431,8 @@ impl SocketTable {
         }
     }
 
-    /// Periodic work off the event path: transitions the kernel left out,
-    /// owners for sockets that waited too long, and new holders for sockets
-    /// whose owner exited.
+    /// Periodic work off the event path: owners for sockets that waited
+    /// too long, and new holders for sockets whose owner exited.
     pub fn tick(&mut self, now_ns: u64, kernel: &mut dyn KernelView) {
         let (sockets, lookups) = (&self.sockets, &mut self.lookups);
         self.orphans.retain(|&(sock_id, deadline)| {
@@ -491,23 +446,7 @@ impl SocketTable {
             }
             false
         });
-        while let Some(wait) = self
-            .waits
-            .read_backs
-            .as_mut()
-            .and_then(|queue| Waits::pop_due(queue, READ_BACK_AFTER_NS, now_ns))
-        {
-            // Only if it is still in the state it entered then.
-            if let Some(tracked) = self
-                .sockets
-                .get_mut(&wait.kernel_sock_id)
-                .filter(|tracked| tracked.state_since_ns == wait.since_ns)
-            {
-                let (out, owned, waits) = (&mut self.out, &mut self.owned, &mut self.waits);
-                Self::read_back(wait.kernel_sock_id, tracked, &*kernel, out, owned, waits);
-            }
-        }
-        while let Some(wait) = Waits::pop_due(&mut self.waits.owners, self.owner_grace_ns, now_ns) {
+        while let Some(wait) = self.waits.pop_due(self.owner_grace_ns, now_ns) {
             // Only if the transitions that began the wait still wait.
             let first_pending = self
                 .sockets
@@ -598,25 +537,6 @@ impl SocketTable {
         repaired
     }
 
-    /// Puts back the transition the kernel left out for this socket, if it
-    /// made one: the kernel map holds the state it leads to.
-    fn read_back(
-        sock_id: u64,
-        tracked: &mut Tracked,
-        kernel: &dyn KernelView,
-        out: &mut Vec<Output>,
-        owned: &mut FxHashMap<u32, u32>,
-        waits: &mut Waits,
-    ) {
-        let Some((state, since_ns)) = kernel.state(sock_id).filter(|&(_, since)| since != 0) else {
-            return;
-        };
-        let (local, remote) = (tracked.local, tracked.remote);
-        if let Some(missed) = tracked.inferred(sock_id, state, since_ns, local, remote) {
-            Self::advance(tracked, sock_id, out, owned, waits, missed, None);
-        }
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
         self.sockets.len()
@@ -628,6 +548,7 @@ mod tests {
     use tracer_common::OwnerSource;
 
     use super::*;
+    use crate::model::Step;
     use crate::tcp::{CloseCause, TcpState::*};
 
     const SERVER: u32 = 100;
@@ -648,6 +569,34 @@ mod tests {
         })
     }
 
+    /// A record of the kernel's: `steps` (ktime, state) from `from`,
+    /// entered at `from_since_ns` (0: unknown).
+    fn record(
+        sock_id: u64,
+        owner: Option<Owner>,
+        local: &str,
+        remote: &str,
+        (from, from_since_ns): (TcpState, u64),
+        steps: &[(u64, TcpState)],
+    ) -> Event {
+        Event::StateChanges {
+            ktime_ns: steps.last().map_or(from_since_ns, |step| step.0),
+            sock_id,
+            owner,
+            local: addr(local),
+            remote: addr(remote),
+            from,
+            from_since_ns: (from_since_ns != 0).then_some(from_since_ns),
+            steps: steps
+                .iter()
+                .map(|&(at_ns, state)| Step { at_ns, state })
+                .collect(),
+            cause: None,
+            netns: NETNS,
+        }
+    }
+
+    /// One transition, reported as it happened (as `trace` gets them).
     fn change(
         ktime_ns: u64,
         sock_id: u64,
@@ -657,18 +606,30 @@ mod tests {
         old: TcpState,
         new: TcpState,
     ) -> Event {
-        Event::StateChange {
-            ktime_ns,
+        record(sock_id, owner, local, remote, (old, 0), &[(ktime_ns, new)])
+    }
+
+    /// News of a socket's owner alone: what the sweep sends after accept().
+    fn owner_news(ktime_ns: u64, sock_id: u64, owner: Option<Owner>) -> Event {
+        let mut event = record(
             sock_id,
             owner,
-            local: addr(local),
-            remote: addr(remote),
-            old,
-            new,
-            dwell_ns: None,
-            cause: None,
-            netns: NETNS,
+            "127.0.0.1:8080",
+            "127.0.0.1:40000",
+            (SynRecv, 0),
+            &[],
+        );
+        if let Event::StateChanges { ktime_ns: at, .. } = &mut event {
+            *at = ktime_ns;
         }
+        event
+    }
+
+    fn table() -> SocketTable {
+        SocketTable::new(Delays {
+            owner_grace_ns: 1_000 * MS,
+            rehome_ns: 100 * MS,
+        })
     }
 
     fn unknown() -> Option<Owner> {
@@ -678,29 +639,23 @@ mod tests {
     fn transitions(table: &mut SocketTable) -> Vec<Transition> {
         table
             .drain_output()
-            .filter_map(|o| match o {
-                Output::Transition(t) => Some(t),
-                _ => None,
+            .flat_map(|o| match o {
+                Output::Transition(t) => vec![t],
+                Output::Life(life) => life.transitions().collect(),
+                _ => Vec::new(),
             })
             .collect()
     }
 
-    /// The kernel socket map and file tables, as far as a test sets them.
+    /// The kernel's file tables, as far as a test sets them.
     #[derive(Default)]
     struct FakeKernel {
-        states: HashMap<u64, (TcpState, u64)>,
-        reads: std::cell::Cell<u32>,
         holders: HashMap<u64, (u32, Comm)>,
         /// The sockets of each holder lookup.
         lookups: Vec<Vec<u64>>,
     }
 
     impl KernelView for FakeKernel {
-        fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
-            self.reads.set(self.reads.get() + 1);
-            self.states.get(&kernel_sock_id).copied()
-        }
-
         fn holders(&mut self, sock_ids: &[u64]) -> HashMap<u64, (u32, Comm)> {
             self.lookups.push(sock_ids.to_vec());
             sock_ids
@@ -719,25 +674,11 @@ mod tests {
         change(at_ns, 9, client, "0.0.0.0:0", SERVER_AT, Close, SynSent)
     }
 
-    /// A table that infers transitions, after socket 9's connect (shown).
-    fn connected_inferring() -> (SocketTable, FakeKernel) {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        transitions(&mut table);
-        (table, FakeKernel::default())
-    }
-
     /// A later transition of socket 9, after `dwell_ns` in `old`.
     fn client_change(at_ns: u64, dwell_ns: u64, old: TcpState, new: TcpState) -> Event {
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
-        let mut event = change(at_ns, 9, client, CLIENT_AT, SERVER_AT, old, new);
-        if let Event::StateChange {
-            dwell_ns: dwell, ..
-        } = &mut event
-        {
-            *dwell = Some(dwell_ns);
-        }
-        event
+        let since = (old, at_ns - dwell_ns);
+        record(9, client, CLIENT_AT, SERVER_AT, since, &[(at_ns, new)])
     }
 
     fn steps(out: &[Transition]) -> Vec<(u64, TcpState, TcpState, Option<u64>)> {
@@ -747,14 +688,24 @@ mod tests {
     }
 
     #[test]
-    fn left_out_transitions_are_inferred_from_the_next_reported_one() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        // SYN_SENT -> ESTABLISHED at 10 ms was left out; the close tells
-        // when the socket entered ESTABLISHED. So was FIN_WAIT1 -> FIN_WAIT2
-        // at 45 ms.
-        table.on_event(client_change(30 * MS, 20 * MS, Established, FinWait1));
-        table.on_event(client_change(50 * MS, 5 * MS, FinWait2, Close));
+    fn a_whole_life_in_one_record_is_passed_on_in_one_piece() {
+        let mut table = table();
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Close);
+        table.on_event(record(
+            9,
+            client,
+            CLIENT_AT,
+            SERVER_AT,
+            (Close, 0),
+            &[
+                (MS, SynSent),
+                (10 * MS, Established),
+                (30 * MS, FinWait1),
+                (45 * MS, FinWait2),
+                (50 * MS, Close),
+            ],
+        ));
+        assert!(matches!(table.output_queue()[..], [Output::Life(_)]));
         let out = transitions(&mut table);
         assert_eq!(
             steps(&out),
@@ -767,101 +718,31 @@ mod tests {
             ]
         );
         assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
-        assert_eq!(
-            out[1].local,
-            addr(CLIENT_AT),
-            "the inferred one has the assigned port"
-        );
-        assert_eq!(table.len(), 0);
+        assert!(out.iter().all(|t| t.local == addr(CLIENT_AT)));
+        assert_eq!(table.len(), 0, "it ended");
     }
 
     #[test]
-    fn left_out_transition_is_read_back_from_the_kernel_map() {
-        let (mut table, mut kernel) = connected_inferring();
-        kernel.states.insert(9, (Established, 7 * MS));
-        // Within the window, the next reported transition may still come.
-        table.tick(200 * MS, &mut kernel);
-        assert_eq!(kernel.reads.get(), 0);
-        table.tick(400 * MS, &mut kernel);
-        let out = transitions(&mut table);
-        assert_eq!(steps(&out), [(7, SynSent, Established, Some(6))]);
-        assert_eq!(out[0].owner.pid, Some(CLIENT));
-        // ESTABLISHED is left only by reported transitions: no more reads.
-        table.tick(2_000 * MS, &mut kernel);
-        assert!(transitions(&mut table).is_empty());
-        assert_eq!(kernel.reads.get(), 1);
-    }
-
-    #[test]
-    fn a_later_state_in_the_map_waits_for_its_reported_transition() {
-        let (mut table, mut kernel) = connected_inferring();
-        // Past ESTABLISHED already: that transition was reported, and is on
-        // its way in the ring buffer.
-        kernel.states.insert(9, (CloseWait, 300 * MS));
-        table.tick(400 * MS, &mut kernel);
-        assert!(transitions(&mut table).is_empty());
-        table.on_event(client_change(300 * MS, 290 * MS, Established, CloseWait));
-        assert_eq!(
-            steps(&transitions(&mut table)),
-            [
-                (10, SynSent, Established, Some(9)),
-                (300, Established, CloseWait, Some(290)),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_socket_stuck_in_syn_sent_is_read_back_once() {
-        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        // An unreachable peer: SYN_SENT for long. Were it to answer, the
-        // kernel would report the transition: it came after the window.
-        let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (SynSent, MS));
-        for tick in 1..100 {
-            table.tick(tick * 100 * MS, &mut kernel);
-        }
-        assert_eq!(kernel.reads.get(), 1);
-        assert_eq!(transitions(&mut table).len(), 1, "the connect only");
-    }
-
-    #[test]
-    fn only_the_state_a_socket_is_still_in_is_read_back() {
-        let mut table = SocketTable::new(10_000 * MS, 100 * MS, true);
-        table.on_event(connect(MS));
-        // It left SYN_SENT (inferred) and entered FIN_WAIT1 at 100 ms, whose
-        // successor FIN_WAIT2 is left out too.
-        table.on_event(client_change(100 * MS, 90 * MS, Established, FinWait1));
-        transitions(&mut table);
-        let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (FinWait2, 120 * MS));
-        // SYN_SENT's wait is due, but the socket is no longer in it.
-        table.tick(350 * MS, &mut kernel);
-        assert_eq!(kernel.reads.get(), 0);
-        table.tick(450 * MS, &mut kernel);
-        assert_eq!(kernel.reads.get(), 1);
-        assert_eq!(
-            steps(&transitions(&mut table)),
-            [(120, FinWait1, FinWait2, Some(20))]
-        );
-    }
-
-    #[test]
-    fn without_inference_transitions_pass_as_reported() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
-        table.on_event(connect(MS));
-        // SYN_SENT -> ESTABLISHED lost in the ring: shown as the gap it is.
-        table.on_event(client_change(30 * MS, 20 * MS, Established, FinWait1));
-        let mut kernel = FakeKernel::default();
-        kernel.states.insert(9, (FinWait2, 40 * MS));
-        table.tick(100 * MS, &mut kernel);
+    fn steps_the_sweep_sent_are_passed_on_once() {
+        let mut table = table();
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let (local, remote) = (CLIENT_AT, SERVER_AT);
+        // The sweep reports what a quiet socket held, and leaves it held.
+        let opened = [(MS, SynSent), (2 * MS, Established)];
+        table.on_event(record(9, client, local, remote, (Close, 0), &opened));
         assert_eq!(transitions(&mut table).len(), 2);
-        assert_eq!(kernel.reads.get(), 0);
+        // The socket's own report at its next transition sends them again.
+        let closed = [opened[0], opened[1], (900 * MS, CloseWait)];
+        table.on_event(record(9, client, local, remote, (Close, 0), &closed));
+        assert_eq!(
+            steps(&transitions(&mut table)),
+            [(900, Established, CloseWait, Some(898))]
+        );
     }
 
     #[test]
     fn passive_open_waits_for_accept_then_carries_the_acceptor() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         // The handshake completes in softirq, in the client's context: the
         // kernel knows no owner yet.
@@ -871,11 +752,11 @@ mod tests {
             transitions(&mut table).is_empty(),
             "held back until the owner is known"
         );
-        table.on_event(Event::Owner {
-            ktime_ns: 3,
-            sock_id: 7,
-            owner: kernel_owner(SERVER, "server", OwnerSource::Accept),
-        });
+        table.on_event(owner_news(
+            3,
+            7,
+            kernel_owner(SERVER, "server", OwnerSource::Accept),
+        ));
         let out = transitions(&mut table);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|t| t.owner.pid == Some(SERVER)));
@@ -888,7 +769,7 @@ mod tests {
 
     #[test]
     fn unaccepted_socket_is_released_as_unknown_after_the_grace_period() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         table.on_event(change(0, 7, unknown(), local, remote, Listen, SynRecv));
         let mut kernel = FakeKernel::default();
@@ -913,16 +794,16 @@ mod tests {
 
     #[test]
     fn accept_after_the_grace_period_announces_the_owner() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let (local, remote) = ("127.0.0.1:8080", "127.0.0.1:40000");
         table.on_event(change(0, 7, unknown(), local, remote, Listen, SynRecv));
         table.tick(2_000 * MS, &mut FakeKernel::default());
         assert_eq!(transitions(&mut table)[0].owner, Owner::unknown());
-        table.on_event(Event::Owner {
-            ktime_ns: 3_000 * MS,
-            sock_id: 7,
-            owner: kernel_owner(SERVER, "server", OwnerSource::Accept),
-        });
+        table.on_event(owner_news(
+            3_000 * MS,
+            7,
+            kernel_owner(SERVER, "server", OwnerSource::Accept),
+        ));
         let out: Vec<_> = table.drain_output().collect();
         assert!(
             matches!(
@@ -942,7 +823,7 @@ mod tests {
 
     #[test]
     fn kernel_owner_is_kept_for_softirq_transitions() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(1, 9, client, "0.0.0.0:0", remote, Close, SynSent));
@@ -955,7 +836,7 @@ mod tests {
 
     #[test]
     fn seeded_socket_keeps_its_owner_and_identity() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.seed([ExistingSocket {
             sock_id: 0xffff_0001,
@@ -990,7 +871,7 @@ mod tests {
         table.on_event(connect(MS));
         table.on_event(client_change(2 * MS, MS, SynSent, Established));
         let mut reset = client_change(50 * MS, 48 * MS, Established, ClosedHeld);
-        if let Event::StateChange { cause, .. } = &mut reset {
+        if let Event::StateChanges { cause, .. } = &mut reset {
             *cause = Some(CloseCause::Reset);
         }
         table.on_event(reset);
@@ -998,7 +879,7 @@ mod tests {
 
     #[test]
     fn a_socket_closed_while_held_lives_until_its_release() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         closed_while_held(&mut table);
         let out = transitions(&mut table);
         assert_eq!(out[2].new, ClosedHeld);
@@ -1019,7 +900,7 @@ mod tests {
 
     #[test]
     fn a_socket_closed_while_held_may_connect_again() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, true);
+        let mut table = table();
         closed_while_held(&mut table);
         table.on_event(client_change(60 * MS, 10 * MS, ClosedHeld, SynSent));
         let out = transitions(&mut table);
@@ -1033,7 +914,7 @@ mod tests {
 
     #[test]
     fn socket_of_an_exited_owner_is_rehomed_to_the_process_holding_it() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let parent = kernel_owner(SERVER, "parent", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(1, 9, parent, local, remote, Close, SynSent));
@@ -1093,7 +974,7 @@ mod tests {
 
     #[test]
     fn lost_events_are_healed_from_the_file_tables() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         // Socket 9 is held, but its end was lost; socket 7 waits for
         // accept(); socket 12 was opened while events were lost.
         closed_while_held(&mut table);
@@ -1130,7 +1011,7 @@ mod tests {
 
     #[test]
     fn holder_lookups_are_batched() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let mut kernel = FakeKernel::default();
         for (id, at) in [(7, 0), (8, 200 * MS), (9, 400 * MS)] {
             table.on_event(change(
@@ -1151,7 +1032,7 @@ mod tests {
 
     #[test]
     fn closed_socket_is_forgotten_and_address_reuse_starts_fresh() {
-        let mut table = SocketTable::new(1_000 * MS, 100 * MS, false);
+        let mut table = table();
         let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
         table.on_event(change(1, 9, client, local, remote, Close, SynSent));

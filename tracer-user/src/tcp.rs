@@ -64,6 +64,11 @@ impl TcpState {
         )
     }
 
+    /// TCP reached CLOSE, whether a file still holds the socket or not.
+    pub fn is_closed(self) -> bool {
+        matches!(self, Self::Close | Self::ClosedHeld)
+    }
+
     /// The state the kernel reports as `raw`, held or not by a file.
     pub fn from_kernel(raw: u8, held: bool) -> Self {
         match Self::from(raw) {

@@ -4,7 +4,8 @@
 
 use std::{borrow::Cow, net::SocketAddr};
 
-use tracer_common::{OwnerSource, TASK_COMM_LEN};
+use arrayvec::ArrayVec;
+use tracer_common::{MAX_HELD_STEPS, OwnerSource, TASK_COMM_LEN};
 
 use crate::tcp::{CloseCause, TcpState};
 use crate::text;
@@ -150,6 +151,67 @@ pub struct Transition {
     pub cause: Option<CloseCause>,
 }
 
+/// One transition of a socket: into `state` at `at_ns` (ktime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub at_ns: u64,
+    pub state: TcpState,
+}
+
+/// The transitions of one kernel record, oldest first.
+pub type Steps = ArrayVec<Step, MAX_HELD_STEPS>;
+
+/// Consecutive transitions of one socket under one owner, as the kernel
+/// sends them: most connections' whole life (see [`Output::Life`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The state before the first step.
+    pub from: TcpState,
+    /// When the socket entered `from`; `None` when not seen.
+    pub from_since_ns: Option<u64>,
+    pub steps: Steps,
+    /// Why the kernel closed the socket, for a step to CLOSE.
+    pub cause: Option<CloseCause>,
+}
+
+impl Run {
+    /// The steps as transitions, each with its dwell in the state before.
+    pub fn transitions(&self) -> impl Iterator<Item = Transition> + '_ {
+        let mut old = (self.from, self.from_since_ns);
+        self.steps.iter().map(move |&Step { at_ns, state }| {
+            let (from, since_ns) = std::mem::replace(&mut old, (state, Some(at_ns)));
+            Transition {
+                ktime_ns: at_ns,
+                sock_id: self.sock_id,
+                owner: self.owner,
+                local: self.local,
+                remote: self.remote,
+                old: from,
+                new: state,
+                dwell_ns: since_ns.map(|since| at_ns.saturating_sub(since)),
+                cause: self.cause.filter(|_| state.is_closed()),
+            }
+        })
+    }
+
+    /// Whether it is a whole life: from the socket's start (a connect, or
+    /// a passive open) to its end, CLOSE with no file left.
+    pub fn is_whole_life(&self) -> bool {
+        let (Some(first), Some(last)) = (self.steps.first(), self.steps.last()) else {
+            return false;
+        };
+        let born = matches!(
+            (self.from, first.state),
+            (TcpState::Close, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
+        );
+        born && last.state == TcpState::Close
+    }
+}
+
 /// A socket that existed before socktrace started (age unknown): the one
 /// record of it every stage uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,6 +243,10 @@ pub fn one_per_socket(mut sockets: Vec<ExistingSocket>) -> Vec<ExistingSocket> {
 pub enum Output {
     Existing(ExistingSocket),
     Transition(Transition),
+    /// A socket's whole life, under one known owner, in one piece: the
+    /// transitions of [`Run::transitions`], which the socket stage never
+    /// had to track (most connections at a high rate).
+    Life(Run),
     ProcessExit {
         pid: u32,
         ktime_ns: u64,

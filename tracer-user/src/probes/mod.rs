@@ -4,6 +4,7 @@
 
 pub mod features;
 pub mod layout;
+mod sweep;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -20,9 +21,9 @@ use aya::{
     programs::{BtfTracePoint, FEntry, Iter, KProbe, Program, TracePoint},
 };
 use tracer_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
-    PID_FILTER_MAP, SEEDED_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP, SocketOwner, TASK_COMM_LEN,
-    counter,
+    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, HOLD_EPOCHS, HOLDING_MAP, NS_FILTER_MAP,
+    NamespaceFilter, OwnerSource, PID_FILTER_MAP, SEEDED_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP,
+    SocketEntry, SocketOwner, TASK_COMM_LEN, counter,
 };
 
 pub use features::{Attach, AttachRequest, ModeRequest, ProbeMode};
@@ -32,9 +33,9 @@ use crate::{
     model::{Comm, ExistingSocket, one_per_socket},
     privileges, procfs,
     sockets::KernelView,
-    tcp::TcpState,
     text,
 };
+use sweep::Sweep;
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -100,10 +101,10 @@ pub struct ProbeOptions {
     pub attach: AttachRequest,
     /// Only sockets of one container.
     pub namespace: Option<NamespaceFilter>,
-    /// Leave out the transitions the socket stage can infer
-    /// (`tracer_common::inferable_successor`): for the commands that
-    /// aggregate. `trace` shows each transition as it happens.
-    pub skip_inferable: bool,
+    /// How long the kernel may hold a socket's transitions before it
+    /// reports them (`tracer_common::Config::hold_ns`): for the commands
+    /// that aggregate. `trace` shows each transition as it happens (0).
+    pub hold_ns: u64,
 }
 
 impl Default for ProbeOptions {
@@ -117,7 +118,7 @@ impl Default for ProbeOptions {
             mode: ModeRequest::Auto,
             attach: AttachRequest::Auto,
             namespace: None,
-            skip_inferable: false,
+            hold_ns: 0,
         }
     }
 }
@@ -133,6 +134,7 @@ pub struct Probes {
     /// The programs' skipped runs when they were detached (their fds, which
     /// report them, are gone then).
     missed_runs_at_detach: Option<u64>,
+    sweep: Sweep,
 }
 
 /// Loss counters summed over CPUs.
@@ -210,10 +212,10 @@ impl Probes {
             filter_port: options.port.unwrap_or(0),
             filter_family: options.family.unwrap_or(0),
             wakeup_bytes: options.ring_bytes / WAKEUP_FRACTION,
-            // Socket storage cannot be read back from userspace by address:
-            // every transition is reported.
-            skip_inferable: u32::from(options.skip_inferable && !sk_storage),
             sk_storage: u32::from(sk_storage),
+            hold_ns: options.hold_ns,
+            sweep_netns: own_netns()?,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(kernel_btf))
@@ -269,6 +271,7 @@ impl Probes {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
         load_socket_files(&mut ebpf, kernel_btf)?;
+        let sweep = Sweep::load(&mut ebpf, kernel_btf)?;
         let mode = attach_owner_probes(&mut ebpf, kernel_btf, options.mode)?;
         Ok(Self {
             ebpf,
@@ -276,13 +279,29 @@ impl Probes {
             attach,
             logger,
             missed_runs_at_detach: None,
+            sweep,
         })
     }
 
-    /// Whether the kernel programs leave out the transitions the socket
-    /// stage can infer (asked for, and possible with the hash map only).
-    pub fn skips_inferable(&self, asked: bool) -> bool {
-        asked && self.attach == Attach::Tracepoint
+    /// Runs the sweep: the kernel reports the transitions the sockets of
+    /// our network namespace have held since `due_before` (ktime;
+    /// `u64::MAX` for all).
+    pub fn sweep(&mut self, due_before: u64) -> anyhow::Result<()> {
+        self.sweep.pass(&mut self.ebpf, due_before)
+    }
+
+    /// How many sockets hold transitions, by the epoch of the hold they
+    /// began in (slot: epoch modulo `HOLD_EPOCHS`).
+    pub fn holding(&self) -> anyhow::Result<[u64; HOLD_EPOCHS]> {
+        let map: PerCpuArray<_, [u64; HOLD_EPOCHS]> =
+            PerCpuArray::try_from(self.ebpf.map(HOLDING_MAP).context("map HOLDING missing")?)?;
+        let mut sums = [0u64; HOLD_EPOCHS];
+        for cpu in map.get(&0, 0)?.iter() {
+            for (sum, count) in sums.iter_mut().zip(cpu) {
+                *sum = sum.wrapping_add(*count);
+            }
+        }
+        Ok(sums)
     }
 
     /// Every TCP socket that a process holds, from the kernel's file tables
@@ -317,6 +336,7 @@ impl Probes {
     /// Capabilities are dropped only as far as these still work.
     pub fn check_steady_state(&mut self) -> anyhow::Result<()> {
         self.counters()?;
+        self.sweep(0)?;
         self.socket_file_pass()?
             .read(&mut [0; 4096])
             .context("reading the socket-file iterator")?;
@@ -350,10 +370,10 @@ impl Probes {
     }
 
     /// Detaches and unloads every probe, so that nothing more enters the
-    /// ring buffer and it can be drained to the end. The maps stay readable,
-    /// and the socket-file iterator stays loaded: it writes nothing to the
-    /// ring, and the last tick looks up the holders of sockets still
-    /// waiting for their owner with it.
+    /// ring buffer but what the last sweep reports. The maps stay readable,
+    /// and the iterators stay loaded: the last sweep reports what sockets
+    /// still hold, and the last tick looks up the holders of sockets still
+    /// waiting for their owner with the socket-file iterator.
     pub fn detach(&mut self) {
         self.missed_runs_at_detach = Some(self.missed_runs());
         // The probes of the modes not chosen were never loaded.
@@ -414,43 +434,49 @@ impl Probes {
         state: u8,
         in_pidns: bool,
     ) -> anyhow::Result<()> {
-        let name = match self.attach {
-            Attach::TpBtf => SEEDED_MAP,
-            Attach::Tracepoint => SOCKETS_MAP,
+        let learned = |owner: &mut SocketOwner| {
+            owner.tgid = tgid;
+            owner.source = OwnerSource::ProcFd as u8;
+            owner.in_pidns = u8::from(in_pidns);
+            owner.comm = [0; TASK_COMM_LEN];
+            let len = comm.len().min(TASK_COMM_LEN - 1);
+            owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
         };
-        let mut sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(
-            self.ebpf
-                .map_mut(name)
-                .with_context(|| format!("map {name} missing"))?,
-        )?;
-        let mut owner = sockets.get(&sock_id, 0).unwrap_or(SocketOwner {
-            state,
-            ..SocketOwner::default()
-        });
-        owner.tgid = tgid;
-        owner.source = OwnerSource::ProcFd as u8;
-        owner.in_pidns = u8::from(in_pidns);
-        owner.comm = [0; TASK_COMM_LEN];
-        let len = comm.len().min(TASK_COMM_LEN - 1);
-        owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
-        sockets.insert(sock_id, owner, 0)?;
+        match self.attach {
+            Attach::TpBtf => {
+                let mut seeded: HashMap<_, u64, SocketOwner> = HashMap::try_from(
+                    self.ebpf
+                        .map_mut(SEEDED_MAP)
+                        .context("map SEEDED missing")?,
+                )?;
+                let mut owner = seeded.get(&sock_id, 0).unwrap_or(SocketOwner {
+                    state,
+                    ..SocketOwner::default()
+                });
+                learned(&mut owner);
+                seeded.insert(sock_id, owner, 0)?;
+            }
+            Attach::Tracepoint => {
+                let mut sockets: HashMap<_, u64, SocketEntry> = HashMap::try_from(
+                    self.ebpf
+                        .map_mut(SOCKETS_MAP)
+                        .context("map SOCKETS missing")?,
+                )?;
+                let mut entry = sockets.get(&sock_id, 0).unwrap_or_else(|_| {
+                    let mut entry = SocketEntry::default();
+                    entry.owner.state = state;
+                    entry.held.from_state = state;
+                    entry
+                });
+                learned(&mut entry.owner);
+                sockets.insert(sock_id, entry, 0)?;
+            }
+        }
         Ok(())
     }
 }
 
 impl KernelView for Probes {
-    fn state(&self, kernel_sock_id: u64) -> Option<(TcpState, u64)> {
-        // With socket storage nothing is left out, so nothing is read back.
-        if self.attach != Attach::Tracepoint {
-            return None;
-        }
-        let map = self.ebpf.map(SOCKETS_MAP)?;
-        let sockets: HashMap<_, u64, SocketOwner> = HashMap::try_from(map).ok()?;
-        let owner = sockets.get(&kernel_sock_id, 0).ok()?;
-        let state = TcpState::from_kernel(owner.state, owner.closed_held != 0);
-        Some((state, owner.state_since_ns))
-    }
-
     fn holders(&mut self, sock_ids: &[u64]) -> StdHashMap<u64, (u32, Comm)> {
         let files = match self.socket_files() {
             Ok(files) => files,
@@ -466,6 +492,14 @@ impl KernelView for Probes {
             .filter_map(|file| Some((file.sock_id, (file.owner.pid?, file.owner.comm))))
             .collect()
     }
+}
+
+/// Inode of socktrace's own network namespace, the one the sweep walks.
+fn own_netns() -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = "/proc/self/ns/net";
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {path}"))?;
+    Ok(meta.ino() as u32)
 }
 
 /// Loads the socket-file iterator; it is attached for each pass.

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ns;
 use crate::model::{
-    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
+    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Run, Snapshot, Transition,
 };
 use crate::tcp::TcpState;
 
@@ -140,6 +140,64 @@ impl Watch {
         self.sockets.insert(seeded.sock_id, record);
     }
 
+    /// A socket's whole life in one piece: what its transitions would do
+    /// one by one, without keeping a record of the socket.
+    pub fn on_life(&mut self, life: &Run) {
+        let (Some(first), Some(last)) = (life.steps.first(), life.steps.last()) else {
+            return;
+        };
+        let pid = match (
+            self.attribute(&life.owner, first.at_ns),
+            self.attribute(&life.owner, last.at_ns),
+        ) {
+            (Attribution::Owner(pid), Attribution::Owner(same)) if pid == same => pid,
+            // Its owner exited or is filtered out on the way: one by one.
+            _ => {
+                life.transitions().for_each(|t| self.on_transition(&t));
+                return;
+            }
+        };
+        self.retire_earlier(life.sock_id, first.at_ns);
+        let config = &self.config;
+        let process = self
+            .processes
+            .entry(pid)
+            .or_insert_with(|| Process::new(config, life.owner.comm, first.at_ns));
+        process.set_comm(life.owner.comm);
+        let mut transitions = life.transitions();
+        let Some(birth) = transitions.next() else {
+            return;
+        };
+        let accepted = birth.old == TcpState::Listen;
+        let inbound = accepted || process.listen_ports.contains(&birth.local.port());
+        let mut record = SocketRecord::first_seen(&birth, inbound);
+        record.pid = Some(pid);
+        for t in std::iter::once(birth).chain(transitions) {
+            let held_before = record.is_held_connection();
+            let effects = record.apply(&t, true);
+            process.held_live += i64::from(record.is_held_connection()) - i64::from(held_before);
+            process.apply(&effects, record.peer, &mut record.peer_hint, t.ktime_ns);
+        }
+    }
+
+    /// The record of a socket that starts again under the same id, after
+    /// the network closed it (or after its CLOSE event was lost): that
+    /// connection is over for its owner.
+    fn retire_earlier(&mut self, sock_id: u64, ktime_ns: u64) {
+        let Some(mut earlier) = self.sockets.remove(&sock_id) else {
+            return;
+        };
+        let process = earlier.pid.and_then(|pid| self.processes.get_mut(&pid));
+        if let Some(process) = process.filter(|_| earlier.is_held_connection()) {
+            let released = lifecycle::Effects {
+                released: true,
+                ..lifecycle::Effects::default()
+            };
+            process.held_live -= 1;
+            process.apply(&released, earlier.peer, &mut earlier.peer_hint, ktime_ns);
+        }
+    }
+
     pub fn on_transition(&mut self, t: &Transition) {
         let owner = match self.attribute(&t.owner, t.ktime_ns) {
             Attribution::Owner(pid) => Some(pid),
@@ -149,21 +207,8 @@ impl Watch {
                 return;
             }
         };
-        if lifecycle::is_socket_start(t.old, t.new)
-            && let Some(mut earlier) = self.sockets.remove(&t.sock_id)
-        {
-            // The record of a socket that connects again after the network
-            // closed it (or that lost its CLOSE event): that connection is
-            // over for its owner.
-            let process = earlier.pid.and_then(|pid| self.processes.get_mut(&pid));
-            if let Some(process) = process.filter(|_| earlier.is_held_connection()) {
-                let released = lifecycle::Effects {
-                    released: true,
-                    ..lifecycle::Effects::default()
-                };
-                process.held_live -= 1;
-                process.apply(&released, earlier.peer, &mut earlier.peer_hint, t.ktime_ns);
-            }
+        if lifecycle::is_socket_start(t.old, t.new) {
+            self.retire_earlier(t.sock_id, t.ktime_ns);
         }
         let config = &self.config;
         let mut process = owner.map(|pid| {
@@ -377,8 +422,13 @@ impl Watch {
         let Some(pid) = owner.pid else {
             return Attribution::Unknown;
         };
-        if self.exited.get(&pid).is_some_and(|&exit| exit <= ktime_ns) {
-            return Attribution::Unknown;
+        if let Some(&exit) = self.exited.get(&pid) {
+            // After the exit (the kernel closing its fds), or before it but
+            // arriving after its last report (the kernel held it): the
+            // process is not brought back.
+            if exit <= ktime_ns || !self.processes.contains_key(&pid) {
+                return Attribution::Unknown;
+            }
         }
         if !self.config.pids.is_empty() && !self.config.pids.contains(&pid) {
             return Attribution::Excluded;

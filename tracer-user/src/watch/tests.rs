@@ -615,6 +615,11 @@ fn exited_process_is_reported_once_more_then_forgotten() {
     let after = tick(&mut watch, START + 3 * S, &[], 0);
     assert!(after.processes.is_empty());
     assert!(watch.sockets.is_empty());
+    // A connection it made before it exited, which the kernel held and
+    // sent after its last report, does not bring it back.
+    connect(&mut watch, RULER, 2, START + S - 10 * MS, SERVER);
+    let later = tick(&mut watch, START + 4 * S, &[], 0);
+    assert!(later.processes.is_empty(), "{:?}", later.processes);
 }
 
 #[test]
@@ -961,4 +966,87 @@ fn sockets_the_network_closed_stay_held_and_in_the_verdict() {
             .iter()
             .all(|a| a.message.ends_with("resolved: the process exited"))
     );
+}
+
+/// A whole life handed on in one piece counts exactly as its transitions
+/// one by one would: opens, closes, who closed first, the distributions.
+#[test]
+fn a_whole_life_counts_as_its_transitions_do() {
+    let owner = Owner {
+        pid: RULER.pid,
+        nspid: None,
+        comm: RULER.comm.into(),
+        source: OwnerSource::Close,
+    };
+    let step = |ms: u64, state| crate::model::Step {
+        at_ns: START + ms * MS,
+        state,
+    };
+    let lives = [
+        // It closes first.
+        Run {
+            sock_id: 1,
+            owner,
+            local: local_end(1).parse().unwrap(),
+            remote: SERVER.parse().unwrap(),
+            from: Close,
+            from_since_ns: None,
+            steps: [
+                step(1, SynSent),
+                step(2, Established),
+                step(30, FinWait1),
+                step(31, FinWait2),
+                step(32, Close),
+            ]
+            .into_iter()
+            .collect(),
+            cause: None,
+        },
+        // Accepted; the peer closes first.
+        Run {
+            sock_id: 2,
+            owner,
+            local: "10.0.0.1:8080".parse().unwrap(),
+            remote: "10.0.0.9:40000".parse().unwrap(),
+            from: Listen,
+            from_since_ns: None,
+            steps: [
+                step(1, SynRecv),
+                step(2, Established),
+                step(20, CloseWait),
+                step(25, LastAck),
+                step(26, Close),
+            ]
+            .into_iter()
+            .collect(),
+            cause: None,
+        },
+    ];
+    let (mut whole, mut piecewise) = (
+        Watch::new(WatchConfig::default(), START),
+        Watch::new(WatchConfig::default(), START),
+    );
+    for life in &lives {
+        whole.on_life(life);
+        life.transitions().for_each(|t| piecewise.on_transition(&t));
+    }
+    let at = START + S;
+    let fds = [(4242, 10, 100)];
+    let (whole_lines, piecewise_lines) = (
+        json_lines(&tick(&mut whole, at, &fds, 0), 1.0).unwrap(),
+        json_lines(&tick(&mut piecewise, at, &fds, 0), 1.0).unwrap(),
+    );
+    assert_eq!(whole_lines, piecewise_lines);
+    assert!(
+        whole_lines.contains("\"connects_total\":2"),
+        "{whole_lines}"
+    );
+    let (a, b) = (
+        whole.distributions(4242).unwrap(),
+        piecewise.distributions(4242).unwrap(),
+    );
+    assert_eq!(a.lifetime.count(), 2);
+    assert_eq!(a.lifetime.count(), b.lifetime.count());
+    assert_eq!(a.connect_latency.count(), b.connect_latency.count());
+    assert_eq!(a.close_wait_dwell.count(), b.close_wait_dwell.count());
 }
