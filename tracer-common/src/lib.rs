@@ -331,6 +331,8 @@ pub struct ReleaseEvent {
     /// The owner recorded for the socket (its state CLOSE since
     /// `owner.state_since_ns`).
     pub owner: SocketOwner,
+    /// The addresses it had (the collector does not keep them).
+    pub endpoints: Endpoints,
     /// Command of the releasing task.
     pub releaser_comm: [u8; TASK_COMM_LEN],
     /// Time from the socket's CLOSE to its release; [`DWELL_UNKNOWN`] when
@@ -510,7 +512,7 @@ assert_size!(HeldSteps, 16 + 16 * MAX_HELD_STEPS);
 assert_size!(SocketEntry, 40 + 112 + 16);
 assert_size!(StateChangesEvent, 24 + 40 + 40 + 112);
 assert_size!(ExitEvent, 24);
-assert_size!(ReleaseEvent, 24 + 40 + 16 + 8 + 8);
+assert_size!(ReleaseEvent, 24 + 40 + 40 + 16 + 8 + 8);
 assert_size!(SocketFileRecord, 24 + 40 + 16);
 assert_size!(Layout, 32 + 4 * 27);
 assert_size!(Config, 32 + 4 * 27 + 36);

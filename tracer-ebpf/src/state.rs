@@ -469,9 +469,13 @@ fn on_destroy(sk: *const c_void, entry: &mut SocketEntry, reader: Reader) {
     if !owner_wanted(config, &owner) || !netns_wanted(owner.netns) {
         return;
     }
+    let Ok(endpoints) = sock::endpoints(&config.layout, sk.cast(), reader) else {
+        return;
+    };
     emit(ReleaseEvent {
         header: header_at(EventKind::Release, sk as u64, now),
         owner,
+        endpoints,
         releaser_comm: current_comm(),
         held_ns: if owner.state_since_ns == 0 {
             DWELL_UNKNOWN

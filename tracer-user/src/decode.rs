@@ -66,6 +66,8 @@ pub enum Event {
         /// The releasing process; its source is `Close`, or `Exit` when its
         /// exit closed the fd.
         releaser: Option<Owner>,
+        local: SocketAddr,
+        remote: SocketAddr,
         /// Time held after the network closed it; `None` when it was
         /// already closed when socktrace started.
         held_ns: Option<u64>,
@@ -128,6 +130,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Release => {
             let e: ReleaseEvent = read(bytes, "release event")?;
             let recorded = owner(&e.owner)?;
+            let (local, remote) = socket_addrs(&e.endpoints)?;
             Event::Release {
                 ktime_ns: header.ktime_ns,
                 sock_id: header.sock_id,
@@ -145,6 +148,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     },
                     comm: Comm::from_kernel(&e.releaser_comm),
                 }),
+                local,
+                remote,
                 held_ns: known(e.held_ns),
             }
         }
@@ -424,6 +429,11 @@ mod tests {
                 ns_tgid: 3,
                 ..SocketOwner::default()
             },
+            endpoints: Endpoints {
+                family: AF_INET,
+                local_port: 40274,
+                ..Endpoints::default()
+            },
             releaser_comm: comm("child"),
             held_ns: 2_000,
             exiting: 1,
@@ -440,6 +450,8 @@ mod tests {
                     source: OwnerSource::Exit,
                     comm: "child".into(),
                 }),
+                local: "0.0.0.0:40274".parse().unwrap(),
+                remote: "0.0.0.0:0".parse().unwrap(),
                 held_ns: Some(2_000),
             }
         );

@@ -90,8 +90,6 @@ struct Tracked {
     rehomed_from: Option<u32>,
     /// The owner was searched for and not found: stop holding events back.
     owner_search_done: bool,
-    local: SocketAddr,
-    remote: SocketAddr,
     state: TcpState,
     /// When it entered `state` (ktime ns).
     state_since_ns: u64,
@@ -168,8 +166,6 @@ impl SocketTable {
             owner: Some(socket.owner),
             rehomed_from: None,
             owner_search_done: true,
-            local: socket.local,
-            remote: socket.remote,
             state: socket.state,
             state_since_ns: 0,
             pending: ThinVec::new(),
@@ -252,8 +248,23 @@ impl SocketTable {
                 ktime_ns,
                 sock_id,
                 releaser,
+                local,
+                remote,
                 held_ns,
-            } => self.on_release(sock_id, ktime_ns, releaser, held_ns),
+            } => {
+                let release = Transition {
+                    ktime_ns,
+                    sock_id,
+                    owner: Owner::unknown(),
+                    local,
+                    remote,
+                    old: TcpState::ClosedHeld,
+                    new: TcpState::Close,
+                    dwell_ns: held_ns,
+                    cause: None,
+                };
+                self.on_release(release, releaser);
+            }
         }
     }
 
@@ -264,8 +275,6 @@ impl SocketTable {
             owner: None,
             rehomed_from: None,
             owner_search_done: false,
-            local: t.local,
-            remote: t.remote,
             // Before `t` applies; when it entered that state is unknown.
             state: t.old,
             state_since_ns: 0,
@@ -290,30 +299,16 @@ impl SocketTable {
 
     /// The last holder of a socket the network had closed let go of it: its
     /// lifetime ends, under the process that released it.
-    fn on_release(
-        &mut self,
-        sock_id: u64,
-        ktime_ns: u64,
-        releaser: Option<Owner>,
-        held_ns: Option<u64>,
-    ) {
+    fn on_release(&mut self, mut transition: Transition, releaser: Option<Owner>) {
+        let sock_id = transition.sock_id;
         let Some(tracked) = self.sockets.get_mut(&sock_id) else {
             return;
         };
         let owner = releaser.or(tracked.owner).unwrap_or_else(Owner::unknown);
         let pending = std::mem::take(&mut tracked.pending);
         release(&mut self.out, pending, owner);
-        self.out.push(Output::Transition(Transition {
-            ktime_ns,
-            sock_id,
-            owner,
-            local: tracked.local,
-            remote: tracked.remote,
-            old: TcpState::ClosedHeld,
-            new: TcpState::Close,
-            dwell_ns: held_ns,
-            cause: None,
-        }));
+        transition.owner = owner;
+        self.out.push(Output::Transition(transition));
         self.untrack(sock_id);
     }
 
@@ -328,11 +323,6 @@ impl SocketTable {
         mut t: Transition,
         kernel_owner: Option<Owner>,
     ) -> bool {
-        // The port is assigned after CLOSE -> SYN_SENT: keep the latest.
-        if t.local.port() != 0 {
-            tracked.local = t.local;
-            tracked.remote = t.remote;
-        }
         tracked.state = t.new;
         tracked.state_since_ns = t.ktime_ns;
         // A socket closed while held lives on until its release.
@@ -889,6 +879,8 @@ mod tests {
             ktime_ns: 2_050 * MS,
             sock_id: 9,
             releaser: kernel_owner(CLIENT, "client", OwnerSource::Close),
+            local: addr(CLIENT_AT),
+            remote: addr(SERVER_AT),
             held_ns: Some(2_000 * MS),
         });
         let out = transitions(&mut table);
