@@ -17,10 +17,7 @@
 //! Where no owner can be found the transition says so; it never names the
 //! task that merely happened to be on the CPU.
 
-use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
-    net::SocketAddr,
-};
+use std::collections::{HashMap, VecDeque, hash_map::Entry};
 
 use rustc_hash::FxHashMap;
 use thin_vec::ThinVec;
@@ -536,6 +533,8 @@ impl SocketTable {
 #[cfg(test)]
 mod tests {
     use tracer_common::OwnerSource;
+
+    use std::net::SocketAddr;
 
     use super::*;
     use crate::model::Step;
