@@ -20,22 +20,9 @@ pub const SOCKETS_MAP: &str = "SOCKETS";
 pub const SK_STORE_MAP: &str = "SK_STORE";
 /// Socket address -> [`SocketOwner`] for sockets found at start, and
 /// owners found in userspace or by accept(), when the state lives in
-/// [`SK_STORE_MAP`]: moved there at the socket's next event or sweep.
+/// [`SK_STORE_MAP`]: moved there at the socket's next event.
 pub const SEEDED_MAP: &str = "SEEDED";
-/// One `u64`, written by the collector before each pass of the sweep
-/// ([`SWEEP_PROGRAM`]): report the transitions held since this ktime or
-/// earlier (`u64::MAX`: all of them).
-pub const SWEEP_DUE_MAP: &str = "SWEEP_DUE";
-/// Per CPU, one `[u64; HOLD_EPOCHS]`: how many sockets began holding
-/// transitions in each epoch of [`Config::hold_ns`] (slot: epoch modulo
-/// [`HOLD_EPOCHS`]), less those that reported them since (added with
-/// wrapping over CPUs). The collector sweeps only when an epoch older than
-/// the hold still counts some: most sockets report their whole life before
-/// that, and a pass walks every socket of the namespace.
-pub const HOLDING_MAP: &str = "HOLDING";
-/// Slots of [`HOLDING_MAP`]: 12.8 s of epochs at the default hold, far
-/// longer than any socket holds before the sweep reports it.
-pub const HOLD_EPOCHS: usize = 64;
+
 /// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
 /// One [`NamespaceFilter`]: restricts reports to one container. A map, not a
@@ -173,10 +160,30 @@ pub const fn owner_claim(new_state: u8) -> OwnerSource {
     }
 }
 
-/// How long `watch` and `serve` let the kernel hold a socket's transitions
-/// before they are reported ([`Config::hold_ns`]): most connections live
-/// less, and their whole life crosses to the collector in one record.
+/// The longest `watch` and `serve` let the kernel hold a socket's
+/// transitions ([`Config::hold_ns`]); see [`holds`] for which it holds.
 pub const HOLD_NS: u64 = 200_000_000;
+
+/// Whether the kernel may hold a transition into `state` (when the
+/// collector aggregates): the states TCP's own timers end, so that the
+/// next transition, which reports it, comes soon: a handshake, a close
+/// under way (FIN_WAIT1, CLOSING, LAST_ACK, and FIN_WAIT2 once no file
+/// holds the socket). A retransmission of the socket reports what it holds
+/// too, so a peer that does not answer delays it by one timeout at most.
+/// States a socket can stay in for as long as its owner likes
+/// (ESTABLISHED, CLOSE_WAIT, LISTEN, a half-close, CLOSE) are reported at
+/// once: the view of held sockets never waits on them.
+pub const fn holds(state: u8, held_by_a_file: bool) -> bool {
+    match state {
+        tcp_state::SYN_SENT
+        | tcp_state::SYN_RECV
+        | tcp_state::FIN_WAIT1
+        | tcp_state::CLOSING
+        | tcp_state::LAST_ACK => true,
+        tcp_state::FIN_WAIT2 => !held_by_a_file,
+        _ => false,
+    }
+}
 
 /// Common prefix of every ring buffer record.
 #[repr(C)]
@@ -281,25 +288,16 @@ pub struct SocketEntry {
     /// The owner and the state after the last step.
     pub owner: SocketOwner,
     pub held: HeldSteps,
-    /// When the last step the sweep reported was made: the sweep reports
-    /// each step once but leaves them held, for the socket's own programs
-    /// to clear at their next report (they alone write the steps; the
-    /// collector drops the steps it has seen).
-    pub swept_through_ns: u64,
-    /// The owner the collector was last told of (tgid).
-    pub reported_tgid: u32,
-    /// 1 while the held steps are counted in [`HOLDING_MAP`] (in the epoch
-    /// of the first).
-    pub counted: u16,
     /// 1 for a socket accepted from a listener (a passive open): accept()
     /// may leave its owner in [`SEEDED_MAP`].
-    pub passive: u16,
+    pub passive: u32,
+    pub _pad: u32,
 }
 
 /// A socket's transitions since its last report (`sock:inet_sock_set_state`),
-/// or, with no step, news of its owner. `watch` and `serve` get one per
-/// socket for its whole life when it lasts less than the hold; `trace`
-/// one per transition.
+/// or, with no step, news of its owner. `watch` and `serve` get the
+/// transitions the kernel held (see [`holds`]) together with the next one;
+/// `trace` one per transition.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateChangesEvent {
@@ -368,10 +366,6 @@ pub struct SocketFileRecord {
 
 /// The socket-file iterator (`iter/task_file`).
 pub const SOCKET_FILES_PROGRAM: &str = "socket_files";
-/// The sweep (`iter/tcp`): reports the transitions that the sockets of
-/// socktrace's network namespace have held long enough, and owners learned
-/// outside a transition.
-pub const SWEEP_PROGRAM: &str = "sweep_sockets";
 
 /// Bytes of `struct sock_common` the BTF tracepoint programs copy in one
 /// read: the family, ports and IPv4 and IPv6 addresses all end within them
@@ -404,14 +398,15 @@ pub struct Layout {
     pub set_state_daddr_v6: u16,
     // syscalls:sys_exit_accept{,4} record.
     pub accept_ret: u16,
-    // tcp:tcp_destroy_sock record.
+    // tcp:tcp_destroy_sock and tcp:tcp_retransmit_skb records.
     pub destroy_skaddr: u16,
+    pub retransmit_skaddr: u16,
     /// 1 when `file_refs` is a `file_ref_t` (Linux 6.13, commit
     /// 90ee6ed776c0 "fs: port files to file_ref"): it counts references
     /// less one, so a file in use reads 0 or more. Before, `f_count` is
     /// the plain count, above 0 while in use.
     pub file_refs_less_one: u16,
-    pub _pad: [u16; 2],
+    pub _pad: u16,
     // Kernel structs (BTF), walked to find the socket behind an accepted fd:
     // current->files->fdt->fd[n]->private_data (struct socket)->sk.
     pub task_files: u32,
@@ -487,16 +482,12 @@ pub struct Config {
     /// Non-zero: the state lives in socket storage ([`SK_STORE_MAP`]), and
     /// the iterator records holders in [`SEEDED_MAP`].
     pub sk_storage: u32,
-    /// A socket's transitions are held (in its entry) until the first of
-    /// them is this old, then reported in one record; the socket's end, a
-    /// close while held, or a full [`HeldSteps`] are reported at once, and
-    /// the sweep reports what waited long enough on a quiet socket. 0: each
-    /// transition is reported as it happens (`trace`).
+    /// Transitions into the states [`holds`] names are held in the
+    /// socket's entry and reported with the next transition, or when the
+    /// first of them is this old, or at a retransmission; a full
+    /// [`HeldSteps`] is reported at once. 0: each transition is reported as
+    /// it happens (`trace`).
     pub hold_ns: u64,
-    /// Inode of the network namespace the sweep walks (socktrace's own):
-    /// the transitions of sockets in any other are reported at once.
-    pub sweep_netns: u32,
-    pub _pad: u32,
 }
 
 macro_rules! assert_size {
@@ -509,13 +500,13 @@ assert_size!(SocketOwner, 40);
 assert_size!(Endpoints, 40);
 assert_size!(Step, 16);
 assert_size!(HeldSteps, 16 + 16 * MAX_HELD_STEPS);
-assert_size!(SocketEntry, 40 + 112 + 16);
+assert_size!(SocketEntry, 40 + 112 + 8);
 assert_size!(StateChangesEvent, 24 + 40 + 40 + 112);
 assert_size!(ExitEvent, 24);
 assert_size!(ReleaseEvent, 24 + 40 + 40 + 16 + 8 + 8);
 assert_size!(SocketFileRecord, 24 + 40 + 16);
 assert_size!(Layout, 32 + 4 * 27);
-assert_size!(Config, 32 + 4 * 27 + 36);
+assert_size!(Config, 32 + 4 * 27 + 28);
 assert_size!(NamespaceFilter, 24);
 
 #[cfg(feature = "user")]
@@ -538,4 +529,23 @@ mod pod {
         ReleaseEvent,
         SocketFileRecord
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_states_tcp_ends_by_itself_are_held() {
+        use tcp_state::*;
+        for state in [SYN_SENT, SYN_RECV, FIN_WAIT1, CLOSING, LAST_ACK] {
+            assert!(holds(state, true) && holds(state, false), "{state}");
+        }
+        // An orphan closing ends by the kernel's timer; a half-close its
+        // owner keeps may last for ever.
+        assert!(holds(FIN_WAIT2, false) && !holds(FIN_WAIT2, true));
+        for state in [ESTABLISHED, CLOSE_WAIT, LISTEN, CLOSE] {
+            assert!(!holds(state, true) && !holds(state, false), "{state}");
+        }
+    }
 }

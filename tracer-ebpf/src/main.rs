@@ -13,7 +13,6 @@
 //! runs in the releasing task's own `close()` or exit.
 //!
 //! - `state`: state changes and the release of sockets closed while held;
-//! - `sweep`: reports what quiet sockets have held long enough;
 //! - `owners`: accept() and, where the kernel allows, tcp_connect/tcp_close;
 //! - `processes`: process exits;
 //! - `socket_files`: the iterator over every process's socket files;
@@ -28,7 +27,6 @@ mod sock;
 mod socket_files;
 mod state;
 mod store;
-mod sweep;
 
 use aya_ebpf::{
     bindings::{
@@ -43,7 +41,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, EventHeader, EventKind, HOLD_EPOCHS, Layout,
+    Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, EventHeader, EventKind, Layout,
     MAX_PID_FILTER, NamespaceFilter, OwnerSource, SET_STATE_RECORD_BYTES, SOCK_COMMON_BYTES,
     SocketEntry, SocketOwner, TASK_COMM_LEN, counter,
 };
@@ -67,7 +65,8 @@ static CONFIG: Config = Config {
         accept_ret: 0,
         destroy_skaddr: 0,
         file_refs_less_one: 0,
-        _pad: [0; 2],
+        retransmit_skaddr: 0,
+        _pad: 0,
         task_files: 0,
         files_fdt: 0,
         fdtable_max_fds: 0,
@@ -103,8 +102,6 @@ static CONFIG: Config = Config {
     wakeup_bytes: 0,
     sk_storage: 0,
     hold_ns: 0,
-    sweep_netns: 0,
-    _pad: 0,
 };
 
 /// Sized at load time by the collector (`--ring-buffer-kib`).
@@ -148,33 +145,6 @@ static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
 /// one per `sock::Reader`, the contexts that interrupt one another.
 #[map(name = "SOCK_COMMON")]
 static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(4, 0);
-
-/// The sweep's due time (`tracer_common::SWEEP_DUE_MAP`).
-#[map(name = "SWEEP_DUE")]
-static SWEEP_DUE: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Sockets holding transitions, by the epoch they began (see
-/// `tracer_common::HOLDING_MAP`).
-#[map(name = "HOLDING")]
-static HOLDING: PerCpuArray<[u64; HOLD_EPOCHS]> = PerCpuArray::with_max_entries(1, 0);
-
-/// Counts (`by` 1) or uncounts (`by` -1) a socket that began holding at
-/// `since_ns` in [`HOLDING`].
-#[inline(always)]
-fn holding(since_ns: u64, by: i64) {
-    let hold_ns = config().hold_ns;
-    if hold_ns == 0 {
-        return;
-    }
-    if let Some(slots) = HOLDING.get_ptr_mut(0) {
-        let slot = (since_ns / hold_ns) as usize % HOLD_EPOCHS;
-        // SAFETY: this CPU's slots; the index is reduced below their number.
-        unsafe {
-            let count = &mut (*slots)[slot];
-            *count = count.wrapping_add_signed(by);
-        }
-    }
-}
 
 /// Per CPU, the runs under way of each BPF tracepoint program with a
 /// `_nested` partner, by `state::Partner`: the kernel skips a program only
@@ -321,6 +291,24 @@ fn wakeup_flag() -> u64 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Copies a wire struct eight bytes at a time. LLVM lowers the assignment
+/// of a struct this large to a call of the BPF target's memmove, which
+/// copies byte by byte: 600 instructions for a `HeldSteps`, a quarter of
+/// the state program's time. Volatile, so that LLVM does not turn the loop
+/// back into that call.
+///
+/// # Safety
+/// `dst` and `src` must be valid for `size_of::<T>()` bytes and aligned to 8.
+#[inline(always)]
+unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    const { assert!(size_of::<T>().is_multiple_of(8)) };
+    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: within both objects (the caller's promise).
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
     }
 }
 

@@ -35,10 +35,10 @@ pub enum Reader {
     Probe = 0,
     /// A `_nested` program's run, inside one of the above.
     Nested = 1,
-    /// The sweep (process context, which either can interrupt).
-    Sweep = 2,
-    /// accept()'s exit (process context, which may preempt the sweep).
-    Accept = 3,
+    /// accept()'s exit (process context).
+    Accept = 2,
+    /// A retransmission (a timer's softirq, or process context).
+    Retransmit = 3,
 }
 
 /// Reads a `T` at `offset` of a copied block, bounds checked.

@@ -5,12 +5,13 @@
 //! kernel's own arguments, state in socket storage). One handler serves
 //! both, generic over how the fields are read and where the state lives.
 //!
-//! A transition is applied to the socket's entry and held there: the
-//! socket's transitions cross to the collector together, in one record,
-//! once the first of them has waited `Config::hold_ns`, or at once when the
-//! socket ends, closes while a file holds it, or has no room left. Most
-//! connections live less than the hold, so their whole life is one record.
-//! The sweep (`sweep.rs`) reports what quiet sockets hold.
+//! A transition is applied to the socket's entry. When the collector
+//! aggregates, one into a state that TCP's own timers end (a handshake, a
+//! close under way: `tracer_common::holds`) is held there and crosses to
+//! the collector with the next one, in one record: a connection takes
+//! five records instead of ten. What a socket holds is reported anyway
+//! when the first held step is `Config::hold_ns` old, at a retransmission
+//! (a peer that does not answer), and when the socket is freed.
 
 use core::ffi::c_void;
 
@@ -22,15 +23,15 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, IPPROTO_TCP, Layout, MAX_HELD_STEPS, OwnerSource,
-    ReleaseEvent, SET_STATE_RECORD_BYTES, SocketEntry, StateChangesEvent, Step, counter,
+    ReleaseEvent, SET_STATE_RECORD_BYTES, SocketEntry, StateChangesEvent, counter, holds,
     owner_claim, tcp_state,
 };
 
 use crate::{
-    EVENTS, RUNNING, SET_STATE_RECORD, bump, config, current_comm, current_tgid, emit, header_at,
-    holding, ktime_ns, netns_wanted, owner_wanted, read_kernel, set_owner_to_current,
+    EVENTS, RUNNING, SET_STATE_RECORD, bump, config, copy_words, current_comm, current_tgid, emit,
+    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, set_owner_to_current,
     sock::{self, Reader, copied_field},
-    store::{HashStore, SkStore, SocketStore, adopt_owner, forget_seeded},
+    store::{HashStore, SkStore, SocketStore, adopt_owner, forget_seeded, start_afresh},
     wakeup_flag,
 };
 
@@ -234,25 +235,28 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
     let newborn = old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV;
     // A socket that starts (connect, listen) or is born cannot be one found
     // at start that waits for its first event.
+    let starting = old_state == tcp_state::CLOSE;
     let known = if newborn {
         None
-    } else if old_state == tcp_state::CLOSE {
+    } else if starting {
         S::get(sk)
     } else {
         S::get_or_seeded(sk)
     };
     let entry = match known {
-        Some(entry) => entry,
+        // One that starts again after a CLOSE its entry saw (closed while
+        // held, connecting again) keeps its entry.
+        Some(entry) if !starting || entry.owner.state == tcp_state::CLOSE => entry,
+        // An entry whose CLOSE was lost (a skipped run): a dead socket's at
+        // this address, or this socket's previous life. Its held steps and
+        // owner are not this life's.
+        Some(entry) => {
+            start_afresh(entry);
+            fresh_entry(entry, layout, sk, old_state, newborn)
+        }
         // Entries are made for TCP sockets only: a known one is TCP.
         None if fields.protocol()? != IPPROTO_TCP => return Ok(()),
-        None => {
-            let entry = S::create(sk).ok_or(-1i64)?;
-            entry.held.from_state = old_state;
-            entry.passive = u16::from(newborn);
-            // A socket never changes namespace: read once, kept.
-            entry.owner.netns = sock::netns(layout, sk.cast());
-            entry
-        }
+        None => fresh_entry(S::create(sk).ok_or(-1i64)?, layout, sk, old_state, newborn),
     };
 
     let closing = new_state == tcp_state::CLOSE;
@@ -277,12 +281,12 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
         clear_held(entry);
     }
     let index = usize::from(entry.held.count).min(MAX_HELD_STEPS - 1);
-    entry.held.steps[index] = Step {
-        at_ns: now,
-        state: new_state,
-        closed_held: u8::from(held_by_a_file),
-        _pad: [0; 6],
-    };
+    // Field by field: a whole `Step` would be written with memset for its
+    // padding (a call), which stays zero anyway.
+    let step = &mut entry.held.steps[index];
+    step.at_ns = now;
+    step.state = new_state;
+    step.closed_held = u8::from(held_by_a_file);
     entry.held.count = index as u8 + 1;
     if closing {
         entry.held.error = sock::close_error(layout, sk.cast());
@@ -292,11 +296,8 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
     entry.owner.closed_held = u8::from(held_by_a_file);
 
     let first_held_ns = entry.held.steps[0].at_ns;
-    // Only the sweep reports what a quiet socket holds, and it sees the
-    // sockets of one network namespace.
     let due = config.hold_ns == 0
-        || entry.owner.netns != config.sweep_netns
-        || closing
+        || !holds(new_state, half_closed(layout, sk, new_state))
         || index + 1 == MAX_HELD_STEPS
         || now.saturating_sub(first_held_ns) >= config.hold_ns;
     if due {
@@ -317,13 +318,32 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
             }
             S::done(sk);
         }
-    } else if index == 0 {
-        // The first step held since the last report: the sweep will have
-        // work if the socket is quiet for longer than the hold.
-        holding(now, 1);
-        entry.counted = 1;
     }
     Ok(())
+}
+
+/// A new entry's first fields.
+#[inline(always)]
+fn fresh_entry<'a>(
+    entry: &'a mut SocketEntry,
+    layout: &Layout,
+    sk: *const c_void,
+    old_state: u8,
+    newborn: bool,
+) -> &'a mut SocketEntry {
+    entry.held.from_state = old_state;
+    entry.passive = u32::from(newborn);
+    // A socket never changes namespace: read once, kept.
+    entry.owner.netns = sock::netns(layout, sk.cast());
+    entry
+}
+
+/// Whether a file holds a socket in FIN_WAIT2 (a half-close the owner may
+/// keep for as long as it likes, not an orphan closing): asked only where
+/// `holds` needs it.
+#[inline(always)]
+fn half_closed(layout: &Layout, sk: *const c_void, state: u8) -> bool {
+    state == tcp_state::FIN_WAIT2 && sock::held_by_a_file(layout, sk.cast())
 }
 
 /// Sends the socket's held steps and owner to the collector, if the user's
@@ -353,18 +373,18 @@ pub fn report(
             return false;
         };
         let event = slot.as_mut_ptr();
-        // SAFETY: `event` points into the reserved slot, which is ours and
-        // large enough until it is submitted. Written field by field from
-        // the entry, not built on the stack: the 512 bytes are tight.
+        // SAFETY: `event` points into the reserved slot, which is ours,
+        // 8-aligned and large enough until it is submitted; the entry is a
+        // map value, 8-aligned too. Written field by field from the entry,
+        // not built on the stack: the 512 bytes are tight.
         unsafe {
             (*event).header = header_at(EventKind::StateChanges, sock_id, now);
-            (*event).owner = entry.owner;
+            copy_words(&raw mut (*event).owner, &raw const entry.owner);
             (*event).endpoints = endpoints;
-            (*event).held = entry.held;
+            copy_words(&raw mut (*event).held, &raw const entry.held);
         }
         slot.submit(wakeup_flag());
         entry.held.reported = 1;
-        entry.reported_tgid = entry.owner.tgid;
     }
     clear_held(entry);
     true
@@ -373,16 +393,43 @@ pub fn report(
 /// Starts holding afresh from the socket's current state.
 #[inline(always)]
 fn clear_held(entry: &mut SocketEntry) {
-    if entry.counted != 0 {
-        holding(entry.held.steps[0].at_ns, -1);
-        entry.counted = 0;
-    }
     entry.held.count = 0;
     entry.held.error = 0;
     entry.held.from_state = entry.owner.state;
     entry.held.from_closed_held = entry.owner.closed_held;
     entry.held.from_since_ns = entry.owner.state_since_ns;
-    entry.swept_through_ns = 0;
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let offset = usize::from(config().layout.retransmit_skaddr);
+    // SAFETY: bpf_probe_read of the tracepoint record.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(offset) } {
+        on_retransmit::<HashStore>(sk as *const c_void);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    on_retransmit::<SkStore>(ctx.arg(0));
+    0
+}
+
+/// A retransmission: the peer has not answered for a timeout. A socket
+/// that holds transitions (a SYN, a FIN) reports them now, so that one
+/// stuck in a handshake or a close is in view within that timeout. (A run
+/// the kernel skips here costs nothing: the next retransmission reports.)
+#[inline(always)]
+fn on_retransmit<S: SocketStore>(sk: *const c_void) {
+    let Some(entry) = S::get(sk).filter(|entry| entry.held.count != 0) else {
+        return;
+    };
+    let layout = &config().layout;
+    let endpoints = sock::endpoints(layout, sk.cast(), Reader::Retransmit);
+    // A full ring leaves them held: the next transition or retransmission
+    // reports them.
+    let _ = report(sk as u64, entry, endpoints, ktime_ns());
 }
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]

@@ -8,7 +8,7 @@
 //! the accept() tracepoint, kprobes) cannot reach socket storage: the helper
 //! wants the kernel's typed pointer. They leave what they learned in
 //! `SEEDED`, a hash map the storage store takes it from at the socket's next
-//! event (and the sweep reports from): a whole entry for a socket found at
+//! event: a whole entry for a socket found at
 //! start, or only the owner (`state` 0) for a socket whose storage has no
 //! owner yet.
 
@@ -17,7 +17,7 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
 use tracer_common::{SocketEntry, SocketOwner, counter};
 
-use crate::{SEEDED, SK_STORE, SOCKETS, bump};
+use crate::{SEEDED, SK_STORE, SOCKETS, bump, copy_words};
 
 /// What a new entry in the hash map starts from (the helper copies a value
 /// from memory: this one is in the program's read-only data, not on its
@@ -156,6 +156,13 @@ impl SocketStore for SkStore {
     fn done(_sk: *const c_void) {}
 }
 
+/// Zeroes an entry in place, as `create` gives it.
+#[inline(always)]
+pub fn start_afresh(entry: &mut SocketEntry) {
+    // SAFETY: both are whole, 8-aligned `SocketEntry`s.
+    unsafe { copy_words(entry, &ZEROED) };
+}
+
 /// What `SEEDED` holds for the socket, removed from there.
 #[inline(always)]
 fn take_seeded(sk: *const c_void) -> Option<SocketOwner> {
@@ -181,9 +188,8 @@ pub fn adopt_owner(owner: &mut SocketOwner, claimed: &SocketOwner) {
     owner.comm = claimed.comm;
 }
 
-/// Leaves the owner for the store to take at the socket's next event (the
-/// sweep reports it meanwhile): for programs that see the socket only as
-/// an address.
+/// Leaves the owner for the store to take at the socket's next report: for
+/// programs that see the socket only as an address.
 #[inline(always)]
 pub fn leave_owner(sock_id: u64, owner: &SocketOwner) {
     let claimed = SocketOwner {

@@ -12,10 +12,8 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 
-use tracer_common::HOLD_EPOCHS;
-
 use crate::{
-    clock::{self, monotonic_ns},
+    clock::monotonic_ns,
     containers::{Target, pidns_of},
     decode::decode,
     model::Output,
@@ -45,10 +43,6 @@ pub struct RunOptions {
     /// Period of the socket stage's and the sink's timers, and of draining the
     /// ring buffer: the kernel wakes the collector early only for a backlog.
     pub tick: Duration,
-    /// How long the kernel holds a socket's transitions (0: not at all).
-    pub hold_ns: u64,
-    /// At most one sweep this often.
-    pub sweep_gap: Duration,
     pub duration: Option<Duration>,
     /// The container the run is restricted to, if any.
     pub container: Option<Target>,
@@ -110,7 +104,6 @@ pub async fn run(
     // Losses already healed, and the sockets repaired since start.
     let mut healed_losses = 0u64;
     let mut reconciled = 0u64;
-    let mut sweeps = Sweeps::new(options.hold_ns, clock::duration_ns(options.sweep_gap));
 
     let result: io::Result<()> = async {
         pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -140,7 +133,6 @@ pub async fn run(
                 }
                 _ = ticker.tick() => {
                     let now = monotonic_ns();
-                    sweeps.run_if_due(&mut probes, now);
                     let ring = ring.get_mut();
                     undecodable += feed(ring, &mut table, &mut probes, sink, container.as_ref())?.0;
                     table.tick(now, &mut probes);
@@ -150,10 +142,6 @@ pub async fn run(
                         let losses = counters(&probes, undecodable, reconciled).losses();
                         if losses > healed_losses {
                             healed_losses = losses;
-                            // Everything the kernel holds first, so that
-                            // the file tables are held against the latest.
-                            sweeps.flush(&mut probes);
-                            undecodable += drain(ring, &mut table, &mut probes, sink, container.as_ref())?;
                             reconciled += heal(&mut probes, &mut table, now);
                             pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                         }
@@ -186,15 +174,11 @@ pub async fn run(
                 _ = sleep_until(deadline) => break,
             }
         }
-        // Whatever is still in the ring or held in the kernel when we stop
-        // is reported, not lost: detached first, the kernel adds nothing
-        // more but what the last sweep sends, so the drain ends even in the
-        // middle of a storm.
+        // Whatever is still in the ring when we stop is reported, not lost:
+        // detached first, the kernel adds nothing more, so the drain ends
+        // even in the middle of a storm.
         probes.detach();
-        let ring = ring.get_mut();
-        undecodable += drain(ring, &mut table, &mut probes, sink, container.as_ref())?;
-        sweeps.flush(&mut probes);
-        undecodable += drain(ring, &mut table, &mut probes, sink, container.as_ref())?;
+        undecodable += drain(ring.get_mut(), &mut table, &mut probes, sink, container.as_ref())?;
         // Transitions still waiting for their owner are resolved now or
         // shown as unknown: nothing is dropped at exit.
         table.tick(u64::MAX, &mut probes);
@@ -263,76 +247,6 @@ fn drain(
             return Ok(undecodable);
         }
     }
-}
-
-/// When to run the kernel's sweep, which reports the transitions quiet
-/// sockets have held for longer than the hold: when the kernel counts
-/// sockets that began holding an epoch or more before the current one
-/// (most report their whole life before), at most once a gap, since each
-/// pass walks every socket of the namespace (time-wait ones included).
-struct Sweeps {
-    hold_ns: u64,
-    gap_ns: u64,
-    last_pass_ns: u64,
-}
-
-/// A pass at least this often while anything at all is counted as
-/// holding: the counts can drift when a sweep and a transition of the same
-/// socket race to uncount it.
-const SAFETY_PASS_NS: u64 = 30_000_000_000;
-
-impl Sweeps {
-    fn new(hold_ns: u64, gap_ns: u64) -> Self {
-        Self {
-            hold_ns,
-            gap_ns,
-            last_pass_ns: 0,
-        }
-    }
-
-    fn run_if_due(&mut self, probes: &mut Probes, now_ns: u64) {
-        if self.hold_ns == 0 || now_ns.saturating_sub(self.last_pass_ns) < self.gap_ns {
-            return;
-        }
-        let holding = match probes.holding() {
-            Ok(holding) => holding,
-            Err(e) => {
-                log::warn!("reading the kernel's holding counts: {e:#}");
-                return;
-            }
-        };
-        let safety_due = now_ns.saturating_sub(self.last_pass_ns) >= SAFETY_PASS_NS
-            && holding.iter().any(|&n| n != 0);
-        if !(sweep_due(&holding, now_ns / self.hold_ns) || safety_due) {
-            return;
-        }
-        self.last_pass_ns = now_ns;
-        self.pass(probes, now_ns.saturating_sub(self.hold_ns));
-    }
-
-    /// Everything held, due or not (at the end, and before healing).
-    fn flush(&mut self, probes: &mut Probes) {
-        if self.hold_ns != 0 {
-            self.pass(probes, u64::MAX);
-        }
-    }
-
-    fn pass(&mut self, probes: &mut Probes, due_before: u64) {
-        if let Err(e) = probes.sweep(due_before) {
-            log::warn!("sweeping the sockets' held transitions: {e:#}");
-        }
-    }
-}
-
-/// Whether sockets that began holding before the previous epoch (their
-/// first step is older than the hold) still hold: the slots of the current
-/// epoch and the one before may count sockets within their hold.
-fn sweep_due(holding: &[u64; HOLD_EPOCHS], epoch: u64) -> bool {
-    let young = [epoch, epoch.wrapping_sub(1)].map(|e| (e % HOLD_EPOCHS as u64) as usize);
-    holding
-        .iter()
-        .enumerate()
-        .any(|(slot, &count)| count != 0 && !young.contains(&slot))
 }
 
 fn pass_on(

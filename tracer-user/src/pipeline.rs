@@ -29,8 +29,9 @@ const COLLECTOR_TICK: Duration = Duration::from_millis(100);
 /// After an owner exits, look for the socket's new holder this much later
 /// (and after the longest the kernel may hold the transitions of its exit).
 const REHOME_DELAY: Duration = Duration::from_millis(100);
-/// At most one sweep this often: each walks every socket's entry.
-const SWEEP_GAP: Duration = Duration::from_millis(200);
+/// The longest the kernel holds a transition when the peer answers: a SYN
+/// is first retransmitted after a second, when the kernel reports it.
+const HELD_AT_MOST: Duration = Duration::from_millis(1_100);
 
 /// What the user asked of the collecting part, whatever the command.
 #[derive(Clone, Debug)]
@@ -52,16 +53,15 @@ pub struct Started {
     pub start_ns: u64,
     /// The capabilities left after attaching.
     kept: Kept,
-    hold_ns: u64,
     duration: Option<Duration>,
     keep_running: bool,
     filter: Filter,
 }
 
 /// `hold_transitions` for the commands that aggregate: the kernel holds a
-/// socket's transitions and sends them together (a short connection's
-/// whole life in one record) instead of one record per transition, which
-/// `trace` shows as they happen.
+/// socket's transitions into states TCP's timers end and sends them with
+/// the next one (half the records), where `trace` shows each as it
+/// happens.
 pub fn start(options: &Options, hold_transitions: bool) -> anyhow::Result<Started> {
     let target = options
         .target
@@ -74,10 +74,9 @@ pub fn start(options: &Options, hold_transitions: bool) -> anyhow::Result<Starte
         ..probe_options(options, target.as_ref())?
     })?;
     let start_ns = clock::monotonic_ns();
-    // The longest a transition can wait in the kernel: its hold, then a
-    // sweep, then the tick that drains the ring.
+    // The longest a transition waits in the kernel, then in the ring.
     let latest_ns = if hold_transitions {
-        hold_ns + clock::duration_ns(SWEEP_GAP + COLLECTOR_TICK)
+        clock::duration_ns(HELD_AT_MOST + COLLECTOR_TICK)
     } else {
         0
     };
@@ -100,7 +99,6 @@ pub fn start(options: &Options, hold_transitions: bool) -> anyhow::Result<Starte
         target,
         start_ns,
         kept,
-        hold_ns,
         duration: options.duration,
         keep_running: options.keep_running,
         filter: options.filter.clone(),
@@ -151,8 +149,6 @@ impl Started {
             sink,
             RunOptions {
                 tick: COLLECTOR_TICK,
-                hold_ns: self.hold_ns,
-                sweep_gap: SWEEP_GAP,
                 duration: self.duration,
                 container: self.target,
                 keep_running: self.keep_running,

@@ -1,11 +1,9 @@
 //! Stage 3: per-socket state. Turns kernel events into transitions attributed
 //! to the process that holds the socket.
 //!
-//! The kernel sends a socket's transitions in records of several (a short
-//! connection's whole life is one), stamped with the owner it learned in
-//! process context; this stage hands them on one by one, once each (the
-//! kernel's sweep may send a step again). It covers what the kernel cannot
-//! know:
+//! The kernel sends a socket's transitions in records of one or several,
+//! stamped with the owner it learned in process context; this stage hands
+//! them on one by one. It covers what the kernel cannot know:
 //! - sockets that predate socktrace (seeded from the socket-file iterator),
 //! - transitions that happen before anyone owns the socket (a passive open
 //!   completes before accept()): they are held back until the owner is known,
@@ -210,27 +208,12 @@ impl SocketTable {
                     steps,
                     cause,
                 };
-                let tracked = self.sockets.get(&sock_id);
-                // The whole life of a socket we never had to track, under
-                // its known owner: passed on in one piece.
-                if tracked.is_none() && owner.is_some() && run.is_whole_life() {
-                    self.out.push(Output::Life(run));
-                    return;
-                }
-                // The sweep sends what a quiet socket holds and leaves it
-                // held: steps already passed on come again.
-                let seen_until_ns = tracked.map(|t| t.state_since_ns);
-                let mut any = false;
                 for mut transition in run.transitions() {
-                    if seen_until_ns.is_some_and(|seen| transition.ktime_ns <= seen) {
-                        continue;
-                    }
-                    any = true;
                     transition.owner = Owner::unknown();
                     self.on_state_change(transition, owner);
                 }
-                // News of the owner alone (accept(), or the owner probes).
-                if !any
+                // News of the owner alone (accept(), for `trace`).
+                if run.steps.is_empty()
                     && let Some(owner) = owner
                     && self
                         .sockets
@@ -266,7 +249,14 @@ impl SocketTable {
     }
 
     fn on_state_change(&mut self, t: Transition, kernel_owner: Option<Owner>) {
-        let newborn = t.old == TcpState::Listen && t.new == TcpState::SynRecv;
+        // A socket born from a listener, or starting from CLOSE (a socket
+        // that connects again after a CLOSE it was tracked through starts
+        // from CLOSED_HELD): whatever is tracked under its id is stale.
+        let starts = matches!(
+            (t.old, t.new),
+            (TcpState::Listen, TcpState::SynRecv)
+                | (TcpState::Close, TcpState::SynSent | TcpState::Listen)
+        );
         let kernel_sock_id = t.sock_id;
         let fresh = || Tracked {
             owner: None,
@@ -279,7 +269,7 @@ impl SocketTable {
         };
         // One lookup on the common path: this runs for every event.
         let tracked = match self.sockets.entry(kernel_sock_id) {
-            Entry::Occupied(entry) if !newborn => entry.into_mut(),
+            Entry::Occupied(entry) if !starts => entry.into_mut(),
             // A new socket where one whose CLOSE was lost lived.
             Entry::Occupied(mut entry) => {
                 let stale = entry.insert(fresh());
@@ -598,7 +588,7 @@ mod tests {
         record(sock_id, owner, local, remote, (old, 0), &[(ktime_ns, new)])
     }
 
-    /// News of a socket's owner alone: what the sweep sends after accept().
+    /// News of a socket's owner alone: what accept() sends.
     fn owner_news(ktime_ns: u64, sock_id: u64, owner: Option<Owner>) -> Event {
         let mut event = record(
             sock_id,
@@ -628,10 +618,9 @@ mod tests {
     fn transitions(table: &mut SocketTable) -> Vec<Transition> {
         table
             .drain_output()
-            .flat_map(|o| match o {
-                Output::Transition(t) => vec![t],
-                Output::Life(life) => life.transitions().collect(),
-                _ => Vec::new(),
+            .filter_map(|o| match o {
+                Output::Transition(t) => Some(t),
+                _ => None,
             })
             .collect()
     }
@@ -674,59 +663,6 @@ mod tests {
         out.iter()
             .map(|t| (t.ktime_ns / MS, t.old, t.new, t.dwell_ns.map(|d| d / MS)))
             .collect()
-    }
-
-    #[test]
-    fn a_whole_life_in_one_record_is_passed_on_in_one_piece() {
-        let mut table = table();
-        let client = kernel_owner(CLIENT, "client", OwnerSource::Close);
-        table.on_event(record(
-            9,
-            client,
-            CLIENT_AT,
-            SERVER_AT,
-            (Close, 0),
-            &[
-                (MS, SynSent),
-                (10 * MS, Established),
-                (30 * MS, FinWait1),
-                (45 * MS, FinWait2),
-                (50 * MS, Close),
-            ],
-        ));
-        assert!(matches!(table.output_queue()[..], [Output::Life(_)]));
-        let out = transitions(&mut table);
-        assert_eq!(
-            steps(&out),
-            [
-                (1, Close, SynSent, None),
-                (10, SynSent, Established, Some(9)),
-                (30, Established, FinWait1, Some(20)),
-                (45, FinWait1, FinWait2, Some(15)),
-                (50, FinWait2, Close, Some(5)),
-            ]
-        );
-        assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
-        assert!(out.iter().all(|t| t.local == addr(CLIENT_AT)));
-        assert_eq!(table.len(), 0, "it ended");
-    }
-
-    #[test]
-    fn steps_the_sweep_sent_are_passed_on_once() {
-        let mut table = table();
-        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
-        let (local, remote) = (CLIENT_AT, SERVER_AT);
-        // The sweep reports what a quiet socket held, and leaves it held.
-        let opened = [(MS, SynSent), (2 * MS, Established)];
-        table.on_event(record(9, client, local, remote, (Close, 0), &opened));
-        assert_eq!(transitions(&mut table).len(), 2);
-        // The socket's own report at its next transition sends them again.
-        let closed = [opened[0], opened[1], (900 * MS, CloseWait)];
-        table.on_event(record(9, client, local, remote, (Close, 0), &closed));
-        assert_eq!(
-            steps(&transitions(&mut table)),
-            [(900, Established, CloseWait, Some(898))]
-        );
     }
 
     #[test]
@@ -1040,5 +976,38 @@ mod tests {
             SynRecv,
         ));
         assert!(transitions(&mut table).iter().all(|t| t.new != SynRecv));
+    }
+
+    #[test]
+    fn a_socket_starting_where_one_whose_close_was_lost_lived_starts_fresh() {
+        let mut table = table();
+        let server = kernel_owner(SERVER, "server", OwnerSource::Accept);
+        table.on_event(change(
+            1,
+            7,
+            server,
+            SERVER_AT,
+            CLIENT_AT,
+            SynRecv,
+            Established,
+        ));
+        table.on_event(change(
+            2,
+            7,
+            server,
+            SERVER_AT,
+            CLIENT_AT,
+            Established,
+            LastAck,
+        ));
+        // Its CLOSE was lost; a client's new socket takes the address.
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        table.on_event(change(3, 7, client, "0.0.0.0:0", SERVER_AT, Close, SynSent));
+        let out = transitions(&mut table);
+        let last = out.last().expect("the connect");
+        assert_eq!((last.old, last.new), (Close, SynSent));
+        assert_eq!(last.owner.pid, Some(CLIENT));
+        assert_eq!(table.owned.get(&SERVER), None, "{:?}", table.owned);
+        assert_eq!(table.owned.get(&CLIENT), Some(&1), "{:?}", table.owned);
     }
 }

@@ -385,9 +385,8 @@ fn peer_idle_timeout_is_inferred() {
 }
 
 /// 7. Connections that open and then stay quiet are ESTABLISHED on both
-///    ends. The kernel holds their transitions (most connections end
-///    within the hold) and nothing follows: the sweep reports them once
-///    they have waited the hold, so they are in view within seconds.
+///    ends. The kernel holds only the handshake's transitions and reports
+///    them with ESTABLISHED, which may last for hours: in view at once.
 #[test]
 fn quiet_connections_show_as_established() {
     if !require_root("quiet_connections_show_as_established") {
@@ -420,10 +419,9 @@ fn quiet_connections_show_as_established() {
     assert_eq!(to_server["opened"], connections, "{to_server:#}");
 }
 
-/// 8. A handshake whose SYN is dropped: the sweep reports the client in
-///    SYN_SENT while it waits, and the kernel reports ESTABLISHED when the
-///    retried SYN gets through (the first step held is older than the hold
-///    by then).
+/// 8. A handshake whose SYN is dropped: the SYN's retransmission reports
+///    the client in SYN_SENT while it waits, and ESTABLISHED is reported
+///    when the retried SYN gets through.
 #[test]
 fn slow_handshake_shows_established() {
     if !require_root("slow_handshake_shows_established") {
@@ -432,7 +430,7 @@ fn slow_handshake_shows_established() {
     let (mut server, port) = server(&["hoard-server", "--accept-on-command", "--full-backlog"]);
     let mut watch = Watch::port(port, &[]);
     let client = Role::spawn(ROLES, &["connect-hold", &port.to_string(), "1"]);
-    // The client's SYN is dropped; the sweep reports it meanwhile.
+    // The client's SYN is dropped; its retransmission reports it.
     watch.wait_for("the client in SYN_SENT", Duration::from_secs(10), |line| {
         is_process_of(line, client.pid()) && line["sockets"]["SYN_SENT"] == 1
     });

@@ -13,6 +13,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let fields = layout::parse_format(&String::from_utf8_lossy(format));
     if let Ok(btf) = btf_rs::Btf::from_bytes(btf) {
-        let _ = layout::layout_of(&fields, &fields, &fields, &btf);
+        let _ = layout::layout_of(&fields, &fields, &fields, &fields, &btf);
     }
 });

@@ -162,7 +162,7 @@ pub struct Step {
 pub type Steps = ArrayVec<Step, MAX_HELD_STEPS>;
 
 /// Consecutive transitions of one socket under one owner, as the kernel
-/// sends them: most connections' whole life (see [`Output::Life`]).
+/// sends them in one record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Run {
     pub sock_id: u64,
@@ -197,19 +197,6 @@ impl Run {
             }
         })
     }
-
-    /// Whether it is a whole life: from the socket's start (a connect, or
-    /// a passive open) to its end, CLOSE with no file left.
-    pub fn is_whole_life(&self) -> bool {
-        let (Some(first), Some(last)) = (self.steps.first(), self.steps.last()) else {
-            return false;
-        };
-        let born = matches!(
-            (self.from, first.state),
-            (TcpState::Close, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
-        );
-        born && last.state == TcpState::Close
-    }
 }
 
 /// A socket that existed before socktrace started (age unknown): the one
@@ -243,10 +230,6 @@ pub fn one_per_socket(mut sockets: Vec<ExistingSocket>) -> Vec<ExistingSocket> {
 pub enum Output {
     Existing(ExistingSocket),
     Transition(Transition),
-    /// A socket's whole life, under one known owner, in one piece: the
-    /// transitions of [`Run::transitions`], which the socket stage never
-    /// had to track (most connections at a high rate).
-    Life(Run),
     ProcessExit {
         pid: u32,
         ktime_ns: u64,

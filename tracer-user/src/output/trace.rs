@@ -135,24 +135,14 @@ pub fn human_line(r: &TraceRecord<'_>) -> String {
     line.trim_end().to_string()
 }
 
-impl<W: Write> TraceSink<W> {
-    fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        if self.scope.wants(&t.owner, t.local, t.remote) {
-            let record = self.record(&t.owner, t);
-            let record = self.labelled(record);
-            self.write(&record)?;
-        }
-        Ok(())
-    }
-}
-
 impl<W: Write> Sink for TraceSink<W> {
     fn output(&mut self, output: &Output) -> io::Result<()> {
         match output {
-            Output::Transition(t) => self.transition(t)?,
-            Output::Life(life) => {
-                for t in life.transitions() {
-                    self.transition(&t)?;
+            Output::Transition(t) => {
+                if self.scope.wants(&t.owner, t.local, t.remote) {
+                    let record = self.record(&t.owner, t);
+                    let record = self.labelled(record);
+                    self.write(&record)?;
                 }
             }
             Output::Existing(s) => {

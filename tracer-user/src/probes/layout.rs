@@ -21,17 +21,24 @@ const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug
 /// Returns the tracefs mount, mounting it at /sys/kernel/tracing when no
 /// tracefs is mounted (it is not mounted at boot on some hosts).
 pub fn tracefs() -> anyhow::Result<PathBuf> {
-    if let Some(found) = TRACEFS_CANDIDATES
-        .iter()
-        .map(Path::new)
-        .find(|p| p.join("events").is_dir())
-    {
-        return Ok(found.to_path_buf());
+    let mounted = || {
+        TRACEFS_CANDIDATES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.join("events").is_dir())
+            .map(Path::to_path_buf)
+    };
+    if let Some(found) = mounted() {
+        return Ok(found);
     }
     let target = Path::new(TRACEFS_CANDIDATES[0]);
     // The mount(2) call itself: the static image has no mount(8).
-    let mounted = rustix::mount::mount("nodev", target, "tracefs", MountFlags::empty(), None);
-    if let Err(e) = mounted {
+    if let Err(e) = rustix::mount::mount("nodev", target, "tracefs", MountFlags::empty(), None) {
+        // Another process (a second socktrace starting beside this one)
+        // may have mounted it meanwhile: the kernel then says EBUSY.
+        if let Some(found) = mounted() {
+            return Ok(found);
+        }
         bail!(
             "tracefs is not mounted and mounting it at {} failed: {e}",
             target.display()
@@ -177,14 +184,16 @@ pub fn discover(tracefs: &Path, btf: &Btf) -> anyhow::Result<Layout> {
     let set_state = tracepoint_fields(tracefs, "sock", "inet_sock_set_state")?;
     let accept = tracepoint_fields(tracefs, "syscalls", "sys_exit_accept4")?;
     let destroy = tracepoint_fields(tracefs, "tcp", "tcp_destroy_sock")?;
-    layout_of(&set_state, &accept, &destroy, btf)
+    let retransmit = tracepoint_fields(tracefs, "tcp", "tcp_retransmit_skb")?;
+    layout_of(&set_state, &accept, &destroy, &retransmit, btf)
 }
 
-/// The layout from the three tracepoints' fields and the kernel's BTF.
+/// The layout from the four tracepoints' fields and the kernel's BTF.
 pub fn layout_of(
     set_state: &HashMap<String, u16>,
     accept: &HashMap<String, u16>,
     destroy: &HashMap<String, u16>,
+    retransmit: &HashMap<String, u16>,
     btf: &Btf,
 ) -> anyhow::Result<Layout> {
     let tp = "sock:inet_sock_set_state";
@@ -203,8 +212,9 @@ pub fn layout_of(
         set_state_daddr_v6: field(set_state, tp, "daddr_v6")?,
         accept_ret: field(accept, "syscalls:sys_exit_accept4", "ret")?,
         destroy_skaddr: field(destroy, "tcp:tcp_destroy_sock", "skaddr")?,
+        retransmit_skaddr: field(retransmit, "tcp:tcp_retransmit_skb", "skaddr")?,
         file_refs_less_one: u16::from(file_refs_less_one),
-        _pad: [0; 2],
+        _pad: 0,
         task_files: member_offset(btf, "task_struct", "files")?,
         files_fdt: member_offset(btf, "files_struct", "fdt")?,
         fdtable_max_fds: member_offset(btf, "fdtable", "max_fds")?,

@@ -4,7 +4,6 @@
 
 pub mod features;
 pub mod layout;
-mod sweep;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -21,9 +20,9 @@ use aya::{
     programs::{BtfTracePoint, FEntry, Iter, KProbe, Program, TracePoint},
 };
 use tracer_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, HOLD_EPOCHS, HOLDING_MAP, NS_FILTER_MAP,
-    NamespaceFilter, OwnerSource, PID_FILTER_MAP, SEEDED_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP,
-    SocketEntry, SocketOwner, TASK_COMM_LEN, counter,
+    CONFIG_GLOBAL, COUNTERS_MAP, Config, EVENTS_MAP, NS_FILTER_MAP, NamespaceFilter, OwnerSource,
+    PID_FILTER_MAP, SEEDED_MAP, SOCKET_FILES_PROGRAM, SOCKETS_MAP, SocketEntry, SocketOwner,
+    TASK_COMM_LEN, counter,
 };
 
 pub use features::{Attach, AttachRequest, ModeRequest, ProbeMode};
@@ -35,7 +34,6 @@ use crate::{
     sockets::KernelView,
     text,
 };
-use sweep::Sweep;
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -45,7 +43,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// record built per event) and keep the state in socket storage; the
 /// `_nested` ones run for the events the kernel does not let the first run
 /// (a softirq that lands in it on the same CPU).
-const TYPED_HOOKS: [(&str, &str, &str, &[&str]); 3] = [
+const TYPED_HOOKS: [(&str, &str, &str, &[&str]); 4] = [
     (
         "sock",
         "inet_sock_set_state",
@@ -57,6 +55,12 @@ const TYPED_HOOKS: [(&str, &str, &str, &[&str]); 3] = [
         "tcp_destroy_sock",
         "tcp_destroy_sock",
         &["tcp_destroy_sock_btf", "tcp_destroy_sock_btf_nested"],
+    ),
+    (
+        "tcp",
+        "tcp_retransmit_skb",
+        "tcp_retransmit_skb",
+        &["tcp_retransmit_skb_btf"],
     ),
     (
         "sched",
@@ -134,7 +138,6 @@ pub struct Probes {
     /// The programs' skipped runs when they were detached (their fds, which
     /// report them, are gone then).
     missed_runs_at_detach: Option<u64>,
-    sweep: Sweep,
 }
 
 /// Loss counters summed over CPUs.
@@ -214,8 +217,6 @@ impl Probes {
             wakeup_bytes: options.ring_bytes / WAKEUP_FRACTION,
             sk_storage: u32::from(sk_storage),
             hold_ns: options.hold_ns,
-            sweep_netns: own_netns()?,
-            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(kernel_btf))
@@ -271,7 +272,6 @@ impl Probes {
             attach_tracepoint(&mut ebpf, category, name, program)?;
         }
         load_socket_files(&mut ebpf, kernel_btf)?;
-        let sweep = Sweep::load(&mut ebpf, kernel_btf)?;
         let mode = attach_owner_probes(&mut ebpf, kernel_btf, options.mode)?;
         Ok(Self {
             ebpf,
@@ -279,29 +279,7 @@ impl Probes {
             attach,
             logger,
             missed_runs_at_detach: None,
-            sweep,
         })
-    }
-
-    /// Runs the sweep: the kernel reports the transitions the sockets of
-    /// our network namespace have held since `due_before` (ktime;
-    /// `u64::MAX` for all).
-    pub fn sweep(&mut self, due_before: u64) -> anyhow::Result<()> {
-        self.sweep.pass(&mut self.ebpf, due_before)
-    }
-
-    /// How many sockets hold transitions, by the epoch of the hold they
-    /// began in (slot: epoch modulo `HOLD_EPOCHS`).
-    pub fn holding(&self) -> anyhow::Result<[u64; HOLD_EPOCHS]> {
-        let map: PerCpuArray<_, [u64; HOLD_EPOCHS]> =
-            PerCpuArray::try_from(self.ebpf.map(HOLDING_MAP).context("map HOLDING missing")?)?;
-        let mut sums = [0u64; HOLD_EPOCHS];
-        for cpu in map.get(&0, 0)?.iter() {
-            for (sum, count) in sums.iter_mut().zip(cpu) {
-                *sum = sum.wrapping_add(*count);
-            }
-        }
-        Ok(sums)
     }
 
     /// Every TCP socket that a process holds, from the kernel's file tables
@@ -336,7 +314,6 @@ impl Probes {
     /// Capabilities are dropped only as far as these still work.
     pub fn check_steady_state(&mut self) -> anyhow::Result<()> {
         self.counters()?;
-        self.sweep(0)?;
         self.socket_file_pass()?
             .read(&mut [0; 4096])
             .context("reading the socket-file iterator")?;
@@ -370,10 +347,10 @@ impl Probes {
     }
 
     /// Detaches and unloads every probe, so that nothing more enters the
-    /// ring buffer but what the last sweep reports. The maps stay readable,
-    /// and the iterators stay loaded: the last sweep reports what sockets
-    /// still hold, and the last tick looks up the holders of sockets still
-    /// waiting for their owner with the socket-file iterator.
+    /// ring buffer and it can be drained to the end. The maps stay readable,
+    /// and the socket-file iterator stays loaded: it writes nothing to the
+    /// ring, and the last tick looks up the holders of sockets still
+    /// waiting for their owner with it.
     pub fn detach(&mut self) {
         self.missed_runs_at_detach = Some(self.missed_runs());
         // The probes of the modes not chosen were never loaded.
@@ -492,14 +469,6 @@ impl KernelView for Probes {
             .filter_map(|file| Some((file.sock_id, (file.owner.pid?, file.owner.comm))))
             .collect()
     }
-}
-
-/// Inode of socktrace's own network namespace, the one the sweep walks.
-fn own_netns() -> anyhow::Result<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let path = "/proc/self/ns/net";
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {path}"))?;
-    Ok(meta.ino() as u32)
 }
 
 /// Loads the socket-file iterator; it is attached for each pass.

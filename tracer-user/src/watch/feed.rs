@@ -52,11 +52,6 @@ impl WatchFeed {
                     self.watch.on_transition(t);
                 }
             }
-            Output::Life(life) => {
-                if self.scope.wants(&life.owner, life.local, life.remote) {
-                    self.watch.on_life(life);
-                }
-            }
             &Output::ProcessExit { pid, ktime_ns } => {
                 self.watch.on_process_exit(pid, ktime_ns);
                 self.scope.process_exited(pid, ktime_ns);

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ns;
 use crate::model::{
-    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Run, Snapshot, Transition,
+    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
 };
 use crate::tcp::TcpState;
 
@@ -138,46 +138,6 @@ impl Watch {
             process.add_seeded(&mut record, local_port, start_ns);
         }
         self.sockets.insert(seeded.sock_id, record);
-    }
-
-    /// A socket's whole life in one piece: what its transitions would do
-    /// one by one, without keeping a record of the socket.
-    pub fn on_life(&mut self, life: &Run) {
-        let (Some(first), Some(last)) = (life.steps.first(), life.steps.last()) else {
-            return;
-        };
-        let pid = match (
-            self.attribute(&life.owner, first.at_ns),
-            self.attribute(&life.owner, last.at_ns),
-        ) {
-            (Attribution::Owner(pid), Attribution::Owner(same)) if pid == same => pid,
-            // Its owner exited or is filtered out on the way: one by one.
-            _ => {
-                life.transitions().for_each(|t| self.on_transition(&t));
-                return;
-            }
-        };
-        self.retire_earlier(life.sock_id, first.at_ns);
-        let config = &self.config;
-        let process = self
-            .processes
-            .entry(pid)
-            .or_insert_with(|| Process::new(config, life.owner.comm, first.at_ns));
-        process.set_comm(life.owner.comm);
-        let mut transitions = life.transitions();
-        let Some(birth) = transitions.next() else {
-            return;
-        };
-        let accepted = birth.old == TcpState::Listen;
-        let inbound = accepted || process.listen_ports.contains(&birth.local.port());
-        let mut record = SocketRecord::first_seen(&birth, inbound);
-        record.pid = Some(pid);
-        for t in std::iter::once(birth).chain(transitions) {
-            let held_before = record.is_held_connection();
-            let effects = record.apply(&t, true);
-            process.held_live += i64::from(record.is_held_connection()) - i64::from(held_before);
-            process.apply(&effects, record.peer, &mut record.peer_hint, t.ktime_ns);
-        }
     }
 
     /// The record of a socket that starts again under the same id, after
