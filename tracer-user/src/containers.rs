@@ -113,7 +113,7 @@ fn runtime_pid(name: &str) -> Option<u32> {
 }
 
 /// The container socktrace is pointed at.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Target {
     /// Device and inode of the PID namespace file, for the kernel filter.
     pub pidns_dev: u64,
@@ -122,6 +122,12 @@ pub struct Target {
     pub member_pid: u32,
     pub netns_ino: u32,
     pub netns_path: PathBuf,
+    /// Both namespaces, held open for the whole run: the kernel gives a
+    /// freed namespace's inode number to the next one made, so once the
+    /// container ended a new one (any other container starting) would
+    /// pass the filter above and keep `is_alive` true. An open namespace
+    /// file keeps the number taken.
+    _namespaces: [File; 2],
 }
 
 // From linux/nsfs.h: _IO(0xb7, 0x3).
@@ -167,16 +173,19 @@ impl Target {
                 .ok_or_else(|| TargetError::EmptyNamespace(path.to_owned()))?,
         };
         let netns_path = PathBuf::from(format!("/proc/{member_pid}/ns/net"));
-        let netns = fs::metadata(&netns_path).map_err(|source| TargetError::Open {
+        let netns_open_error = |source| TargetError::Open {
             path: netns_path.clone(),
             source,
-        })?;
+        };
+        let netns = File::open(&netns_path).map_err(netns_open_error)?;
+        let netns_ino = netns.metadata().map_err(netns_open_error)?.ino() as u32;
         Ok(Self {
             pidns_dev: meta.dev(),
             pidns_ino: meta.ino(),
             member_pid,
-            netns_ino: netns.ino() as u32,
+            netns_ino,
             netns_path,
+            _namespaces: [file, netns],
         })
     }
 
@@ -506,5 +515,40 @@ mod tests {
         ));
         let own = Target::from_path(Path::new("/proc/self/ns/pid")).unwrap();
         assert_eq!(Some(own.pidns_ino), pidns_of(std::process::id()));
+    }
+
+    /// A container that ended stays ended, even when the next namespace
+    /// made gets its inode number (the kernel reuses a freed one).
+    #[test]
+    fn an_ended_container_is_not_taken_for_the_next_one() {
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIPPED: unshare --pid needs root");
+            return;
+        }
+        let in_new_pidns = |command: &str| {
+            std::process::Command::new("unshare")
+                .args(["--pid", "--fork", "sh", "-c", command])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("running unshare")
+        };
+        let ended = in_new_pidns("sleep 0.5");
+        // unshare's one child is the namespace's pid 1.
+        let children = format!("/proc/{0}/task/{0}/children", ended.id());
+        let init = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::fs::read_to_string(&children).ok()?.trim().parse().ok()
+            })
+            .expect("the namespace's pid 1");
+        let target = Target::from_pid(init).unwrap();
+        assert!(target.is_alive());
+        assert!(ended.wait_with_output().unwrap().status.success());
+        // Time for the kernel to free the namespace, were it not held.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let next = in_new_pidns("stat -L -c %i /proc/self/ns/pid; sleep 0.5");
+        let next_ino = String::from_utf8(next.wait_with_output().unwrap().stdout).unwrap();
+        assert_ne!(next_ino.trim(), target.pidns_ino.to_string());
+        assert!(!target.is_alive());
     }
 }
