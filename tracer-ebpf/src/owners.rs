@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent, counter,
+    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent,
+    counter, tcp_state,
 };
 
 use crate::{
@@ -36,21 +37,22 @@ fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
         return;
     }
     set_owner_to_current(&mut known.owner, source);
-    announce(sk as u64, &known.owner, source == OwnerSource::Accept);
+    let accepted_late =
+        source == OwnerSource::Accept && known.owner.state != tcp_state::ESTABLISHED;
+    announce(sk as u64, &known.owner, accepted_late);
 }
 
 /// Tells the collector a socket's new owner at once when it would
 /// otherwise wait: always when each transition is reported as it happens
-/// (`trace`), and for an accepted socket. Its handshake was reported with
-/// ESTABLISHED, before accept(), with no owner, and its next transition
-/// may be hours away (a quiet connection, or a CLOSE_WAIT its server never
-/// closes); without the news the collector would have to search the file
-/// tables for every server socket. A connect() or close() claim rides
-/// with the transition it comes with.
+/// (`trace`: the transitions of a passive open wait for it there), and for
+/// a socket accepted after it left ESTABLISHED (a busy server that accepts
+/// late: its CLOSE_WAIT may be its last transition for hours). An
+/// ESTABLISHED one, the usual accept, names its owner with its next
+/// report: one record less per connection.
 #[inline(always)]
-fn announce(sock_id: u64, owner: &SocketOwner, accepted: bool) {
+fn announce(sock_id: u64, owner: &SocketOwner, accepted_late: bool) {
     let config = config();
-    if !(config.hold_ns == 0 || accepted) || !owner_wanted(config, owner) {
+    if !(config.hold_ns == 0 || accepted_late) || !owner_wanted(config, owner) {
         return;
     }
     let Ok(endpoints) = sock::endpoints(&config.layout, sock_id as *const u8, Reader::Accept)
@@ -86,7 +88,7 @@ fn claim_by_address(sock_id: u64, source: OwnerSource) {
 
 /// accept() returned `sock_id`. With the state in socket storage, the owner
 /// is left for the socket's next report to take (this program cannot reach
-/// the storage), and the collector is told at once.
+/// the storage).
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
     if config().sk_storage == 0 {
@@ -103,7 +105,13 @@ fn claim_accepted(layout: &Layout, sock_id: u64) {
     let mut owner = SocketOwner::default();
     set_owner_to_current(&mut owner, OwnerSource::Accept);
     leave_owner(sock_id, &owner);
-    announce(sock_id, &owner, true);
+    // SAFETY: read_kernel tolerates any address.
+    let state = unsafe { read_kernel::<u8>(sock_id as *const u8, layout.sock_state) };
+    announce(
+        sock_id,
+        &owner,
+        state.is_ok_and(|state| state != tcp_state::ESTABLISHED),
+    );
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
