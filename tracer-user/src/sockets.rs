@@ -249,14 +249,7 @@ impl SocketTable {
     }
 
     fn on_state_change(&mut self, t: Transition, kernel_owner: Option<Owner>) {
-        // A socket born from a listener, or starting from CLOSE (a socket
-        // that connects again after a CLOSE it was tracked through starts
-        // from CLOSED_HELD): whatever is tracked under its id is stale.
-        let starts = matches!(
-            (t.old, t.new),
-            (TcpState::Listen, TcpState::SynRecv)
-                | (TcpState::Close, TcpState::SynSent | TcpState::Listen)
-        );
+        let starts = TcpState::starts_a_socket(t.old, t.new);
         let kernel_sock_id = t.sock_id;
         let fresh = || Tracked {
             owner: None,
@@ -270,7 +263,8 @@ impl SocketTable {
         // One lookup on the common path: this runs for every event.
         let tracked = match self.sockets.entry(kernel_sock_id) {
             Entry::Occupied(entry) if !starts => entry.into_mut(),
-            // A new socket where one whose CLOSE was lost lived.
+            // A new socket where one whose CLOSE was lost lived, or a new
+            // life of one that closed while held.
             Entry::Occupied(mut entry) => {
                 let stale = entry.insert(fresh());
                 Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);

@@ -49,6 +49,17 @@ impl From<u8> for TcpState {
 }
 
 impl TcpState {
+    /// Whether `old -> new` starts a new socket (so whatever is kept under
+    /// the same id, left by a missed CLOSE, is stale): a connect or listen,
+    /// also of a socket that closed while held, or a passive open.
+    pub fn starts_a_socket(old: Self, new: Self) -> bool {
+        matches!(
+            (old, new),
+            (Self::Close | Self::ClosedHeld, Self::SynSent | Self::Listen)
+                | (Self::Listen, Self::SynRecv)
+        )
+    }
+
     /// Whether a process still holds the socket's file in this state (it
     /// has not closed it): after its owner exits, a socket still in one of
     /// them has another holder.

@@ -18,18 +18,6 @@ use crate::tcp::{CloseCause, TcpState};
 
 use super::peers::{Closer, PeerKey};
 
-/// Whether `old -> new` starts a new socket (so a record left under the same
-/// id by a missed CLOSE is stale).
-pub fn is_socket_start(old: TcpState, new: TcpState) -> bool {
-    matches!(
-        (old, new),
-        (
-            TcpState::Close | TcpState::ClosedHeld,
-            TcpState::SynSent | TcpState::Listen
-        ) | (TcpState::Listen, TcpState::SynRecv)
-    )
-}
-
 /// What one transition changed, for the owner's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -108,7 +96,7 @@ impl SocketRecord {
             peer_hint: 0,
             inbound,
             listener: false,
-            open_pending: is_socket_start(t.old, t.new) && t.new != TcpState::Listen,
+            open_pending: TcpState::starts_a_socket(t.old, t.new) && t.new != TcpState::Listen,
             released: false,
             closer_known: false,
             syn_sent_at_ns: None,
@@ -431,7 +419,10 @@ mod tests {
         let t = with_cause(transition(0, SynSent, ClosedHeld), CloseCause::Refused);
         assert_eq!(record.apply(&t, true).closer, Some(Closer::Network));
         assert!(record.is_held_connection());
-        assert!(is_socket_start(ClosedHeld, SynSent), "connecting again");
+        assert!(
+            TcpState::starts_a_socket(ClosedHeld, SynSent),
+            "connecting again"
+        );
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Watch {
                 return;
             }
         };
-        if lifecycle::is_socket_start(t.old, t.new) {
+        if TcpState::starts_a_socket(t.old, t.new) {
             self.retire_earlier(t.sock_id, t.ktime_ns);
         }
         let config = &self.config;
