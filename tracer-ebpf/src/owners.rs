@@ -25,11 +25,11 @@ use crate::{
 };
 
 /// Records `current` as the owner of a socket already tracked: the
-/// socket's next report carries it, and the collector is told at once when
-/// it may wait long for one (see `announce`). `sk` must be the typed
-/// pointer when `S` is [`SkStore`].
+/// socket's next report carries it, and the collector is told at once if
+/// `at_once` (see `announce`). `sk` must be the typed pointer when `S` is
+/// [`SkStore`].
 #[inline(always)]
-fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
+fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource, at_once: bool) {
     let Some(known) = S::get_or_seeded(sk) else {
         return;
     };
@@ -37,22 +37,16 @@ fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource) {
         return;
     }
     set_owner_to_current(&mut known.owner, source);
-    let accepted_late =
-        source == OwnerSource::Accept && known.owner.state != tcp_state::ESTABLISHED;
-    announce(sk as u64, &known.owner, accepted_late);
+    announce(sk as u64, &known.owner, at_once);
 }
 
-/// Tells the collector a socket's new owner at once when it would
-/// otherwise wait: always when each transition is reported as it happens
-/// (`trace`: the transitions of a passive open wait for it there), and for
-/// a socket accepted after it left ESTABLISHED (a busy server that accepts
-/// late: its CLOSE_WAIT may be its last transition for hours). An
-/// ESTABLISHED one, the usual accept, names its owner with its next
-/// report: one record less per connection.
+/// Tells the collector a socket's new owner at once: always when each
+/// transition is reported as it happens (`trace`: the transitions of a
+/// passive open wait for it there), otherwise if `at_once`.
 #[inline(always)]
-fn announce(sock_id: u64, owner: &SocketOwner, accepted_late: bool) {
+fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     let config = config();
-    if !(config.hold_ns == 0 || accepted_late) || !owner_wanted(config, owner) {
+    if !(config.hold_ns == 0 || at_once) || !owner_wanted(config, owner) {
         return;
     }
     let Ok(endpoints) = sock::endpoints(&config.layout, sock_id as *const u8, Reader::Accept)
@@ -79,7 +73,7 @@ fn announce(sock_id: u64, owner: &SocketOwner, accepted_late: bool) {
 #[inline(always)]
 fn claim_by_address(sock_id: u64, source: OwnerSource) {
     if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sock_id as *const c_void, source);
+        claim_socket::<HashStore>(sock_id as *const c_void, source, false);
     }
     // With the state in socket storage, connect() and close() are claimed
     // by their own state changes (owner_claim); only the close that resets
@@ -91,8 +85,15 @@ fn claim_by_address(sock_id: u64, source: OwnerSource) {
 /// the storage).
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
+    // A socket taken after it left ESTABLISHED (a busy server that accepts
+    // late: its CLOSE_WAIT may be its last transition for hours) is
+    // announced. An ESTABLISHED one, the usual accept, names its owner with
+    // its next report: one record less per connection.
+    // SAFETY: read_kernel tolerates any address.
+    let state = unsafe { read_kernel::<u8>(sock_id as *const u8, layout.sock_state) };
+    let taken_late = state.is_ok_and(|state| state != tcp_state::ESTABLISHED);
     if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept);
+        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept, taken_late);
         return;
     }
     // accept() returns any kind of socket: only TCP ones are tracked (an
@@ -105,13 +106,7 @@ fn claim_accepted(layout: &Layout, sock_id: u64) {
     let mut owner = SocketOwner::default();
     set_owner_to_current(&mut owner, OwnerSource::Accept);
     leave_owner(sock_id, &owner);
-    // SAFETY: read_kernel tolerates any address.
-    let state = unsafe { read_kernel::<u8>(sock_id as *const u8, layout.sock_state) };
-    announce(
-        sock_id,
-        &owner,
-        state.is_ok_and(|state| state != tcp_state::ESTABLISHED),
-    );
+    announce(sock_id, &owner, taken_late);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -181,9 +176,9 @@ pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
 #[inline(always)]
 fn claim_typed(sk: *const c_void, source: OwnerSource) {
     if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sk, source);
+        claim_socket::<HashStore>(sk, source, false);
     } else {
-        claim_socket::<SkStore>(sk, source);
+        claim_socket::<SkStore>(sk, source, false);
     }
 }
 
