@@ -54,8 +54,9 @@ pub struct RunOptions {
 
 /// How often to check that the container still has processes.
 const CONTAINER_CHECK: Duration = Duration::from_secs(1);
-/// How often to look whether events were lost since the last repair, and
-/// if so to heal the socket stage from the kernel's file tables.
+/// How often to look whether events were lost since the last repair (or a
+/// disagreement waits for its second look), and if so to heal the socket
+/// stage from the kernel's file tables.
 const HEAL_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT/SIGTERM, `duration`, or a closed output pipe; returns the
@@ -140,7 +141,7 @@ pub async fn run(
                     if Instant::now() >= next_heal_check {
                         next_heal_check = Instant::now() + HEAL_CHECK;
                         let losses = counters(&probes, undecodable, reconciled).losses();
-                        if losses > healed_losses {
+                        if losses > healed_losses || table.second_look_due(now) {
                             healed_losses = losses;
                             reconciled += heal(&mut probes, &mut table, now);
                             pass_on(&mut table, &mut probes, sink, container.as_ref())?;
@@ -292,8 +293,8 @@ fn counters(probes: &Probes, undecodable: u64, reconciled: u64) -> Counters {
 
 /// Events were lost (a full ring, a skipped probe run, a full socket map):
 /// what the socket stage holds may have drifted from the truth. Reads the
-/// kernel's own view of who holds which socket and repairs it; returns how
-/// many sockets were repaired.
+/// kernel's own view of who holds which socket and repairs what a second
+/// look confirms; returns how many sockets were repaired.
 fn heal(probes: &mut Probes, table: &mut SocketTable, now_ns: u64) -> u64 {
     match probes.socket_files() {
         Ok(files) => {

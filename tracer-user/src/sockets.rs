@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque, hash_map::Entry};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use thin_vec::ThinVec;
 
 use crate::{
@@ -111,7 +111,31 @@ pub struct SocketTable {
     /// the kernel may hold those transitions for its hold.
     rehome_delay_ns: u64,
     waits: Waits,
+    /// Disagreements with the file tables at the last look.
+    suspects: Suspects,
     out: Vec<Output>,
+}
+
+/// How long after a first look at the file tables a disagreement is
+/// believed: the kernel holds a step for at most about a second, and the
+/// ring is drained every tenth of one.
+const SECOND_LOOK_NS: u64 = 2_000_000_000;
+
+/// A disagreement with the file tables, first seen at `since_ns`, while the
+/// socket was in the state it entered at `state_since_ns`.
+#[derive(Clone, Copy)]
+struct Suspect {
+    since_ns: u64,
+    state_since_ns: u64,
+}
+
+/// See [`SocketTable::reconcile`].
+#[derive(Default)]
+struct Suspects {
+    /// Tracked as held, held by no file.
+    gone: FxHashMap<u64, Suspect>,
+    /// Held by a file, not tracked.
+    found: FxHashMap<u64, Suspect>,
 }
 
 /// How long a socket stage waits for what comes late.
@@ -136,6 +160,7 @@ impl SocketTable {
             waits: Waits {
                 owners: VecDeque::new(),
             },
+            suspects: Suspects::default(),
             out: Vec::new(),
         }
     }
@@ -476,21 +501,52 @@ impl SocketTable {
     /// view of who holds which socket: sockets tracked as held that no file
     /// holds are gone, held sockets never seen are found. Sockets still
     /// waiting for their owner (a passive open before accept(), which no
-    /// file holds yet) are left alone. Returns how many were repaired.
+    /// file holds yet) are left alone.
+    ///
+    /// A disagreement may only be news still on its way (a socket opened or
+    /// closed since the last drain, or a step the kernel holds), so it is
+    /// repaired at a later look that sees it again, [`SECOND_LOOK_NS`] or
+    /// more after the first, with no event of that socket between. Returns
+    /// how many were repaired.
     pub fn reconcile(&mut self, files: Vec<ExistingSocket>, now_ns: u64) -> usize {
         let found = one_per_socket(files);
-        let held: rustc_hash::FxHashSet<u64> = found.iter().map(|s| s.sock_id).collect();
-        let gone: Vec<u64> = self
-            .sockets
-            .iter()
-            .filter(|(id, tracked)| {
-                tracked.state.is_held()
-                    && tracked.state != TcpState::SynRecv
-                    && tracked.owner.is_some()
-                    && !held.contains(id)
+        let held: FxHashSet<u64> = found.iter().map(|s| s.sock_id).collect();
+        let earlier = std::mem::take(&mut self.suspects);
+        let confirmed = |first: Option<&Suspect>, now: &Suspect| {
+            first.is_some_and(|first| {
+                first.state_since_ns == now.state_since_ns
+                    && now_ns.saturating_sub(first.since_ns) >= SECOND_LOOK_NS
             })
-            .map(|(&id, _)| id)
-            .collect();
+        };
+        let mut gone = Vec::new();
+        for (&sock_id, tracked) in &self.sockets {
+            let unheld = tracked.state.is_held()
+                && tracked.state != TcpState::SynRecv
+                && tracked.owner.is_some()
+                && !held.contains(&sock_id);
+            if !unheld {
+                continue;
+            }
+            let suspect = Suspect {
+                since_ns: now_ns,
+                state_since_ns: tracked.state_since_ns,
+            };
+            let first = earlier.gone.get(&sock_id);
+            if confirmed(first, &suspect) {
+                gone.push(sock_id);
+            } else {
+                let since_ns = first
+                    .filter(|first| first.state_since_ns == suspect.state_since_ns)
+                    .map_or(now_ns, |first| first.since_ns);
+                self.suspects.gone.insert(
+                    sock_id,
+                    Suspect {
+                        since_ns,
+                        ..suspect
+                    },
+                );
+            }
+        }
         for &sock_id in &gone {
             self.untrack(sock_id);
             self.out.push(Output::Gone {
@@ -500,12 +556,47 @@ impl SocketTable {
         }
         let mut repaired = gone.len();
         for socket in found {
-            if self.track_existing(&socket) {
+            if self.sockets.contains_key(&socket.sock_id) {
+                continue;
+            }
+            // Untracked at both looks: no event of it came between.
+            let suspect = Suspect {
+                since_ns: now_ns,
+                state_since_ns: 0,
+            };
+            let first = earlier.found.get(&socket.sock_id);
+            if confirmed(first, &suspect) {
+                self.track_existing(&socket);
                 self.out.push(Output::Found(socket));
                 repaired += 1;
+            } else {
+                let since_ns = first.map_or(now_ns, |first| first.since_ns);
+                self.suspects.found.insert(
+                    socket.sock_id,
+                    Suspect {
+                        since_ns,
+                        ..suspect
+                    },
+                );
             }
         }
         repaired
+    }
+
+    /// Whether a disagreement with the file tables that no event has
+    /// explained since waits for its second look, due at `now_ns`.
+    pub fn second_look_due(&self, now_ns: u64) -> bool {
+        let due = |suspect: &Suspect| now_ns.saturating_sub(suspect.since_ns) >= SECOND_LOOK_NS;
+        let unexplained_gone = self.suspects.gone.iter().any(|(sock_id, suspect)| {
+            due(suspect)
+                && self
+                    .sockets
+                    .get(sock_id)
+                    .is_some_and(|tracked| tracked.state_since_ns == suspect.state_since_ns)
+        });
+        unexplained_gone
+            || (self.suspects.found.iter())
+                .any(|(sock_id, suspect)| due(suspect) && !self.sockets.contains_key(sock_id))
     }
 
     #[cfg(test)]
@@ -918,7 +1009,13 @@ mod tests {
             cause: None,
             netns: NETNS,
         };
-        assert_eq!(table.reconcile(vec![lost_open], 9 * MS), 2);
+        // The first look only suspects; the second, two seconds on, repairs.
+        assert_eq!(table.reconcile(vec![lost_open.clone()], 9 * MS), 0);
+        assert_eq!(table.drain_output().count(), 0);
+        assert!(!table.second_look_due(SECOND_LOOK_NS));
+        assert!(table.second_look_due(9 * MS + SECOND_LOOK_NS));
+        assert_eq!(table.reconcile(vec![lost_open], 9 * MS + SECOND_LOOK_NS), 2);
+        assert!(!table.second_look_due(u64::MAX));
         let out: Vec<Output> = table.drain_output().collect();
         assert!(
             matches!(
@@ -928,6 +1025,56 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(table.len(), 2, "7 still waits for its owner; 12 is tracked");
+    }
+
+    /// What the ring still carried at the first look (a socket opened since
+    /// the last drain, a close the kernel held back) is not taken for a
+    /// loss: its events come before the second look.
+    #[test]
+    fn news_still_on_its_way_is_not_repaired() {
+        let mut table = table();
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let (local, remote) = ("127.0.0.1:40009", SERVER_AT);
+        table.on_event(change(1, 9, client, local, remote, SynSent, Established));
+        table.drain_output().for_each(drop);
+        // 9 was closed (its FIN_WAIT1 is held in the kernel); 12 was opened
+        // after the last drain.
+        let opened = ExistingSocket {
+            sock_id: 12,
+            owner: Owner::holder(CLIENT, "client".into()),
+            local: addr("127.0.0.1:40012"),
+            remote: addr(SERVER_AT),
+            state: Established,
+            cause: None,
+            netns: NETNS,
+        };
+        assert_eq!(table.reconcile(vec![opened.clone()], 10 * MS), 0);
+        table.on_event(change(
+            20 * MS,
+            9,
+            client,
+            local,
+            remote,
+            Established,
+            FinWait1,
+        ));
+        table.on_event(change(
+            20 * MS,
+            12,
+            client,
+            "127.0.0.1:40012",
+            remote,
+            SynSent,
+            Established,
+        ));
+        let second = 10 * MS + SECOND_LOOK_NS;
+        assert!(!table.second_look_due(second), "nothing left to look at");
+        assert_eq!(table.reconcile(vec![opened], second), 0);
+        assert!(
+            table
+                .drain_output()
+                .all(|out| !matches!(out, Output::Gone { .. } | Output::Found(_))),
+        );
     }
 
     #[test]
