@@ -12,8 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent,
-    counter, tcp_state,
+    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent, counter,
 };
 
 use crate::{
@@ -42,7 +41,8 @@ fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource, at_once:
 
 /// Tells the collector a socket's new owner at once: always when each
 /// transition is reported as it happens (`trace`: the transitions of a
-/// passive open wait for it there), otherwise if `at_once`.
+/// passive open wait for it there), otherwise if `at_once` (accept()). A
+/// connect() or close() claim rides with the transition it comes with.
 #[inline(always)]
 fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     let config = config();
@@ -80,20 +80,17 @@ fn claim_by_address(sock_id: u64, source: OwnerSource) {
     // a connection goes unnamed (the collector keeps its owner).
 }
 
-/// accept() returned `sock_id`. With the state in socket storage, the owner
-/// is left for the socket's next report to take (this program cannot reach
-/// the storage).
+/// accept() returned `sock_id`: its owner is told at once. The handshake
+/// went out with ESTABLISHED, before accept() and with no owner, and the
+/// socket's next transition may be hours away (a quiet connection, or a
+/// CLOSE_WAIT its server never closes); without the news the collector
+/// would search the file tables for every server socket. With the state in
+/// socket storage, the owner is also left for the socket's next report to
+/// take (this program cannot reach the storage).
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
-    // A socket taken after it left ESTABLISHED (a busy server that accepts
-    // late: its CLOSE_WAIT may be its last transition for hours) is
-    // announced. An ESTABLISHED one, the usual accept, names its owner with
-    // its next report: one record less per connection.
-    // SAFETY: read_kernel tolerates any address.
-    let state = unsafe { read_kernel::<u8>(sock_id as *const u8, layout.sock_state) };
-    let taken_late = state.is_ok_and(|state| state != tcp_state::ESTABLISHED);
     if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept, taken_late);
+        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept, true);
         return;
     }
     // accept() returns any kind of socket: only TCP ones are tracked (an
@@ -106,7 +103,7 @@ fn claim_accepted(layout: &Layout, sock_id: u64) {
     let mut owner = SocketOwner::default();
     set_owner_to_current(&mut owner, OwnerSource::Accept);
     leave_owner(sock_id, &owner);
-    announce(sock_id, &owner, taken_late);
+    announce(sock_id, &owner, true);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
