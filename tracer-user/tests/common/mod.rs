@@ -134,6 +134,18 @@ impl Tracer {
         self.child.id()
     }
 
+    /// Whether it still runs, and what it wrote to stderr so far: what a
+    /// test that gave up waiting should show.
+    pub fn state(&mut self) -> String {
+        self.stderr_seen.extend(self.stderr.try_iter());
+        let running = match self.child.try_wait() {
+            Ok(None) => "running".to_string(),
+            Ok(Some(status)) => format!("exited ({status})"),
+            Err(e) => format!("unknown ({e})"),
+        };
+        format!("socktrace {running}, stderr: {:#?}", self.stderr_seen)
+    }
+
     /// Lines printed so far (without stopping).
     pub fn lines_so_far(&self, into: &mut Vec<String>) {
         while let Ok(line) = self.stdout.try_recv() {
@@ -420,8 +432,9 @@ impl Watch {
             thread::sleep(Duration::from_millis(100));
         }
         panic!(
-            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}",
-            self.lines.iter().rev().take(4).collect::<Vec<_>>()
+            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}; {}",
+            self.lines.iter().rev().take(4).collect::<Vec<_>>(),
+            self.tracer.state()
         );
     }
 
