@@ -226,7 +226,7 @@ fn server_that_never_closes(accept_late: bool) {
     assert!(number(&last["close_wait_oldest_s"]) >= 2.0, "{last:#}");
     let clients = peer(last, "127.0.0.1:*");
     assert_eq!(clients["local_port"], port, "{clients:#}");
-    assert_eq!(clients["peer_closed_first"], connections, "{clients:#}");
+    assert_eq!(clients["peer_closed_first"], connections, "{last:#}");
     assert_quiet(&lines, client.pid(), "client that closes first");
 }
 
