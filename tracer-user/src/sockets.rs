@@ -129,6 +129,41 @@ struct Suspect {
     state_since_ns: u64,
 }
 
+impl Suspect {
+    fn is_due(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.since_ns) >= SECOND_LOOK_NS
+    }
+}
+
+/// Whether the disagreement about `sock_id` seen at `now_ns`, with the
+/// socket in the state it entered at `state_since_ns`, was seen in that
+/// same state at an earlier look long enough ago; if not, it goes into
+/// `suspects` for the next look, dated from its first sighting in that
+/// state.
+fn confirmed(
+    earlier: &FxHashMap<u64, Suspect>,
+    suspects: &mut FxHashMap<u64, Suspect>,
+    sock_id: u64,
+    state_since_ns: u64,
+    now_ns: u64,
+) -> bool {
+    let first = earlier
+        .get(&sock_id)
+        .filter(|first| first.state_since_ns == state_since_ns);
+    if first.is_some_and(|first| first.is_due(now_ns)) {
+        return true;
+    }
+    let since_ns = first.map_or(now_ns, |first| first.since_ns);
+    suspects.insert(
+        sock_id,
+        Suspect {
+            since_ns,
+            state_since_ns,
+        },
+    );
+    false
+}
+
 /// See [`SocketTable::reconcile`].
 #[derive(Default)]
 struct Suspects {
@@ -512,12 +547,6 @@ impl SocketTable {
         let found = one_per_socket(files);
         let held: FxHashSet<u64> = found.iter().map(|s| s.sock_id).collect();
         let earlier = std::mem::take(&mut self.suspects);
-        let confirmed = |first: Option<&Suspect>, now: &Suspect| {
-            first.is_some_and(|first| {
-                first.state_since_ns == now.state_since_ns
-                    && now_ns.saturating_sub(first.since_ns) >= SECOND_LOOK_NS
-            })
-        };
         let mut gone = Vec::new();
         for (&sock_id, tracked) in &self.sockets {
             let unheld = tracked.state.is_held()
@@ -527,24 +556,9 @@ impl SocketTable {
             if !unheld {
                 continue;
             }
-            let suspect = Suspect {
-                since_ns: now_ns,
-                state_since_ns: tracked.state_since_ns,
-            };
-            let first = earlier.gone.get(&sock_id);
-            if confirmed(first, &suspect) {
+            let (earlier, suspects) = (&earlier.gone, &mut self.suspects.gone);
+            if confirmed(earlier, suspects, sock_id, tracked.state_since_ns, now_ns) {
                 gone.push(sock_id);
-            } else {
-                let since_ns = first
-                    .filter(|first| first.state_since_ns == suspect.state_since_ns)
-                    .map_or(now_ns, |first| first.since_ns);
-                self.suspects.gone.insert(
-                    sock_id,
-                    Suspect {
-                        since_ns,
-                        ..suspect
-                    },
-                );
             }
         }
         for &sock_id in &gone {
@@ -560,24 +574,11 @@ impl SocketTable {
                 continue;
             }
             // Untracked at both looks: no event of it came between.
-            let suspect = Suspect {
-                since_ns: now_ns,
-                state_since_ns: 0,
-            };
-            let first = earlier.found.get(&socket.sock_id);
-            if confirmed(first, &suspect) {
+            let (earlier, suspects) = (&earlier.found, &mut self.suspects.found);
+            if confirmed(earlier, suspects, socket.sock_id, 0, now_ns) {
                 self.track_existing(&socket);
                 self.out.push(Output::Found(socket));
                 repaired += 1;
-            } else {
-                let since_ns = first.map_or(now_ns, |first| first.since_ns);
-                self.suspects.found.insert(
-                    socket.sock_id,
-                    Suspect {
-                        since_ns,
-                        ..suspect
-                    },
-                );
             }
         }
         repaired
@@ -586,17 +587,17 @@ impl SocketTable {
     /// Whether a disagreement with the file tables that no event has
     /// explained since waits for its second look, due at `now_ns`.
     pub fn second_look_due(&self, now_ns: u64) -> bool {
-        let due = |suspect: &Suspect| now_ns.saturating_sub(suspect.since_ns) >= SECOND_LOOK_NS;
         let unexplained_gone = self.suspects.gone.iter().any(|(sock_id, suspect)| {
-            due(suspect)
+            suspect.is_due(now_ns)
                 && self
                     .sockets
                     .get(sock_id)
                     .is_some_and(|tracked| tracked.state_since_ns == suspect.state_since_ns)
         });
         unexplained_gone
-            || (self.suspects.found.iter())
-                .any(|(sock_id, suspect)| due(suspect) && !self.sockets.contains_key(sock_id))
+            || (self.suspects.found.iter()).any(|(sock_id, suspect)| {
+                suspect.is_due(now_ns) && !self.sockets.contains_key(sock_id)
+            })
     }
 
     #[cfg(test)]
@@ -694,6 +695,19 @@ mod tests {
             owner_grace_ns: 1_000 * MS,
             rehome_ns: 100 * MS,
         })
+    }
+
+    /// A socket the kernel's file tables show the client holding.
+    fn held_by_client(sock_id: u64, local: &str, remote: &str, state: TcpState) -> ExistingSocket {
+        ExistingSocket {
+            sock_id,
+            owner: Owner::holder(CLIENT, "client".into()),
+            local: addr(local),
+            remote: addr(remote),
+            state,
+            cause: None,
+            netns: NETNS,
+        }
     }
 
     fn unknown() -> Option<Owner> {
@@ -848,15 +862,7 @@ mod tests {
     fn seeded_socket_keeps_its_owner_and_identity() {
         let mut table = table();
         let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
-        table.seed([ExistingSocket {
-            sock_id: 0xffff_0001,
-            owner: Owner::holder(CLIENT, "client".into()),
-            local: addr(local),
-            remote: addr(remote),
-            state: CloseWait,
-            cause: None,
-            netns: NETNS,
-        }]);
+        table.seed([held_by_client(0xffff_0001, local, remote, CloseWait)]);
         let first = table.drain_output().collect::<Vec<_>>();
         assert!(matches!(first[..], [Output::Existing(_)]));
         // The kernel map knows nothing more of it than the iterator told it.
@@ -1000,15 +1006,7 @@ mod tests {
             SynRecv,
         ));
         table.drain_output().for_each(drop);
-        let lost_open = ExistingSocket {
-            sock_id: 12,
-            owner: Owner::holder(CLIENT, "client".into()),
-            local: addr("127.0.0.1:40012"),
-            remote: addr(SERVER_AT),
-            state: Established,
-            cause: None,
-            netns: NETNS,
-        };
+        let lost_open = held_by_client(12, "127.0.0.1:40012", SERVER_AT, Established);
         // The first look only suspects; the second, two seconds on, repairs.
         assert_eq!(table.reconcile(vec![lost_open.clone()], 9 * MS), 0);
         assert_eq!(table.drain_output().count(), 0);
@@ -1039,15 +1037,7 @@ mod tests {
         table.drain_output().for_each(drop);
         // 9 was closed (its FIN_WAIT1 is held in the kernel); 12 was opened
         // after the last drain.
-        let opened = ExistingSocket {
-            sock_id: 12,
-            owner: Owner::holder(CLIENT, "client".into()),
-            local: addr("127.0.0.1:40012"),
-            remote: addr(SERVER_AT),
-            state: Established,
-            cause: None,
-            netns: NETNS,
-        };
+        let opened = held_by_client(12, "127.0.0.1:40012", SERVER_AT, Established);
         assert_eq!(table.reconcile(vec![opened.clone()], 10 * MS), 0);
         table.on_event(change(
             20 * MS,
