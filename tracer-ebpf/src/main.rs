@@ -179,6 +179,29 @@ fn current_in_pidns() -> (u8, u32) {
     if rc == 0 { (1, info.tgid) } else { (0, 0) }
 }
 
+/// Names the current task as a socket's owner, as far as `source` may;
+/// whether the owner changed. connect(), listen() and accept() run in the
+/// owner's own call. A close runs in whichever task lets go of the file
+/// last: mostly the owner, but also a task that held the file for a moment
+/// while the owner closed it (a file-table scan: socktrace's own iterator,
+/// another socktrace, `ss -p`, lsof), whose deferred fput then runs the
+/// close. So a close names an owner only where none is known, and never
+/// socktrace itself; a socket handed to another process is followed by the
+/// collector when its owner exits.
+#[inline(always)]
+fn claim_owner(owner: &mut SocketOwner, source: OwnerSource) -> bool {
+    if source == OwnerSource::Close {
+        if owner.tgid != 0 || current_tgid() == config().self_tgid {
+            return false;
+        }
+    } else if owner.tgid == current_tgid() {
+        owner.source = source as u8;
+        return false;
+    }
+    set_owner_to_current(owner, source);
+    true
+}
+
 /// Records the current task as the owner.
 #[inline(always)]
 fn set_owner_to_current(owner: &mut SocketOwner, source: OwnerSource) {

@@ -16,7 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, bump, config, current_tgid, header, owner_wanted, read_kernel, read_ptr,
+    EVENTS, bump, claim_owner, config, header, owner_wanted, read_kernel, read_ptr,
     set_owner_to_current,
     sock::{self, Reader},
     store::{HashStore, SkStore, SocketStore, leave_owner},
@@ -32,11 +32,9 @@ fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource, at_once:
     let Some(known) = S::get_or_seeded(sk) else {
         return;
     };
-    if known.owner.tgid == current_tgid() {
-        return;
+    if claim_owner(&mut known.owner, source) {
+        announce(sk as u64, &known.owner, at_once);
     }
-    set_owner_to_current(&mut known.owner, source);
-    announce(sk as u64, &known.owner, at_once);
 }
 
 /// Tells the collector a socket's new owner at once: always when each

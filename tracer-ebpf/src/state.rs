@@ -28,8 +28,8 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, RUNNING, SET_STATE_RECORD, bump, config, copy_words, current_comm, current_tgid, emit,
-    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel, set_owner_to_current,
+    EVENTS, RUNNING, SET_STATE_RECORD, bump, claim_owner, config, copy_words, current_comm, emit,
+    header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel,
     sock::{self, Reader, copied_field},
     store::{HashStore, SkStore, SocketStore, adopt_owner, forget_seeded, start_afresh},
     wakeup_flag,
@@ -263,10 +263,7 @@ fn on_state_change<S: SocketStore>(fields: &impl StateChangeFields) -> Result<()
     let held_by_a_file = closing && sock::held_by_a_file(layout, sk.cast());
     let claim = owner_claim(new_state);
     if claim != OwnerSource::Unknown {
-        if current_tgid() != entry.owner.tgid {
-            set_owner_to_current(&mut entry.owner, claim);
-        }
-        entry.owner.source = claim as u8;
+        claim_owner(&mut entry.owner, claim);
     }
     // Entries the collector or the iterator wrote lack it.
     if entry.owner.netns == 0 {
@@ -519,8 +516,14 @@ fn on_destroy(sk: *const c_void, entry: &mut SocketEntry, reader: Reader) {
     let Ok(endpoints) = sock::endpoints(&config.layout, sk.cast(), reader) else {
         return;
     };
+    let mut header = header_at(EventKind::Release, sk as u64, now);
+    // socktrace's own file-table scan let go last (see `claim_owner`): the
+    // release is the owner's, which the collector names when none is sent.
+    if header.current_tgid == config.self_tgid {
+        header.current_tgid = 0;
+    }
     emit(ReleaseEvent {
-        header: header_at(EventKind::Release, sk as u64, now),
+        header,
         owner,
         endpoints,
         releaser_comm: current_comm(),

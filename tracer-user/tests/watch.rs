@@ -335,6 +335,39 @@ fn high_churn_with_prompt_closes_is_healthy() {
     assert_quiet(&lines, server.pid(), "churning server");
 }
 
+/// 5b. A process that reads the churning client's fd links (as lsof and
+///    `ss -p` do) holds each socket file for a moment; when the client's
+///    close() lands then, the kernel runs the close in the reader. The
+///    close is still the client's: the reader is never credited with one.
+#[test]
+fn closes_while_another_process_reads_the_fds_stay_the_closers() {
+    if !require_root("closes_while_another_process_reads_the_fds_stay_the_closers") {
+        return;
+    }
+    let (server, port) = server(&["churn-server"]);
+    let mut watch = Watch::port(port, &[]);
+    let client = Role::spawn(ROLES, &["churn-client", &port.to_string(), "5"]);
+    let reader = Role::spawn(ROLES, &["fd-reader", &client.pid().to_string(), "4"]);
+    let reads = reader.expect("done")["done"].clone();
+    let made = client.expect("done")["done"].clone();
+    watch.wait_for("the client's closes", Duration::from_secs(10), |line| {
+        is_process_of(line, client.pid()) && number(&line["closes_total"]) > 0.0
+    });
+    // Closes run late in the reader are reported within a second.
+    thread::sleep(Duration::from_secs(2));
+    let lines = watch.stop();
+    println!("{made} connections, {reads} fd links read beside them");
+    let credited: Vec<&Value> = lines
+        .iter()
+        .filter(|line| line["type"] == "process" && number(&line["closes_total"]) > 0.0)
+        .filter(|line| !is_process_of(line, client.pid()) && !is_process_of(line, server.pid()))
+        .collect();
+    assert!(
+        credited.is_empty(),
+        "closes credited to a bystander: {credited:#?}"
+    );
+}
+
 /// 6. A server that drops idle connections after 2 s, and a client that
 ///    comes back every 3 s, finds its connection dropped and reconnects:
 ///    socktrace infers the peer's idle timeout, ≈ 2 s: what the server

@@ -25,6 +25,9 @@
         Accepts, waits for the client's FIN, closes: as fast as it can.
     watch_roles.py churn-client PORT SECONDS
         Connects and closes as fast as it can for SECONDS.
+    watch_roles.py fd-reader PID SECONDS
+        Reads the links in /proc/PID/fd over and over for SECONDS, as lsof
+        and `ss -p` do: each read holds the file for a moment.
 
 Every step is reported as one JSON object per line on stdout, with the pid
 and wall-clock times, so the test can compare them with what socktrace says.
@@ -254,6 +257,20 @@ def churn_client(port, seconds):
     hold_until_eof()
 
 
+def fd_reader(pid, seconds):
+    fds = f"/proc/{pid}/fd"
+    reads, start = 0, time.monotonic()
+    while time.monotonic() - start < seconds:
+        for fd in os.listdir(fds):
+            try:
+                os.readlink(f"{fds}/{fd}")
+            except OSError:
+                pass  # closed since the listing
+            reads += 1
+    say(done=reads)
+    hold_until_eof()
+
+
 def main():
     parser = argparse.ArgumentParser()
     roles = parser.add_subparsers(dest="role", required=True)
@@ -279,6 +296,9 @@ def main():
     churn = roles.add_parser("churn-client")
     churn.add_argument("port", type=int)
     churn.add_argument("seconds", type=float)
+    reader = roles.add_parser("fd-reader")
+    reader.add_argument("pid", type=int)
+    reader.add_argument("seconds", type=float)
     args = parser.parse_args()
 
     if args.role == "http-server":
@@ -295,6 +315,8 @@ def main():
         churn_server()
     elif args.role == "churn-client":
         churn_client(args.port, args.seconds)
+    elif args.role == "fd-reader":
+        fd_reader(args.pid, args.seconds)
 
 
 if __name__ == "__main__":
