@@ -17,7 +17,7 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
 use tracer_common::{SocketEntry, SocketOwner, counter};
 
-use crate::{SEEDED, SK_STORE, SOCKETS, bump, copy_words};
+use crate::{SEEDED, SK_STORE, SOCKETS, bump, config, copy_words, sock};
 
 /// What a new entry in the hash map starts from (the helper copies a value
 /// from memory: this one is in the program's read-only data, not on its
@@ -124,9 +124,15 @@ impl SocketStore for SkStore {
         Some(entry)
     }
 
+    /// accept() left it under the socket's address, so it is this socket's
+    /// only if a file holds the socket (accept() made one). Otherwise it
+    /// was left for an earlier socket at that address whose release was
+    /// not seen (accept() runs for every socket on the host), and the
+    /// socket, still in the accept queue, has no owner yet.
     #[inline(always)]
     fn claimed_owner(sk: *const c_void) -> Option<SocketOwner> {
-        take_seeded(sk)
+        let claimed = take_seeded(sk)?;
+        sock::held_by_a_file(&config().layout, sk.cast()).then_some(claimed)
     }
 
     #[inline(always)]
