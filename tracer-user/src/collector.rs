@@ -140,14 +140,14 @@ pub async fn run(
                     pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                     if Instant::now() >= next_heal_check {
                         next_heal_check = Instant::now() + HEAL_CHECK;
-                        let losses = counters(&probes, undecodable, reconciled).losses();
+                        let losses = counters(&probes, &table, undecodable, reconciled).losses();
                         if losses > healed_losses || table.second_look_due(now) {
                             healed_losses = losses;
                             reconciled += heal(&mut probes, &mut table, now);
                             pass_on(&mut table, &mut probes, sink, container.as_ref())?;
                         }
                     }
-                    sink.tick(now, &|| counters(&probes, undecodable, reconciled))?;
+                    sink.tick(now, &|| counters(&probes, &table, undecodable, reconciled))?;
                     if sink.done() {
                         break;
                     }
@@ -187,7 +187,7 @@ pub async fn run(
     }
     .await;
 
-    let counters = counters(&probes, undecodable, reconciled);
+    let counters = counters(&probes, &table, undecodable, reconciled);
     match result.and_then(|()| sink.finish(counters)) {
         Ok(()) => Ok(counters),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(counters),
@@ -279,13 +279,14 @@ fn pass_on(
     passed
 }
 
-fn counters(probes: &Probes, undecodable: u64, reconciled: u64) -> Counters {
+fn counters(probes: &Probes, table: &SocketTable, undecodable: u64, reconciled: u64) -> Counters {
     let kernel = probes.counters().unwrap_or_else(|e| {
         log::warn!("reading the loss counters: {e:#}");
         Counters::default()
     });
     Counters {
         undecodable,
+        ends_unseen: table.ends_unseen(),
         reconciled,
         ..kernel
     }

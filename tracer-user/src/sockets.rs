@@ -113,6 +113,8 @@ pub struct SocketTable {
     waits: Waits,
     /// Disagreements with the file tables at the last look.
     suspects: Suspects,
+    /// See [`Self::ends_unseen`].
+    ends_unseen: u64,
     out: Vec<Output>,
 }
 
@@ -196,6 +198,7 @@ impl SocketTable {
                 owners: VecDeque::new(),
             },
             suspects: Suspects::default(),
+            ends_unseen: 0,
             out: Vec::new(),
         }
     }
@@ -226,6 +229,12 @@ impl SocketTable {
             pending: ThinVec::new(),
         });
         true
+    }
+
+    /// Sockets found ended without their end seen, when a new socket
+    /// started at their address: a loss no other counter has.
+    pub fn ends_unseen(&self) -> u64 {
+        self.ends_unseen
     }
 
     /// Everything produced since the queue was last cleared, oldest first.
@@ -327,6 +336,13 @@ impl SocketTable {
             // life of one that closed while held.
             Entry::Occupied(mut entry) => {
                 let stale = entry.insert(fresh());
+                // Only a socket closed while held lives on after CLOSE: any
+                // other ended without its end reaching us, and no loss was
+                // counted for it. Counted now, it makes healing look for
+                // others like it.
+                if stale.state != TcpState::ClosedHeld {
+                    self.ends_unseen += 1;
+                }
                 Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);
                 entry.into_mut()
             }
@@ -928,6 +944,20 @@ mod tests {
         );
         assert!(out.iter().all(|t| t.owner.pid == Some(CLIENT)));
         assert_eq!(table.len(), 1);
+        assert_eq!(table.ends_unseen(), 0, "its CLOSE was seen");
+    }
+
+    #[test]
+    fn a_socket_starting_where_an_open_one_is_tracked_counts_an_unseen_end() {
+        let mut table = table();
+        let client = kernel_owner(CLIENT, "client", OwnerSource::Connect);
+        let (local, remote) = ("127.0.0.1:40000", "127.0.0.1:8080");
+        table.on_event(change(1, 9, client, local, remote, Close, SynSent));
+        table.on_event(change(2, 9, client, local, remote, SynSent, Established));
+        // Its end never came; a new socket takes its address.
+        table.on_event(change(3, 9, client, local, remote, Close, SynSent));
+        assert_eq!(table.ends_unseen(), 1);
+        assert_eq!(table.len(), 1, "only the new socket");
     }
 
     #[test]

@@ -300,12 +300,14 @@ fn high_churn_with_prompt_closes_is_healthy() {
     ];
     // socktrace may lag behind the storm (and the server behind the client):
     // wait until it has seen every connection end on both sides, or says it
-    // lost events.
+    // lost events or repaired sockets.
     for (pid, remote) in &sides {
         let counted_all = |line: &Value| {
             let closed = find_peer(line, remote).and_then(|peer| peer["closed"].as_u64());
             let lost = line["lost_events"].as_u64().unwrap_or(0);
-            is_process_of(line, *pid) && closed.is_some_and(|closed| closed + lost >= made)
+            let repaired = line["reconciled"].as_u64().unwrap_or(0);
+            is_process_of(line, *pid)
+                && closed.is_some_and(|closed| closed + lost + repaired >= made)
         };
         let what = format!("the end of all {made} connections of pid {pid}");
         watch.wait_for(&what, Duration::from_secs(30), counted_all);

@@ -25,6 +25,10 @@ pub fn report_losses(counters: Counters) {
             "probe runs skipped by the kernel (another BPF program was running on that CPU); their events are missing",
         ),
         (
+            counters.ends_unseen,
+            "sockets ended unseen (found when their address was used again); their closes are missing",
+        ),
+        (
             counters.socket_map_full,
             "sockets untracked (socket map full); raise --max-sockets",
         ),

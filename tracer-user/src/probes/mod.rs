@@ -150,6 +150,10 @@ pub struct Counters {
     /// Program runs the kernel skipped because another BPF program was
     /// running on that CPU (`recursion_misses`); their events never exist.
     pub missed_runs: u64,
+    /// Sockets whose end never reached the collector, with no loss counted
+    /// for it: found when a new socket started at the address of one still
+    /// tracked as open (counted in userspace).
+    pub ends_unseen: u64,
     /// Sockets the collector repaired from the kernel's file tables after
     /// losses (counted in userspace).
     pub reconciled: u64,
@@ -158,7 +162,7 @@ pub struct Counters {
 impl Counters {
     /// Events that never reached the reports, whatever the reason.
     pub fn lost(&self) -> u64 {
-        self.lost_events + self.undecodable + self.missed_runs
+        self.lost_events + self.undecodable + self.missed_runs + self.ends_unseen
     }
 
     /// Everything that can leave the socket stage wrong: lost events and
@@ -342,6 +346,7 @@ impl Probes {
             // The kernel counts as skipped the runs a nested program then
             // made up for.
             missed_runs: self.missed_runs().saturating_sub(sum(counter::RESCUED)?),
+            ends_unseen: 0,
             reconciled: 0,
         })
     }

@@ -277,6 +277,7 @@ struct Losses {
     ring_buffer_full: u64,
     undecodable: u64,
     missed_runs: u64,
+    ends_unseen: u64,
     untracked_sockets: u64,
     reconciled: u64,
 }
@@ -317,6 +318,7 @@ impl Exporter {
             ring_buffer_full: counters.lost_events,
             undecodable: counters.undecodable,
             missed_runs: counters.missed_runs,
+            ends_unseen: counters.ends_unseen,
             untracked_sockets: counters.socket_map_full,
             reconciled: counters.reconciled,
         };
@@ -548,7 +550,7 @@ impl Exporter {
 
         let mut lost = encoder.encode_descriptor(
             "lost_events",
-            "Socket events lost before reaching socktrace (reason: ring_buffer_full, undecodable, probe_skipped); figures may be low by this much.",
+            "Socket events lost before reaching socktrace (reason: ring_buffer_full, undecodable, probe_skipped, end_unseen); figures may be low by this much.",
             None,
             MetricType::Counter,
         )?;
@@ -556,6 +558,7 @@ impl Exporter {
             ("ring_buffer_full", self.losses.ring_buffer_full),
             ("undecodable", self.losses.undecodable),
             ("probe_skipped", self.losses.missed_runs),
+            ("end_unseen", self.losses.ends_unseen),
         ] {
             lost.encode_family(&[("reason", reason)])?
                 .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
