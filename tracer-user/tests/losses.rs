@@ -90,10 +90,11 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
     let (typed, classic) = (typed.stop(), classic.stop());
     let _ = spinner.kill();
     let _ = spinner.wait();
-    let skipped = |stderr: &[String]| {
+    // "socktrace: <count> <what>" on stderr at exit; absent when 0.
+    let count = |stderr: &[String], what: &str| {
         stderr
             .iter()
-            .find(|line| line.contains("probe runs skipped"))
+            .find(|line| line.contains(what))
             .and_then(|line| {
                 line.trim_start_matches("socktrace: ")
                     .split(' ')
@@ -103,18 +104,20 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
             })
             .unwrap_or(0)
     };
-    let (typed_skipped, classic_skipped) = (skipped(&typed.stderr), skipped(&classic.stderr));
+    let skipped = "probe runs skipped";
+    let (typed_skipped, classic_skipped) = (
+        count(&typed.stderr, skipped),
+        count(&classic.stderr, skipped),
+    );
+    let unseen = count(&typed.stderr, "sockets ended unseen");
     println!(
-        "{made} connections; probe runs skipped: tp_btf {typed_skipped}, classic tracepoints {classic_skipped}"
+        "{made} connections; probe runs skipped: tp_btf {typed_skipped}, classic tracepoints {classic_skipped}; tp_btf sockets ended unseen: {unseen}"
     );
     assert_eq!(typed_skipped, 0, "{:?}", typed.stderr);
-    let typed_lost = typed
-        .json()
-        .iter()
-        .filter_map(|line| line["lost_events"].as_u64())
-        .max()
-        .unwrap_or(0);
-    assert_eq!(typed_lost, 0, "{:?}", typed.stderr);
+    // Nor does its ring overflow. (Ends never seen are the known problem
+    // the README describes, not skips: counted, and healed.)
+    let ring_full = count(&typed.stderr, "events lost (ring buffer full)");
+    assert_eq!(ring_full, 0, "{:?}", typed.stderr);
     // The classic programs' skips, where there were any, are in their
     // figures as well as on stderr.
     let classic_lost = classic

@@ -477,6 +477,7 @@ impl Report {
             pair("probe runs skipped", |f| f.skipped_runs.unwrap_or(0)),
             pair("sockets untracked", |f| f.untracked_sockets),
             pair("undecodable", |f| f.undecodable),
+            pair("sockets ended unseen", |f| f.ends_unseen),
         ]
         .join(", ")
     }

@@ -123,6 +123,8 @@ pub struct Finished {
     pub skipped_runs: Option<u64>,
     /// socktrace only: events it could not decode.
     pub undecodable: u64,
+    /// socktrace only: sockets whose end it never saw.
+    pub ends_unseen: u64,
     /// It exited with status 0 when asked to stop.
     pub exited_cleanly: bool,
 }
@@ -134,6 +136,7 @@ impl Finished {
             + self.untracked_sockets
             + self.skipped_runs.unwrap_or(0)
             + self.undecodable
+            + self.ends_unseen
     }
 }
 
@@ -313,6 +316,7 @@ impl Running {
                 untracked_sockets: socktrace_count(&lines, "sockets untracked"),
                 skipped_runs: Some(socktrace_count(&lines, "probe runs skipped")),
                 undecodable: socktrace_count(&lines, "events could not be decoded"),
+                ends_unseen: socktrace_count(&lines, "sockets ended unseen"),
                 exited_cleanly,
             },
             Family::LibbpfTools => Finished {
