@@ -11,7 +11,7 @@ mod common;
 
 use std::{process::Command, thread, time::Duration};
 
-use common::{Role, Tracer, Watch, is_process_of, last_report, number, require_root};
+use common::{Role, Tracer, Watch, is_process_of, last_report, loss_count, number, require_root};
 
 const ROLES: &str = "closed_roles.py";
 
@@ -90,33 +90,19 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
     let (typed, classic) = (typed.stop(), classic.stop());
     let _ = spinner.kill();
     let _ = spinner.wait();
-    // "socktrace: <count> <what>" on stderr at exit; absent when 0.
-    let count = |stderr: &[String], what: &str| {
-        stderr
-            .iter()
-            .find(|line| line.contains(what))
-            .and_then(|line| {
-                line.trim_start_matches("socktrace: ")
-                    .split(' ')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
     let skipped = "probe runs skipped";
     let (typed_skipped, classic_skipped) = (
-        count(&typed.stderr, skipped),
-        count(&classic.stderr, skipped),
+        loss_count(&typed.stderr, skipped),
+        loss_count(&classic.stderr, skipped),
     );
-    let unseen = count(&typed.stderr, "sockets ended unseen");
+    let unseen = loss_count(&typed.stderr, "sockets ended unseen");
     println!(
         "{made} connections; probe runs skipped: tp_btf {typed_skipped}, classic tracepoints {classic_skipped}; tp_btf sockets ended unseen: {unseen}"
     );
     assert_eq!(typed_skipped, 0, "{:?}", typed.stderr);
     // Nor does its ring overflow. (Ends never seen are the known problem
     // the README describes, not skips: counted, and healed.)
-    let ring_full = count(&typed.stderr, "events lost (ring buffer full)");
+    let ring_full = loss_count(&typed.stderr, "events lost (ring buffer full)");
     assert_eq!(ring_full, 0, "{:?}", typed.stderr);
     // The classic programs' skips, where there were any, are in their
     // figures as well as on stderr.

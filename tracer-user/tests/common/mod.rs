@@ -439,12 +439,33 @@ impl Watch {
     }
 
     /// Stops socktrace: everything it printed.
-    pub fn stop(mut self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_with_stderr().0
+    }
+
+    /// The lines, and what socktrace wrote to stderr (its loss counts).
+    pub fn stop_with_stderr(mut self) -> (Vec<Value>, Vec<String>) {
         let finished = self.tracer.stop();
         assert_eq!(finished.code, Some(0), "stderr: {:?}", finished.stderr);
         self.lines.extend(finished.json());
-        self.lines
+        (self.lines, finished.stderr)
     }
+}
+
+/// A loss count socktrace wrote at exit ("socktrace: <count> <what>"); 0
+/// when it wrote none.
+pub fn loss_count(stderr: &[String], what: &str) -> u64 {
+    stderr
+        .iter()
+        .find(|line| line.contains(what))
+        .and_then(|line| {
+            line.trim_start_matches("socktrace: ")
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 pub fn parse(line: &str) -> Value {
