@@ -130,13 +130,15 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// Everything the tracer said it lost, of every kind.
+    /// Everything the tracer said it lost, of every kind but one: ends
+    /// never seen, the README's known problem, are reported beside it and
+    /// not failed on (the kernel programs see no event of those sockets
+    /// after FIN_WAIT1, in every socktrace at once).
     pub fn all_lost(&self) -> u64 {
         self.lost_events.unwrap_or(0)
             + self.untracked_sockets
             + self.skipped_runs.unwrap_or(0)
             + self.undecodable
-            + self.ends_unseen
     }
 }
 
