@@ -201,8 +201,9 @@ fn server_that_never_closes(accept_late: bool) {
         hoarder.send("accept");
     }
     let hoarder_pid = hoarder.pid();
-    // (Its fds rise too, so an fd_exhaustion alert may come as well.)
-    let alert = watch.wait_for("a CLOSE_WAIT alert", Duration::from_secs(40), |line| {
+    // (Its fds rise too, so an fd_exhaustion alert may come as well.) From
+    // the start: it may come while the server waits to accept.
+    let alert = watch.wait_since(0, "a CLOSE_WAIT alert", Duration::from_secs(40), |line| {
         line["type"] == "alert" && line["pid"] == hoarder_pid && line["kind"] == "close_wait"
     });
     client.expect("done");

@@ -176,6 +176,9 @@ pub struct TracerSample {
     /// socktrace counts them (less those its partner programs made up
     /// for), from `recursion_misses` for the others.
     pub missed_runs: u64,
+    /// socktrace only: sockets whose end it never saw (the README's known
+    /// problem; reported, not failed on).
+    pub ends_unseen: u64,
 }
 
 /// Everything the report shows.
@@ -609,6 +612,7 @@ fn storm_run(
                     .zip(before.bpf.clone())
                     .map(|(a, b)| a.since(&b)),
                 missed_runs: finished.skipped_runs.unwrap_or(whole_run.recursion_misses),
+                ends_unseen: finished.ends_unseen,
             })
         }
         None => None,

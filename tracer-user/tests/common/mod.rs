@@ -405,14 +405,19 @@ impl Watch {
         Self::start(&args)
     }
 
-    /// Takes in what socktrace printed so far; returns where the new lines
-    /// start.
-    pub fn collect(&mut self) -> usize {
+    /// Takes in what socktrace printed so far.
+    fn collect(&mut self) {
         let mut text = Vec::new();
         self.tracer.lines_so_far(&mut text);
-        let before = self.lines.len();
         self.lines.extend(text.iter().map(|line| parse(line)));
-        before
+    }
+
+    /// Where the lines printed from now on start: for a wait on what an
+    /// action makes socktrace print, marked before the action (which may be
+    /// printed before the action returns).
+    pub fn mark(&mut self) -> usize {
+        self.collect();
+        self.lines.len()
     }
 
     /// The first line printed from now on that satisfies `wanted`.
@@ -422,18 +427,42 @@ impl Watch {
         timeout: Duration,
         wanted: impl Fn(&Value) -> bool,
     ) -> Value {
-        self.collect();
+        let from = self.mark();
+        self.wait_since(from, what, timeout, wanted)
+    }
+
+    /// The first line printed since `mark` that satisfies `wanted`.
+    pub fn wait_since(
+        &mut self,
+        mark: usize,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let new = self.collect();
-            if let Some(found) = self.lines[new..].iter().find(|line| wanted(line)) {
+        let mut checked = mark;
+        loop {
+            self.collect();
+            if let Some(found) = self.lines[checked..].iter().find(|line| wanted(line)) {
                 return found.clone();
+            }
+            checked = self.lines.len();
+            if Instant::now() >= deadline {
+                break;
             }
             thread::sleep(Duration::from_millis(100));
         }
+        // The alerts say most about what socktrace made of the run.
+        let alerts: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|line| line["type"] == "alert")
+            .map(Value::to_string)
+            .collect();
         panic!(
-            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}; {}",
+            "socktrace never reported {what} within {timeout:?}; last lines: {:#?}; alerts: {:#?}; {}",
             self.lines.iter().rev().take(4).collect::<Vec<_>>(),
+            alerts,
             self.tracer.state()
         );
     }

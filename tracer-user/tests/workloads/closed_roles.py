@@ -4,8 +4,8 @@ per process (for the socket-lifetime tests).
 
     closed_roles.py reset [--on-command]
         Connects to a listener of its own, which resets the connection
-        (SO_LINGER 0), at once or when stdin says "reset"; keeps the
-        client's fd until stdin says "close".
+        (SO_LINGER 0), at once or when stdin says "reset" (it says when it
+        listens); keeps the client's fd until stdin says "close".
     closed_roles.py refused
         Connects to a port nobody listens on; keeps the fd.
     closed_roles.py timed-out
@@ -75,6 +75,7 @@ def listener():
 def reset(on_command):
     server = listener()
     if on_command:
+        say(listening=server.getsockname()[1])
         for command in commands():
             if command == "reset":
                 break

@@ -342,10 +342,16 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
         && let Some(sample) = &run.tracer
     {
         let lost = sample.lost_events.unwrap_or(0);
+        // Ends never seen are the README's known problem: shown, not
+        // failed on.
+        let unseen = match sample.ends_unseen {
+            0 => String::new(),
+            n => format!("; {n} sockets ended unseen"),
+        };
         writeln!(
             out,
             "| 0 probe runs skipped over a {:.0} s saturating storm beside {} | {} skipped, {lost} lost \
-             ({} connections) | {} |",
+             ({} connections{unseen}) | {} |",
             run.secs,
             neighbours
                 .iter()
@@ -846,6 +852,7 @@ mod tests {
                 untracked_sockets: 0,
                 bpf: None,
                 missed_runs: 0,
+                ends_unseen: 0,
             }),
         }
     }
