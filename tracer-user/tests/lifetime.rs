@@ -88,7 +88,8 @@ fn watch_counts_a_reset_socket_as_held_until_released() {
     let mut client = Role::spawn(ROLES, &["reset", "--on-command"]);
     let pid = client.pid();
     // Started once the listener is up: a listener made while socktrace
-    // starts can be counted as a close (see README, "Known problems").
+    // starts is the suspect of a close counted too many (README, "Known
+    // problem" on the 5.10 fallback).
     client.expect("listening");
     let mut watch = Watch::start(&["-p", &pid.to_string()]);
     // Reset once socktrace runs: the probes see it happen.
