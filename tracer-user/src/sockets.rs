@@ -203,10 +203,11 @@ impl SocketTable {
         }
     }
 
-    /// Registers the sockets found at start. The iterator that found them
-    /// has already named their holders in the kernel's socket map.
+    /// Registers the sockets found at start, but for the unconnected ones
+    /// (no connection yet). The iterator that found them has already named
+    /// their holders in the kernel's socket map.
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = ExistingSocket>) {
-        for socket in sockets {
+        for socket in sockets.into_iter().filter(|s| !s.is_unconnected()) {
             if self.track_existing(&socket) {
                 self.out.push(Output::Existing(socket));
             }
@@ -586,7 +587,7 @@ impl SocketTable {
         }
         let mut repaired = gone.len();
         for socket in found {
-            if self.sockets.contains_key(&socket.sock_id) {
+            if socket.is_unconnected() || self.sockets.contains_key(&socket.sock_id) {
                 continue;
             }
             // Untracked at both looks: no event of it came between.
@@ -896,6 +897,20 @@ mod tests {
         assert_eq!(out[0].sock_id, 0xffff_0001);
         assert_eq!(out[0].owner.pid, Some(CLIENT));
         assert_eq!(out[0].owner.source, OwnerSource::ProcFd);
+    }
+
+    #[test]
+    fn unconnected_sockets_are_neither_seeded_nor_found() {
+        let mut table = table();
+        let unconnected = || held_by_client(0xffff_0002, "0.0.0.0:0", "0.0.0.0:0", ClosedHeld);
+        table.seed([unconnected()]);
+        assert_eq!(table.drain_output().count(), 0);
+        assert_eq!(table.len(), 0);
+        // Nor at the heal's second look.
+        for at_s in [1, 3] {
+            assert_eq!(table.reconcile(vec![unconnected()], at_s * 1_000 * MS), 0);
+        }
+        assert_eq!(table.len(), 0);
     }
 
     /// The client of a connection the peer reset, holding the fd.

@@ -215,6 +215,15 @@ pub struct ExistingSocket {
     pub netns: u32,
 }
 
+impl ExistingSocket {
+    /// In CLOSE with no remote end: made and not yet connected or listening
+    /// (or disconnected). Its file holds no connection, whatever state the
+    /// kernel gives it; its first event (connect, listen) starts it.
+    pub fn is_unconnected(&self) -> bool {
+        self.state == TcpState::ClosedHeld && self.remote.port() == 0
+    }
+}
+
 /// One record per socket: when several processes share one (after fork),
 /// the lowest pid is named, as the kernel map does; listeners first, so that
 /// connections accepted from them are known as inbound.

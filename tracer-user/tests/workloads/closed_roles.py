@@ -4,8 +4,8 @@ per process (for the socket-lifetime tests).
 
     closed_roles.py reset [--on-command]
         Connects to a listener of its own, which resets the connection
-        (SO_LINGER 0), at once or when stdin says "reset" (it says when it
-        listens); keeps the client's fd until stdin says "close".
+        (SO_LINGER 0), at once or when stdin says "reset"; keeps the
+        client's fd until stdin says "close".
     closed_roles.py refused
         Connects to a port nobody listens on; keeps the fd.
     closed_roles.py timed-out
@@ -21,6 +21,9 @@ per process (for the socket-lifetime tests).
         holding one TCP connection that stays healthy.
     closed_roles.py reset-many COUNT
         COUNT reset connections, all kept.
+    closed_roles.py unconnected
+        Makes a TCP socket and neither connects nor listens (it is in CLOSE,
+        like a reset one); listens when stdin says "listen".
     closed_roles.py churn-and-hold TOTAL HOLD
         Once stdin says "go": TOTAL connections to a listener of its own,
         the first HOLD kept (both ends), the others closed (both ends).
@@ -75,7 +78,6 @@ def listener():
 def reset(on_command):
     server = listener()
     if on_command:
-        say(listening=server.getsockname()[1])
         for command in commands():
             if command == "reset":
                 break
@@ -85,6 +87,16 @@ def reset(on_command):
         if command == "close":
             client.close()
             say(closed=True)
+
+
+def unconnected():
+    sock = socket.socket()
+    say(made=True)
+    for command in commands():
+        if command == "listen":
+            sock.bind((LOOPBACK, 0))
+            sock.listen(8)
+            say(listening=sock.getsockname()[1])
 
 
 def reset_many(count):
@@ -206,6 +218,8 @@ def main():
         reset("--on-command" in sys.argv)
     elif role == "reset-many":
         reset_many(int(sys.argv[2]))
+    elif role == "unconnected":
+        unconnected()
     elif role == "refused":
         refused()
     elif role == "timed-out":
