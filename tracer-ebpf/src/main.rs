@@ -142,9 +142,9 @@ static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// Room for the copy of a socket's `sock_common` (see `sock::endpoints`):
-/// one per `sock::Reader`, the contexts that interrupt one another.
+/// one per `sock::Reader`, the programs that interrupt one another.
 #[map(name = "SOCK_COMMON")]
-static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(4, 0);
+static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(6, 0);
 
 /// Per CPU, the runs under way of each BPF tracepoint program with a
 /// `_nested` partner, by `state::Partner`: the kernel skips a program only

@@ -27,18 +27,23 @@ pub fn of_file(layout: &Layout, file: *const u8) -> Option<*const u8> {
     }
 }
 
-/// Which `SOCK_COMMON` buffer a reader uses: one per context that can
-/// interrupt another on a CPU.
+/// Which `SOCK_COMMON` buffer a reader uses: one per program, since on a
+/// CPU a softirq's program can interrupt any other program in the middle
+/// of its copy (the kernel refuses only a program's re-entry into itself).
 #[derive(Clone, Copy)]
 pub enum Reader {
     /// A state program's run.
     Probe = 0,
-    /// A `_nested` program's run, inside one of the above.
+    /// A `_nested` state program's run, inside one of the above.
     Nested = 1,
     /// accept()'s exit (process context).
     Accept = 2,
     /// A retransmission (a timer's softirq, or process context).
     Retransmit = 3,
+    /// A destroy program's run (close() in process context, or a softirq).
+    Destroy = 4,
+    /// A `_nested` destroy program's run, inside one of the above.
+    DestroyNested = 5,
 }
 
 /// Reads a `T` at `offset` of a copied block, bounds checked.

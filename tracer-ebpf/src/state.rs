@@ -436,7 +436,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     if let Ok(sk) = unsafe { ctx.read_at::<u64>(offset) } {
         let sk = sk as *const c_void;
         if let Some(entry) = HashStore::get(sk) {
-            on_destroy(sk, entry, Reader::Probe);
+            on_destroy(sk, entry, Reader::Destroy);
         }
         HashStore::done(sk);
     }
@@ -446,7 +446,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     let _running = Running::start(Partner::Destroy);
-    on_destroy_btf(ctx.arg(0), Reader::Probe);
+    on_destroy_btf(ctx.arg(0), Reader::Destroy);
     0
 }
 
@@ -462,7 +462,7 @@ pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let skipped = Running::under_way(Partner::Destroy)
         || SkStore::peek(sk).is_some_and(|known| known.owner.state != 0);
     if skipped {
-        on_destroy_btf(sk, Reader::Nested);
+        on_destroy_btf(sk, Reader::DestroyNested);
     }
     0
 }
