@@ -105,13 +105,13 @@ fn claim_accepted(layout: &Layout, sock_id: u64) {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+pub fn accept4_exit(ctx: TracePointContext) -> u32 {
     on_accept_exit(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
     on_accept_exit(&ctx);
     0
 }

@@ -606,11 +606,12 @@ fn storm_run(
                 memory,
                 lost_events: finished.lost_events,
                 untracked_sockets: finished.untracked_sockets,
+                // After the window: the names take a read of kallsyms.
                 bpf: after
                     .bpf
                     .clone()
                     .zip(before.bpf.clone())
-                    .map(|(a, b)| a.since(&b)),
+                    .map(|(a, b)| a.since(&b).with_full_names()),
                 missed_runs: finished.skipped_runs.unwrap_or(whole_run.recursion_misses),
                 ends_unseen: finished.ends_unseen,
             })

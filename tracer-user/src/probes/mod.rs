@@ -79,8 +79,8 @@ const SKIPS_MADE_UP_FOR: [&str; 1] = ["tcp_destroy_sock_btf"];
 /// Classic tracepoints either way: system call tracepoints have no
 /// BTF-typed variant. (category, name, program).
 const CLASSIC_ONLY: [(&str, &str, &str); 2] = [
-    ("syscalls", "sys_exit_accept4", "sys_exit_accept4"),
-    ("syscalls", "sys_exit_accept", "sys_exit_accept"),
+    ("syscalls", "sys_exit_accept4", "accept4_exit"),
+    ("syscalls", "sys_exit_accept", "accept_exit"),
 ];
 
 /// The collector is woken once an eighth of the ring buffer is waiting;

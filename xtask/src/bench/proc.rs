@@ -156,8 +156,21 @@ pub struct BpfStats {
     /// lost without the tracer knowing.
     pub recursion_misses: u64,
     pub programs: usize,
-    /// (name, run_time_ns, run_count) of each program, by name.
-    pub by_program: Vec<(String, u64, u64)>,
+    /// Each program's counters, by name.
+    pub by_program: Vec<ProgramStats>,
+}
+
+/// One BPF program's counters. Programs are told apart by id: the kernel
+/// keeps only the first 15 bytes of a name, which two programs on one
+/// hook (a program and its `_nested` partner) share.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProgramStats {
+    pub name: String,
+    pub id: u32,
+    /// The hash of its instructions, which names its code in /proc/kallsyms.
+    pub tag: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
 }
 
 impl BpfStats {
@@ -176,20 +189,24 @@ impl BpfStats {
             let Ok(info) = fs::read_to_string(&info_path) else {
                 continue;
             };
-            let field = |key: &str| -> u64 {
+            let text = |key: &str| {
                 info.lines()
                     .find_map(|line| line.strip_prefix(key))
-                    .and_then(|value| value.trim().parse().ok())
-                    .unwrap_or(0)
+                    .map_or("", str::trim)
             };
+            let field = |key: &str| -> u64 { text(key).parse().unwrap_or(0) };
             sum.run_time_ns += field("run_time_ns:");
             sum.run_count += field("run_cnt:");
             sum.recursion_misses += field("recursion_misses:");
             sum.programs += 1;
-            let name = program_name(field("prog_id:") as u32)
-                .unwrap_or_else(|| format!("prog {}", field("prog_id:")));
-            sum.by_program
-                .push((name, field("run_time_ns:"), field("run_cnt:")));
+            let id = field("prog_id:") as u32;
+            sum.by_program.push(ProgramStats {
+                name: program_name(id).unwrap_or_else(|| format!("prog {id}")),
+                id,
+                tag: text("prog_tag:").to_owned(),
+                run_time_ns: field("run_time_ns:"),
+                run_count: field("run_cnt:"),
+            });
         }
         sum.by_program.sort();
         Ok(sum)
@@ -199,17 +216,17 @@ impl BpfStats {
         let by_program = self
             .by_program
             .iter()
-            .map(|(name, time, count)| {
-                let (then_time, then_count) = earlier
-                    .by_program
-                    .iter()
-                    .find(|(then, ..)| then == name)
-                    .map_or((0, 0), |(_, t, c)| (*t, *c));
-                (
-                    name.clone(),
-                    time.saturating_sub(then_time),
-                    count.saturating_sub(then_count),
-                )
+            .map(|now| {
+                let then = earlier.by_program.iter().find(|then| then.id == now.id);
+                ProgramStats {
+                    run_time_ns: now
+                        .run_time_ns
+                        .saturating_sub(then.map_or(0, |then| then.run_time_ns)),
+                    run_count: now
+                        .run_count
+                        .saturating_sub(then.map_or(0, |then| then.run_count)),
+                    ..now.clone()
+                }
             })
             .collect();
         Self {
@@ -222,9 +239,54 @@ impl BpfStats {
             by_program,
         }
     }
+
+    /// Gives each program its whole name, from the symbol of its code in
+    /// /proc/kallsyms (`bpf_prog_<tag>_<name>`), where the kernel lists it.
+    /// Reads a large file: call it outside a measured window, while the
+    /// programs are still loaded.
+    pub fn with_full_names(mut self) -> Self {
+        let Ok(symbols) = fs::read_to_string("/proc/kallsyms") else {
+            return self;
+        };
+        for program in &mut self.by_program {
+            if let Some(name) = full_name(&symbols, &program.tag, &program.name) {
+                program.name = name.to_owned();
+            }
+        }
+        self.by_program.sort();
+        self
+    }
 }
 
-/// The name a BPF program was loaded with (at most 15 bytes), from its id:
+/// The kernel keeps the first `SHORT_NAME` bytes of a program's name.
+const SHORT_NAME: usize = 15;
+
+/// The whole name of a program whose short name may be cut: from the
+/// symbols of its code, `bpf_prog_<tag>_<name>`, the one that begins with
+/// the short name (programs with the same code share a tag), the short
+/// name itself if a program has it whole.
+fn full_name<'a>(kallsyms: &'a str, tag: &str, short_name: &str) -> Option<&'a str> {
+    if tag.is_empty() || short_name.len() < SHORT_NAME {
+        return None;
+    }
+    let prefix = format!("bpf_prog_{tag}_");
+    let names: Vec<&str> = kallsyms
+        .lines()
+        .filter_map(|line| {
+            line.split_whitespace()
+                .nth(2)?
+                .strip_prefix(prefix.as_str())
+        })
+        .filter(|name| name.starts_with(short_name))
+        .collect();
+    names
+        .iter()
+        .find(|&&name| name == short_name)
+        .or(names.first())
+        .copied()
+}
+
+/// The name a BPF program was loaded with (its first 15 bytes), from its id:
 /// `BPF_PROG_GET_FD_BY_ID` and `BPF_OBJ_GET_INFO_BY_FD`.
 fn program_name(id: u32) -> Option<String> {
     /// `enum bpf_cmd` in `linux/bpf.h`.
@@ -362,4 +424,74 @@ pub fn has_attached_bpf(pid: u32) -> bool {
         .collect();
     let has = |name: &str| targets.iter().any(|target| target == name);
     has("anon_inode:bpf-prog") && (has("anon_inode:bpf_link") || has("anon_inode:[perf_event]"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program(name: &str, id: u32, run_time_ns: u64, run_count: u64) -> ProgramStats {
+        ProgramStats {
+            name: name.into(),
+            id,
+            tag: format!("{id:016x}"),
+            run_time_ns,
+            run_count,
+        }
+    }
+
+    fn stats(by_program: Vec<ProgramStats>) -> BpfStats {
+        BpfStats {
+            by_program,
+            ..BpfStats::default()
+        }
+    }
+
+    #[test]
+    fn programs_that_share_a_short_name_are_counted_apart() {
+        // The partner program runs less and sorts first under the shared
+        // name: matched by name, the busy one would be charged its time.
+        let before = stats(vec![
+            program("inet_sock_set_s", 8, 100, 10),
+            program("inet_sock_set_s", 7, 5_000, 10),
+        ]);
+        let after = stats(vec![
+            program("inet_sock_set_s", 8, 150, 20),
+            program("inet_sock_set_s", 7, 9_000, 20),
+        ]);
+        let window = after.since(&before);
+        let by_id = |id| window.by_program.iter().find(|p| p.id == id).unwrap();
+        assert_eq!((by_id(7).run_time_ns, by_id(7).run_count), (4_000, 10));
+        assert_eq!((by_id(8).run_time_ns, by_id(8).run_count), (50, 10));
+    }
+
+    #[test]
+    fn whole_names_come_from_the_programs_symbols() {
+        let kallsyms = "\
+ffffffffc0001000 t bpf_prog_00000000000000ab_inet_sock_set_state_btf\t[bpf]
+ffffffffc0002000 t bpf_prog_00000000000000cd_inet_sock_set_state_btf_nested\t[bpf]
+ffffffffc0003000 t bpf_prog_00000000000000ef_tcp_destroy_sock_btf\t[bpf]
+ffffffffc0004000 t bpf_prog_00000000000000ef_tcp_destroy_soc\t[bpf]
+ffffffff81000000 T _stext
+";
+        let name = |tag, short| full_name(kallsyms, tag, short);
+        assert_eq!(
+            name("00000000000000cd", "inet_sock_set_s"),
+            Some("inet_sock_set_state_btf_nested")
+        );
+        assert_eq!(
+            name("00000000000000ab", "inet_sock_set_s"),
+            Some("inet_sock_set_state_btf")
+        );
+        // One code under two names that agree in their first 15 bytes:
+        // the short name is taken as whole where a program has it whole.
+        assert_eq!(
+            name("00000000000000ef", "tcp_destroy_soc"),
+            Some("tcp_destroy_soc")
+        );
+        // A short name under 15 bytes is whole already.
+        assert_eq!(name("00000000000000ef", "tcp_destroy"), None);
+        assert_eq!(name("0000000000000012", "inet_sock_set_s"), None);
+        assert_eq!(name("", "inet_sock_set_s"), None);
+    }
 }

@@ -636,13 +636,14 @@ fn bpf_programs_table(out: &mut String, r: &Results) -> fmt::Result {
             continue;
         };
         let per_conn = |value: u64| value as f64 / run.connections.max(1) as f64;
-        for (name, time, count) in bpf.by_program.iter().filter(|(_, _, count)| *count > 0) {
+        for program in bpf.by_program.iter().filter(|p| p.run_count > 0) {
             writeln!(
                 out,
-                "| `{}` | `{name}` | {:.0} ns | {:.2} |",
+                "| `{}` | `{}` | {:.0} ns | {:.2} |",
                 tracer.name,
-                per_conn(*time),
-                per_conn(*count)
+                program.name,
+                per_conn(program.run_time_ns),
+                per_conn(program.run_count)
             )?;
         }
     }
@@ -964,6 +965,23 @@ mod tests {
         );
         assert!(line("| `socktrace watch --json` | 10,000 |").contains("| 0.0200–0.1800 |"));
         assert!(line("| `tcplife` |").contains("| 3 + 0 |"));
+    }
+
+    #[test]
+    fn neighbours_row_shows_ends_unseen_without_failing_on_them() {
+        let mut results = results();
+        let (run, _) = results.neighbours.as_mut().unwrap();
+        run.tracer.as_mut().unwrap().ends_unseen = 7;
+        let mut out = String::new();
+        render(&mut out, &results).unwrap();
+        let row = out
+            .lines()
+            .find(|line| line.starts_with("| 0 probe runs skipped"))
+            .unwrap();
+        assert!(
+            row.ends_with("(75,000 connections; 7 sockets ended unseen) | pass |"),
+            "{row}"
+        );
     }
 
     #[test]
