@@ -600,18 +600,20 @@ fn storm_run(
         Some(running) => {
             let memory = running.memory()?;
             let whole_run = BpfStats::read(running.pid())?;
+            // After the window, while the programs are loaded: the names
+            // take a read of kallsyms.
+            let bpf = after
+                .bpf
+                .clone()
+                .zip(before.bpf.clone())
+                .map(|(a, b)| a.since(&b).with_full_names());
             let finished = running.stop()?;
             Some(TracerSample {
                 cpu_secs: after.tracer_cpu - before.tracer_cpu,
                 memory,
                 lost_events: finished.lost_events,
                 untracked_sockets: finished.untracked_sockets,
-                // After the window: the names take a read of kallsyms.
-                bpf: after
-                    .bpf
-                    .clone()
-                    .zip(before.bpf.clone())
-                    .map(|(a, b)| a.since(&b).with_full_names()),
+                bpf,
                 missed_runs: finished.skipped_runs.unwrap_or(whole_run.recursion_misses),
                 ends_unseen: finished.ends_unseen,
             })
