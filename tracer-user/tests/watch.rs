@@ -362,8 +362,11 @@ fn closes_while_another_process_reads_the_fds_stay_the_closers() {
     println!("{made} connections, {reads} fd links read beside them");
     // A socket whose start was lost (a skipped probe run, a full ring) has
     // no known owner, and its close names whoever ran it: the reader too.
+    // So has one whose start the kernel announced to no program: ends
+    // unseen mark the bursts where that happens (README, known problem).
     let starts_lost = loss_count(&stderr, "probe runs skipped")
-        + loss_count(&stderr, "events lost (ring buffer full)");
+        + loss_count(&stderr, "events lost (ring buffer full)")
+        + loss_count(&stderr, "sockets ended unseen");
     if starts_lost > 0 {
         println!("not asserted: {starts_lost} events lost, owners unknown ({stderr:?})");
         return;
