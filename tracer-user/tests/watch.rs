@@ -362,8 +362,8 @@ fn closes_while_another_process_reads_the_fds_stay_the_closers() {
     println!("{made} connections, {reads} fd links read beside them");
     // A socket whose start was lost (a skipped probe run, a full ring) has
     // no known owner, and its close names whoever ran it: the reader too.
-    // So has one whose start the kernel announced to no program: ends
-    // unseen mark the bursts where that happens (README, known problem).
+    // So, it seems, has one in the bursts where sockets end unseen (their
+    // starts reach no program either: README, known problem).
     let starts_lost = loss_count(&stderr, "probe runs skipped")
         + loss_count(&stderr, "events lost (ring buffer full)")
         + loss_count(&stderr, "sockets ended unseen");
