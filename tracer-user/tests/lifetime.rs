@@ -14,7 +14,7 @@ use std::{process::Command, thread, time::Duration};
 
 use common::{
     NetNs, Role, Tracer, Watch, go_workload, is_process_of, last_report, lines_of, loopback,
-    number, peer, port_of, require_root,
+    loss_count, number, peer, port_of, require_root,
 };
 use serde_json::Value;
 
@@ -28,12 +28,39 @@ fn of_local_port(events: &[Value], port: u64) -> Vec<&Value> {
         .collect()
 }
 
-fn find_change<'a>(events: &[&'a Value], old: &str, new: &str) -> &'a Value {
+fn change<'a>(events: &[&'a Value], old: &str, new: &str) -> Option<&'a Value> {
     events
         .iter()
         .find(|e| e["old"] == old && e["new"] == new)
         .copied()
-        .unwrap_or_else(|| panic!("no {old} -> {new} in {events:#?}"))
+}
+
+fn find_change<'a>(events: &[&'a Value], old: &str, new: &str) -> &'a Value {
+    change(events, old, new).unwrap_or_else(|| panic!("no {old} -> {new} in {events:#?}"))
+}
+
+/// The `old -> new` change made in softirq (a reset, a timeout), or None
+/// when it is missing and socktrace counted runs the kernel skipped. Classic
+/// tracepoint programs share one guard per CPU with every other such
+/// program, a parallel test's tracer too, so the fallback may lose that one
+/// change; the loss must then be counted, never silent.
+fn softirq_change<'a>(
+    events: &[&'a Value],
+    old: &str,
+    new: &str,
+    stderr: &[String],
+) -> Option<&'a Value> {
+    let found = change(events, old, new);
+    if found.is_some() {
+        return found;
+    }
+    let skipped = loss_count(stderr, "probe runs skipped");
+    assert!(
+        skipped > 0,
+        "no {old} -> {new}, and no skipped run counted, in {events:#?}"
+    );
+    println!("no {old} -> {new}, with {skipped} probe runs skipped and counted: not asserted");
+    None
 }
 
 /// The peer resets the connection (SO_LINGER 0); the client keeps its fd
@@ -58,7 +85,10 @@ fn trace_shows_a_reset_socket_held_then_released() {
     let socket = of_local_port(&events, local_port);
     let pid = u64::from(client.pid());
 
-    let closed = find_change(&socket, "ESTABLISHED", "CLOSED_HELD");
+    let Some(closed) = softirq_change(&socket, "ESTABLISHED", "CLOSED_HELD", &finished.stderr)
+    else {
+        return;
+    };
     assert_eq!(closed["pid"], pid, "{closed:#}");
     assert_eq!(closed["cause"], "reset", "{closed:#}");
     let released = find_change(&socket, "CLOSED_HELD", "CLOSE");
@@ -197,12 +227,15 @@ fn a_refused_connect_kept_open_is_held() {
     let client = Role::spawn(ROLES, &["refused"]);
     let port = client.expect("refused")["port"].as_u64().expect("a port");
     thread::sleep(Duration::from_millis(300));
-    let events = tracer.stop().json();
+    let finished = tracer.stop();
+    let events = finished.json();
     let refused: Vec<&Value> = events
         .iter()
         .filter(|e| port_of(&e["remote"]) == port)
         .collect();
-    let closed = find_change(&refused, "SYN_SENT", "CLOSED_HELD");
+    let Some(closed) = softirq_change(&refused, "SYN_SENT", "CLOSED_HELD", &finished.stderr) else {
+        return;
+    };
     assert_eq!(closed["pid"], client.pid(), "{closed:#}");
     assert_eq!(closed["cause"], "refused", "{closed:#}");
 }
@@ -226,13 +259,15 @@ fn a_timed_out_connect_kept_open_is_held() {
     let done = client.expect_within("timed_out", Duration::from_secs(30));
     assert_eq!(done["timed_out"], true, "{done}");
     thread::sleep(Duration::from_millis(300));
-    let events = tracer.stop().json();
+    let finished = tracer.stop();
+    let events = finished.json();
     let mine: Vec<&Value> = events
         .iter()
         .filter(|e| e["pid"] == client.pid() && port_of(&e["remote"]) == port)
         .collect();
-    let closed = find_change(&mine, "SYN_SENT", "CLOSED_HELD");
-    assert_eq!(closed["cause"], "timed_out", "{closed:#}");
+    if let Some(closed) = softirq_change(&mine, "SYN_SENT", "CLOSED_HELD", &finished.stderr) {
+        assert_eq!(closed["cause"], "timed_out", "{closed:#}");
+    }
 }
 
 /// A reset socket held through a dup and by a forked child: it ends with
