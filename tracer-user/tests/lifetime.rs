@@ -392,11 +392,18 @@ fn the_incident_with_keepalive_resets_stays_in_view() {
     thread::sleep(Duration::from_secs(5));
     let exit = watch.mark();
     client.finish();
+    // The CLOSE_WAIT alert's own resolution: the fd alert's may come a
+    // report earlier.
     watch.wait_since(
         exit,
-        "the alert resolved",
+        "the CLOSE_WAIT alert resolved",
         Duration::from_secs(15),
-        |line| line["type"] == "alert" && line["pid"] == client_pid && line["state"] == "resolved",
+        |line| {
+            line["type"] == "alert"
+                && line["pid"] == client_pid
+                && line["kind"] == "close_wait"
+                && line["state"] == "resolved"
+        },
     );
     server.finish();
     let lines = watch.stop();
