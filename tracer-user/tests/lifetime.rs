@@ -392,8 +392,8 @@ fn the_incident_with_keepalive_resets_stays_in_view() {
     thread::sleep(Duration::from_secs(5));
     let exit = watch.mark();
     client.finish();
-    // The CLOSE_WAIT alert's own resolution: the fd alert's may come a
-    // report earlier.
+    // The CLOSE_WAIT alert's own resolution: another of the pid's alerts
+    // (fd exhaustion, socket growth) may resolve a report earlier.
     watch.wait_since(
         exit,
         "the CLOSE_WAIT alert resolved",
