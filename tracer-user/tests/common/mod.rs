@@ -570,9 +570,12 @@ pub fn go_workload(name: &str) -> PathBuf {
     if modified(&binary).is_some_and(|built| modified(&source).is_some_and(|src| built >= src)) {
         return binary;
     }
+    // Built aside and renamed into place: another test process (xtask runs
+    // the ten-minute forecast beside the suite) may look for it meanwhile.
+    let partial = tmp.join(format!("workload-{name}.{}", std::process::id()));
     let status = Command::new("go")
         .args(["build", "-o"])
-        .arg(&binary)
+        .arg(&partial)
         .arg(&source)
         .env("GOCACHE", tmp.join("go-cache"))
         .env("GOPATH", tmp.join("go-path"))
@@ -581,6 +584,7 @@ pub fn go_workload(name: &str) -> PathBuf {
         .status()
         .expect("running go build (golang-go is installed by `cargo xtask test`)");
     assert!(status.success(), "go build of {} failed", source.display());
+    std::fs::rename(&partial, &binary).expect("moving the built workload into place");
     binary
 }
 

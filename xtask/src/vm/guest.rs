@@ -49,7 +49,7 @@ pub struct Run<'a> {
     pub busybox: &'a Path,
     pub build: &'a TestBuild,
     /// The test binaries to run, in order.
-    pub suite: &'a [SuiteBinary],
+    pub suite: &'a [&'a SuiteBinary],
     /// Environment for the test binaries.
     pub env: Vec<(&'a str, String)>,
     /// Where the initramfs, the guest script and the console log go.
