@@ -16,11 +16,11 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 /// socket, and its transitions not yet reported.
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Socket-local storage of [`SocketEntry`]s, for the programs on BTF
-/// tracepoints (Linux 5.11+).
+/// tracepoints (Linux 5.11+): the sockets beyond [`SOCKETS_MAP`]'s size.
 pub const SK_STORE_MAP: &str = "SK_STORE";
 /// Socket address -> [`SocketOwner`] for sockets found at start, and
-/// owners found in userspace or by accept(), when the state lives in
-/// [`SK_STORE_MAP`]: moved there at the socket's next event.
+/// owners found in userspace or by accept(), with BTF tracepoints (whose
+/// state may live in [`SK_STORE_MAP`]): taken at the socket's next event.
 pub const SEEDED_MAP: &str = "SEEDED";
 
 /// tgid -> 1 for the `-p` filter (consulted only when `Config::filter_pids` is set).
@@ -32,13 +32,13 @@ pub const NS_FILTER_MAP: &str = "NS_FILTER";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 /// Default ring buffer size: 2 MiB holds about 9k records. `watch` and
-/// `serve` get one record per socket that lives less than the hold
-/// ([`Config::hold_ns`]), two per connection: a second of a saturated
-/// loopback storm on two cores, while the collector drains it every 100 ms.
-/// `trace` gets one per transition (ten per connection). It counts twice in
-/// RSS: the kernel maps the data pages twice.
+/// `serve` get six per loopback connection (the kernel holds transitions,
+/// see [`holds`], and accept() names the server's owner), `trace` eleven;
+/// the collector is woken once an eighth of the ring waits, and drains it
+/// every 100 ms anyway: no loss in a saturated loopback storm on two
+/// cores. It counts twice in RSS: the kernel maps the data pages twice.
 pub const DEFAULT_RING_BYTES: u32 = 2 << 20;
-/// Default capacity of the socket ownership map.
+/// Default capacity of the socket map ([`SOCKETS_MAP`]).
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 /// Size of the pid filter map (`-p` may be given this many times).
 pub const MAX_PID_FILTER: u32 = 64;
@@ -479,8 +479,9 @@ pub struct Config {
     /// between wake-ups it drains on its own timer. Waking it for every event
     /// costs more than the event itself at high rates.
     pub wakeup_bytes: u32,
-    /// Non-zero: the state lives in socket storage ([`SK_STORE_MAP`]), and
-    /// the iterator records holders in [`SEEDED_MAP`].
+    /// Non-zero: BTF tracepoints, whose state may live in socket storage
+    /// ([`SK_STORE_MAP`]) too, and the iterator records holders in
+    /// [`SEEDED_MAP`].
     pub sk_storage: u32,
     /// Transitions into the states [`holds`] names are held in the
     /// socket's entry and reported with the next transition, or when the

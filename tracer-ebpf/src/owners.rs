@@ -19,28 +19,31 @@ use crate::{
     EVENTS, bump, claim_owner, config, header, owner_wanted, read_kernel, read_ptr,
     set_owner_to_current,
     sock::{self, Reader},
-    store::{HashStore, SkStore, SocketStore, leave_owner},
+    state,
+    store::{HashStore, SocketStore, TieredStore, leave_owner},
     wakeup_flag,
 };
 
 /// Records `current` as the owner of a socket already tracked: the
 /// socket's next report carries it, and the collector is told at once if
 /// `at_once` (see `announce`). `sk` must be the typed pointer when `S` is
-/// [`SkStore`].
+/// [`TieredStore`]. False if the store has no entry for the socket.
 #[inline(always)]
-fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource, at_once: bool) {
+fn claim_socket<S: SocketStore>(sk: *const c_void, source: OwnerSource, at_once: bool) -> bool {
     let Some(known) = S::get_or_seeded(sk) else {
-        return;
+        return false;
     };
     if claim_owner(&mut known.owner, source) {
         announce(sk as u64, &known.owner, at_once);
     }
+    true
 }
 
 /// Tells the collector a socket's new owner at once: always when each
 /// transition is reported as it happens (`trace`: the transitions of a
 /// passive open wait for it there), otherwise if `at_once` (accept()). A
 /// connect() or close() claim rides with the transition it comes with.
+/// The user's filters apply as to every report.
 #[inline(always)]
 fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     let config = config();
@@ -51,6 +54,9 @@ fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     else {
         return;
     };
+    if !state::wanted(&endpoints, owner) {
+        return;
+    }
     let Some(mut slot) = EVENTS.reserve::<StateChangesEvent>(0) else {
         bump(counter::LOST_EVENTS);
         return;
@@ -67,28 +73,29 @@ fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     slot.submit(wakeup_flag());
 }
 
-/// A claim from a program that sees the socket as an address only.
+/// A claim from a program that sees the socket as an address only, made if
+/// the socket's entry is in the hash map. (With BTF tracepoints, one in
+/// socket storage is claimed by its own state changes, `owner_claim`: all
+/// but a close that resets the connection, whose owner the collector
+/// keeps.)
 #[inline(always)]
 fn claim_by_address(sock_id: u64, source: OwnerSource) {
-    if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sock_id as *const c_void, source, false);
-    }
-    // With the state in socket storage, connect() and close() are claimed
-    // by their own state changes (owner_claim); only the close that resets
-    // a connection goes unnamed (the collector keeps its owner).
+    let _ = claim_socket::<HashStore>(sock_id as *const c_void, source, false);
 }
 
 /// accept() returned `sock_id`: its owner is told at once. The handshake
 /// went out with ESTABLISHED, before accept() and with no owner, and the
 /// socket's next transition may be hours away (a quiet connection, or a
 /// CLOSE_WAIT its server never closes); without the news the collector
-/// would search the file tables for every server socket. With the state in
-/// socket storage, the owner is also left for the socket's next report to
-/// take (this program cannot reach the storage).
+/// would search the file tables for every server socket. An entry in the
+/// hash map is claimed in place; for one in socket storage (BTF
+/// tracepoints), the owner is left for the socket's next report to take
+/// (this program cannot reach the storage).
 #[inline(always)]
 fn claim_accepted(layout: &Layout, sock_id: u64) {
-    if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept, true);
+    if claim_socket::<HashStore>(sock_id as *const c_void, OwnerSource::Accept, true)
+        || config().sk_storage == 0
+    {
         return;
     }
     // accept() returns any kind of socket: only TCP ones are tracked (an
@@ -170,11 +177,11 @@ pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
 /// fentry's `sk` is the kernel's typed pointer: socket storage takes it.
 #[inline(always)]
 fn claim_typed(sk: *const c_void, source: OwnerSource) {
-    if config().sk_storage == 0 {
-        claim_socket::<HashStore>(sk, source, false);
+    let _ = if config().sk_storage == 0 {
+        claim_socket::<HashStore>(sk, source, false)
     } else {
-        claim_socket::<SkStore>(sk, source, false);
-    }
+        claim_socket::<TieredStore>(sk, source, false)
+    };
 }
 
 #[kprobe]

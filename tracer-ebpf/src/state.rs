@@ -2,8 +2,9 @@
 //! a socket that reached CLOSE while a file still held it
 //! (`tcp:tcp_destroy_sock`), each as a classic tracepoint (the record the
 //! kernel builds, state in the hash map) and as a BTF tracepoint (the
-//! kernel's own arguments, state in socket storage). One handler serves
-//! both, generic over how the fields are read and where the state lives.
+//! kernel's own arguments, state in the hash map and, beyond its size, in
+//! socket storage). One handler serves both, generic over how the fields
+//! are read and where the state lives.
 //!
 //! A transition is applied to the socket's entry. When the collector
 //! aggregates, one into a state that TCP's own timers end (a handshake, a
@@ -23,15 +24,15 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, DWELL_UNKNOWN, Endpoints, EventKind, IPPROTO_TCP, Layout, MAX_HELD_STEPS, OwnerSource,
-    ReleaseEvent, SET_STATE_RECORD_BYTES, SocketEntry, StateChangesEvent, counter, holds,
-    owner_claim, tcp_state,
+    ReleaseEvent, SET_STATE_RECORD_BYTES, SocketEntry, SocketOwner, StateChangesEvent, counter,
+    holds, owner_claim, tcp_state,
 };
 
 use crate::{
     EVENTS, RUNNING, SET_STATE_RECORD, bump, claim_owner, config, copy_words, current_comm, emit,
     header_at, ktime_ns, netns_wanted, owner_wanted, read_kernel,
     sock::{self, Reader, copied_field},
-    store::{HashStore, SkStore, SocketStore, adopt_owner, forget_seeded, start_afresh},
+    store::{HashStore, SocketStore, TieredStore, adopt_owner, forget_seeded, start_afresh},
     wakeup_flag,
 };
 
@@ -195,7 +196,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     let _running = Running::start(Partner::SetState);
-    let _ = on_state_change::<SkStore>(&SockFields::read(&ctx, Reader::Probe));
+    let _ = on_state_change::<TieredStore>(&SockFields::read(&ctx, Reader::Probe));
     0
 }
 
@@ -206,18 +207,18 @@ pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     // A run under way means the kernel skipped the first program for this
     // event. Outside one (the kernel also skips it in the instructions of
     // its own dispatch around that count, which a neighbour's interrupts
-    // hit hundreds of times a minute), the socket's storage tells: the
-    // first program applies every transition of a TCP socket there, and
-    // gives storage to every TCP socket it sees.
+    // hit hundreds of times a minute), the socket's entry tells: the first
+    // program applies every transition of a TCP socket to it, and gives
+    // every TCP socket it sees one, kept until the socket is freed.
     let skipped = Running::under_way(Partner::SetState)
-        || match SkStore::peek(fields.sk) {
+        || match TieredStore::peek(fields.sk) {
             Some(known) => known.owner.state == old,
             None => fields.protocol() == Ok(IPPROTO_TCP),
         };
     if skipped {
         // The kernel counted the skip whatever the event: so is the rescue.
         bump(counter::RESCUED);
-        let _ = on_state_change::<SkStore>(&fields);
+        let _ = on_state_change::<TieredStore>(&fields);
     }
     0
 }
@@ -353,16 +354,8 @@ pub fn report(
     endpoints: Result<Endpoints, i64>,
     now: u64,
 ) -> bool {
-    let config = config();
     let wanted = match &endpoints {
-        Ok(endpoints) => {
-            (config.filter_family == 0 || endpoints.family == config.filter_family)
-                && (config.filter_port == 0
-                    || endpoints.local_port == config.filter_port
-                    || endpoints.remote_port == config.filter_port)
-                && owner_wanted(config, &entry.owner)
-                && netns_wanted(entry.owner.netns)
-        }
+        Ok(endpoints) => wanted(endpoints, &entry.owner),
         Err(_) => false,
     };
     if let (true, Ok(endpoints)) = (wanted, endpoints) {
@@ -387,6 +380,19 @@ pub fn report(
     true
 }
 
+/// Whether the user's filters (`--port`, `--family`, `-p`, a container)
+/// want the socket's records.
+#[inline(always)]
+pub fn wanted(endpoints: &Endpoints, owner: &SocketOwner) -> bool {
+    let config = config();
+    (config.filter_family == 0 || endpoints.family == config.filter_family)
+        && (config.filter_port == 0
+            || endpoints.local_port == config.filter_port
+            || endpoints.remote_port == config.filter_port)
+        && owner_wanted(config, owner)
+        && netns_wanted(owner.netns)
+}
+
 /// Starts holding afresh from the socket's current state.
 #[inline(always)]
 fn clear_held(entry: &mut SocketEntry) {
@@ -409,7 +415,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
-    on_retransmit::<SkStore>(ctx.arg(0));
+    on_retransmit::<TieredStore>(ctx.arg(0));
     0
 }
 
@@ -450,17 +456,18 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// See `inet_sock_set_state_btf_nested`; the first program marks the
-/// storage of a socket it releases (state 0). A destroy matters only for a
-/// socket with storage (a release is said only for one), and for those the
-/// storage tells whether the first program took it: every skip that could
-/// lose something is made up for here, so the collector does not count the
-/// first program's skips (and this one counts no rescues).
+/// See `inet_sock_set_state_btf_nested`; the first program removes the
+/// entry of a socket it releases, or marks it (state 0) in storage. A
+/// destroy matters only for a socket with an entry (a release is said only
+/// for one), and for those the entry tells whether the first program took
+/// it: every skip that could lose something is made up for here, so the
+/// collector does not count the first program's skips (and this one counts
+/// no rescues).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
     let skipped = Running::under_way(Partner::Destroy)
-        || SkStore::peek(sk).is_some_and(|known| known.owner.state != 0);
+        || TieredStore::peek(sk).is_some_and(|known| known.owner.state != 0);
     if skipped {
         on_destroy_btf(sk, Reader::DestroyNested);
     }
@@ -469,20 +476,22 @@ pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_destroy_btf(sk: *const c_void, reader: Reader) {
-    // Storage goes with the socket; a socket found at start with no event
-    // since is still in SEEDED.
-    match SkStore::get_or_seeded(sk) {
+    // A socket found at start with no event since is still in SEEDED.
+    match TieredStore::get_or_seeded(sk) {
         Some(entry) => {
             on_destroy(sk, entry, reader);
+            // Released, for the nested program (storage stays readable
+            // until the socket's free).
             entry.owner.state = 0;
             // What accept() or the collector left in SEEDED for a socket
-            // whose storage named its owner already goes with it.
+            // whose entry named its owner already goes with it.
             if entry.passive != 0 || entry.owner.source == OwnerSource::ProcFd as u8 {
                 forget_seeded(sk as u64);
             }
         }
         None => forget_seeded(sk as u64),
     }
+    TieredStore::forget(sk);
 }
 
 /// The socket is freed: what it still holds is reported (its CLOSE was,
@@ -510,12 +519,12 @@ fn on_destroy(sk: *const c_void, entry: &mut SocketEntry, reader: Reader) {
     if owner.closed_held == 0 || owner.state != tcp_state::CLOSE {
         return;
     }
-    if !owner_wanted(config, &owner) || !netns_wanted(owner.netns) {
-        return;
-    }
     let Ok(endpoints) = sock::endpoints(&config.layout, sk.cast(), reader) else {
         return;
     };
+    if !wanted(&endpoints, &owner) {
+        return;
+    }
     let mut header = header_at(EventKind::Release, sk as u64, now);
     // socktrace's own file-table scan let go last (see `claim_owner`): the
     // release is the owner's, which the collector names when none is sent.

@@ -1,16 +1,19 @@
-//! Where each socket's [`SocketEntry`] lives: in the `SOCKETS` hash map,
-//! keyed by the socket's address (classic tracepoints, any kernel), or on
-//! the socket itself in socket-local storage (BTF tracepoints, Linux 5.11+),
-//! which costs a third of a hash lookup, needs no size chosen in advance,
-//! and is freed with the socket.
+//! Where each socket's [`SocketEntry`] lives. Classic tracepoints keep it
+//! in the `SOCKETS` hash map, keyed by the socket's address, sized by
+//! `--max-sockets` ([`HashStore`]). BTF tracepoints (Linux 5.11+) keep it
+//! there too while the map has room, and on the socket itself, in
+//! socket-local storage, beyond ([`TieredStore`]): nothing is untracked at
+//! any count. Socket storage is the cheaper lookup, but dearer to create
+//! and free (an allocation with a memory-cgroup charge, and an RCU free),
+//! which a storm of short connections pays twice per connection; the hash
+//! map's elements come from a per-CPU cache.
 //!
 //! Programs that see a socket only as an address (the socket-file iterator,
 //! the accept() tracepoint, kprobes) cannot reach socket storage: the helper
-//! wants the kernel's typed pointer. They leave what they learned in
-//! `SEEDED`, a hash map the storage store takes it from at the socket's next
-//! event: a whole entry for a socket found at
-//! start, or only the owner (`state` 0) for a socket whose storage has no
-//! owner yet.
+//! wants the kernel's typed pointer. With BTF tracepoints they leave what
+//! they learned in `SEEDED`, a hash map the store takes it from at the
+//! socket's next event: a whole entry for a socket found at start, or only
+//! the owner (`state` 0) for a socket whose entry has no owner yet.
 
 use core::ffi::c_void;
 
@@ -61,13 +64,11 @@ impl SocketStore for HashStore {
 
     #[inline(always)]
     fn create(sk: *const c_void) -> Option<&'static mut SocketEntry> {
-        // By reference: a copy by value would take 168 bytes of stack.
-        #[allow(clippy::needless_borrows_for_generic_args)]
-        if SOCKETS.insert(sk as u64, &ZEROED, 0).is_err() {
+        let created = Self::insert(sk);
+        if created.is_none() {
             bump(counter::SOCKET_MAP_FULL);
-            return None;
         }
-        Self::get(sk)
+        created
     }
 
     #[inline(always)]
@@ -76,38 +77,59 @@ impl SocketStore for HashStore {
     }
 }
 
-/// Socket-local storage (`SK_STORE`), with the sockets found at start
-/// taken over from `SEEDED`. Only for programs whose `sk` is the kernel's
-/// typed pointer (BTF tracepoints): the helpers check it.
-pub struct SkStore;
+impl HashStore {
+    /// Gives the socket a zeroed entry, or None if the map is full.
+    #[inline(always)]
+    fn insert(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+        // By reference: a copy by value would take 168 bytes of stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        SOCKETS.insert(sk as u64, &ZEROED, 0).ok()?;
+        Self::get(sk)
+    }
+}
+
+/// The `SOCKETS` hash map while it has room, socket-local storage
+/// (`SK_STORE`) beyond, with the sockets found at start taken over from
+/// `SEEDED`. Only for programs whose `sk` is the kernel's typed pointer
+/// (BTF tracepoints): the storage helpers check it. An entry stays until
+/// the socket is freed (`tcp_destroy_sock`), so that the `_nested` programs
+/// can tell from it whether the first program saw an event.
+pub struct TieredStore;
 
 #[inline(always)]
 fn sk_store() -> *mut c_void {
     core::ptr::from_ref(&SK_STORE).cast_mut().cast()
 }
 
-impl SkStore {
-    /// The socket's storage as it is, owner or not, with nothing taken
-    /// from `SEEDED`.
+/// The socket's storage, if it has any.
+#[inline(always)]
+fn storage_of(sk: *const c_void) -> Option<&'static mut SocketEntry> {
+    // SAFETY: `sk` is the program's typed `struct sock *`; the helper
+    // returns the socket's storage or null.
+    let entry = unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
+    // SAFETY: non-null storage is a SocketEntry, valid for this run.
+    unsafe { entry.cast::<SocketEntry>().as_mut() }
+}
+
+impl TieredStore {
+    /// The socket's entry as it is, owner or not, with nothing taken from
+    /// `SEEDED`.
     #[inline(always)]
     pub fn peek(sk: *const c_void) -> Option<&'static SocketEntry> {
-        // SAFETY: as in `get`.
-        let entry =
-            unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
-        // SAFETY: as in `get`.
-        unsafe { entry.cast::<SocketEntry>().as_ref() }
+        Self::get(sk).map(|entry| &*entry)
+    }
+
+    /// Forgets the socket, which is being freed (its storage goes with it).
+    #[inline(always)]
+    pub fn forget(sk: *const c_void) {
+        HashStore::done(sk);
     }
 }
 
-impl SocketStore for SkStore {
+impl SocketStore for TieredStore {
     #[inline(always)]
     fn get(sk: *const c_void) -> Option<&'static mut SocketEntry> {
-        // SAFETY: `sk` is the program's typed `struct sock *`; the helper
-        // returns the socket's storage or null.
-        let entry =
-            unsafe { bpf_sk_storage_get(sk_store(), sk.cast_mut(), core::ptr::null_mut(), 0) };
-        // SAFETY: non-null storage is a SocketEntry, valid for this run.
-        unsafe { entry.cast::<SocketEntry>().as_mut() }
+        HashStore::get(sk).or_else(|| storage_of(sk))
     }
 
     #[inline(always)]
@@ -137,8 +159,12 @@ impl SocketStore for SkStore {
 
     #[inline(always)]
     fn create(sk: *const c_void) -> Option<&'static mut SocketEntry> {
-        // SAFETY: as in `get`; with F_CREATE and no value the helper gives
-        // the socket zeroed storage (or fails under memory pressure: null).
+        if let Some(entry) = HashStore::insert(sk) {
+            return Some(entry);
+        }
+        // SAFETY: as in `storage_of`; with F_CREATE and no value the helper
+        // gives the socket zeroed storage (or fails under memory pressure:
+        // null).
         let created = unsafe {
             bpf_sk_storage_get(
                 sk_store(),
@@ -147,7 +173,7 @@ impl SocketStore for SkStore {
                 u64::from(BPF_SK_STORAGE_GET_F_CREATE),
             )
         };
-        // SAFETY: as in `get`.
+        // SAFETY: as in `storage_of`.
         let created = unsafe { created.cast::<SocketEntry>().as_mut() };
         if created.is_none() {
             bump(counter::SOCKET_MAP_FULL);
@@ -155,9 +181,9 @@ impl SocketStore for SkStore {
         created
     }
 
-    /// Left on the socket, which frees it: a program's delete waits for an
-    /// RCU tasks-trace grace period per socket, the socket's own free does
-    /// not (and its storage costs nothing until then).
+    /// Kept until the socket is freed ([`TieredStore::forget`]); storage is
+    /// left on the socket, which frees it: a program's delete would wait
+    /// for an RCU tasks-trace grace period per socket.
     #[inline(always)]
     fn done(_sk: *const c_void) {}
 }
@@ -195,17 +221,16 @@ pub fn adopt_owner(owner: &mut SocketOwner, claimed: &SocketOwner) {
 }
 
 /// Leaves the owner for the store to take at the socket's next report: for
-/// programs that see the socket only as an address.
+/// programs that see the socket only as an address. A full map loses only
+/// the kernel's copy: the caller tells the collector, which keeps it.
 #[inline(always)]
 pub fn leave_owner(sock_id: u64, owner: &SocketOwner) {
     let claimed = SocketOwner {
-        // Only the owner: the state stays what the socket's storage says.
+        // Only the owner: the state stays what the socket's entry says.
         state: 0,
         ..*owner
     };
-    if SEEDED.insert(sock_id, claimed, 0).is_err() {
-        bump(counter::SOCKET_MAP_FULL);
-    }
+    let _ = SEEDED.insert(sock_id, claimed, 0);
 }
 
 /// Drops what `SEEDED` has for a socket that is being freed.

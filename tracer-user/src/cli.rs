@@ -116,15 +116,16 @@ pub struct ProbeArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub probe_mode: ModeArg,
     /// How the TCP state tracepoints are attached: tp_btf (BTF-typed, state
-    /// in socket storage, Linux 5.11+) or classic tracepoints (state in a
-    /// hash map sized by --max-sockets).
+    /// in a hash map sized by --max-sockets and in socket storage beyond
+    /// it, Linux 5.11+) or classic tracepoints (state in the hash map only).
     #[arg(long, value_enum, default_value = "auto", env = "SOCKTRACE_ATTACH")]
     pub attach: AttachArg,
     /// Size of the kernel-to-collector ring buffer (a power of two, in KiB).
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BYTES / 1024, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
-    /// How many sockets the kernel can track owners for (with tp_btf: only
-    /// the sockets that exist at start; the others live in socket storage).
+    /// How many sockets the kernel's hash map holds (with tp_btf, the
+    /// sockets beyond it live in socket storage; without, they go
+    /// untracked, counted).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
     pub max_sockets: u32,
 }
@@ -351,7 +352,8 @@ fn parse_percent(text: &str) -> Result<f64, String> {
     }
 }
 
-/// The kernel allocates the whole map at load: a bound on what a typo takes.
+/// The kernel allocates a bucket per entry at load: a bound on what a typo
+/// takes.
 const MAX_MAX_SOCKETS: u32 = 1 << 24;
 
 fn parse_max_sockets(text: &str) -> Result<u32, String> {

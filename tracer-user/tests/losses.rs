@@ -3,6 +3,7 @@
 //! counts them, then repairs its held counts from the kernel's file tables.
 //! A second BPF program spinning on the same tracepoint makes the kernel
 //! skip classic-tracepoint programs on that CPU; BTF tracepoints skip none.
+//! Sockets beyond `--max-sockets` are followed in socket storage, or counted.
 
 // A broken expectation panics: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -61,13 +62,8 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
     if !require_root("a_spinning_neighbour_makes_tp_btf_skip_nothing") {
         return;
     }
-    let doctor = Command::new(common::SOCKTRACE)
-        .arg("doctor")
-        .output()
-        .expect("running socktrace doctor");
-    let report = String::from_utf8_lossy(&doctor.stdout);
-    if !report.lines().any(|line| line.starts_with("ok   tp_btf")) {
-        println!("SKIPPED: tp_btf is not usable on this kernel (doctor: {report})");
+    if !tp_btf_usable() {
+        println!("SKIPPED: tp_btf is not usable on this kernel (socktrace doctor)");
         return;
     }
     let mut spinner = Command::new("bpftrace")
@@ -117,4 +113,61 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
         "{:?}",
         classic.stderr
     );
+}
+
+/// `--max-sockets` sizes the kernel's hash map of sockets. With BTF
+/// tracepoints the sockets beyond it live in socket storage: every one is
+/// followed, with no repair. With classic tracepoints they go untracked,
+/// and are counted.
+#[test]
+fn sockets_beyond_max_sockets_live_in_storage_or_are_counted() {
+    if !require_root("sockets_beyond_max_sockets_live_in_storage_or_are_counted") {
+        return;
+    }
+    let mut role = Role::spawn(ROLES, &["churn-and-hold", "100", "100"]);
+    role.expect("ready");
+    let pid = role.pid().to_string();
+    let small = ["--max-sockets", "16", "-p", &pid];
+    let tp_btf_usable = tp_btf_usable();
+    let mut typed =
+        tp_btf_usable.then(|| Watch::start(&[&["--attach", "tp_btf"][..], &small].concat()));
+    let classic =
+        Tracer::start(&[&["watch", "--json", "--attach", "tracepoint"][..], &small].concat());
+    if let Some(typed) = &mut typed {
+        typed.wait_for("a first report", Duration::from_secs(10), |line| {
+            is_process_of(line, role.pid())
+        });
+    }
+    role.send("go");
+    // Both ends of 100 connections.
+    let held = role.expect("done")["held"].as_u64().expect("a count");
+    assert_eq!(held, 200);
+    match typed {
+        Some(mut typed) => {
+            let report = typed.wait_for("all 200 held", Duration::from_secs(15), |line| {
+                is_process_of(line, role.pid()) && line["held"] == held
+            });
+            assert_eq!(report["reconciled"], 0, "followed, not repaired: {report}");
+            let (_, stderr) = typed.stop_with_stderr();
+            assert_eq!(loss_count(&stderr, "sockets untracked"), 0, "{stderr:?}");
+        }
+        None => println!("SKIPPED (tp_btf part): tp_btf is not usable on this kernel"),
+    }
+    let classic = classic.stop();
+    assert!(
+        loss_count(&classic.stderr, "sockets untracked (socket map full)") > 0,
+        "{:?}",
+        classic.stderr
+    );
+}
+
+/// Whether `socktrace doctor` finds BTF tracepoints usable here.
+fn tp_btf_usable() -> bool {
+    let doctor = Command::new(common::SOCKTRACE)
+        .arg("doctor")
+        .output()
+        .expect("running socktrace doctor");
+    String::from_utf8_lossy(&doctor.stdout)
+        .lines()
+        .any(|line| line.starts_with("ok   tp_btf"))
 }

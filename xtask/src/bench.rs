@@ -332,6 +332,15 @@ impl Lineup {
                     Err(_) => skipped.push(format!("{name}: not installed (Debian libbpf-tools)")),
                 }
             }
+            // The kernel side alone, each way: every program runs, but a
+            // port filter that no connection passes keeps every record in
+            // the kernel, so the collector has nothing to do.
+            let kernel_sides: Vec<Tracer> = tracers
+                .iter()
+                .filter(|tracer| tracer.args.first().is_some_and(|command| command == main))
+                .map(|tracer| tracer.with_args(&["--port", report::NO_CONNECTION_PORT]))
+                .collect();
+            tracers.extend(kernel_sides);
             let floor = binary.with_file_name("socktrace-floor");
             if floor.is_file() {
                 for attach in ["tracepoint", "tp_btf"] {

@@ -35,8 +35,8 @@ impl fmt::Display for ProbeMode {
 pub enum Attach {
     /// BTF tracepoints (`tp_btf`): the kernel's own arguments, no record
     /// built per event, and only re-entry of the same program refused (not
-    /// any other tracing program on the CPU); state in socket storage
-    /// (Linux 5.11+).
+    /// any other tracing program on the CPU); state in the hash map, and in
+    /// socket storage for the sockets beyond its size (Linux 5.11+).
     TpBtf,
     /// Classic tracepoints: a record per event, the per-CPU guard shared
     /// with every kprobe and classic-tracepoint program; state in a hash
@@ -48,8 +48,8 @@ impl Attach {
     /// Where the per-socket state lives with this attach type.
     pub fn store(self) -> &'static str {
         match self {
-            Self::TpBtf => "sk_storage",
-            Self::Tracepoint => "hash map",
+            Self::TpBtf => "a hash map, sk_storage beyond it",
+            Self::Tracepoint => "a hash map",
         }
     }
 }

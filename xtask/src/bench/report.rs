@@ -426,7 +426,57 @@ fn targets(out: &mut String, r: &Results, saturation: &[Saturation]) -> fmt::Res
         }
     }
     writeln!(out)?;
-    floor(out, saturation)
+    floor(out, saturation)?;
+    kernel_side(out, saturation)
+}
+
+/// A port that no connection of the storm uses: with `--port` set to it,
+/// socktrace's programs do all their work and send no record.
+pub const NO_CONNECTION_PORT: &str = "1";
+
+/// The arguments of a run of socktrace's kernel side alone, less the port
+/// filter that makes it so; None for any other run.
+fn kernel_side_of(tracer: &Tracer) -> Option<Vec<String>> {
+    let at = tracer
+        .args
+        .windows(2)
+        .position(|pair| pair[0] == "--port" && pair[1] == NO_CONNECTION_PORT)?;
+    let mut args = tracer.args.clone();
+    args.drain(at..at + 2);
+    Some(args)
+}
+
+/// What socktrace's kernel side costs without the records and the
+/// collector, beside the same command sending them: how its cost splits.
+fn kernel_side(out: &mut String, saturation: &[Saturation]) -> fmt::Result {
+    for alone in saturation {
+        let Some(args) = kernel_side_of(alone.tracer) else {
+            continue;
+        };
+        let whole = saturation
+            .iter()
+            .find(|x| x.tracer.family == Family::Socktrace && x.tracer.args == args);
+        write!(
+            out,
+            "The kernel side alone: with `{}` (no connection uses that port, so every program \
+             runs for every socket and no record leaves the kernel), the storm keeps {:.3} × its \
+             untraced throughput ({:+.1} µs of CPU per connection, CPU ratio {:.3} ×)",
+            alone.tracer.name, alone.ratio, alone.added_cost_us, alone.cost_ratio,
+        )?;
+        match whole {
+            Some(whole) => writeln!(
+                out,
+                "; `{}`, sending them, {:.3} ×: the records and the collector take {:.1} points \
+                 of the {:.1} its whole cost takes.\n",
+                whole.tracer.name,
+                whole.ratio,
+                (alone.ratio - whole.ratio) * 100.0,
+                (1.0 - whole.ratio) * 100.0,
+            )?,
+            None => writeln!(out, ".\n")?,
+        }
+    }
+    Ok(())
 }
 
 /// What an empty program on the state tracepoint costs by itself, each way
@@ -902,6 +952,10 @@ mod tests {
                     vec![(run(20_000.0, None), run(10_000.0, Some((0.5, 3))))],
                 ),
                 (
+                    socktrace.with_args(&["--port", NO_CONNECTION_PORT]),
+                    vec![(run(20_000.0, None), run(19_960.0, Some((0.1, 0))))],
+                ),
+                (
                     Tracer::floor("socktrace-floor".into(), "tp_btf"),
                     vec![(run(20_000.0, None), run(19_800.0, Some((0.0, 0))))],
                 ),
@@ -954,6 +1008,16 @@ mod tests {
         assert!(
             floor.contains("keeps 0.990 × its untraced throughput"),
             "{floor}"
+        );
+        let alone = line("The kernel side alone:");
+        assert!(
+            alone.contains("with `socktrace watch --json --port 1`")
+                && alone.contains("keeps 0.998 × its untraced throughput")
+                && alone.contains(
+                    "`socktrace watch --json`, sending them, 0.995 ×: the records and the \
+                     collector take 0.3 points of the 0.5 its whole cost takes."
+                ),
+            "{alone}"
         );
         assert!(line("| zero lost events").ends_with("| pass |"));
         assert!(line("| 0 probe runs skipped").ends_with("| pass |"));
