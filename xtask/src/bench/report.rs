@@ -464,6 +464,13 @@ fn kernel_side(out: &mut String, saturation: &[Saturation]) -> fmt::Result {
             alone.tracer.name, alone.ratio, alone.added_cost_us, alone.cost_ratio,
         )?;
         match whole {
+            // Within one run of pairs, a smaller cost with more work is noise.
+            Some(whole) if whole.ratio >= alone.ratio => writeln!(
+                out,
+                "; `{}`, sending them, {:.3} ×: the records and the collector cost less than \
+                 the noise of the pairs.\n",
+                whole.tracer.name, whole.ratio,
+            )?,
             Some(whole) => writeln!(
                 out,
                 "; `{}`, sending them, {:.3} ×: the records and the collector take {:.1} points \
@@ -978,6 +985,27 @@ mod tests {
             ],
             skipped: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_kernel_side_dearer_than_the_whole_is_called_noise() {
+        let mut results = results();
+        let (_, pairs) = results
+            .saturation
+            .iter_mut()
+            .find(|(tracer, _)| tracer.args.contains(&"--port".to_owned()))
+            .expect("the kernel side's row");
+        *pairs = vec![(run(20_000.0, None), run(19_700.0, Some((0.1, 0))))];
+        let mut out = String::new();
+        render(&mut out, &results).unwrap();
+        assert!(
+            out.contains(
+                "keeps 0.985 × its untraced throughput (+2.4 µs of CPU per connection, CPU ratio \
+                 0.974 ×); `socktrace watch --json`, sending them, 0.995 ×: the records and the \
+                 collector cost less than the noise of the pairs."
+            ),
+            "{out}"
+        );
     }
 
     #[test]
