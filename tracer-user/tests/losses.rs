@@ -128,9 +128,8 @@ fn sockets_beyond_max_sockets_live_in_storage_or_are_counted() {
     role.expect("ready");
     let pid = role.pid().to_string();
     let small = ["--max-sockets", "16", "-p", &pid];
-    let tp_btf_usable = tp_btf_usable();
     let mut typed =
-        tp_btf_usable.then(|| Watch::start(&[&["--attach", "tp_btf"][..], &small].concat()));
+        tp_btf_usable().then(|| Watch::start(&[&["--attach", "tp_btf"][..], &small].concat()));
     let classic =
         Tracer::start(&[&["watch", "--json", "--attach", "tracepoint"][..], &small].concat());
     if let Some(typed) = &mut typed {
