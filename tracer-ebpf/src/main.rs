@@ -299,18 +299,27 @@ fn emit<T: 'static>(event: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(wakeup_flag());
+            slot.submit(wakeup_flag::<T>());
         }
         None => bump(counter::LOST_EVENTS),
     }
 }
 
 /// Batches wake-ups: the collector drains on a short timer anyway, so it is
-/// only woken early when the backlog grows past `wakeup_bytes`.
+/// only woken when the backlog crosses a multiple of `wakeup_bytes`, by the
+/// record of type `T` just reserved. Not at every record beyond it: each
+/// wake-up raises an interrupt, and until the collector gets the CPU every
+/// record would raise another.
 #[inline(always)]
-fn wakeup_flag() -> u64 {
-    let threshold = config().wakeup_bytes;
-    if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(threshold) {
+fn wakeup_flag<T>() -> u64 {
+    let threshold = u64::from(config().wakeup_bytes);
+    if threshold == 0 {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    // What the ring holds counts this record, with its 8-byte header.
+    let after = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let before = after.saturating_sub(size_of::<T>() as u64 + 8);
+    if after / threshold > before / threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

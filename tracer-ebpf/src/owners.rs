@@ -70,7 +70,7 @@ fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
         (*event).endpoints = endpoints;
         (*event).held = HeldSteps::default();
     }
-    slot.submit(wakeup_flag());
+    slot.submit(wakeup_flag::<StateChangesEvent>());
 }
 
 /// A claim from a program that sees the socket as an address only, made if

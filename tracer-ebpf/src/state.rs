@@ -373,7 +373,7 @@ pub fn report(
             (*event).endpoints = endpoints;
             copy_words(&raw mut (*event).held, &raw const entry.held);
         }
-        slot.submit(wakeup_flag());
+        slot.submit(wakeup_flag::<StateChangesEvent>());
         entry.held.reported = 1;
     }
     clear_held(entry);

@@ -236,5 +236,9 @@ pub fn leave_owner(sock_id: u64, owner: &SocketOwner) {
 /// Drops what `SEEDED` has for a socket that is being freed.
 #[inline(always)]
 pub fn forget_seeded(sock_id: u64) {
-    let _ = SEEDED.remove(sock_id);
+    // Looked up first: it is seldom there, and a delete takes the bucket's
+    // lock even for a key that is not.
+    if seeded_owner(sock_id).is_some() {
+        let _ = SEEDED.remove(sock_id);
+    }
 }

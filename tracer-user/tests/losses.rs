@@ -62,7 +62,7 @@ fn a_spinning_neighbour_makes_tp_btf_skip_nothing() {
     if !require_root("a_spinning_neighbour_makes_tp_btf_skip_nothing") {
         return;
     }
-    if !tp_btf_usable() {
+    if !common::tp_btf_usable() {
         println!("SKIPPED: tp_btf is not usable on this kernel (socktrace doctor)");
         return;
     }
@@ -128,8 +128,8 @@ fn sockets_beyond_max_sockets_live_in_storage_or_are_counted() {
     role.expect("ready");
     let pid = role.pid().to_string();
     let small = ["--max-sockets", "16", "-p", &pid];
-    let mut typed =
-        tp_btf_usable().then(|| Watch::start(&[&["--attach", "tp_btf"][..], &small].concat()));
+    let mut typed = common::tp_btf_usable()
+        .then(|| Watch::start(&[&["--attach", "tp_btf"][..], &small].concat()));
     let classic =
         Tracer::start(&[&["watch", "--json", "--attach", "tracepoint"][..], &small].concat());
     if let Some(typed) = &mut typed {
@@ -158,15 +158,4 @@ fn sockets_beyond_max_sockets_live_in_storage_or_are_counted() {
         "{:?}",
         classic.stderr
     );
-}
-
-/// Whether `socktrace doctor` finds BTF tracepoints usable here.
-fn tp_btf_usable() -> bool {
-    let doctor = Command::new(common::SOCKTRACE)
-        .arg("doctor")
-        .output()
-        .expect("running socktrace doctor");
-    String::from_utf8_lossy(&doctor.stdout)
-        .lines()
-        .any(|line| line.starts_with("ok   tp_btf"))
 }

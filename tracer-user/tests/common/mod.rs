@@ -32,6 +32,44 @@ pub fn require(test: &str, present: bool, missing: &str) -> bool {
     false
 }
 
+/// Whether a `socktrace doctor` report finds BTF tracepoints usable.
+pub fn doctor_finds_tp_btf(report: &str) -> bool {
+    report.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("ok") && words.next() == Some("tp_btf")
+    })
+}
+
+/// Whether this kernel has what the `tp_btf` attach needs: BTF, and socket
+/// storage in tracing programs (Linux 5.11). Where it has, doctor must find
+/// it usable: a program of ours that the verifier refuses then fails the
+/// tests instead of turning them into skips and fallback runs.
+pub fn kernel_allows_tp_btf() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    std::path::Path::new("/sys/kernel/btf/vmlinux").exists() && version >= (5, 11)
+}
+
+/// Whether `socktrace doctor` finds BTF tracepoints usable here; panics
+/// where the kernel allows them and doctor does not (see
+/// [`kernel_allows_tp_btf`]).
+pub fn tp_btf_usable() -> bool {
+    let out = Command::new(SOCKTRACE)
+        .arg("doctor")
+        .output()
+        .expect("running socktrace doctor");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let usable = doctor_finds_tp_btf(&report);
+    assert!(
+        usable || !kernel_allows_tp_btf(),
+        "this kernel allows BTF tracepoints, yet doctor refuses them:\n{report}"
+    );
+    usable
+}
+
 /// The gate of every test that loads the eBPF programs.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
