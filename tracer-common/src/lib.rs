@@ -34,9 +34,10 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Default ring buffer size: 2 MiB holds about 9k records. `watch` and
 /// `serve` get six per loopback connection (the kernel holds transitions,
 /// see [`holds`], and accept() names the server's owner), `trace` eleven;
-/// the collector is woken each time the records waiting cross another eighth
-/// of the ring, and drains it every 100 ms anyway: no loss in a saturated loopback storm on two
-/// cores. It counts twice in RSS: the kernel maps the data pages twice.
+/// the collector is woken each time the records waiting cross another
+/// eighth of the ring, and drains it every 100 ms anyway: no loss in a
+/// saturated loopback storm on two cores. It counts twice in RSS: the
+/// kernel maps the data pages twice.
 pub const DEFAULT_RING_BYTES: u32 = 2 << 20;
 /// Default capacity of the socket map ([`SOCKETS_MAP`]).
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;

@@ -30,7 +30,8 @@ mod store;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
+        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RINGBUF_HDR_SZ, bpf_pidns_info,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -316,9 +317,9 @@ fn wakeup_flag<T>() -> u64 {
     if threshold == 0 {
         return BPF_RB_FORCE_WAKEUP as u64;
     }
-    // What the ring holds counts this record, with its 8-byte header.
+    // What the ring holds counts this record, with its header.
     let after = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let before = after.saturating_sub(size_of::<T>() as u64 + 8);
+    let before = after.saturating_sub((size_of::<T>() + BPF_RINGBUF_HDR_SZ as usize) as u64);
     if after / threshold > before / threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {

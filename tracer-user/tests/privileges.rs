@@ -64,11 +64,7 @@ const CAP_BPF: u32 = 39;
 /// and CAP_SYS_PTRACE, and CAP_BPF where every bpf() call asks for it
 /// (before Linux 5.19, with unprivileged BPF disabled).
 fn kept_after_attach() -> Vec<u32> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap(), numbers.next().unwrap());
+    let version = common::kernel_version();
     let unprivileged_bpf_disabled =
         fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
             .map_or(true, |v| v.trim() != "0");

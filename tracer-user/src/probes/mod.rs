@@ -83,8 +83,9 @@ const CLASSIC_ONLY: [(&str, &str, &str); 2] = [
     ("syscalls", "sys_exit_accept", "accept_exit"),
 ];
 
-/// The collector is woken each time the records waiting cross another eighth
-/// of the ring buffer; otherwise it drains on its tick (`collector::RunOptions::tick`).
+/// The collector is woken each time the records waiting cross another
+/// eighth of the ring buffer; otherwise it drains on its tick
+/// (`collector::RunOptions::tick`).
 const WAKEUP_FRACTION: u32 = 8;
 
 /// Kernel functions whose entry is probed in the fentry and kprobe modes.

@@ -45,12 +45,18 @@ pub fn doctor_finds_tp_btf(report: &str) -> bool {
 /// it usable: a program of ours that the verifier refuses then fails the
 /// tests instead of turning them into skips and fallback runs.
 pub fn kernel_allows_tp_btf() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    std::path::Path::new("/sys/kernel/btf/vmlinux").exists() && kernel_version() >= (5, 11)
+}
+
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading /proc/sys/kernel/osrelease");
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    std::path::Path::new("/sys/kernel/btf/vmlinux").exists() && version >= (5, 11)
+    let mut next = || numbers.next().expect("a version in osrelease");
+    (next(), next())
 }
 
 /// Whether `socktrace doctor` finds BTF tracepoints usable here; panics
