@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    EventKind, HeldSteps, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent, counter,
+    EventKind, IPPROTO_TCP, Layout, OwnerSource, SocketOwner, StateChangesEvent, counter,
 };
 
 use crate::{
@@ -63,12 +63,20 @@ fn announce(sock_id: u64, owner: &SocketOwner, at_once: bool) {
     };
     let event = slot.as_mut_ptr();
     // SAFETY: `event` points into the reserved slot, ours until submitted;
-    // a record with no step is news of the owner alone.
+    // a record with no step is news of the owner alone. Only the head of
+    // its steps is written: none past `count` is read, and a whole
+    // `HeldSteps` would be zeroed by a memset call.
     unsafe {
         (*event).header = header(EventKind::StateChanges, sock_id);
         (*event).owner = *owner;
         (*event).endpoints = endpoints;
-        (*event).held = HeldSteps::default();
+        let held = &raw mut (*event).held;
+        (*held).count = 0;
+        (*held).from_state = 0;
+        (*held).from_closed_held = 0;
+        (*held).reported = 0;
+        (*held).error = 0;
+        (*held).from_since_ns = 0;
     }
     slot.submit(wakeup_flag::<StateChangesEvent>());
 }
