@@ -32,19 +32,11 @@ pub fn require(test: &str, present: bool, missing: &str) -> bool {
     false
 }
 
-/// Whether a `socktrace doctor` report finds BTF tracepoints usable.
-pub fn doctor_finds_tp_btf(report: &str) -> bool {
-    report.lines().any(|line| {
-        let mut words = line.split_whitespace();
-        words.next() == Some("ok") && words.next() == Some("tp_btf")
-    })
-}
-
 /// Whether this kernel has what the `tp_btf` attach needs: BTF, and socket
 /// storage in tracing programs (Linux 5.11). Where it has, doctor must find
 /// it usable: a program of ours that the verifier refuses then fails the
 /// tests instead of turning them into skips and fallback runs.
-pub fn kernel_allows_tp_btf() -> bool {
+fn kernel_allows_tp_btf() -> bool {
     std::path::Path::new("/sys/kernel/btf/vmlinux").exists() && kernel_version() >= (5, 11)
 }
 
@@ -67,8 +59,15 @@ pub fn tp_btf_usable() -> bool {
         .arg("doctor")
         .output()
         .expect("running socktrace doctor");
-    let report = String::from_utf8_lossy(&out.stdout);
-    let usable = doctor_finds_tp_btf(&report);
+    tp_btf_usable_in(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// [`tp_btf_usable`], from a doctor report already made.
+pub fn tp_btf_usable_in(report: &str) -> bool {
+    let usable = report.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("ok") && words.next() == Some("tp_btf")
+    });
     assert!(
         usable || !kernel_allows_tp_btf(),
         "this kernel allows BTF tracepoints, yet doctor refuses them:\n{report}"
