@@ -91,11 +91,7 @@ fn doctor_reports_the_mode_it_probed() {
         .expect("a mode line");
     // The mode must agree with what the probes said: the first usable of
     // fentry, kprobe, tracepoint.
-    let usable = |name: &str| {
-        stdout
-            .lines()
-            .any(|l| l.starts_with("ok") && l.contains(&format!(" {name} ")))
-    };
+    let usable = |name: &str| common::doctor_says_ok(&stdout, name);
     let expected = if usable("fentry") {
         "fentry"
     } else if usable("kprobe") {

@@ -57,13 +57,7 @@ fn doctor() -> Doctor {
     // means it is usable.
     let usable = MODES
         .into_iter()
-        .filter(|&mode| {
-            mode == "tracepoint"
-                || report.lines().any(|line| {
-                    let mut words = line.split_whitespace();
-                    words.next() == Some("ok") && words.next() == Some(mode)
-                })
-        })
+        .filter(|&mode| mode == "tracepoint" || common::doctor_says_ok(&report, mode))
         .collect();
     let attach = report
         .lines()

@@ -32,6 +32,15 @@ pub fn require(test: &str, present: bool, missing: &str) -> bool {
     false
 }
 
+/// Whether a `socktrace doctor` report has an "ok" line for `feature` (a
+/// probe mode or an attach type).
+pub fn doctor_says_ok(report: &str, feature: &str) -> bool {
+    report.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("ok") && words.next() == Some(feature)
+    })
+}
+
 /// Whether this kernel has what the `tp_btf` attach needs: BTF, and socket
 /// storage in tracing programs (Linux 5.11). Where it has, doctor must find
 /// it usable: a program of ours that the verifier refuses then fails the
@@ -64,10 +73,7 @@ pub fn tp_btf_usable() -> bool {
 
 /// [`tp_btf_usable`], from a doctor report already made.
 pub fn tp_btf_usable_in(report: &str) -> bool {
-    let usable = report.lines().any(|line| {
-        let mut words = line.split_whitespace();
-        words.next() == Some("ok") && words.next() == Some("tp_btf")
-    });
+    let usable = doctor_says_ok(report, "tp_btf");
     assert!(
         usable || !kernel_allows_tp_btf(),
         "this kernel allows BTF tracepoints, yet doctor refuses them:\n{report}"
