@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, Iter, KProbe, Program, TracePoint},
 };
 use tracer_common::{
@@ -34,6 +34,11 @@ use crate::{
     sockets::KernelView,
     text,
 };
+
+/// Map update flags (include/uapi/linux/bpf.h): only a new key, only an
+/// existing one.
+const MAP_UPDATE_NEW: u64 = 1;
+const MAP_UPDATE_EXISTING: u64 = 2;
 
 /// The kernel programs, compiled by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -445,14 +450,32 @@ impl Probes {
                         .map_mut(SOCKETS_MAP)
                         .context("map SOCKETS missing")?,
                 )?;
-                let mut entry = sockets.get(&sock_id, 0).unwrap_or_else(|_| {
-                    let mut entry = SocketEntry::default();
-                    entry.owner.state = state;
-                    entry.held.from_state = state;
-                    entry
-                });
+                // The entry is written back whole, so only over the one read
+                // (a socket freed meanwhile is not brought back as a stale
+                // entry), or only as a new one (one the kernel made
+                // meanwhile is not overwritten). Either refusal means the
+                // socket moved on: the socket stage keeps the owner.
+                let (mut entry, only_if) = match sockets.get(&sock_id, 0) {
+                    Ok(entry) => (entry, MAP_UPDATE_EXISTING),
+                    Err(_) => {
+                        let mut entry = SocketEntry::default();
+                        entry.owner.state = state;
+                        entry.held.from_state = state;
+                        (entry, MAP_UPDATE_NEW)
+                    }
+                };
                 learned(&mut entry.owner);
-                sockets.insert(sock_id, entry, 0)?;
+                match sockets.insert(sock_id, entry, only_if) {
+                    Err(MapError::SyscallError(e))
+                        if matches!(
+                            e.io_error.raw_os_error(),
+                            Some(libc::EEXIST | libc::ENOENT)
+                        ) =>
+                    {
+                        log::debug!("socket {sock_id:#x} changed while its owner was recorded");
+                    }
+                    written => written?,
+                }
             }
         }
         Ok(())
