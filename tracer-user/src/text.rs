@@ -66,16 +66,46 @@ pub fn eta_phrase(seconds: f64) -> String {
 
 /// A rate in the unit that reads best: "12/s", "2.5/s", "2.0/min", "0.5/h".
 pub fn per_second_phrase(per_second: f64) -> String {
-    if per_second <= 0.0 {
-        "0/s".to_string()
-    } else if per_second >= 10.0 {
-        format!("{per_second:.0}/s")
-    } else if per_second >= 1.0 {
-        format!("{per_second:.1}/s")
-    } else if per_second * 60.0 >= 0.1 {
-        format!("{:.1}/min", per_second * 60.0)
-    } else {
-        format!("{:.1}/h", per_second * 3_600.0)
+    in_rate_unit(per_second, RateUnit::for_rate(per_second))
+}
+
+/// Two rates to compare, both in the unit that reads best for the larger:
+/// "29.8/min vs 0/min", not "29.8/min vs 0/s".
+pub fn per_second_pair(a: f64, b: f64) -> (String, String) {
+    let unit = RateUnit::for_rate(a.max(b));
+    (in_rate_unit(a, unit), in_rate_unit(b, unit))
+}
+
+#[derive(Clone, Copy)]
+enum RateUnit {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RateUnit {
+    fn for_rate(per_second: f64) -> Self {
+        if per_second <= 0.0 || per_second >= 1.0 {
+            Self::Second
+        } else if per_second * 60.0 >= 0.1 {
+            Self::Minute
+        } else {
+            Self::Hour
+        }
+    }
+}
+
+fn in_rate_unit(per_second: f64, unit: RateUnit) -> String {
+    let (scale, name) = match unit {
+        RateUnit::Second => (1.0, "s"),
+        RateUnit::Minute => (60.0, "min"),
+        RateUnit::Hour => (3_600.0, "h"),
+    };
+    let value = per_second * scale;
+    match unit {
+        _ if value <= 0.0 => format!("0/{name}"),
+        RateUnit::Second if value >= 10.0 => format!("{value:.0}/{name}"),
+        _ => format!("{value:.1}/{name}"),
     }
 }
 
@@ -168,6 +198,11 @@ mod tests {
         assert_eq!(per_second_phrase(2.0 / 60.0), "2.0/min");
         assert_eq!(per_second_phrase(10.0), "10/s");
         assert_eq!(per_second_phrase(0.0), "0/s");
+        assert_eq!(
+            per_second_pair(0.5, 0.0),
+            ("30.0/min".into(), "0/min".into())
+        );
+        assert_eq!(per_second_pair(0.0, 12.0), ("0/s".into(), "12/s".into()));
         assert_eq!(seconds_phrase(2.004), "2.0 s");
     }
 

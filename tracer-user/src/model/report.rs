@@ -36,6 +36,9 @@ pub struct ProcessReport {
     pub connects_per_s_long: f64,
     pub closes_per_s_long: f64,
     pub net_per_s_long: f64,
+    /// The span the `_long` rates cover: the long window, or the time since
+    /// socktrace started when that is shorter.
+    pub long_window_s: f64,
     /// Connections opened (connect or accept) since the process was first
     /// seen.
     pub connects_total: u64,

@@ -333,6 +333,7 @@ impl Process {
             connects_per_s_long,
             closes_per_s_long,
             net_per_s_long: round3(connects_per_s_long - closes_per_s_long),
+            long_window_s: seconds(self.opens.long.span_ns(now_ns, start_ns)),
             connects_total: self.opened_total,
             closes_total: self.closed_total,
             sockets: current.sockets.clone(),

@@ -62,12 +62,17 @@ impl RateWindow {
     /// Events per second over the window, or over the time since `since_ns`
     /// when that is shorter, so that a young window does not read low.
     pub fn per_second(&self, now_ns: u64, since_ns: u64) -> f64 {
+        self.count(now_ns) as f64 * NS_PER_S as f64 / self.span_ns(now_ns, since_ns) as f64
+    }
+
+    /// The time [`Self::per_second`] divides by: the window, or the time
+    /// since `since_ns` when that is shorter.
+    pub fn span_ns(&self, now_ns: u64, since_ns: u64) -> u64 {
         let window_start = self.oldest_index(now_ns).saturating_mul(self.bucket_ns);
-        let span_ns = now_ns
+        now_ns
             .saturating_sub(window_start.max(since_ns))
             // Less than a second of history would turn one event into a burst.
-            .max(NS_PER_S);
-        self.count(now_ns) as f64 * NS_PER_S as f64 / span_ns as f64
+            .max(NS_PER_S)
     }
 
     fn oldest_index(&self, now_ns: u64) -> u64 {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use super::WatchConfig;
 use crate::model::{Alert, AlertKind, AlertState, PeerReport, ProcessReport};
-use crate::text::{age, count, eta_phrase, per_second_phrase, seconds_phrase};
+use crate::text::{age, count, eta_phrase, per_second_pair, per_second_phrase, seconds_phrase};
 
 /// Stranded sockets found at start, still there, that flag a process at
 /// once. A process that closes after the peer's FIN does so within
@@ -135,11 +135,11 @@ fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_eve
             }
         }
         AlertKind::SocketGrowth => {
+            let (opens, closes) =
+                per_second_pair(report.connects_per_s_long, report.closes_per_s_long);
             parts.push(format!(
-                "opens outpace closes, {} vs {} over {}",
-                per_second_phrase(report.connects_per_s_long),
-                per_second_phrase(report.closes_per_s_long),
-                age(config.long_window.as_secs_f64()),
+                "opens outpace closes, {opens} vs {closes} over {}",
+                age(report.long_window_s),
             ));
             parts.push(held_phrase(report, peer));
             parts.extend(fd_phrase(report, config));
