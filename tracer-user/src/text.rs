@@ -11,6 +11,11 @@ pub fn count(value: u64) -> String {
     value.to_formatted_string(&Locale::en)
 }
 
+/// A count and its noun: "1 event", "2,310 events".
+pub fn counted(value: u64, one: &str, many: &str) -> String {
+    format!("{} {}", count(value), if value == 1 { one } else { many })
+}
+
 /// An age in whole seconds: "42s", "9m12s", "3h05m", "2d04h".
 pub fn age(seconds: f64) -> String {
     let total = seconds.max(0.0).round() as u64;
@@ -198,6 +203,8 @@ mod tests {
         assert_eq!(per_second_phrase(2.0 / 60.0), "2.0/min");
         assert_eq!(per_second_phrase(10.0), "10/s");
         assert_eq!(per_second_phrase(0.0), "0/s");
+        assert_eq!(counted(1, "event", "events"), "1 event");
+        assert_eq!(counted(2_310, "event", "events"), "2,310 events");
         assert_eq!(
             per_second_pair(0.5, 0.0),
             ("30.0/min".into(), "0/min".into())

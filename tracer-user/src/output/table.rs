@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use crate::{
     model::{Alert, PeerReport, ProcessReport, Snapshot},
-    text::{age, count, seconds_phrase},
+    text::{age, count, counted, seconds_phrase},
 };
 
 /// The terminal the table is drawn for.
@@ -191,12 +191,13 @@ fn header(snapshot: &Snapshot) -> String {
         .filter(|report| !report.alerts.is_empty())
         .count();
     format!(
-        "socktrace: {processes} processes, {} held, {} in CLOSE_WAIT, {} CLOSED_HELD, \
-         {alerting} alerting, {} events lost",
+        "socktrace: {}, {} held, {} in CLOSE_WAIT, {} CLOSED_HELD, \
+         {alerting} alerting, {} lost",
+        counted(processes as u64, "process", "processes"),
         count(held),
         count(close_wait),
         count(closed_held),
-        count(snapshot.lost_events),
+        counted(snapshot.lost_events, "event", "events"),
     )
 }
 

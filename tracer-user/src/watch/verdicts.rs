@@ -14,7 +14,9 @@ use std::collections::HashMap;
 
 use super::WatchConfig;
 use crate::model::{Alert, AlertKind, AlertState, PeerReport, ProcessReport};
-use crate::text::{age, count, eta_phrase, per_second_pair, per_second_phrase, seconds_phrase};
+use crate::text::{
+    age, count, counted, eta_phrase, per_second_pair, per_second_phrase, seconds_phrase,
+};
 
 /// Stranded sockets found at start, still there, that flag a process at
 /// once. A process that closes after the peer's FIN does so within
@@ -154,8 +156,8 @@ fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_eve
     let mut message = format!("pid {} ({}): {}", report.pid, report.comm, parts.join("; "));
     if lost_events > 0 {
         message.push_str(&format!(
-            " ({} events lost; figures may be low)",
-            count(lost_events)
+            " ({} lost; figures may be low)",
+            counted(lost_events, "event", "events")
         ));
     }
     Alert {
