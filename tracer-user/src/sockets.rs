@@ -343,6 +343,14 @@ impl SocketTable {
                 // others like it.
                 if stale.state != TcpState::ClosedHeld {
                     self.ends_unseen += 1;
+                    log::debug!(
+                        "socket {kernel_sock_id:#x} started again ({} -> {}) while {} under {:?} since {} ns: its end was not seen",
+                        t.old,
+                        t.new,
+                        stale.state,
+                        stale.owner,
+                        stale.state_since_ns
+                    );
                 }
                 Self::move_ownership(&mut self.owned, stale.owner.as_ref(), None);
                 entry.into_mut()

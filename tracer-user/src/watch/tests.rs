@@ -258,6 +258,24 @@ fn alerts_are_not_repeated_until_worse() {
 }
 
 #[test]
+fn a_process_past_its_fd_limit_is_said_to_be_there() {
+    // The limit (400) is reached at 35 s; the forecast has nothing left to say.
+    let snapshots = leak(WatchConfig::default(), 40, 0);
+    let last = &snapshots.last().expect("snapshots").processes[0];
+    let fd = last
+        .alerts
+        .iter()
+        .find(|alert| alert.kind == AlertKind::FdExhaustion)
+        .expect("the fd alert in force");
+    assert!(
+        fd.message
+            .contains("fds 450/400, over the soft limit: opening more fails (EMFILE)"),
+        "{}",
+        fd.message
+    );
+}
+
+#[test]
 fn socket_growth_is_flagged_when_opens_outpace_closes() {
     // Growth must last most of a minute; the rates cover the time since
     // start, not yet the whole five-minute window.

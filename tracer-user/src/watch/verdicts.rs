@@ -309,6 +309,11 @@ fn fd_phrase(report: &ProcessReport, config: &WatchConfig) -> Option<String> {
     let (fds, soft_limit) = (report.fds?, report.fd_soft_limit?);
     let mut phrase = format!("fds {}/{}", count(fds), count(soft_limit));
     match (report.eta_s, report.fd_growth_per_s) {
+        // No forecast left to make: the process's next open fails.
+        _ if soft_limit > 0 && fds >= soft_limit => phrase.push_str(&format!(
+            ", {} the soft limit: opening more fails (EMFILE)",
+            if fds > soft_limit { "over" } else { "at" }
+        )),
         (Some(eta), Some(growth)) => phrase.push_str(&format!(
             " rising {} → limit in {}",
             per_second_phrase(growth),
