@@ -147,12 +147,12 @@ static SET_STATE_RECORD: PerCpuArray<[u8; SET_STATE_RECORD_BYTES]> =
 #[map(name = "SOCK_COMMON")]
 static SOCK_COMMON: PerCpuArray<[u8; SOCK_COMMON_BYTES]> = PerCpuArray::with_max_entries(6, 0);
 
-/// Per CPU, the runs under way of each BPF tracepoint program with a
-/// `_nested` partner, by `state::Partner`: the kernel skips a program only
-/// while a run of it is under way on that CPU (see
-/// `state::inet_sock_set_state_btf_nested`).
+/// Per CPU, each BPF tracepoint program with a `_nested` partner (by
+/// `state::Partner`): its runs under way, as the kernel skips a program
+/// only while a run of it is under way on that CPU, and the event its last
+/// run finished (see `state::inet_sock_set_state_btf_nested`).
 #[map(name = "RUNNING")]
-static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+static RUNNING: PerCpuArray<state::PartnerRuns> = PerCpuArray::with_max_entries(2, 0);
 
 #[inline(always)]
 fn ns_filter() -> Option<NamespaceFilter> {

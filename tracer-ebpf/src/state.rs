@@ -153,6 +153,14 @@ impl SockFields {
             reader,
         }
     }
+
+    #[inline(always)]
+    fn event(&self) -> Event {
+        Event {
+            sk: self.sk as u64,
+            states: (self.old, self.new),
+        }
+    }
 }
 
 impl StateChangeFields for SockFields {
@@ -195,8 +203,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
-    let _running = Running::start(Partner::SetState);
-    let _ = on_state_change::<TieredStore>(&SockFields::read(&ctx, Reader::Probe));
+    let fields = SockFields::read(&ctx, Reader::Probe);
+    let _running = Running::start(Partner::SetState, fields.event());
+    let _ = on_state_change::<TieredStore>(&fields);
     0
 }
 
@@ -205,16 +214,22 @@ pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let fields = SockFields::read(&ctx, Reader::Nested);
     let (old, _) = fields.states();
     // A run under way means the kernel skipped the first program for this
-    // event. Outside one (the kernel also skips it in the instructions of
-    // its own dispatch around that count, which a neighbour's interrupts
-    // hit hundreds of times a minute), the socket's entry tells: the first
-    // program applies every transition of a TCP socket to it, and gives
-    // every TCP socket it sees one, kept until the socket is freed.
-    let skipped = Running::under_way(Partner::SetState)
-        || match TieredStore::peek(fields.sk) {
+    // event; its last run finishing this very event means it did not (the
+    // common case, told without a map lookup). Otherwise (the kernel also
+    // skips it in the instructions of its own dispatch around that count,
+    // which a neighbour's interrupts hit hundreds of times a minute, and an
+    // interrupt between the two programs leaves another event's mark), the
+    // socket's entry tells: the first program applies every transition of a
+    // TCP socket to it, and gives every TCP socket it sees one, kept until
+    // the socket is freed.
+    let skipped = match Running::check(Partner::SetState, fields.event()) {
+        FirstRun::UnderWay => true,
+        FirstRun::Finished => false,
+        FirstRun::Unknown => match TieredStore::peek(fields.sk) {
             Some(known) => known.owner.state == old,
             None => fields.protocol() == Ok(IPPROTO_TCP),
-        };
+        },
+    };
     if skipped {
         // The kernel counted the skip whatever the event: so is the rescue.
         bump(counter::RESCUED);
@@ -451,8 +466,9 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
-    let _running = Running::start(Partner::Destroy);
-    on_destroy_btf(ctx.arg(0), Reader::Destroy);
+    let sk: *const c_void = ctx.arg(0);
+    let _running = Running::start(Partner::Destroy, Event::destroy(sk));
+    on_destroy_btf(sk, Reader::Destroy);
     0
 }
 
@@ -466,8 +482,11 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    let skipped = Running::under_way(Partner::Destroy)
-        || TieredStore::peek(sk).is_some_and(|known| known.owner.state != 0);
+    let skipped = match Running::check(Partner::Destroy, Event::destroy(sk)) {
+        FirstRun::UnderWay => true,
+        FirstRun::Finished => false,
+        FirstRun::Unknown => TieredStore::peek(sk).is_some_and(|known| known.owner.state != 0),
+    };
     if skipped {
         on_destroy_btf(sk, Reader::DestroyNested);
     }
@@ -553,36 +572,91 @@ enum Partner {
     Destroy = 1,
 }
 
+/// This CPU's record of a partnered program: see [`Running`].
+pub struct PartnerRuns {
+    /// Runs under way: one, or none.
+    under_way: u32,
+    _pad: u32,
+    /// The event the last finished run was for, until its partner sees it
+    /// (a socket 0 then).
+    finished: Event,
+}
+
+/// A socket's address, and for a state change its old and new state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Event {
+    sk: u64,
+    states: (u8, u8),
+}
+
+impl Event {
+    #[inline(always)]
+    fn destroy(sk: *const c_void) -> Self {
+        Self {
+            sk: sk as u64,
+            states: (0, 0),
+        }
+    }
+}
+
+/// What the partner knows of the first program's run for its event.
+enum FirstRun {
+    /// A run is under way on this CPU: the kernel skipped this event's.
+    UnderWay,
+    /// The last run finished this event.
+    Finished,
+    /// Neither: the socket's entry must tell.
+    Unknown,
+}
+
 /// A run of a partnered program, counted on this CPU for as long as it
-/// lasts. Only the program itself writes its count, and it never runs
-/// nested in itself, so the count needs no atomics.
-struct Running(Partner);
+/// lasts, and marked finished for its event at the end. The slot is this
+/// CPU's: only an interrupt on the same CPU comes between its loads and
+/// stores (the cases the partner's checks allow for), so no atomics.
+struct Running {
+    program: Partner,
+    event: Event,
+}
 
 impl Running {
     #[inline(always)]
-    fn start(program: Partner) -> Self {
-        if let Some(count) = RUNNING.get_ptr_mut(program as u32) {
+    fn start(program: Partner, event: Event) -> Self {
+        if let Some(runs) = RUNNING.get_ptr_mut(program as u32) {
             // SAFETY: this CPU's slot.
-            unsafe { *count += 1 };
+            unsafe { (*runs).under_way += 1 };
         }
-        Self(program)
+        Self { program, event }
     }
 
-    /// Whether a run of `program` is under way on this CPU: one that an
-    /// interrupt landed in, so the kernel skipped the program for this
-    /// event.
+    /// For the partner: whether `program`'s run for `event` was skipped,
+    /// finished, or cannot be told from here. A finished mark is taken: an
+    /// event seen twice is the same socket's next one.
     #[inline(always)]
-    fn under_way(program: Partner) -> bool {
-        RUNNING.get(program as u32).is_some_and(|&count| count > 0)
+    fn check(program: Partner, event: Event) -> FirstRun {
+        let Some(runs) = RUNNING.get_ptr_mut(program as u32) else {
+            return FirstRun::Unknown;
+        };
+        // SAFETY: this CPU's slot.
+        let runs = unsafe { &mut *runs };
+        if runs.under_way > 0 {
+            FirstRun::UnderWay
+        } else if runs.finished == event {
+            runs.finished.sk = 0;
+            FirstRun::Finished
+        } else {
+            FirstRun::Unknown
+        }
     }
 }
 
 impl Drop for Running {
     #[inline(always)]
     fn drop(&mut self) {
-        if let Some(count) = RUNNING.get_ptr_mut(self.0 as u32) {
+        if let Some(runs) = RUNNING.get_ptr_mut(self.program as u32) {
             // SAFETY: this CPU's slot.
-            unsafe { *count = count.read().saturating_sub(1) };
+            let runs = unsafe { &mut *runs };
+            runs.under_way = runs.under_way.saturating_sub(1);
+            runs.finished = self.event;
         }
     }
 }
