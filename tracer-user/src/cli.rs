@@ -93,7 +93,7 @@ pub struct FilterArgs {
     /// Only IPv6.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
-    /// Stop after this many seconds.
+    /// Stop after this many seconds (or a duration: 90s, 10m, 2h).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
     /// Only processes in this container: a host pid in it, its id (or a
@@ -177,7 +177,7 @@ pub struct WatchArgs {
 /// `serve`).
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Seconds between reports.
+    /// Seconds between reports (or a duration: 500ms, 2s).
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     pub interval: Duration,
     /// Alert when the soft fd limit is forecast within this time (e.g. 1h, 30m).
@@ -320,14 +320,22 @@ impl ReportArgs {
     }
 }
 
+/// A number of seconds ("2", "0.5"), or a duration with its unit ("500ms",
+/// "2s", "5m"), up to a year (timers would overflow beyond).
 fn parse_secs(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("'{text}' must be a positive number of seconds"));
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3_600);
+    let duration = match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 => Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX),
+        Ok(_) => return Err(format!("'{text}' must be a positive number of seconds")),
+        Err(_) => humantime::parse_duration(text).map_err(|_| {
+            format!("'{text}' is neither a number of seconds nor a duration such as 500ms, 2s, 5m")
+        })?,
+    };
+    match duration {
+        Duration::ZERO => Err(format!("'{text}' must be a positive duration")),
+        d if d > YEAR => Err(format!("'{text}' is more than a year")),
+        d => Ok(d),
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_ring_kib(text: &str) -> Result<u32, String> {
@@ -433,6 +441,24 @@ mod tests {
         assert!(Cli::try_parse_from(["socktrace", "trace", "--max-sockets", "0"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "trace", "--port", "0"]).is_err());
         assert!(Cli::try_parse_from(["socktrace", "watch", "--fd-usage", "150"]).is_err());
+    }
+
+    #[test]
+    fn seconds_or_durations() {
+        assert_eq!(parse_secs("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_secs("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_secs("5m"), Ok(Duration::from_secs(300)));
+        for bad in ["0", "-1", "NaN", "0s", "2x", ""] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+        // Beyond what timers take: refused, not a panic.
+        for huge in ["1e30", "inf", "2y", "999999999999999h"] {
+            assert_eq!(
+                parse_secs(huge),
+                Err(format!("'{huge}' is more than a year"))
+            );
+        }
     }
 
     #[test]
