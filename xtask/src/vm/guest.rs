@@ -71,6 +71,10 @@ pub struct Report {
     pub failures: Vec<String>,
     /// Why the run is incomplete (timeout, crash), if it is.
     pub problem: Option<String>,
+    /// The guest kernel's first "Oops:" or "Kernel panic" line, if any.
+    pub kernel_crash: Option<String>,
+    /// The first boot's `kernel_crash`, when this report is of a second.
+    pub crashed_before: Option<String>,
     finished: bool,
     /// The test binary running now, and whether it printed its result.
     binary: Option<String>,
@@ -85,6 +89,13 @@ impl Report {
 
     /// Reads one console line.
     fn line(&mut self, line: &str) {
+        // Kernel messages, "[  122.825284] Oops: int3: 0000 [#1] ...", may
+        // land in the middle of a test's line.
+        let kernel_crash =
+            line.contains("] Oops: ") || line.contains("] Kernel panic - not syncing");
+        if kernel_crash && self.kernel_crash.is_none() {
+            self.kernel_crash = Some(line.to_owned());
+        }
         if line.starts_with("VM-DOCTOR-BEGIN") {
             self.in_doctor = true;
         } else if let Some(status) = line.strip_prefix(END_DOCTOR) {
@@ -345,6 +356,23 @@ mod tests {
              test result: ok. 4 passed; 0 failed;\nVM-TEST-END cli status=0\nVM-DONE\n",
         );
         assert!(passed.ok());
+    }
+
+    #[test]
+    fn a_guest_kernel_crash_is_kept_with_its_first_line() {
+        let crashed = report_of(
+            "VM-DOCTOR-BEGIN\nmode: fentry\nVM-DOCTOR-END status=0\nVM-TEST-BEGIN lifetime\n\
+             test a ... [  122.825284] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n\
+             [  122.829457] Kernel panic - not syncing: Fatal exception in interrupt\n",
+        );
+        assert_eq!(
+            crashed.kernel_crash.as_deref(),
+            Some("test a ... [  122.825284] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI")
+        );
+        assert!(!crashed.ok());
+        // A test's own words are not the kernel's.
+        let quoted = report_of("test oops_is_said ... ok\nOops: in a test's output\n");
+        assert_eq!(quoted.kernel_crash, None);
     }
 
     #[test]
