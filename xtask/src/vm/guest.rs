@@ -214,10 +214,16 @@ pub fn boot(run: &Run) -> anyhow::Result<Report> {
         .wait()
         .with_context(|| format!("waiting for {QEMU}"))?;
     if !report.finished && report.problem.is_none() {
-        report.problem = Some(format!(
-            "the guest stopped before finishing ({status}); see {}",
-            log_path.display()
-        ));
+        report.problem = Some(match &report.kernel_crash {
+            Some(crash) => format!(
+                "the guest's kernel crashed: {crash}; see {}",
+                log_path.display()
+            ),
+            None => format!(
+                "the guest stopped before finishing ({status}); see {}",
+                log_path.display()
+            ),
+        });
     }
     Ok(report)
 }
