@@ -203,8 +203,10 @@ pub fn test_matrix(options: &VmOptions, test_args: &[String]) -> anyhow::Result<
                 // Emulated guests' kernels have crashed in their own code
                 // patching (an int3 left by text_poke while a tracepoint was
                 // enabled, under TCG): one crash earns a second boot, said in
-                // the summary; a second fails the kernel.
-                if let Some(crash) = report.kernel_crash.clone().filter(|_| !report.ok()) {
+                // the summary; a second fails the kernel. Not when a test
+                // had failed before the crash: a second boot would hide it.
+                let retry = !report.ok() && report.failed == 0;
+                if let Some(crash) = report.kernel_crash.clone().filter(|_| retry) {
                     println!(
                         "kernel {}: the guest's kernel crashed ({crash}); booting it once more",
                         spec.name
