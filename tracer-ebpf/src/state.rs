@@ -222,14 +222,12 @@ pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> u32 {
     // socket's entry tells: the first program applies every transition of a
     // TCP socket to it, and gives every TCP socket it sees one, kept until
     // the socket is freed.
-    let skipped = match Running::check(Partner::SetState, fields.event()) {
-        FirstRun::UnderWay => true,
-        FirstRun::Finished => false,
-        FirstRun::Unknown => match TieredStore::peek(fields.sk) {
+    let skipped = Running::skipped(Partner::SetState, fields.event()).unwrap_or_else(|| {
+        match TieredStore::peek(fields.sk) {
             Some(known) => known.owner.state == old,
             None => fields.protocol() == Ok(IPPROTO_TCP),
-        },
-    };
+        }
+    });
     if skipped {
         // The kernel counted the skip whatever the event: so is the rescue.
         bump(counter::RESCUED);
@@ -482,11 +480,8 @@ pub fn tcp_destroy_sock_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_btf_nested(ctx: BtfTracePointContext) -> u32 {
     let sk: *const c_void = ctx.arg(0);
-    let skipped = match Running::check(Partner::Destroy, Event::destroy(sk)) {
-        FirstRun::UnderWay => true,
-        FirstRun::Finished => false,
-        FirstRun::Unknown => TieredStore::peek(sk).is_some_and(|known| known.owner.state != 0),
-    };
+    let skipped = Running::skipped(Partner::Destroy, Event::destroy(sk))
+        .unwrap_or_else(|| TieredStore::peek(sk).is_some_and(|known| known.owner.state != 0));
     if skipped {
         on_destroy_btf(sk, Reader::DestroyNested);
     }
@@ -599,16 +594,6 @@ impl Event {
     }
 }
 
-/// What the partner knows of the first program's run for its event.
-enum FirstRun {
-    /// A run is under way on this CPU: the kernel skipped this event's.
-    UnderWay,
-    /// The last run finished this event.
-    Finished,
-    /// Neither: the socket's entry must tell.
-    Unknown,
-}
-
 /// A run of a partnered program, counted on this CPU for as long as it
 /// lasts, and marked finished for its event at the end. The slot is this
 /// CPU's: only an interrupt on the same CPU comes between its loads and
@@ -628,23 +613,22 @@ impl Running {
         Self { program, event }
     }
 
-    /// For the partner: whether `program`'s run for `event` was skipped,
-    /// finished, or cannot be told from here. A finished mark is taken: an
-    /// event seen twice is the same socket's next one.
+    /// For the partner: whether the kernel skipped `program`'s run for
+    /// `event` (a run is under way on this CPU) or not (the last run
+    /// finished this event), or `None` when this CPU's slot cannot tell and
+    /// the socket's entry must. A finished mark is taken: an event seen
+    /// twice is the same socket's next one.
     #[inline(always)]
-    fn check(program: Partner, event: Event) -> FirstRun {
-        let Some(runs) = RUNNING.get_ptr_mut(program as u32) else {
-            return FirstRun::Unknown;
-        };
+    fn skipped(program: Partner, event: Event) -> Option<bool> {
         // SAFETY: this CPU's slot.
-        let runs = unsafe { &mut *runs };
+        let runs = unsafe { &mut *RUNNING.get_ptr_mut(program as u32)? };
         if runs.under_way > 0 {
-            FirstRun::UnderWay
+            Some(true)
         } else if runs.finished == event {
             runs.finished.sk = 0;
-            FirstRun::Finished
+            Some(false)
         } else {
-            FirstRun::Unknown
+            None
         }
     }
 }
