@@ -90,7 +90,7 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
         let tgid: u32 = read_kernel(task, layout.task_tgid)?;
         let netns = sock::netns(layout, sk);
         let state: u8 = read_kernel(sk, layout.sock_state)?;
-        let mut owner = SocketOwner {
+        let owner = SocketOwner {
             tgid,
             source: OwnerSource::ProcFd as u8,
             state,
@@ -126,7 +126,7 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
             endpoints.remote_addr = read_kernel(sk, layout.sock_v6_daddr)?;
         }
         let error = read_kernel::<i32>(sk, layout.sock_err).map_or(0, |err| err.unsigned_abs());
-        record_holder(sk as u64, &mut owner);
+        record_holder(sk as u64, &owner);
         Ok(Some(SocketFileRecord {
             sock_id: sk as u64,
             tgid,
@@ -140,26 +140,33 @@ fn tcp_socket_file(task: *const u8, file: *const u8) -> Result<Option<SocketFile
     }
 }
 
-/// Names the holder in the socket map unless the probes already know the
-/// socket's owner: the first holder found (the lowest pid) wins. With the
-/// state in socket storage, which this program cannot reach, the holder goes
-/// to `SEEDED`, from where the socket's next event takes it.
+/// Names the holder in the socket's entry unless the probes already know
+/// its owner: the first holder found (the lowest pid) wins. A socket with
+/// no entry gets one, except with socket storage, which this program cannot
+/// reach: there the holder goes to `SEEDED`, from where the socket's next
+/// event takes it. (An entry in the hash map, made by an event between the
+/// attach and this walk, is named in place: a seed beside it would outlive
+/// the socket and name a later socket at its address.)
 #[inline(always)]
-fn record_holder(sock_id: u64, owner: &mut SocketOwner) {
-    if config().sk_storage != 0 {
-        let _ = SEEDED.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
-        return;
-    }
-    let Some(known) = HashStore::get(sock_id as *const c_void).or_else(|| {
-        let created = HashStore::create(sock_id as *const c_void)?;
-        created.owner.state = owner.state;
-        created.owner.closed_held = owner.closed_held;
-        created.owner.netns = owner.netns;
-        created.held.from_state = owner.state;
-        created.held.from_closed_held = owner.closed_held;
-        Some(created)
-    }) else {
-        return;
+fn record_holder(sock_id: u64, owner: &SocketOwner) {
+    let sk = sock_id as *const c_void;
+    let known = match HashStore::get(sk) {
+        Some(known) => known,
+        None if config().sk_storage != 0 => {
+            let _ = SEEDED.insert(sock_id, *owner, u64::from(BPF_NOEXIST));
+            return;
+        }
+        None => {
+            let Some(created) = HashStore::create(sk) else {
+                return;
+            };
+            created.owner.state = owner.state;
+            created.owner.closed_held = owner.closed_held;
+            created.owner.netns = owner.netns;
+            created.held.from_state = owner.state;
+            created.held.from_closed_held = owner.closed_held;
+            created
+        }
     };
     if known.owner.tgid == 0 {
         known.owner.tgid = owner.tgid;

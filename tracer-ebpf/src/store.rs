@@ -10,10 +10,11 @@
 //!
 //! Programs that see a socket only as an address (the socket-file iterator,
 //! the accept() tracepoint, kprobes) cannot reach socket storage: the helper
-//! wants the kernel's typed pointer. With BTF tracepoints they leave what
-//! they learned in `SEEDED`, a hash map the store takes it from at the
-//! socket's next event: a whole entry for a socket found at start, or only
-//! the owner (`state` 0) for a socket whose entry has no owner yet.
+//! wants the kernel's typed pointer. With BTF tracepoints they write what
+//! they learned into the socket's entry in the hash map if it has one, and
+//! otherwise leave it in `SEEDED`, a hash map the store takes it from at
+//! the socket's next event: a whole entry for a socket found at start, or
+//! only the owner (`state` 0) for a socket whose entry has no owner yet.
 
 use core::ffi::c_void;
 

@@ -410,10 +410,11 @@ impl Probes {
 
     /// Records an owner learned in userspace (from the file tables) in the
     /// kernel's socket map, so later events carry it and the filters apply.
-    /// Socket storage cannot be written by address from here: the owner
-    /// goes to the map the programs take it from at the socket's next event,
-    /// unless the socket has storage already (the socket stage keeps the
-    /// owner it learned then).
+    /// A socket with no entry there gets one, except with BTF tracepoints,
+    /// where its state may be in socket storage, which cannot be written by
+    /// address from here: the owner goes to the map the programs take it
+    /// from at the socket's next event (and if the socket has storage
+    /// already, the socket stage keeps the owner it learned).
     pub fn set_owner(
         &mut self,
         sock_id: u64,
@@ -430,8 +431,19 @@ impl Probes {
             let len = comm.len().min(TASK_COMM_LEN - 1);
             owner.comm[..len].copy_from_slice(&comm.as_bytes()[..len]);
         };
-        match self.attach {
-            Attach::TpBtf => {
+        let mut sockets: HashMap<_, u64, SocketEntry> = HashMap::try_from(
+            self.ebpf
+                .map_mut(SOCKETS_MAP)
+                .context("map SOCKETS missing")?,
+        )?;
+        // The entry is written back whole, so only over the one read (a
+        // socket freed meanwhile is not brought back as a stale entry), or
+        // only as a new one (one the kernel made meanwhile is not
+        // overwritten). Either refusal means the socket moved on: the socket
+        // stage keeps the owner.
+        let (mut entry, only_if) = match sockets.get(&sock_id, 0) {
+            Ok(entry) => (entry, MAP_UPDATE_EXISTING),
+            Err(_) if self.attach == Attach::TpBtf => {
                 let mut seeded: HashMap<_, u64, SocketOwner> = HashMap::try_from(
                     self.ebpf
                         .map_mut(SEEDED_MAP)
@@ -443,42 +455,25 @@ impl Probes {
                 });
                 learned(&mut owner);
                 seeded.insert(sock_id, owner, 0)?;
+                return Ok(());
             }
-            Attach::Tracepoint => {
-                let mut sockets: HashMap<_, u64, SocketEntry> = HashMap::try_from(
-                    self.ebpf
-                        .map_mut(SOCKETS_MAP)
-                        .context("map SOCKETS missing")?,
-                )?;
-                // The entry is written back whole, so only over the one read
-                // (a socket freed meanwhile is not brought back as a stale
-                // entry), or only as a new one (one the kernel made
-                // meanwhile is not overwritten). Either refusal means the
-                // socket moved on: the socket stage keeps the owner.
-                let (mut entry, only_if) = match sockets.get(&sock_id, 0) {
-                    Ok(entry) => (entry, MAP_UPDATE_EXISTING),
-                    Err(_) => {
-                        let mut entry = SocketEntry::default();
-                        entry.owner.state = state;
-                        entry.held.from_state = state;
-                        (entry, MAP_UPDATE_NEW)
-                    }
-                };
-                learned(&mut entry.owner);
-                match sockets.insert(sock_id, entry, only_if) {
-                    Err(MapError::SyscallError(e))
-                        if matches!(
-                            e.io_error.raw_os_error(),
-                            Some(libc::EEXIST | libc::ENOENT)
-                        ) =>
-                    {
-                        log::debug!("socket {sock_id:#x} changed while its owner was recorded");
-                    }
-                    written => written?,
-                }
+            Err(_) => {
+                let mut entry = SocketEntry::default();
+                entry.owner.state = state;
+                entry.held.from_state = state;
+                (entry, MAP_UPDATE_NEW)
             }
+        };
+        learned(&mut entry.owner);
+        match sockets.insert(sock_id, entry, only_if) {
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) =>
+            {
+                log::debug!("socket {sock_id:#x} changed while its owner was recorded");
+                Ok(())
+            }
+            written => Ok(written?),
         }
-        Ok(())
     }
 }
 
