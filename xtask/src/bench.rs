@@ -47,10 +47,10 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 5)]
     pairs: usize,
     /// Measured seconds of each saturation run.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
     secs: f64,
     /// Seconds of load before each measurement starts.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
     warmup_secs: f64,
     /// Connections per second of the fixed-rate runs.
     #[arg(long, default_value_t = 10_000.0)]
@@ -60,13 +60,13 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 5)]
     fixed_rounds: usize,
     /// Measured seconds of each fixed-rate run.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = 8.0, value_parser = seconds)]
     fixed_secs: f64,
     /// Sockets held open for the memory and start-up measurements.
     #[arg(long, default_value_t = 100_000)]
     held_sockets: u64,
     /// Seconds of the storm with neighbours (0 leaves the phase out).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = seconds)]
     neighbour_secs: f64,
     #[command(flatten)]
     shape: StormShape,
@@ -222,6 +222,17 @@ pub struct Held {
     pub attach_time: Duration,
     pub first_report: Option<Duration>,
     pub existing_at_start: Memory,
+}
+
+/// A number of seconds for a bench option: a week at most, so that it
+/// always makes a `Duration`.
+pub fn seconds(arg: &str) -> Result<f64, String> {
+    const WEEK: f64 = 7.0 * 24.0 * 3600.0;
+    match arg.parse::<f64>() {
+        Ok(secs) if (0.0..=WEEK).contains(&secs) => Ok(secs),
+        Ok(_) => Err(format!("between 0 and {WEEK} seconds, please")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn bench(options: &BenchOptions) -> anyhow::Result<()> {

@@ -77,8 +77,10 @@ impl Storm {
         if shape.clients == 0 || shape.server_ports == 0 || shape.threads_per_port == 0 {
             bail!("the storm needs at least one client, server port and server thread");
         }
-        if rate.is_some_and(|rate| !(rate > 0.0 && rate.is_finite())) {
-            bail!("the connection rate must be a positive number");
+        // At least one connection per client a day, so that a client's pace
+        // makes a `Duration`.
+        if rate.is_some_and(|rate| !(rate * 86_400.0 >= shape.clients as f64 && rate.is_finite())) {
+            bail!("the connection rate must be a positive number of connections per second");
         }
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -238,7 +240,7 @@ pub struct LoadgenOptions {
     #[arg(long)]
     pub rate: Option<f64>,
     /// How long to run, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = super::seconds)]
     pub secs: f64,
 }
 
