@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ns;
 use crate::model::{
-    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
+    AlertKind, Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
 };
 use crate::tcp::TcpState;
 
@@ -326,7 +326,14 @@ impl Watch {
             let conditions = if process.exited {
                 Vec::new()
             } else {
-                verdicts::evaluate(&report, &evidence, &self.config, lost_events)
+                let fd_alert_in_force = self.alerts.in_force(pid, AlertKind::FdExhaustion);
+                verdicts::evaluate(
+                    &report,
+                    &evidence,
+                    &self.config,
+                    lost_events,
+                    fd_alert_in_force,
+                )
             };
             let measures = Measures::of(&report);
             let (in_force, announced) =

@@ -257,6 +257,58 @@ fn alerts_are_not_repeated_until_worse() {
     }
 }
 
+/// A fast leak as the collector sees it: `ruler` opens a connection every
+/// 300 ms and keeps it, from 8 fds against a soft limit of 80 (reached at
+/// about 22 s); the seconds scale is sampled at every 100-ms collector
+/// tick, and a report made every second.
+fn fast_leak(seconds: u64) -> Vec<Snapshot> {
+    let mut watch = Watch::new(WatchConfig::default(), START);
+    let mut snapshots = Vec::new();
+    let mut opened = 0;
+    for k in 1..=seconds * 10 {
+        let at = START + k * 100 * MS;
+        if k % 3 == 0 {
+            connect(&mut watch, RULER, opened, at - 50 * MS, SERVER);
+            opened += 1;
+        }
+        watch.sample_fast(at);
+        if k % 10 == 0 {
+            snapshots.push(tick(&mut watch, at, &[(4242, 8 + opened, 80)], 0));
+        }
+    }
+    snapshots
+}
+
+/// Raised by the seconds scale within seconds, the fd alert must go on
+/// following the forecast when the minute scale takes over (its growth is
+/// not "steady" until it spans 20 s), not stand still on its first figures
+/// until the fds are crowded.
+#[test]
+fn the_fd_alert_in_force_follows_the_forecast() {
+    let snapshots = fast_leak(20);
+    let mut followed = 0;
+    for snapshot in &snapshots {
+        let report = &snapshot.processes[0];
+        let in_force = report
+            .alerts
+            .iter()
+            .find(|alert| alert.kind == AlertKind::FdExhaustion);
+        if let (Some(alert), Some(eta)) = (in_force, report.eta_s) {
+            assert_eq!(alert.eta_s, Some(eta), "{}", alert.message);
+            followed += 1;
+        }
+    }
+    assert!(followed >= 10, "{followed} reports");
+    // The ETA's halvings announced before the fds came near the limit.
+    let worse_before_crowded = all_alerts(&snapshots)
+        .iter()
+        .filter(|alert| alert.kind == AlertKind::FdExhaustion)
+        .filter(|alert| alert.state == AlertState::Worse)
+        .filter(|alert| alert.fds.is_some_and(|fds| fds < 72))
+        .count();
+    assert!(worse_before_crowded >= 2, "{worse_before_crowded}");
+}
+
 #[test]
 fn a_process_past_its_fd_limit_is_said_to_be_there() {
     // The limit (400) is reached at 35 s; the forecast has nothing left to say.

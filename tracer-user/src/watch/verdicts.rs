@@ -49,15 +49,22 @@ pub struct Evidence {
 }
 
 /// The conditions that hold for `report` now, each as a raised alert.
+/// `fd_alert_in_force`: the process's fd alert was raised before.
 pub fn evaluate(
     report: &ProcessReport,
     evidence: &Evidence,
     config: &WatchConfig,
     lost_events: u64,
+    fd_alert_in_force: bool,
 ) -> Vec<Alert> {
     let mut kinds = Vec::new();
     if let (Some(fds), Some(soft_limit)) = (report.fds, report.fd_soft_limit) {
-        let soon = evidence.fds_keep_growing
+        // Raising it takes steady growth; once raised, any significant rise
+        // (there is an ETA only for one) keeps it up to date. The minute
+        // scale's growth is not steady until it spans 20 s: a fast leak that
+        // the seconds scale raised within seconds would otherwise stand on
+        // its first figures until the fds were crowded.
+        let soon = (evidence.fds_keep_growing || fd_alert_in_force)
             && report
                 .eta_s
                 .is_some_and(|eta| eta <= config.warn_eta.as_secs_f64());
@@ -488,10 +495,12 @@ impl AlertBook {
         (in_force, announce)
     }
 
+    pub fn in_force(&self, pid: u32, kind: AlertKind) -> bool {
+        self.in_force.contains_key(&(pid, kind))
+    }
+
     pub fn has_pid(&self, pid: u32) -> bool {
-        AlertKind::ALL
-            .iter()
-            .any(|&kind| self.in_force.contains_key(&(pid, kind)))
+        AlertKind::ALL.iter().any(|&kind| self.in_force(pid, kind))
     }
 
     pub fn forget_pid(&mut self, pid: u32) {
