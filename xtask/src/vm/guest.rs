@@ -214,16 +214,11 @@ pub fn boot(run: &Run) -> anyhow::Result<Report> {
         .wait()
         .with_context(|| format!("waiting for {QEMU}"))?;
     if !report.finished && report.problem.is_none() {
-        report.problem = Some(match &report.kernel_crash {
-            Some(crash) => format!(
-                "the guest's kernel crashed: {crash}; see {}",
-                log_path.display()
-            ),
-            None => format!(
-                "the guest stopped before finishing ({status}); see {}",
-                log_path.display()
-            ),
-        });
+        let why = match &report.kernel_crash {
+            Some(crash) => format!("the guest's kernel crashed: {crash}"),
+            None => format!("the guest stopped before finishing ({status})"),
+        };
+        report.problem = Some(format!("{why}; see {}", log_path.display()));
     }
     Ok(report)
 }
