@@ -9,7 +9,9 @@
 //! - slow: the incident's own cadence, one socket every 30 s against
 //!   65,535 (or the machine's hard limit, if lower): within 10 minutes an ETA within ±25% of the truth and a leak
 //!   alert in force, while a stable pool of idle connections beside it
-//!   raises nothing.
+//!   raises nothing;
+//! - stopped: a leak that hit its fd limit no longer grows, and its pile
+//!   of stranded sockets is named (`close_wait`) once it is old.
 
 // A broken expectation panics: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -82,6 +84,42 @@ fn a_fast_leak_is_alerted_within_three_seconds() {
     );
     assert!(alerted_after <= 3.0, "{first:#}");
     assert!(ahead >= 0.85, "{first:#}");
+}
+
+/// 20 sockets/s against a soft limit of 64: EMFILE about 3 s in, the
+/// server's 1-s idle close leaves every one in CLOSE_WAIT, and the pile
+/// stands still from then on. `close_wait` waits for the oldest to be
+/// `--close-wait-age` (20 s) old, by when the pile has been flat for 15 s.
+#[test]
+fn a_leak_stopped_by_its_fd_limit_is_named_once_old() {
+    if !require_root("a_leak_stopped_by_its_fd_limit_is_named_once_old") {
+        return;
+    }
+    let incident = go_workload("incident");
+    let incident = incident.to_str().expect("a UTF-8 path");
+    let (_server, port) = server(incident, "1s");
+    let mut watch = Watch::port(port, &["--close-wait-age", "20s"]);
+    let leaker = client(incident, port, "50ms", "64");
+    let started = number(&leaker.expect("started")["ts"]);
+    let emfile = leaker.expect_within("emfile", Duration::from_secs(30));
+    let pid = leaker.pid();
+    let alert = watch.wait_for("the close_wait alert", Duration::from_secs(40), |line| {
+        line["type"] == "alert" && line["pid"] == pid && line["kind"] == "close_wait"
+    });
+    let stranded =
+        alert["close_wait"].as_u64().unwrap_or(0) + alert["closed_held"].as_u64().unwrap_or(0);
+    let emfile_after = number(&emfile["ts"]) - started;
+    let named_after = number(&alert["ts"]) - started;
+    println!(
+        "ACCEPTANCE: stopped leak (20/s, limit 64): EMFILE {emfile_after:.1} s after the start; close_wait {named_after:.1} s after the start, {stranded} stranded"
+    );
+    assert!(stranded >= 32, "{alert:#}");
+    // Named by its age, once the pile had stopped growing.
+    assert!(
+        named_after >= 20.0 && named_after >= emfile_after + 10.0,
+        "{alert:#}"
+    );
+    watch.stop();
 }
 
 #[test]

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ns;
 use crate::model::{
-    AlertKind, Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
+    Comm, ExistingSocket, FdKindCounts, Owner, ProcessReport, Snapshot, Transition,
 };
 use crate::tcp::TcpState;
 
@@ -40,7 +40,7 @@ use distribution::Distributions;
 use lifecycle::SocketRecord;
 use peers::PeerKey;
 use process::Process;
-use verdicts::{AlertBook, Measures};
+use verdicts::AlertBook;
 
 /// Sockets of an exited process keep closing for a moment (the kernel
 /// closes its fds); events for them in this time are not pinned on the pid.
@@ -326,19 +326,12 @@ impl Watch {
             let conditions = if process.exited {
                 Vec::new()
             } else {
-                let fd_alert_in_force = self.alerts.in_force(pid, AlertKind::FdExhaustion);
-                verdicts::evaluate(
-                    &report,
-                    &evidence,
-                    &self.config,
-                    lost_events,
-                    fd_alert_in_force,
-                )
+                verdicts::evaluate(&report, &evidence, &self.config, lost_events)
             };
-            let measures = Measures::of(&report);
+            let current = |kind| verdicts::figures(kind, &report, &self.config, lost_events);
             let (in_force, announced) =
                 self.alerts
-                    .update(pid, conditions, measures, process.exited, now, quiet_for_ns);
+                    .update(pid, conditions, current, process.exited, now, quiet_for_ns);
             report.alerts = in_force;
             new_alerts.extend(announced);
             processes.push(report);

@@ -1038,3 +1038,62 @@ fn sockets_the_network_closed_stay_held_and_in_the_verdict() {
             .all(|a| a.message.ends_with("resolved: the process exited"))
     );
 }
+
+/// A leak that hit the fd limit stops growing: `ruler` keeps `opened`
+/// connections that the server hung up on a second after each was opened
+/// (3 a second), then opens no more. Reports every second to `seconds`.
+fn leak_that_stopped(opened: u64, seconds: u64) -> Vec<Snapshot> {
+    let mut watch = Watch::new(WatchConfig::default(), START);
+    let mut snapshots = Vec::new();
+    for second in 1..=seconds {
+        // Opened in this second, and hung up on: opened in the one before.
+        for sock_id in (second - 1) * 3..second * 3 {
+            if sock_id < opened {
+                connect(&mut watch, RULER, sock_id, START + sock_id * S / 3, SERVER);
+            }
+            if let Some(old) = sock_id.checked_sub(3).filter(|&old| old < opened) {
+                let local = local_end(old);
+                peer_fin(&mut watch, old, START + old * S / 3 + S, (&local, SERVER));
+            }
+        }
+        let fds = 8 + opened.min(second * 3);
+        snapshots.push(tick(
+            &mut watch,
+            START + second * S + S / 2,
+            &[(4242, fds, 80)],
+            0,
+        ));
+    }
+    snapshots
+}
+
+/// A pile that no longer grows once its oldest is `--close-wait-age` old
+/// (60 s) is still a leak to name when it is large; a small one is not.
+#[test]
+fn a_pile_that_stopped_growing_is_named_once_old() {
+    let snapshots = leak_that_stopped(72, 90);
+    let raised: Vec<u64> = all_alerts(&snapshots)
+        .iter()
+        .filter(|alert| alert.kind == AlertKind::CloseWait)
+        .map(|alert| alert.close_wait)
+        .collect();
+    assert_eq!(raised, [72]);
+    let first_in_force = snapshots
+        .iter()
+        .position(|snapshot| {
+            snapshot.processes[0]
+                .alerts
+                .iter()
+                .any(|alert| alert.kind == AlertKind::CloseWait)
+        })
+        .map(|index| index + 1);
+    // The oldest entered CLOSE_WAIT at 1 s; reports at 1.5, 2.5, ... s.
+    assert_eq!(first_in_force, Some(61));
+
+    let small = leak_that_stopped(verdicts::STRANDED_PILE - 1, 90);
+    assert!(
+        all_alerts(&small)
+            .iter()
+            .all(|alert| alert.kind != AlertKind::CloseWait)
+    );
+}

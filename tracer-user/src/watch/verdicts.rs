@@ -18,10 +18,12 @@ use crate::text::{
     age, count, counted, eta_phrase, per_second_pair, per_second_phrase, seconds_phrase,
 };
 
-/// Stranded sockets found at start, still there, that flag a process at
-/// once. A process that closes after the peer's FIN does so within
-/// milliseconds, so even a busy one has only a handful waiting at any instant.
-pub const SEEDED_STRANDED_PILE: u64 = 32;
+/// A pile of stranded sockets that flags a process whether it grows or not:
+/// at once when found at start, else once its oldest is `--close-wait-age`
+/// old (a leak that hit the fd limit stops growing). A process that closes
+/// after the peer's FIN does so within milliseconds, so even a busy one has
+/// only a handful waiting at any instant.
+pub const STRANDED_PILE: u64 = 32;
 /// Net sockets gained before growth is a verdict ...
 const MIN_NET_GAIN: u64 = 20;
 /// ... and, over the minute, at least this share of the connections opened
@@ -49,22 +51,15 @@ pub struct Evidence {
 }
 
 /// The conditions that hold for `report` now, each as a raised alert.
-/// `fd_alert_in_force`: the process's fd alert was raised before.
 pub fn evaluate(
     report: &ProcessReport,
     evidence: &Evidence,
     config: &WatchConfig,
     lost_events: u64,
-    fd_alert_in_force: bool,
 ) -> Vec<Alert> {
     let mut kinds = Vec::new();
     if let (Some(fds), Some(soft_limit)) = (report.fds, report.fd_soft_limit) {
-        // Raising it takes steady growth; once raised, any significant rise
-        // (there is an ETA only for one) keeps it up to date. The minute
-        // scale's growth is not steady until it spans 20 s: a fast leak that
-        // the seconds scale raised within seconds would otherwise stand on
-        // its first figures until the fds were crowded.
-        let soon = (evidence.fds_keep_growing || fd_alert_in_force)
+        let soon = evidence.fds_keep_growing
             && report
                 .eta_s
                 .is_some_and(|eta| eta <= config.warn_eta.as_secs_f64());
@@ -77,8 +72,9 @@ pub fn evaluate(
         .stranded_oldest_s
         .is_some_and(|age| age >= config.close_wait_age.as_secs_f64());
     let piling_up = evidence.stranded_keeps_growing && old_enough;
-    let found_piled = evidence.stranded_before_start >= SEEDED_STRANDED_PILE;
-    if stranded > 0 && (piling_up || found_piled) {
+    let piled = old_enough && stranded >= STRANDED_PILE;
+    let found_piled = evidence.stranded_before_start >= STRANDED_PILE;
+    if stranded > 0 && (piling_up || piled || found_piled) {
         kinds.push(AlertKind::CloseWait);
     }
     let growing = match evidence.held_growth_window_s {
@@ -97,7 +93,7 @@ pub fn evaluate(
     }
     kinds
         .into_iter()
-        .map(|kind| alert(kind, report, config, lost_events))
+        .map(|kind| figures(kind, report, config, lost_events))
         .collect()
 }
 
@@ -114,7 +110,14 @@ fn not_tcp_growth(report: &ProcessReport) -> Option<&[(&'static str, u64)]> {
     }
 }
 
-fn alert(kind: AlertKind, report: &ProcessReport, config: &WatchConfig, lost_events: u64) -> Alert {
+/// An alert of `kind` on `report`'s figures: a condition that holds, or the
+/// latest figures of one in force.
+pub fn figures(
+    kind: AlertKind,
+    report: &ProcessReport,
+    config: &WatchConfig,
+    lost_events: u64,
+) -> Alert {
     let other_fds = not_tcp_growth(report);
     // Peers come most-held first; for stranded sockets the one with most.
     let peer = match kind {
@@ -338,28 +341,11 @@ fn fd_phrase(report: &ProcessReport, config: &WatchConfig) -> Option<String> {
 }
 
 /// The figure each kind watches to tell whether the leak goes on.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Measures {
-    fds: u64,
-    stranded: u64,
-    held: u64,
-}
-
-impl Measures {
-    pub fn of(report: &ProcessReport) -> Self {
-        Self {
-            fds: report.fds.unwrap_or(0),
-            stranded: report.close_wait + report.closed_held,
-            held: report.held,
-        }
-    }
-
-    fn get(&self, kind: AlertKind) -> u64 {
-        match kind {
-            AlertKind::FdExhaustion => self.fds,
-            AlertKind::CloseWait => self.stranded,
-            AlertKind::SocketGrowth => self.held,
-        }
+fn measure(alert: &Alert) -> u64 {
+    match alert.kind {
+        AlertKind::FdExhaustion => alert.fds.unwrap_or(0),
+        AlertKind::CloseWait => alert.close_wait + alert.closed_held,
+        AlertKind::SocketGrowth => alert.held,
     }
 }
 
@@ -411,22 +397,24 @@ fn doubled(then: u64, now: u64) -> bool {
 
 /// The life of each (process, kind) alert: raised when its condition first
 /// holds; in force while it holds, and after, while the measure behind it
-/// (fds, stranded or held sockets) keeps setting new highs; announced again
-/// when twice as bad; resolved once the measure has set no new high for a
-/// long window (or dropped to nothing), or when the process exits.
+/// (fds, stranded or held sockets) keeps setting new highs; its figures
+/// current all the while, announced again when twice as bad; resolved once
+/// the measure has set no new high for a long window (or dropped to
+/// nothing), or when the process exits.
 #[derive(Debug, Default)]
 pub struct AlertBook {
     in_force: HashMap<(u32, AlertKind), InForce>,
 }
 
 impl AlertBook {
-    /// `conditions` hold for `pid` now; returns the alerts in force and
-    /// those to announce (raised, worse, resolved).
+    /// `conditions` hold for `pid` now, and `current` gives the latest
+    /// figures of an alert in force whose condition does not; returns the
+    /// alerts in force and those to announce (raised, worse, resolved).
     pub fn update(
         &mut self,
         pid: u32,
         conditions: Vec<Alert>,
-        measures: Measures,
+        current: impl Fn(AlertKind) -> Alert,
         exited: bool,
         now_ns: u64,
         quiet_for_ns: u64,
@@ -440,7 +428,6 @@ impl AlertBook {
                 .iter_mut()
                 .find(|alert| alert.as_ref().is_some_and(|a| a.kind == kind))
                 .and_then(Option::take);
-            let measure = measures.get(kind);
             let Some(entry) = self.in_force.get_mut(&key) else {
                 if let Some(alert) = holding {
                     announce.push(alert.clone());
@@ -448,15 +435,21 @@ impl AlertBook {
                     self.in_force.insert(
                         key,
                         InForce {
+                            peak: measure(&alert),
+                            peak_at_ns: now_ns,
                             announced: alert.clone(),
                             alert,
-                            peak: measure,
-                            peak_at_ns: now_ns,
                         },
                     );
                 }
                 continue;
             };
+            let holds = holding.is_some();
+            // A condition that lapsed (a forecast changing scale, a pile
+            // that stopped growing) must not freeze the figures it was
+            // raised on.
+            let mut alert = holding.unwrap_or_else(|| current(kind));
+            let measure = measure(&alert);
             if measure > entry.peak {
                 entry.peak = measure;
                 entry.peak_at_ns = now_ns;
@@ -464,9 +457,9 @@ impl AlertBook {
             let quiet = now_ns.saturating_sub(entry.peak_at_ns) >= quiet_for_ns;
             let resolution = if exited {
                 Some("the process exited".to_string())
-            } else if holding.is_none() && measure == 0 {
+            } else if !holds && measure == 0 {
                 Some("none left".to_string())
-            } else if holding.is_none() && quiet {
+            } else if !holds && quiet {
                 Some(format!(
                     "no new high for {}",
                     age(quiet_for_ns as f64 / 1e9)
@@ -482,14 +475,12 @@ impl AlertBook {
                 self.in_force.remove(&key);
                 continue;
             }
-            if let Some(mut alert) = holding {
-                if is_worse(&entry.announced, &alert) {
-                    alert.state = AlertState::Worse;
-                    entry.announced = alert.clone();
-                    announce.push(alert.clone());
-                }
-                entry.alert = alert;
+            if is_worse(&entry.announced, &alert) {
+                alert.state = AlertState::Worse;
+                entry.announced = alert.clone();
+                announce.push(alert.clone());
             }
+            entry.alert = alert;
             in_force.push(entry.alert.clone());
         }
         (in_force, announce)
@@ -540,11 +531,11 @@ mod tests {
         }
     }
 
-    fn measures(fds: u64, stranded: u64) -> Measures {
-        Measures {
-            fds,
-            stranded,
-            held: stranded,
+    /// The latest figures of any alert in force: `alert`'s.
+    fn figures_of(alert: Alert) -> impl Fn(AlertKind) -> Alert {
+        move |kind| Alert {
+            kind,
+            ..alert.clone()
         }
     }
 
@@ -564,7 +555,7 @@ mod tests {
             let (_, out) = book.update(
                 7,
                 vec![fd_alert(Some(eta), fds)],
-                measures(fds, 0),
+                figures_of(fd_alert(Some(eta), fds)),
                 false,
                 t * S,
                 QUIET,
@@ -584,11 +575,11 @@ mod tests {
         let mut book = AlertBook::default();
         // fds at the soft limit: ETA 0 s, no headroom left.
         let at_limit = || vec![fd_alert(Some(0.0), 1_000)];
-        let (_, out) = book.update(7, at_limit(), measures(1_000, 0), false, S, QUIET);
+        let (_, out) = book.update(7, at_limit(), |_| unreachable!(), false, S, QUIET);
         assert_eq!(out.len(), 1);
         for tick in 2..10 {
             let (in_force, out) =
-                book.update(7, at_limit(), measures(1_000, 0), false, tick * S, QUIET);
+                book.update(7, at_limit(), |_| unreachable!(), false, tick * S, QUIET);
             assert!(out.is_empty());
             assert_eq!(in_force.len(), 1);
         }
@@ -598,8 +589,7 @@ mod tests {
     fn raised_again_when_stranded_sockets_double() {
         let mut book = AlertBook::default();
         let mut update = |pid: u32, alert: Alert, t: u64| {
-            let stranded = alert.close_wait + alert.closed_held;
-            book.update(pid, vec![alert], measures(0, stranded), false, t * S, QUIET)
+            book.update(pid, vec![alert], |_| unreachable!(), false, t * S, QUIET)
                 .1
                 .len()
         };
@@ -621,25 +611,43 @@ mod tests {
         let (in_force, out) = book.update(
             7,
             vec![close_wait_alert(10)],
-            measures(0, 10),
+            |_| unreachable!(),
             false,
             S,
             QUIET,
         );
         assert_eq!((in_force.len(), states(&out)), (1, vec![Raised]));
         // The condition no longer holds at some tick, but the pile still
-        // grows: the alert stays in force.
+        // grows: the alert stays in force, its figures current, and says
+        // so each time the pile doubles.
+        let mut worse = Vec::new();
         for (tick, stranded) in (2..200).zip(11..) {
-            let (in_force, out) =
-                book.update(7, Vec::new(), measures(0, stranded), false, tick * S, QUIET);
+            let current = figures_of(close_wait_alert(stranded));
+            let (in_force, out) = book.update(7, Vec::new(), current, false, tick * S, QUIET);
             assert_eq!(in_force.len(), 1, "tick {tick}");
-            assert!(out.is_empty());
+            assert_eq!(in_force[0].close_wait, stranded);
+            worse.extend(out.iter().map(|alert| (alert.state, alert.close_wait)));
         }
+        assert_eq!(worse, [(Worse, 20), (Worse, 40), (Worse, 80), (Worse, 160)]);
         // Flat from there on: resolved once a whole quiet window passed.
         let flat = 11 + 197;
-        let (in_force, _) = book.update(7, Vec::new(), measures(0, flat), false, 400 * S, QUIET);
+        let (in_force, _) = book.update(
+            7,
+            Vec::new(),
+            figures_of(close_wait_alert(flat)),
+            false,
+            400 * S,
+            QUIET,
+        );
         assert_eq!(in_force.len(), 1);
-        let (in_force, out) = book.update(7, Vec::new(), measures(0, flat), false, 500 * S, QUIET);
+        let (in_force, out) = book.update(
+            7,
+            Vec::new(),
+            figures_of(close_wait_alert(flat)),
+            false,
+            500 * S,
+            QUIET,
+        );
         assert!(in_force.is_empty());
         assert_eq!(states(&out), [Resolved]);
         assert!(
@@ -657,12 +665,19 @@ mod tests {
         book.update(
             7,
             vec![close_wait_alert(10)],
-            measures(0, 10),
+            |_| unreachable!(),
             false,
             S,
             QUIET,
         );
-        let (in_force, out) = book.update(7, Vec::new(), measures(0, 10), true, 2 * S, QUIET);
+        let (in_force, out) = book.update(
+            7,
+            Vec::new(),
+            figures_of(close_wait_alert(10)),
+            true,
+            2 * S,
+            QUIET,
+        );
         assert!(in_force.is_empty());
         assert_eq!(states(&out), [Resolved]);
         assert!(out[0].message.ends_with("resolved: the process exited"));
@@ -670,12 +685,19 @@ mod tests {
         book.update(
             8,
             vec![close_wait_alert(10)],
-            measures(0, 10),
+            |_| unreachable!(),
             false,
             S,
             QUIET,
         );
-        let (_, out) = book.update(8, Vec::new(), measures(0, 0), false, 2 * S, QUIET);
+        let (_, out) = book.update(
+            8,
+            Vec::new(),
+            figures_of(close_wait_alert(0)),
+            false,
+            2 * S,
+            QUIET,
+        );
         assert_eq!(states(&out), [Resolved]);
     }
 
@@ -687,7 +709,7 @@ mod tests {
             let (in_force, _) = book.update(
                 7,
                 vec![fd_alert(None, 950)],
-                measures(950, 0),
+                |_| unreachable!(),
                 false,
                 tick * S,
                 QUIET,
