@@ -486,12 +486,10 @@ impl AlertBook {
         (in_force, announce)
     }
 
-    pub fn in_force(&self, pid: u32, kind: AlertKind) -> bool {
-        self.in_force.contains_key(&(pid, kind))
-    }
-
     pub fn has_pid(&self, pid: u32) -> bool {
-        AlertKind::ALL.iter().any(|&kind| self.in_force(pid, kind))
+        AlertKind::ALL
+            .iter()
+            .any(|&kind| self.in_force.contains_key(&(pid, kind)))
     }
 
     pub fn forget_pid(&mut self, pid: u32) {
